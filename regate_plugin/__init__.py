@@ -1,0 +1,54 @@
+"""regate-plugin: ReGATE (Reference-Guided Adaptive Token Elision) for multimodal-LLM training.
+
+    import regate_plugin as rg
+    cfg = rg.ReGATEConfig(keep_ratio=0.5)
+    elision = rg.build_token_elision("regate", cfg, reference="path/to/ref_cache")
+    model = rg.enable_token_elision(model, elision)
+"""
+
+from .adapters import disable_token_elision, enable_token_elision, get_token_elision, supported_models
+from .core import (
+    CacheError,
+    ConfigError,
+    CorruptShardError,
+    DifficultyEMA,
+    MissingReferenceError,
+    ReferenceLossCache,
+    ReferenceLossCacheWriter,
+    ReGATEConfig,
+    TokenElision,
+    TokenizerMismatchError,
+    available_token_elisions,
+    build_token_elision,
+    register_token_elision,
+    sample_key,
+    select_kept_positions,
+    tokenizer_fingerprint,
+)
+
+__version__ = "0.1.0"
+
+
+__all__ = [
+    "CacheError",
+    "ConfigError",
+    "CorruptShardError",
+    "DifficultyEMA",
+    "MissingReferenceError",
+    "ReGATEConfig",
+    "ReferenceLossCache",
+    "ReferenceLossCacheWriter",
+    "TokenElision",
+    "TokenizerMismatchError",
+    "available_token_elisions",
+    "build_token_elision",
+    "disable_token_elision",
+    "enable_token_elision",
+    "get_token_elision",
+    "supported_models",
+    "register_token_elision",
+    "sample_key",
+    "select_kept_positions",
+    "tokenizer_fingerprint",
+    "__version__",
+]

@@ -1,0 +1,28 @@
+"""The pure-torch core of ReGATE: no transformers import anywhere below this package."""
+
+from .cache import (
+    CacheError,
+    CacheManifest,
+    CorruptShardError,
+    MissingReferenceError,
+    ReferenceLossCache,
+    ReferenceLossCacheWriter,
+    TokenizerMismatchError,
+)
+from .compaction import CompactionPlan, elidable_positions, plan_compaction, shift_targets, target_ordinals
+from .config import ConfigError, ReGATEConfig
+from .ema import DifficultyEMA, EMAUpdate
+from .elision import (
+    ElisionPlan,
+    RandomElision,
+    ReGATEElision,
+    TokenElision,
+    available_token_elisions,
+    build_token_elision,
+    register_token_elision,
+)
+from .keys import IGNORE_INDEX, batch_sample_keys, sample_key, tokenizer_fingerprint
+from .loss import TokenLoss, next_token_loss
+from .reference import TeacherInput, build_teacher_input
+from .schedule import expected_keep_fraction, is_dense_step, keep_ratio_at
+from .selection import fused_score, keep_counts, select_kept_positions

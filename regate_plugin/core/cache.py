@@ -1,0 +1,326 @@
+"""`ReferenceLossCache`: an on-disk, content-addressed store of per-answer-token reference losses.
+
+Layout of a cache directory::
+
+    manifest.json              teacher, tokenizer fingerprint, visual mode, dtype, counts, and every shard's sha256
+    shard-<prefix><n>.safetensors   keys uint8 [N, 16], offsets int64 [N + 1], losses <dtype> [T]
+
+Row i of a shard holds the losses of sample keys[i] in losses[offsets[i]:offsets[i + 1]], one value per supervised
+target (answer-token ordinal order). Shards and the manifest are written to a temporary name and renamed, so a
+reader never sees a half-written file. Opening a cache checks every shard's sha256 once and indexes the keys;
+a lookup then reads only that sample's slice through a memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .keys import KEY_BYTES, SampleKey, format_key
+
+MANIFEST_NAME = "manifest.json"
+CACHE_FORMAT = "regate-reference-cache"
+CACHE_VERSION = 1
+_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class CacheError(RuntimeError):
+    """The reference cache cannot be used as asked."""
+
+
+class CorruptShardError(CacheError):
+    """A shard's bytes do not match the sha256 recorded in the manifest, or it cannot be parsed."""
+
+
+class TokenizerMismatchError(CacheError):
+    """The cache was built with a tokenizer other than the student's."""
+
+
+class MissingReferenceError(CacheError, LookupError):
+    """A sample has no entry in the cache."""
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    sha256: str
+    samples: int
+    tokens: int
+
+
+@dataclass
+class CacheManifest:
+    teacher: str
+    tokenizer_fingerprint: str
+    reference_mode: str
+    dtype: str = "float16"
+    visual_tokens: int | None = None
+    samples: int = 0
+    tokens: int = 0
+    empty_samples: int = 0
+    shards: list[ShardInfo] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: str = CACHE_FORMAT
+    version: int = CACHE_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> CacheManifest:
+        try:
+            raw = json.loads(text)
+            if raw.get("format") != CACHE_FORMAT:
+                raise CacheError(f"{source} is not a ReGATE reference cache manifest (format={raw.get('format')!r})")
+            if raw.get("version") != CACHE_VERSION:
+                raise CacheError(f"{source} has cache format version {raw.get('version')}, this plugin reads {CACHE_VERSION}")
+            raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
+            return cls(**raw)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise CacheError(f"{source} is not a valid cache manifest: {err}") from err
+
+    def header(self) -> dict[str, Any]:
+        """The fields that say what the losses mean (not how many there are)."""
+        return {k: getattr(self, k) for k in ("teacher", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens")}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> CacheManifest:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise CacheError(f"{Path(directory)} is not a ReGATE reference cache: {MANIFEST_NAME} is missing")
+    return CacheManifest.from_json(path.read_text(encoding="utf-8"), path)
+
+
+class ReferenceLossCache:
+    """Read-only view of a cache directory: `cache[key]` returns that sample's reference losses (float32)."""
+
+    def __init__(self, directory: str | os.PathLike[str], verify: bool = True) -> None:
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self._index: dict[SampleKey, tuple[int, int, int]] = {}
+        self._handles: list[Any] = []
+        for shard in self.manifest.shards:
+            self._open_shard(shard, verify)
+
+    def _open_shard(self, shard: ShardInfo, verify: bool) -> None:
+        path = self.directory / shard.file
+        if not path.is_file():
+            raise CorruptShardError(f"shard {path} is listed in {MANIFEST_NAME} but missing")
+        if verify:
+            actual = file_sha256(path)
+            if actual != shard.sha256:
+                raise CorruptShardError(
+                    f"shard {path} is corrupted: sha256 {actual} != {shard.sha256} recorded in {MANIFEST_NAME}; "
+                    "re-run `regate precompute --resume` to rebuild it"
+                )
+        try:
+            handle = safe_open(str(path), framework="pt")
+            keys = handle.get_tensor("keys").numpy()
+            offsets = handle.get_tensor("offsets").numpy()
+        except Exception as err:  # safetensors raises several types on a damaged header
+            raise CorruptShardError(f"shard {path} cannot be read: {err}") from err
+        if keys.ndim != 2 or keys.shape[1] != KEY_BYTES or offsets.shape != (keys.shape[0] + 1,):
+            raise CorruptShardError(f"shard {path} has keys {keys.shape} and offsets {offsets.shape}: not a cache shard")
+        shard_idx = len(self._handles)
+        self._handles.append(handle)
+        for row in range(keys.shape[0]):
+            self._index.setdefault(keys[row].tobytes(), (shard_idx, int(offsets[row]), int(offsets[row + 1])))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def keys(self) -> Iterator[SampleKey]:
+        return iter(self._index)
+
+    def get(self, key: SampleKey) -> torch.Tensor | None:
+        """The losses of `key` as float32 [n_targets], or None when the cache has no such sample."""
+        location = self._index.get(key)
+        if location is None:
+            return None
+        shard_idx, start, stop = location
+        return self._handles[shard_idx].get_slice("losses")[start:stop].float()
+
+    def __getitem__(self, key: SampleKey) -> torch.Tensor:
+        losses = self.get(key)
+        if losses is None:
+            raise MissingReferenceError(
+                f"sample {format_key(key)} is not in reference cache {self.directory} "
+                f"({len(self)} samples from teacher {self.manifest.teacher!r}); the cache was built from other data, "
+                "another template or tokenizer, or the precompute did not finish"
+            )
+        return losses
+
+    def check_tokenizer(self, fingerprint: str) -> None:
+        """Refuse a student whose tokenizer differs from the one the cache was built with."""
+        if fingerprint != self.manifest.tokenizer_fingerprint:
+            raise TokenizerMismatchError(
+                f"reference cache {self.directory} was built with tokenizer fingerprint "
+                f"{self.manifest.tokenizer_fingerprint}, the student's tokenizer has {fingerprint}; per-token losses "
+                "only line up when both tokenizers are identical"
+            )
+
+    def verify(self) -> list[str]:
+        """Re-hash every shard; return a message per problem (empty when all is well)."""
+        problems = []
+        for shard in self.manifest.shards:
+            path = self.directory / shard.file
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif (actual := file_sha256(path)) != shard.sha256:
+                problems.append(f"{path}: sha256 {actual} != {shard.sha256}")
+        return problems
+
+
+class ReferenceLossCacheWriter:
+    """Appends samples to a cache directory shard by shard; every committed shard is immediately readable.
+
+    Re-opening an existing directory with the same header continues it (its keys are skipped), which is what a
+    resumed precompute needs. A directory made for another teacher, tokenizer, mode or dtype is refused unless
+    `overwrite=True`.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        teacher: str,
+        tokenizer_fingerprint: str,
+        reference_mode: str,
+        dtype: str = "float16",
+        visual_tokens: int | None = None,
+        shard_samples: int = 4096,
+        shard_prefix: str = "",
+        overwrite: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise CacheError(f"cache dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if shard_samples < 1:
+            raise CacheError(f"shard_samples must be >= 1, got {shard_samples}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shard_samples = shard_samples
+        self.shard_prefix = shard_prefix
+        wanted = CacheManifest(
+            teacher=teacher,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            reference_mode=reference_mode,
+            dtype=dtype,
+            visual_tokens=visual_tokens,
+            extra=dict(extra or {}),
+        )
+        manifest_path = self.directory / MANIFEST_NAME
+        if manifest_path.exists() and not overwrite:
+            existing = read_manifest(self.directory)
+            if existing.header() != wanted.header():
+                diff = {k: (existing.header()[k], v) for k, v in wanted.header().items() if existing.header()[k] != v}
+                raise CacheError(
+                    f"{self.directory} already holds a cache made differently ({diff}, as existing -> requested); "
+                    "pass overwrite=True (--overwrite) to replace it"
+                )
+            self.manifest = existing
+        else:
+            for stale in self.directory.glob("shard-*.safetensors"):
+                stale.unlink()
+            self.manifest = wanted
+            self._write_manifest()
+        self._known: set[SampleKey] = set()
+        for shard in self.manifest.shards:
+            with safe_open(str(self.directory / shard.file), framework="pt") as handle:
+                keys = handle.get_tensor("keys").numpy()
+            self._known.update(keys[row].tobytes() for row in range(keys.shape[0]))
+        self._pending: list[tuple[SampleKey, torch.Tensor]] = []
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+    def add(self, key: SampleKey, losses: torch.Tensor | np.ndarray) -> None:
+        """Queue one sample's per-target losses; a shard is committed every `shard_samples` samples."""
+        if len(key) != KEY_BYTES:
+            raise CacheError(f"sample keys are {KEY_BYTES} bytes, got {len(key)}")
+        if key in self._known:
+            return
+        values = torch.as_tensor(losses, dtype=torch.float32).reshape(-1)
+        if not torch.isfinite(values).all():
+            raise CacheError(f"sample {format_key(key)} has non-finite reference losses")
+        self._known.add(key)
+        self._pending.append((key, values))
+        if len(self._pending) >= self.shard_samples:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit queued samples as one shard, then the manifest that lists it."""
+        if not self._pending:
+            return
+        keys = torch.tensor(np.frombuffer(b"".join(k for k, _ in self._pending), dtype=np.uint8).reshape(-1, KEY_BYTES))
+        lengths = torch.tensor([0] + [v.numel() for _, v in self._pending], dtype=torch.int64)
+        offsets = torch.cumsum(lengths, 0)
+        losses = torch.cat([v for _, v in self._pending]).to(_DTYPES[self.manifest.dtype])
+        name = f"shard-{self.shard_prefix}{len(self.manifest.shards):05d}.safetensors"
+        path = self.directory / name
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
+        os.close(fd)
+        try:
+            save_file({"keys": keys, "offsets": offsets, "losses": losses}, tmp, metadata={"format": CACHE_FORMAT})
+            sha = file_sha256(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        empty = sum(1 for _, v in self._pending if v.numel() == 0)
+        self.manifest.shards.append(ShardInfo(file=name, sha256=sha, samples=len(self._pending), tokens=losses.numel()))
+        self.manifest.samples += len(self._pending)
+        self.manifest.tokens += losses.numel()
+        self.manifest.empty_samples += empty
+        self._pending = []
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        _atomic_write_bytes(self.directory / MANIFEST_NAME, self.manifest.to_json().encode("utf-8"))
+
+    def close(self) -> ReferenceLossCache:
+        """Commit what is queued and open the finished cache for reading."""
+        self.flush()
+        return ReferenceLossCache(self.directory)
+
+    def __enter__(self) -> ReferenceLossCacheWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.flush()

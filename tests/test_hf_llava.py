@@ -1,0 +1,145 @@
+"""The HF-native LLaVA adapter against the unwrapped model and a brute-force masked reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import regate_plugin as rg
+from regate_plugin.core import IGNORE_INDEX
+
+from .tiny import IMAGE_TOKEN, make_batch, tiny_llava, write_cache_for
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+
+
+def _assert_same_grads(actual: dict, expected: dict, atol: float = 1e-5) -> None:
+    assert actual.keys() == expected.keys()
+    checked = 0
+    for name, grad in expected.items():
+        if grad is None:
+            assert actual[name] is None or actual[name].abs().max() == 0, name
+            continue
+        assert actual[name] is not None, f"{name} got no gradient"
+        torch.testing.assert_close(actual[name], grad, atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("mode", ["none", "regate"])
+def test_keep_ratio_one_equals_the_models_own_forward(tmp_path, padding_side, mode):
+    batch = make_batch(batch=3, padding_side=padding_side)
+    reference_model = tiny_llava()
+    reference_model.train()
+    expected = reference_model(**batch)
+    expected.loss.backward()
+
+    model = copy.deepcopy(reference_model)
+    model.zero_grad(set_to_none=True)
+    cfg = rg.ReGATEConfig(keep_ratio=1.0, warmup_steps=0, dense_steps=0)
+    kwargs = {"reference": write_cache_for(tmp_path / "cache", [batch])} if mode == "regate" else {}
+    elision = rg.build_token_elision(mode, cfg, **kwargs)
+    rg.enable_token_elision(model, elision)
+    out = model(**batch)
+    out.loss.backward()
+
+    torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
+    _assert_same_grads(_grads(model), _grads(reference_model))
+    assert out.token_elision["kept"] == out.token_elision["candidates"] > 0
+
+
+def _brute_force_loss(model, batch, kept_mask: torch.Tensor) -> torch.Tensor:
+    """Unwrapped language model over the full merged sequence, elided keys masked out in a 4-D mask."""
+    inner = model.model
+    embeds = inner.get_input_embeddings()(batch["input_ids"])
+    image = torch.cat(inner.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output)
+    slots = (batch["input_ids"] == IMAGE_TOKEN).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(slots, image)
+    _, length = batch["input_ids"].shape
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    keys_allowed = kept_mask[:, None, :] | torch.eye(length, dtype=torch.bool)[None]
+    mask4d = (causal[None] & keys_allowed).unsqueeze(1)
+    hidden = inner.language_model(
+        inputs_embeds=embeds, attention_mask=mask4d, position_ids=torch.arange(length)[None]
+    ).last_hidden_state
+    targets = torch.full_like(batch["labels"], IGNORE_INDEX)
+    targets[:, :-1] = batch["labels"][:, 1:]
+    scored = kept_mask & (targets != IGNORE_INDEX)
+    logits = model.lm_head(hidden[scored]).float()
+    return F.cross_entropy(logits, targets[scored])
+
+
+def test_keep_ratio_half_equals_brute_force_masked_reference(tmp_path):
+    batch = make_batch(batch=3, seed=1)
+    reference_model = tiny_llava(seed=1)
+    reference_model.train()
+    model = copy.deepcopy(reference_model)
+
+    cfg = rg.ReGATEConfig(keep_ratio=0.5, warmup_steps=0, dense_steps=0)
+    elision = rg.build_token_elision("regate", cfg, reference=write_cache_for(tmp_path / "cache", [batch]))
+    rg.enable_token_elision(model, elision)
+    out = model(**batch)
+    out.loss.backward()
+    report = out.token_elision
+    kept_mask = report["kept_mask"]
+    assert not report["dense"] and 0 < report["kept"] < report["candidates"]
+    # The kept set is the one selection promises: every non-candidate, ceil(0.5 n) candidates per row.
+    targets = torch.full_like(batch["labels"], IGNORE_INDEX)
+    targets[:, :-1] = batch["labels"][:, 1:]
+    candidates = (batch["labels"] != IGNORE_INDEX) & (targets != IGNORE_INDEX)
+    valid = batch["attention_mask"].bool()
+    assert torch.equal(kept_mask | candidates, valid)
+    per_row = (kept_mask & candidates).sum(1)
+    assert torch.equal(per_row, torch.ceil(candidates.sum(1) / 2).long())
+
+    expected = _brute_force_loss(reference_model, batch, kept_mask)
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
+    _assert_same_grads(_grads(model), _grads(reference_model))
+
+
+def test_eval_mode_and_no_labels_are_bit_identical(tmp_path):
+    batch = make_batch(batch=2, seed=2)
+    plain = tiny_llava(seed=2)
+    wrapped = copy.deepcopy(plain)
+    cfg = rg.ReGATEConfig(keep_ratio=0.5, warmup_steps=0, dense_steps=0)
+    rg.enable_token_elision(wrapped, rg.build_token_elision("random", cfg))
+    plain.eval()
+    wrapped.eval()
+    with torch.no_grad():
+        a, b = plain(**batch), wrapped(**batch)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    plain.train()
+    wrapped.train()
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(plain(**no_labels).logits, wrapped(**no_labels).logits)
+
+
+def test_generate_is_unchanged(tmp_path):
+    batch = make_batch(batch=2, seed=3, padding_side="left")
+    prompt = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    plain = tiny_llava(seed=3)
+    wrapped = copy.deepcopy(plain)
+    rg.enable_token_elision(
+        wrapped, rg.build_token_elision("regate", rg.ReGATEConfig(), reference=write_cache_for(tmp_path / "c", [batch]))
+    )
+    plain.eval()
+    wrapped.eval()
+    expected = plain.generate(**prompt, max_new_tokens=6, do_sample=False)
+    actual = wrapped.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(actual, expected)
+
+
+def test_disable_restores_the_class_forward():
+    model = tiny_llava()
+    rg.enable_token_elision(model, rg.build_token_elision("none"))
+    assert rg.get_token_elision(model) is not None
+    rg.disable_token_elision(model)
+    assert "forward" not in model.__dict__ and rg.get_token_elision(model) is None

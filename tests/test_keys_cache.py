@@ -1,0 +1,172 @@
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+
+from regate_plugin.core import (
+    CacheError,
+    CorruptShardError,
+    MissingReferenceError,
+    ReferenceLossCache,
+    ReferenceLossCacheWriter,
+    ReGATEConfig,
+    TokenizerMismatchError,
+    batch_sample_keys,
+    build_token_elision,
+    sample_key,
+    tokenizer_fingerprint,
+)
+from regate_plugin.core.keys import IGNORE_INDEX
+
+
+def test_sample_key_is_stable_across_processes():
+    ids, mask = [1, 5, 9, 300, 2], [False, False, True, True, True]
+    here = sample_key(ids, mask).hex()
+    code = f"from regate_plugin.core import sample_key; print(sample_key({ids}, {mask}).hex())"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert here == there and len(here) == 32
+
+
+def test_sample_key_ignores_padding_but_not_content_or_labels():
+    ids = torch.tensor([[1, 5, 9, 2, 0, 0], [0, 0, 1, 5, 9, 2]])
+    labels = torch.tensor([[-100, -100, 9, 2, -100, -100], [-100, -100, -100, -100, 9, 2]])
+    mask = (torch.arange(6) < 4).long().unsqueeze(0).repeat(2, 1)
+    mask[1] = torch.tensor([0, 0, 1, 1, 1, 1])
+    right, left = batch_sample_keys(ids, labels, mask)
+    assert right == left == sample_key([1, 5, 9, 2], [False, False, True, True])
+    assert sample_key([1, 5, 9, 2], [False, True, True, True]) != right
+    assert sample_key([1, 5, 8, 2], [False, False, True, True]) != right
+
+
+def _tokenizer(vocab: dict[str, int]) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>")
+
+
+def test_tokenizer_fingerprint_tracks_the_vocabulary():
+    a = _tokenizer({"<unk>": 0, "a": 1, "b": 2})
+    same = _tokenizer({"<unk>": 0, "a": 1, "b": 2})
+    swapped = _tokenizer({"<unk>": 0, "a": 2, "b": 1})
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(same) != tokenizer_fingerprint(swapped)
+
+
+def _write(directory, samples, **kw):
+    args = dict(teacher="t", tokenizer_fingerprint="fp", reference_mode="gap", dtype="float32", shard_samples=2)
+    args.update(kw)
+    with ReferenceLossCacheWriter(directory, **args) as writer:
+        for key, losses in samples.items():
+            writer.add(key, losses)
+    return directory
+
+
+def _samples(n=5):
+    gen = torch.Generator().manual_seed(0)
+    return {sample_key([i, i + 1, i + 2], [False, True, True]): torch.rand(i % 4, generator=gen) for i in range(n)}
+
+
+def test_round_trip_across_shards(tmp_path):
+    samples = _samples()
+    _write(tmp_path, samples)
+    cache = ReferenceLossCache(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 3 and manifest["samples"] == 5 and manifest["empty_samples"] == 2
+    assert manifest["tokens"] == sum(v.numel() for v in samples.values())
+    assert len(cache) == 5
+    for key, losses in samples.items():
+        assert torch.equal(cache[key], losses)
+    assert not list(tmp_path.glob("*.tmp")) and cache.verify() == []
+
+
+def test_float16_storage_is_close(tmp_path):
+    samples = {k: v * 10 for k, v in _samples().items()}
+    _write(tmp_path, samples, dtype="float16")
+    cache = ReferenceLossCache(tmp_path)
+    for key, losses in samples.items():
+        torch.testing.assert_close(cache[key], losses, atol=1e-2, rtol=1e-3)
+
+
+def test_a_flipped_byte_is_detected_and_named(tmp_path):
+    _write(tmp_path, _samples())
+    shard = sorted(tmp_path.glob("shard-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=shard.name):
+        ReferenceLossCache(tmp_path)
+    assert any(shard.name in problem for problem in ReferenceLossCache(tmp_path, verify=False).verify())
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path):
+    _write(tmp_path, _samples())
+    cache = ReferenceLossCache(tmp_path)
+    cache.check_tokenizer("fp")
+    with pytest.raises(TokenizerMismatchError, match="fp.*other"):
+        cache.check_tokenizer("other")
+    tok = _tokenizer({"<unk>": 0, "a": 1})
+    with pytest.raises(TokenizerMismatchError, match=tokenizer_fingerprint(tok)):
+        build_token_elision("regate", ReGATEConfig(), reference=tmp_path, tokenizer=tok)
+
+
+def test_writer_resumes_and_refuses_a_different_teacher(tmp_path):
+    samples = _samples()
+    items = list(samples.items())
+    _write(tmp_path, dict(items[:3]))
+    _write(tmp_path, dict(items))  # resume: the first three are already there
+    cache = ReferenceLossCache(tmp_path)
+    assert len(cache) == 5 and cache.manifest.samples == 5
+    with pytest.raises(CacheError, match="teacher"):
+        _write(tmp_path, {}, teacher="other")
+    _write(tmp_path, {}, teacher="other", overwrite=True)
+    assert len(ReferenceLossCache(tmp_path)) == 0
+
+
+def _batch_with_unknown_sample():
+    input_ids = torch.tensor([[1, 7, 8, 9, 10, 2]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 8, 9, 10, 2]])
+    return input_ids, labels, torch.ones_like(input_ids)
+
+
+def test_missing_key_errors_by_default_and_names_the_sample(tmp_path):
+    _write(tmp_path, _samples())
+    input_ids, labels, mask = _batch_with_unknown_sample()
+    key = batch_sample_keys(input_ids, labels, mask)
+    elision = build_token_elision("regate", ReGATEConfig(warmup_steps=0, dense_steps=0), reference=tmp_path)
+    with pytest.raises(MissingReferenceError, match=key[0].hex()):
+        elision.plan(labels, mask, key)
+
+
+def test_missing_key_falls_back_to_the_ema_with_a_counted_warning(tmp_path):
+    _write(tmp_path, _samples())
+    input_ids, labels, mask = _batch_with_unknown_sample()
+    key = batch_sample_keys(input_ids, labels, mask)
+    cfg = ReGATEConfig(warmup_steps=0, dense_steps=0, missing_reference="ema")
+    elision = build_token_elision("regate", cfg, reference=tmp_path)
+    with pytest.warns(UserWarning, match="EMA alone"):
+        plan = elision.plan(labels, mask, key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        elision.plan(labels, mask, key)  # counted, not warned again
+    assert elision.stats.missing_reference == 2
+    assert int((plan.kept_mask & plan.candidates).sum()) == 2  # ceil(0.5 * 3 candidates)
+
+
+def test_cache_with_too_few_losses_for_a_sample_is_refused(tmp_path):
+    input_ids, labels, mask = _batch_with_unknown_sample()
+    key = batch_sample_keys(input_ids, labels, mask)
+    _write(tmp_path, {key[0]: torch.ones(2)})  # the sample has 4 targets
+    elision = build_token_elision("regate", ReGATEConfig(warmup_steps=0, dense_steps=0), reference=tmp_path)
+    with pytest.raises(CacheError, match="4 answer targets"):
+        elision.plan(labels, mask, key)
+
+
+def test_not_a_cache_directory(tmp_path):
+    with pytest.raises(CacheError, match="manifest.json is missing"):
+        ReferenceLossCache(tmp_path)
+    (tmp_path / "manifest.json").write_text("{nope")
+    with pytest.raises(CacheError, match="not a valid cache manifest"):
+        ReferenceLossCache(tmp_path)
