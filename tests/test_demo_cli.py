@@ -1,0 +1,20 @@
+import subprocess
+import sys
+
+from regate_plugin.core import ReferenceLossCache
+from regate_plugin.demo import COLOURS, QUESTIONS, run_demo
+
+
+def test_shortened_demo_runs_all_three_modes(tmp_path):
+    results = run_demo(tmp_path, steps=12, batch_size=4)
+    assert [r.mode for r in results] == ["none", "regate", "random"]
+    none, regate, random = results
+    # Same batches, fewer answer tokens under elision, and both elided modes spend the same budget.
+    assert regate.answer_tokens == random.answer_tokens < none.answer_tokens
+    # Content-addressed: identical token sequences share one entry (6 colours x 3 questions at most).
+    assert 1 < len(ReferenceLossCache(tmp_path / "reference_cache")) <= len(COLOURS) * len(QUESTIONS)
+
+
+def test_cli_help_lists_demo():
+    out = subprocess.run([sys.executable, "-m", "regate_plugin.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout
