@@ -143,3 +143,60 @@ def test_disable_restores_the_class_forward():
     assert rg.get_token_elision(model) is not None
     rg.disable_token_elision(model)
     assert "forward" not in model.__dict__ and rg.get_token_elision(model) is None
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    batch = make_batch(batch=3, seed=4)
+    cache = write_cache_for(tmp_path / "cache", [batch])
+    cfg = rg.ReGATEConfig(keep_ratio=0.5, warmup_steps=0, dense_steps=0)
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_llava(seed=4)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        rg.enable_token_elision(model, rg.build_token_elision("regate", cfg, reference=cache))
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), _grads(model), out.token_elision["kept_mask"]))
+    assert torch.equal(results[0][2], results[1][2])
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
+    _assert_same_grads(results[1][1], results[0][1], atol=1e-6)
+
+
+def test_ema_learns_from_the_students_losses(tmp_path):
+    batch = make_batch(batch=2, seed=5)
+    cfg = rg.ReGATEConfig(keep_ratio=0.5, warmup_steps=1, dense_steps=0)
+    elision = rg.build_token_elision("regate", cfg, reference=write_cache_for(tmp_path / "cache", [batch]))
+    model = tiny_llava(seed=5)
+    model.train()
+    rg.enable_token_elision(model, elision)
+    out = model(**batch)  # step 0: dense, every candidate's loss is observed
+    assert out.token_elision["dense"] and len(elision.ema) == 2
+    # The first observation is the student's own per-token cross-entropy, from the unwrapped forward.
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    model.train()
+    targets = torch.full_like(batch["labels"], IGNORE_INDEX)
+    targets[:, :-1] = batch["labels"][:, 1:]
+    candidates = (batch["labels"] != IGNORE_INDEX) & (targets != IGNORE_INDEX)
+    for row, key in enumerate(_keys(batch)):
+        positions = candidates[row].nonzero().squeeze(1)
+        ordinals = ((targets[row] != IGNORE_INDEX).cumsum(0) - 1)[positions]
+        expected = F.cross_entropy(logits[row, positions].float(), targets[row, positions], reduction="none")
+        got = elision.ema.lookup(key, ordinals, targets[row, positions])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    state = elision.state_dict()
+    restored = rg.build_token_elision("regate", cfg, reference=tmp_path / "cache")
+    restored.load_state_dict(state)
+    elision.set_step(1)
+    restored.set_step(1)
+    assert torch.equal(elision.plan(batch["labels"], batch["attention_mask"], _keys(batch)).kept_mask,
+                       restored.plan(batch["labels"], batch["attention_mask"], _keys(batch)).kept_mask)
+
+
+def _keys(batch):
+    from regate_plugin.core import batch_sample_keys
+
+    return batch_sample_keys(batch["input_ids"], batch["labels"], batch["attention_mask"])
