@@ -30,7 +30,7 @@ from .config import ReGATEConfig
 from .ema import DifficultyEMA
 from .keys import IGNORE_INDEX, SampleKey, format_key, tokenizer_fingerprint
 from .loss import Head, TokenLoss, next_token_loss
-from .schedule import is_dense_step, keep_ratio_at
+from .schedule import is_dense_step
 from .selection import fused_score, random_scores, select_kept_positions
 
 
@@ -112,7 +112,7 @@ class TokenElision:
         return True
 
     def keep_ratio(self) -> float:
-        return 1.0 if self.is_dense() else keep_ratio_at(self.step, self.cfg)
+        return 1.0 if self.is_dense() else self.cfg.keep_ratio
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a student tokenizer the strategy's reference data was not built with (no-op without one)."""
@@ -140,7 +140,7 @@ class TokenElision:
         valid = torch.ones_like(candidates) if attention_mask is None else attention_mask.bool()
         kept_mask = valid & (~candidates | kept_candidates)
         side = padding_side or infer_padding_side(attention_mask)
-        plan = ElisionPlan(
+        return ElisionPlan(
             compaction=plan_compaction(kept_mask, side, attention_mask),
             targets=targets,
             ordinals=ordinals,
@@ -149,7 +149,6 @@ class TokenElision:
             dense=dense,
             keep_ratio=keep_ratio,
         )
-        return plan
 
     def select(
         self,
@@ -173,10 +172,9 @@ class TokenElision:
         compact_targets = plan.compact_targets()
         result = next_token_loss(hidden_states, compact_targets, head, num_items_in_batch, self.cfg.loss_chunk_size)
         self.observe(plan, compact_targets, result.per_token)
-        report_kept = plan.candidates & plan.kept_mask
         self.stats.batches += 1
         self.stats.candidates += int(plan.candidates.sum())
-        self.stats.kept += int(report_kept.sum())
+        self.stats.kept += int((plan.candidates & plan.kept_mask).sum())
         self.stats.targets += result.num_targets
         return result
 
