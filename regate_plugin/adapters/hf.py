@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
 from typing import Any
@@ -90,7 +91,7 @@ def _elided_forward(model: Any, elision: TokenElision, pending: _PendingPlan, kw
     )
 
 
-def install_hf(model: Any, elision: TokenElision) -> Any:
+def install_hf(model: Any, elision: TokenElision) -> Callable[[], None]:
     decoder = model.model.language_model
     pending = _PendingPlan()
     handle = decoder.register_forward_pre_hook(functools.partial(_compact_decoder_inputs, pending), with_kwargs=True)
@@ -104,7 +105,6 @@ def install_hf(model: Any, elision: TokenElision) -> Any:
             bound = dict(signature.bind_partial(*args, **kwargs).arguments)
             extra = bound.pop(var_keyword, {}) if var_keyword else {}
             kwargs = {**bound, **extra}
-            args = ()
         if not self.training or kwargs.get("labels") is None:
             return original(**kwargs)
         return _elided_forward(self, elision, pending, kwargs)

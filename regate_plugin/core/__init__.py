@@ -14,6 +14,7 @@ from .config import ConfigError, ReGATEConfig
 from .ema import DifficultyEMA, EMAUpdate
 from .elision import (
     ElisionPlan,
+    NoElision,
     RandomElision,
     ReGATEElision,
     TokenElision,

@@ -7,6 +7,7 @@ Adapters call exactly three things: `plan`, `ElisionPlan.compact_*`, and `loss`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -62,18 +63,20 @@ class ElisionPlan:
     def compact_targets(self) -> torch.Tensor:
         return self.compaction.gather(self.targets, fill=IGNORE_INDEX)
 
+    @functools.cached_property
+    def counts(self) -> dict[str, int]:
+        """Candidates, kept candidates, kept targets and decoder tokens (one host sync, computed once)."""
+        values = torch.stack([
+            self.candidates.sum(),
+            (self.candidates & self.kept_mask).sum(),
+            ((self.targets != IGNORE_INDEX) & self.kept_mask).sum(),
+            self.compaction.slot_valid.sum(),
+        ]).tolist()
+        return dict(zip(("candidates", "kept", "targets", "tokens"), values))
+
     def report(self) -> dict[str, Any]:
         """What `out.token_elision` carries (DESIGN.md §4)."""
-        kept = self.candidates & self.kept_mask
-        return {
-            "kept_mask": self.kept_mask,
-            "candidates": int(self.candidates.sum()),
-            "kept": int(kept.sum()),
-            "dense": self.dense,
-            "keep_ratio": self.keep_ratio,
-            "targets": int(((self.targets != IGNORE_INDEX) & self.kept_mask).sum()),
-            "tokens": int(self.compaction.slot_valid.sum()),
-        }
+        return {"kept_mask": self.kept_mask, "dense": self.dense, "keep_ratio": self.keep_ratio, **self.counts}
 
 
 @dataclass
@@ -92,9 +95,9 @@ class ElisionStats:
 
 
 class TokenElision:
-    """Base strategy: keeps every token (`none`), still with logits only where a target exists."""
+    """A strategy: the dual-cycle schedule decides dense steps; subclasses choose what sparse steps keep."""
 
-    name = "none"
+    name = ""
     needs_sample_keys = False
 
     def __init__(self, cfg: ReGATEConfig | None = None) -> None:
@@ -109,7 +112,7 @@ class TokenElision:
         self.step = int(step)
 
     def is_dense(self) -> bool:
-        return True
+        return is_dense_step(self.step, self.cfg)
 
     def keep_ratio(self) -> float:
         return 1.0 if self.is_dense() else self.cfg.keep_ratio
@@ -159,7 +162,7 @@ class TokenElision:
         keep_ratio: float,
     ) -> torch.Tensor:
         """Bool [B, L]: the candidates kept on a sparse step."""
-        return candidates
+        raise NotImplementedError
 
     def loss(
         self,
@@ -173,8 +176,8 @@ class TokenElision:
         result = next_token_loss(hidden_states, compact_targets, head, num_items_in_batch, self.cfg.loss_chunk_size)
         self.observe(plan, compact_targets, result.per_token)
         self.stats.batches += 1
-        self.stats.candidates += int(plan.candidates.sum())
-        self.stats.kept += int((plan.candidates & plan.kept_mask).sum())
+        self.stats.candidates += plan.counts["candidates"]
+        self.stats.kept += plan.counts["kept"]
         self.stats.targets += result.num_targets
         return result
 
@@ -191,13 +194,19 @@ class TokenElision:
         self.stats = ElisionStats(**state["stats"])
 
 
+class NoElision(TokenElision):
+    """`none`: every step dense, still with logits only where a target exists."""
+
+    name = "none"
+
+    def is_dense(self) -> bool:
+        return True
+
+
 class RandomElision(TokenElision):
     """The baseline: a uniformly random k of the candidates, from a generator seeded by (seed, step, batch)."""
 
     name = "random"
-
-    def is_dense(self) -> bool:
-        return is_dense_step(self.step, self.cfg)
 
     def select(self, targets, candidates, ordinals, sample_keys, keep_ratio):  # type: ignore[override]
         stream = f"{self.cfg.seed}:{self.step}:{self.stats.batches}".encode()
@@ -221,9 +230,6 @@ class ReGATEElision(TokenElision):
             )
         self.reference = reference if isinstance(reference, ReferenceLossCache) else ReferenceLossCache(reference)
         self.ema = DifficultyEMA(self.cfg.ema_beta, vocab_size)
-
-    def is_dense(self) -> bool:
-        return is_dense_step(self.step, self.cfg)
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         self.reference.check_tokenizer(tokenizer_fingerprint(tokenizer))
@@ -273,10 +279,11 @@ class ReGATEElision(TokenElision):
         is_candidate = plan.compaction.gather(plan.candidates, fill=False)[supervised].cpu()
         ordinals = plan.compaction.gather(plan.ordinals, fill=-1)[supervised].cpu()
         token_ids = compact_targets[supervised].cpu()
+        losses = per_token.cpu()
         for row, key in enumerate(plan.sample_keys):
             take = (rows == row) & is_candidate
             if take.any():
-                self.ema.update(key, ordinals[take], token_ids[take], per_token.cpu()[take])
+                self.ema.update(key, ordinals[take], token_ids[take], losses[take])
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "ema": self.ema.state_dict()}
@@ -326,6 +333,6 @@ def _plain(cls: type[TokenElision]) -> ElisionFactory:
     return factory
 
 
-register_token_elision("none", _plain(TokenElision))
+register_token_elision("none", _plain(NoElision))
 register_token_elision("random", _plain(RandomElision))
 register_token_elision("regate", ReGATEElision)
