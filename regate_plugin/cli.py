@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 from . import __version__
+from .core import CacheError, ConfigError
+from .data import DataError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -18,6 +21,64 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(format_results(results))
     print(f"\nreference cache: {out / 'reference_cache'}")
+    return 0
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from .data.visual import visual_tokens_from_path
+    from .precompute import PrecomputeConfig, run_precompute
+
+    visual_tokens = args.visual_tokens
+    if args.student_config:
+        visual_tokens = visual_tokens_from_path(args.student_config)
+        print(f"visual rows per placeholder, from {args.student_config}: {visual_tokens}")
+    cfg = PrecomputeConfig(
+        data=args.data,
+        teacher=args.teacher,
+        template=args.template,
+        out=args.out,
+        tokenizer=args.tokenizer,
+        visual_tokens=visual_tokens,
+        mode=args.mode,
+        max_length=args.max_length,
+        batch_tokens=args.batch_tokens,
+        window=args.window,
+        cache_dtype=args.dtype,
+        model_dtype=args.model_dtype,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
+    summary = run_precompute(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(summary.format())
+        for problem in summary.bad[:20]:
+            print(f"skipped: {problem}")
+        print(f"reference cache: {args.out}")
+    return 0
+
+
+def _cache_verify(args: argparse.Namespace) -> int:
+    from .core.cache import ReferenceLossCache
+
+    cache = ReferenceLossCache(args.cache, verify=False)
+    problems = cache.verify()
+    for problem in problems:
+        print(f"BAD  {problem}")
+    print(f"{args.cache}: {len(cache.manifest.shards)} shards, {len(cache)} samples, " + ("all hashes match" if not problems else f"{len(problems)} bad"))
+    return 1 if problems else 0
+
+
+def _cache_stats(args: argparse.Namespace) -> int:
+    from .cache_report import cache_stats, format_stats, plot_histogram
+    from .core.cache import ReferenceLossCache
+
+    cache = ReferenceLossCache(args.cache)
+    print(format_stats(cache_stats(cache)))
+    plot = Path(args.plot) if args.plot else Path(args.cache) / "reference_losses.png"
+    print(f"histogram: {plot_histogram(cache, plot)}")
     return 0
 
 
@@ -32,12 +93,51 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-ratio", type=float, default=0.35, help="kept fraction on sparse steps (default: 0.35)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    from .data.templates import ALIASES, TEMPLATES
+
+    pre = commands.add_parser("precompute", help="score a training set with the reference LLM into a cache")
+    pre.add_argument("--data", nargs="+", required=True, help="LLaVA-format .json list or .jsonl file(s)")
+    pre.add_argument("--teacher", required=True, help="reference LLM: hub id, local directory, .gguf file, or 'smollm2'")
+    pre.add_argument("--template", required=True, choices=sorted([*TEMPLATES, *ALIASES]), help="the training run's conversation template")
+    pre.add_argument("--out", required=True, help="cache directory")
+    pre.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's; they must be identical)")
+    visual = pre.add_mutually_exclusive_group()
+    visual.add_argument("--visual-tokens", type=int, help="visual rows per <image>/<video> placeholder (LLaVA-1.5: 576)")
+    visual.add_argument("--student-config", help="derive --visual-tokens from the student's config.json")
+    pre.add_argument("--mode", choices=["gap", "pad"], default="gap", help="gap: skip visual rows, keep positions (default); pad: pad tokens")
+    pre.add_argument("--max-length", type=int, help="the training run's --model_max_length (default: the tokenizer's)")
+    pre.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per teacher forward (default: 16384)")
+    pre.add_argument("--window", type=int, default=2048, help="samples sorted into batches together (default: 2048)")
+    pre.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="stored loss dtype")
+    pre.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    pre.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+    again = pre.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    again.add_argument("--overwrite", action="store_true", help="replace whatever cache --out holds")
+    pre.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed samples instead of stopping")
+    pre.add_argument("--no-progress", action="store_true")
+    pre.set_defaults(run=_precompute)
+
+    cache = commands.add_parser("cache", help="inspect a reference cache")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    verify = cache_commands.add_parser("verify", help="re-hash every shard against the manifest")
+    verify.add_argument("cache")
+    verify.set_defaults(run=_cache_verify)
+    stats = cache_commands.add_parser("stats", help="loss distribution and a histogram PNG")
+    stats.add_argument("cache")
+    stats.add_argument("--plot", help="histogram path (default: CACHE/reference_losses.png)")
+    stats.set_defaults(run=_cache_stats)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except (CacheError, DataError, ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"regate {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -75,6 +75,13 @@ def resolve_reference(name_or_path: str) -> str:
     return name_or_path
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`from_pretrained`'s dtype argument: `dtype` in transformers 5, `torch_dtype` in the 4.x upstream envs."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+
+
 def load_reference_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) of a causal LM: hub id, local directory, a `.gguf` file, or the `smollm2` preset.
 
@@ -87,10 +94,22 @@ def load_reference_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     if path.suffix == ".gguf" and path.is_file():
         location = str(convert_gguf(path, cache_root() / f"gguf-{path.stem.lower()}"))
     local = Path(location).is_dir()
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=local).to(device)
+    model = AutoModelForCausalLM.from_pretrained(location, local_files_only=local, **dtype_kwarg(dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def check_reference_mode(mode: str) -> None:
+    """Refuse `gap` where transformers cuts its RoPE cache at the sequence length (before 4.38), so ids past it fail."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    if mode == "gap" and (major, minor) < (4, 38):
+        raise ValueError(
+            f"reference mode 'gap' gives the teacher position ids with gaps, which transformers "
+            f"{transformers.__version__} cannot apply (4.38+ can): use --mode pad in this environment"
+        )
 
 
 @dataclass
@@ -103,13 +122,19 @@ class ReferenceScorer:
     visual_rows: int = 1
     pad_token_id: int | None = None
 
+    def __post_init__(self) -> None:
+        check_reference_mode(self.mode)
+
     def teacher_input(self, input_ids: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> TeacherInput:
         return build_teacher_input(input_ids, labels, self.visual_token_ids, self.visual_rows, self.mode, self.pad_token_id)
 
-    @torch.no_grad()
     def score(self, samples: Sequence[tuple[Sequence[int] | torch.Tensor, Sequence[int] | torch.Tensor]]) -> list[torch.Tensor]:
         """One float32 tensor of reference losses per (input_ids, labels) sample, in answer-ordinal order."""
-        inputs = [self.teacher_input(ids, labels) for ids, labels in samples]
+        return self.score_inputs([self.teacher_input(ids, labels) for ids, labels in samples])
+
+    @torch.no_grad()
+    def score_inputs(self, inputs: Sequence[TeacherInput]) -> list[torch.Tensor]:
+        """Reference losses of prepared teacher inputs, as one right-padded batch."""
         if not inputs:
             return []
         device = next(self.model.parameters()).device
@@ -130,6 +155,6 @@ class ReferenceScorer:
             input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
         ).last_hidden_state
         targets = shift_targets(labels, mask).to(device)
-        per_token = next_token_loss(hidden, targets, self.model.get_output_embeddings()).per_token.cpu()
+        per_token = next_token_loss(hidden, targets, self.model.get_output_embeddings()).per_token.float().cpu()
         counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()
         return list(torch.split(per_token, counts))

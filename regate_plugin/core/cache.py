@@ -57,6 +57,7 @@ class ShardInfo:
     sha256: str
     samples: int
     tokens: int
+    empty: int = 0  # samples with no answer targets
 
 
 @dataclass
@@ -123,6 +124,19 @@ def read_manifest(directory: str | os.PathLike[str]) -> CacheManifest:
     return CacheManifest.from_json(path.read_text(encoding="utf-8"), path)
 
 
+def _shard_keys(path: Path) -> list[SampleKey]:
+    with safe_open(str(path), framework="pt") as handle:
+        keys = handle.get_tensor("keys").numpy()
+    return [keys[row].tobytes() for row in range(keys.shape[0])]
+
+
+def committed_keys(directory: str | os.PathLike[str], manifest: CacheManifest | None = None) -> list[SampleKey]:
+    """The sample keys of every shard a cache directory's manifest lists (no hashing, no losses read)."""
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    return [key for shard in manifest.shards for key in _shard_keys(directory / shard.file)]
+
+
 class ReferenceLossCache:
     """Read-only view of a cache directory: `cache[key]` returns that sample's reference losses (float32)."""
 
@@ -184,6 +198,11 @@ class ReferenceLossCache:
                 "another template or tokenizer, or the precompute did not finish"
             )
         return losses
+
+    def all_losses(self) -> torch.Tensor:
+        """Every stored loss of every shard, float32, in shard order (for statistics)."""
+        parts = [handle.get_tensor("losses").float() for handle in self._handles]
+        return torch.cat(parts) if parts else torch.zeros(0)
 
     def check_tokenizer(self, fingerprint: str) -> None:
         """Refuse a student whose tokenizer differs from the one the cache was built with."""
@@ -259,11 +278,7 @@ class ReferenceLossCacheWriter:
                 stale.unlink()
             self.manifest = wanted
             self._write_manifest()
-        self._known: set[SampleKey] = set()
-        for shard in self.manifest.shards:
-            with safe_open(str(self.directory / shard.file), framework="pt") as handle:
-                keys = handle.get_tensor("keys").numpy()
-            self._known.update(keys[row].tobytes() for row in range(keys.shape[0]))
+        self._known: set[SampleKey] = set(committed_keys(self.directory, self.manifest))
         self._pending: list[tuple[SampleKey, torch.Tensor]] = []
 
     def __contains__(self, key: object) -> bool:
@@ -303,12 +318,43 @@ class ReferenceLossCacheWriter:
             Path(tmp).unlink(missing_ok=True)
             raise
         empty = sum(1 for _, v in self._pending if v.numel() == 0)
-        self.manifest.shards.append(ShardInfo(file=name, sha256=sha, samples=len(self._pending), tokens=losses.numel()))
+        self.manifest.shards.append(ShardInfo(name, sha, len(self._pending), losses.numel(), empty))
         self.manifest.samples += len(self._pending)
         self.manifest.tokens += losses.numel()
         self.manifest.empty_samples += empty
         self._pending = []
         self._write_manifest()
+
+    def absorb(self, part: str | os.PathLike[str]) -> None:
+        """Move the committed shards of another cache directory with the same header into this one.
+
+        Idempotent and safe to interrupt: a shard is linked in under a new name, then listed in the manifest, and
+        a shard already listed (same sha256) is skipped, so re-running after a crash never duplicates one.
+        """
+        self.flush()
+        part = Path(part)
+        other = read_manifest(part)
+        if other.header() != self.manifest.header():
+            raise CacheError(f"{part} was made differently from {self.directory} and cannot be merged into it")
+        merged = {shard.sha256 for shard in self.manifest.shards}
+        for shard in other.shards:
+            if shard.sha256 in merged:
+                continue
+            source = part / shard.file
+            if not source.is_file():
+                raise CacheError(f"{source} is listed in {part / MANIFEST_NAME} but missing")
+            name = f"shard-{self.shard_prefix}{len(self.manifest.shards):05d}.safetensors"
+            staging = self.directory / f".{name}.tmp"
+            staging.unlink(missing_ok=True)
+            os.link(source, staging)
+            os.replace(staging, self.directory / name)
+            self._known.update(_shard_keys(self.directory / name))
+            self.manifest.shards.append(ShardInfo(name, shard.sha256, shard.samples, shard.tokens, shard.empty))
+            self.manifest.samples += shard.samples
+            self.manifest.tokens += shard.tokens
+            self.manifest.empty_samples += shard.empty
+            merged.add(shard.sha256)
+            self._write_manifest()
 
     def _write_manifest(self) -> None:
         _atomic_write_bytes(self.directory / MANIFEST_NAME, self.manifest.to_json().encode("utf-8"))

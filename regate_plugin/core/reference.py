@@ -22,6 +22,18 @@ class TeacherInput:
     position_ids: torch.Tensor  # int64 [n]
     labels: torch.Tensor  # int64 [n], IGNORE_INDEX off the answers
 
+    def truncated(self, max_positions: int | None) -> TeacherInput:
+        """Drop what the student's merged sequence loses when the model cuts it at `max_positions` rows."""
+        if max_positions is None or self.position_ids.numel() == 0 or int(self.position_ids[-1]) < max_positions:
+            return self
+        keep = self.position_ids < max_positions
+        return TeacherInput(self.input_ids[keep], self.position_ids[keep], self.labels[keep])
+
+    @property
+    def num_targets(self) -> int:
+        """Supervised next-token targets: labels off IGNORE_INDEX after the first position."""
+        return int((self.labels[1:] != IGNORE_INDEX).sum())
+
 
 def build_teacher_input(
     input_ids: Sequence[int] | torch.Tensor,

@@ -1,0 +1,131 @@
+"""Throughput of `regate precompute` against a bare batched forward of the same teacher over the same tokens,
+and `gap` against `pad` mode, on a VideoLLaMA2-like length mix (576 visual rows, 100-400 text tokens).
+
+    python benchmarks/precompute_throughput.py [--teacher smollm2] [--samples 8] [--repeats 2] [--out docs/benchmarks]
+
+Two baselines run on the very batches precompute plans (same padding, same position ids), with no tokenization,
+loss or cache writes: the teacher's plain forward (`model(...)`, logits at every position, what a bare scoring loop
+does) and its decoder alone (no logits at all: a ceiling no scorer can pass, since losses need the LM head). Modes are interleaved and the
+best of `--repeats` runs is kept, because this machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from regate_plugin.data import PLACEHOLDER_IDS, get_template, parse_sample
+from regate_plugin.precompute import PrecomputeConfig, plan_batches, prepare_sample, run_precompute
+from regate_plugin.teacher import load_reference_model
+
+WORDS = "the object in the video is a red green blue circle square that moves left right up down and then stops".split()
+
+
+def make_samples(n: int, seed: int) -> list[dict]:
+    """Video QA samples whose text (question + answers) is 100-400 tokens."""
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        target_words = rng.randint(70, 300)
+        turns = []
+        while sum(len(t["value"].split()) for t in turns) < target_words:
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) + "?"
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60))) + "."
+            turns += [{"from": "human", "value": ("<video>\n" if not turns else "") + q}, {"from": "gpt", "value": a}]
+        samples.append({"id": str(i), "video": f"{i}.mp4", "conversations": turns})
+    return samples
+
+
+def bare_forward_seconds(
+    model, tokenizer, samples: list[dict], mode: str, rows: int, batch_tokens: int, decoder_only: bool
+) -> tuple[float, int]:
+    template = get_template("videollama2")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prepared = [prepare_sample(parse_sample(s, i, "bench"), template, tokenizer, None, rows, mode, pad) for i, s in enumerate(samples)]
+    batches = plan_batches([p.length for p in prepared], batch_tokens)
+    forward = model.get_decoder() if decoder_only else model
+    tokens = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            items = [prepared[i].teacher_input for i in batch]
+            length = max(x.input_ids.numel() for x in items)
+            ids = torch.full((len(items), length), pad)
+            pos = torch.zeros((len(items), length), dtype=torch.long)
+            mask = torch.zeros((len(items), length), dtype=torch.long)
+            for r, x in enumerate(items):
+                n = x.input_ids.numel()
+                ids[r, :n], mask[r, :n] = x.input_ids, 1
+                pos[r] = torch.cat([x.position_ids, torch.arange(int(x.position_ids[-1]) + 1, int(x.position_ids[-1]) + 1 + length - n)])
+                tokens += n
+            forward(input_ids=ids, attention_mask=mask, position_ids=pos)
+    return time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="smollm2")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=576)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="docs/benchmarks")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_reference_model(args.teacher)
+    samples = make_samples(args.samples, args.seed)
+    work = Path(tempfile.mkdtemp(prefix="regate-bench-"))
+    data = work / "train.json"
+    data.write_text(json.dumps(samples))
+    best: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    for repeat in range(args.repeats):
+        for mode in ("gap", "pad"):
+            for name, decoder_only in (("forward", False), ("decoder", True)):
+                seconds, n = bare_forward_seconds(model, tokenizer, samples, mode, args.rows, args.batch_tokens, decoder_only)
+                best[f"{name}-{mode}"] = min(best.get(f"{name}-{mode}", float("inf")), seconds)
+            tokens[mode] = n
+            cfg = PrecomputeConfig(data=[data], teacher=args.teacher, template="videollama2", out=work / f"cache-{mode}-{repeat}",
+                                   visual_tokens=args.rows, mode=mode, batch_tokens=args.batch_tokens, progress=False)
+            summary = run_precompute(cfg, model=model, tokenizer=tokenizer)
+            best[f"precompute-{mode}"] = min(best.get(f"precompute-{mode}", float("inf")), summary.seconds)
+            print(f"repeat {repeat} {mode}: precompute {summary.seconds:.2f} s", file=sys.stderr)
+    text_tokens = tokens["gap"]
+    rows = []
+    for mode in ("gap", "pad"):
+        rows.append({
+            "mode": mode,
+            "teacher_tokens": tokens[mode],
+            "forward_s": best[f"forward-{mode}"],
+            "decoder_only_s": best[f"decoder-{mode}"],
+            "precompute_s": best[f"precompute-{mode}"],
+            "throughput_vs_forward": best[f"forward-{mode}"] / best[f"precompute-{mode}"],
+            "throughput_vs_decoder_only": best[f"decoder-{mode}"] / best[f"precompute-{mode}"],
+        })
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "teacher": args.teacher,
+        "samples": args.samples,
+        "visual_rows": args.rows,
+        "visual_share_in_pad": 1 - text_tokens / tokens["pad"],
+        "gap_speedup_over_pad": best["precompute-pad"] / best["precompute-gap"],
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "precompute_throughput.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

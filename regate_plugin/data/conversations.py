@@ -1,0 +1,122 @@
+"""Training data in the LLaVA conversation format: a JSON list or JSON lines of samples.
+
+    {"id": "000001", "image": "coco/1.jpg", "conversations": [
+        {"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]}
+
+`video` instead of `image` marks a video sample (VideoLLaMA2); neither marks a text-only one. Every problem is
+reported with the file, the line the sample starts on, and its id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("human", "gpt", "system")
+
+
+class DataError(ValueError):
+    """A sample or file that cannot be used; the message names the file, line and sample id."""
+
+
+@dataclass
+class Conversation:
+    """One training sample: its turns as (role, text) pairs, and which visual modality it carries."""
+
+    sample_id: str
+    turns: list[tuple[str, str]]
+    modality: str | None  # "image", "video", or None for text-only
+    source: str = ""  # "file:line", for error messages
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def where(self) -> str:
+        return f"{self.source} (sample id {self.sample_id!r})"
+
+
+def _line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def parse_sample(raw: Any, index: int, source: str) -> Conversation:
+    """Validate one decoded sample; `source` is "file:line"."""
+    sample_id = str(raw.get("id", index)) if isinstance(raw, dict) else str(index)
+    where = f"{source} (sample id {sample_id!r})"
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a sample must be a JSON object, got {type(raw).__name__}")
+    turns = raw.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of turns")
+    parsed: list[tuple[str, str]] = []
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise DataError(
+                f"{where}: turn {n} must be {{'from': one of {list(ROLES)}, 'value': <string>}}, got {turn!r:.200}"
+            )
+        parsed.append((turn["from"], turn["value"]))
+    modalities = [m for m in ("image", "video") if raw.get(m) is not None]
+    if len(modalities) > 1:
+        raise DataError(f"{where}: a sample has either 'image' or 'video', not both")
+    return Conversation(sample_id, parsed, modalities[0] if modalities else None, source, raw)
+
+
+def iter_conversations(path: str | os.PathLike[str], skip_bad: bool = False, bad: list[str] | None = None) -> Iterator[Conversation]:
+    """Samples of a `.json` list or a `.jsonl` file, in file order.
+
+    With `skip_bad`, an invalid sample is appended to `bad` (its error message) instead of raised. A JSON list
+    whose syntax breaks cannot be read past the break, so that is an error either way.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+
+    def checked(raw: Any, index: int, line: int) -> Conversation | None:
+        try:
+            return parse_sample(raw, index, f"{path}:{line}")
+        except DataError as err:
+            if not skip_bad:
+                raise
+            if bad is not None:
+                bad.append(str(err))
+            return None
+
+    start = len(text) - len(text.lstrip())
+    if text[start:start + 1] == "[":
+        offset, index = start + 1, 0
+        while True:
+            while offset < len(text) and text[offset] in " \t\r\n,":
+                offset += 1
+            if offset >= len(text):
+                raise DataError(f"{path}: the JSON list is not closed")
+            if text[offset] == "]":
+                return
+            line = _line_of(text, offset)
+            try:
+                raw, offset = decoder.raw_decode(text, offset)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{_line_of(text, err.pos)}: invalid JSON in sample {index}: {err.msg}") from err
+            if (sample := checked(raw, index, line)) is not None:
+                yield sample
+            index += 1
+    index = 0
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            problem = DataError(f"{path}:{line_number}: invalid JSON line (sample {index}): {err.msg}")
+            if not skip_bad:
+                raise problem from err
+            if bad is not None:
+                bad.append(str(problem))
+            index += 1
+            continue
+        if (sample := checked(raw, index, line_number)) is not None:
+            yield sample
+        index += 1

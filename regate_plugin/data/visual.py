@@ -1,0 +1,69 @@
+"""How many visual rows the student splices in per placeholder, read off its `config.json` (UPSTREAM.md §2.2, §4.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .conversations import DataError
+
+# Towers the upstream configs name by hub id: (image size, patch size).
+KNOWN_TOWERS = {
+    "clip-vit-large-patch14-336": (336, 14),
+    "clip-vit-large-patch14": (224, 14),
+    "siglip-so400m-patch14-384": (384, 14),
+}
+DEFAULT_FRAMES = 8  # VideoLLaMA2's NUM_FRAMES
+
+
+def _tower_grid(config: dict[str, Any], source: str) -> int:
+    """Patches per side of the vision tower's feature map."""
+    vision = config.get("vision_config")
+    if isinstance(vision, dict) and vision.get("image_size") and vision.get("patch_size"):
+        return int(vision["image_size"]) // int(vision["patch_size"])
+    tower = str(config.get("mm_vision_tower") or config.get("vision_tower") or "")
+    for name, (size, patch) in KNOWN_TOWERS.items():
+        if tower.rstrip("/").endswith(name):
+            return size // patch
+    match = re.search(r"patch(\d+)-(\d+)", tower)
+    if match:
+        return int(match.group(2)) // int(match.group(1))
+    raise DataError(f"{source}: cannot tell the vision tower's patch grid from {tower or 'the config'}; pass --visual-tokens")
+
+
+def _stc_out(n: int, padding: int) -> int:
+    """Length after VideoLLaMA2's STC sampler: Conv3d with kernel 2, stride 2."""
+    return (n + 2 * padding - 2) // 2 + 1
+
+
+def visual_tokens_from_config(config: dict[str, Any], source: str = "student config") -> int:
+    """Visual rows per `<image>`/`<video>` placeholder for LLaVA-1.5, HF-native LLaVA and VideoLLaMA2 configs."""
+    grid = _tower_grid(config, source)
+    cls_row = 1 if config.get("mm_vision_select_feature") == "cls_patch" or config.get(
+        "vision_feature_select_strategy"
+    ) == "full" else 0
+    projector = str(config.get("mm_projector_type", "linear"))
+    if "tc_connector" in projector or "tp_connector" in projector:
+        frames = int(config.get("num_frames") or DEFAULT_FRAMES)
+        padding = 0 if projector.endswith("_v35") else 1
+        # STP connectors pool space only; STC connectors pool time too.
+        time = frames if "tp_connector" in projector else _stc_out(frames, padding)
+        return time * _stc_out(grid, padding) ** 2
+    if projector in ("linear", "identity") or re.fullmatch(r"mlp\d+x_gelu", projector):
+        return grid * grid + cls_row
+    raise DataError(f"{source}: projector {projector!r} has no known token count; pass --visual-tokens")
+
+
+def visual_tokens_from_path(path: str | os.PathLike[str]) -> int:
+    """`visual_tokens_from_config` of a `config.json` file or a directory holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot read the student config: {err}") from err
+    return visual_tokens_from_config(config, str(path))

@@ -1,0 +1,342 @@
+"""`regate precompute`: reference losses for a whole training set, resumable and data-parallel.
+
+The data is cut into fixed windows of samples (by file order). Each window is tokenized with the upstream
+template, its samples are sorted by length and packed into batches under a token budget, and the batches run
+through the frozen teacher. Everything about a batch depends only on the data and the settings, never on what
+has already been done or on the number of processes, so a resumed or a data-parallel run scores every sample in
+exactly the batch an uninterrupted single-process run would, and its losses are equal value for value.
+
+Each rank writes committed shards into `OUT/parts/rank-NNNNN`; when all ranks are done, rank 0 moves them into
+`OUT` (`ReferenceLossCacheWriter.absorb`) and removes the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys, read_manifest
+from .core.keys import IGNORE_INDEX, SampleKey, sample_key, tokenizer_fingerprint
+from .core.reference import TeacherInput, build_teacher_input
+from .data import PLACEHOLDER_IDS, Conversation, DataError, get_template, iter_conversations
+from .data.templates import ConversationTemplate
+
+logger = logging.getLogger(__name__)
+PARTS_DIR = "parts"
+SUMMARY_NAME = "precompute_summary.json"
+
+
+@dataclass
+class PrecomputeConfig:
+    data: Sequence[str | os.PathLike[str]]
+    teacher: str
+    template: str
+    out: str | os.PathLike[str]
+    tokenizer: str | None = None  # the student's tokenizer; default: the teacher's
+    visual_tokens: int | None = None  # rows per placeholder; required when the data has images or videos
+    mode: str = "gap"
+    max_length: int | None = None  # the training run's model_max_length; default: the tokenizer's
+    batch_tokens: int = 16384  # padded teacher tokens per forward
+    window: int = 2048  # samples tokenized, sorted and batched together
+    cache_dtype: str = "float16"
+    model_dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    skip_bad: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("gap", "pad"):
+            raise ValueError(f"--mode must be 'gap' or 'pad', got {self.mode!r}")
+        if self.batch_tokens < 1 or self.window < 1:
+            raise ValueError("--batch-tokens and --window must be >= 1")
+        if self.visual_tokens is not None and self.visual_tokens < 1:
+            raise ValueError(f"--visual-tokens must be >= 1, got {self.visual_tokens}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues a cache and --overwrite replaces it: pass one of them")
+
+
+@dataclass
+class PrecomputeSummary:
+    samples: int = 0  # valid samples in the data
+    scored: int = 0  # samples run through the teacher by this call
+    already_done: int = 0  # found in the cache (resume) and skipped
+    duplicates: int = 0  # same sample key as an earlier sample
+    answer_tokens: int = 0  # reference losses written by this call
+    teacher_tokens: int = 0  # real (unpadded) tokens the teacher ran on
+    padded_tokens: int = 0  # batch slots including padding
+    truncated: int = 0  # samples cut at the max length
+    empty: int = 0  # samples with no answer tokens (recorded with zero losses)
+    bad: list[str] = field(default_factory=list)  # skipped with --skip-bad
+    seconds: float = 0.0
+
+    def merge(self, other: PrecomputeSummary) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def format(self) -> str:
+        rate = self.teacher_tokens / self.seconds if self.seconds else 0.0
+        lines = [
+            f"samples        {self.samples}",
+            f"scored         {self.scored}  ({self.already_done} already in the cache, {self.duplicates} duplicates)",
+            f"answer tokens  {self.answer_tokens}",
+            f"truncated      {self.truncated}",
+            f"empty          {self.empty}  (no answer tokens: nothing to elide)",
+            f"bad (skipped)  {len(self.bad)}",
+            f"time           {self.seconds:.1f} s  ({self.scored / max(self.seconds, 1e-9):.1f} samples/s, {rate:.0f} teacher tokens/s)",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class PreparedSample:
+    key: SampleKey
+    teacher_input: TeacherInput
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return int(self.teacher_input.input_ids.numel())
+
+
+def prepare_sample(
+    sample: Conversation,
+    template: ConversationTemplate,
+    tokenizer: Any,
+    max_length: int | None,
+    visual_tokens: int | None,
+    mode: str,
+    pad_token_id: int | None,
+) -> PreparedSample:
+    """Tokenize as upstream does, truncate as its collator (and merge) do, key it, and build the teacher input."""
+    encoded = template.encode(sample, tokenizer, max_length)
+    ids, labels = encoded.input_ids, encoded.labels
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, labels = ids[:max_length], labels[:max_length]
+    has_visual = any(token in PLACEHOLDER_IDS for token in ids)
+    if has_visual and visual_tokens is None:
+        raise DataError(f"{sample.where()}: the sample has a visual placeholder; pass --visual-tokens or --student-config")
+    key = sample_key(ids, [label != IGNORE_INDEX for label in labels])
+    teacher_input = build_teacher_input(ids, labels, PLACEHOLDER_IDS, visual_tokens or 1, mode, pad_token_id)
+    if template.truncates_merged and max_length is not None:
+        cut = teacher_input.truncated(max_length)
+        truncated = truncated or cut is not teacher_input
+        teacher_input = cut
+    return PreparedSample(key, teacher_input, truncated)
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first so that rows x longest row stays within `batch_tokens` (a lone row may exceed it)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def _windows(items: list[Conversation], size: int) -> Iterator[tuple[int, list[Conversation]]]:
+    for number, start in enumerate(range(0, len(items), size)):
+        yield number, items[start:start + size]
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(device)
+
+
+def _model_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_data(cfg: PrecomputeConfig, summary: PrecomputeSummary) -> list[Conversation]:
+    samples: list[Conversation] = []
+    for path in cfg.data:
+        samples.extend(iter_conversations(path, skip_bad=cfg.skip_bad, bad=summary.bad))
+    return samples
+
+
+def _prepare_output(cfg: PrecomputeConfig, header: dict[str, Any], extra: dict[str, Any], rank: int) -> None:
+    """Rank 0: refuse an existing cache unless resuming or overwriting; create or check the manifest."""
+    out = Path(cfg.out)
+    if rank != 0:
+        return
+    exists = (out / MANIFEST_NAME).exists() or (out / PARTS_DIR).exists()
+    if exists and not (cfg.resume or cfg.overwrite):
+        raise CacheError(f"{out} already holds a reference cache: pass --resume to continue it or --overwrite to replace it")
+    if cfg.overwrite:
+        shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    ReferenceLossCacheWriter(out, overwrite=cfg.overwrite, extra=extra, **header)
+
+
+def _gather(summary: PrecomputeSummary, world: int) -> PrecomputeSummary:
+    """Every rank's counters summed (rank 0 reports them)."""
+    if world == 1:
+        return summary
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, summary)
+    total = PrecomputeSummary()
+    for other in everyone:
+        total.merge(other)
+    return total
+
+
+def _known_keys(out: Path) -> set[SampleKey]:
+    """Keys already committed: in the merged cache and in every rank's parts (any earlier world size)."""
+    known: set[SampleKey] = set(committed_keys(out))
+    parts = out / PARTS_DIR
+    if parts.is_dir():
+        for part in sorted(parts.iterdir()):
+            if (part / MANIFEST_NAME).is_file():
+                known.update(committed_keys(part))
+    return known
+
+
+def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = None) -> PrecomputeSummary:
+    """Score every sample of `cfg.data` with the teacher and commit the losses to `cfg.out`.
+
+    `model` / `tokenizer` may be passed in already loaded; otherwise they load from `cfg.teacher` / `cfg.tokenizer`.
+    Under `torchrun` each rank scores every WORLD_SIZE-th window and rank 0 merges the shards at the end.
+    """
+    from tqdm.auto import tqdm
+
+    from .teacher import ReferenceScorer, check_reference_mode, dtype_kwarg, resolve_reference
+
+    check_reference_mode(cfg.mode)
+    started = time.perf_counter()
+    rank, world = _dist_info()
+    out = Path(cfg.out)
+    template = get_template(cfg.template)
+    device = _resolve_device(cfg.device)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        location = resolve_reference(cfg.tokenizer or cfg.teacher)
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, local_files_only=Path(location).is_dir(), use_fast=template.use_fast, padding_side="right"
+        )
+    max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    if cfg.mode == "pad" and pad_id is None:
+        raise ValueError(f"--mode pad needs a pad token, and the tokenizer of {cfg.tokenizer or cfg.teacher} has none")
+    header = dict(
+        teacher=str(cfg.teacher),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        reference_mode=cfg.mode,
+        dtype=cfg.cache_dtype,
+        visual_tokens=cfg.visual_tokens,
+    )
+    extra = {"template": template.name, "max_length": max_length, "data": [str(p) for p in cfg.data]}
+
+    loaded = PrecomputeSummary()
+    samples = load_data(cfg, loaded)
+    if not samples:
+        raise DataError(f"no valid samples in {', '.join(str(p) for p in cfg.data)}")
+    _prepare_output(cfg, header, extra, rank)
+    _barrier(world)
+    known = _known_keys(out)
+    part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
+
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        location = resolve_reference(cfg.teacher)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, local_files_only=Path(location).is_dir(), **dtype_kwarg(_model_dtype(cfg.model_dtype, device))
+        ).to(device)
+    model.eval().requires_grad_(False)
+    scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, pad_id)
+
+    mine = [(n, window) for n, window in _windows(samples, cfg.window) if n % world == rank]
+    bar = tqdm(total=sum(len(w) for _, w in mine), unit="sample", disable=not cfg.progress or rank != 0, desc="precompute")
+    summary = PrecomputeSummary()
+    for _, window in mine:
+        # Duplicates are dropped within a window only, so a window's batches never depend on other windows.
+        seen: set[SampleKey] = set()
+        prepared = []
+        for sample in window:
+            try:
+                item = prepare_sample(sample, template, tokenizer, max_length, cfg.visual_tokens, cfg.mode, pad_id)
+            except DataError as err:
+                if not cfg.skip_bad:
+                    raise
+                summary.bad.append(str(err))
+                bar.update(1)
+                continue
+            if item.key in seen:
+                summary.duplicates += 1
+                bar.update(1)
+                continue
+            seen.add(item.key)
+            prepared.append(item)
+        for batch in plan_batches([max(p.length, 1) for p in prepared], cfg.batch_tokens):
+            items = [prepared[i] for i in batch]
+            todo = [p for p in items if p.key not in known and p.key not in part]
+            summary.already_done += len(items) - len(todo)
+            if todo:
+                with_targets = [p for p in items if p.teacher_input.num_targets > 0]
+                losses = dict(zip((p.key for p in with_targets), scorer.score_inputs([p.teacher_input for p in with_targets])))
+                for p in todo:
+                    values = losses.get(p.key, torch.zeros(0))
+                    part.add(p.key, values)
+                    summary.scored += 1
+                    summary.answer_tokens += values.numel()
+                    summary.truncated += p.truncated
+                    summary.empty += values.numel() == 0
+                summary.teacher_tokens += sum(p.length for p in with_targets)
+                summary.padded_tokens += len(with_targets) * max((p.length for p in with_targets), default=0)
+            bar.update(len(items))
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(tok_s=f"{summary.teacher_tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+        part.flush()
+    bar.close()
+    _barrier(world)
+    if rank == 0:
+        merged = ReferenceLossCacheWriter(out, **header)
+        parts = out / PARTS_DIR
+        for directory in sorted(parts.iterdir()):
+            merged.absorb(directory)
+        shutil.rmtree(parts)
+    summary = _gather(summary, world)
+    summary.samples = len(samples)
+    summary.bad = loaded.bad + summary.bad
+    summary.seconds = time.perf_counter() - started
+    if summary.empty:
+        logger.warning("%d samples have no answer tokens (check the template and --max-length)", summary.empty)
+    if rank == 0:
+        (out / SUMMARY_NAME).write_text(json.dumps(asdict(summary), indent=2))
+    _barrier(world)
+    return summary

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The upstream-LLaVA environment (DESIGN.md §5): the real LLaVA from PyPI on its own transformers, beside ours.
+#   REGATE_LLAVA_VENV=path   where it lives (default: .venv-llava)
+#   REGATE_TORCH=spec        torch to install when the venv has none (default: torch==2.13.0, the CPU wheel)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${REGATE_LLAVA_VENV:-.venv-llava}"
+python="${PYTHON:-python3}"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  "${pip[@]}" install "${REGATE_TORCH:-torch==2.13.0}"
+fi
+"${pip[@]}" install transformers==4.37.2 tokenizers==0.15.2 accelerate==0.26.1 peft==0.7.1 \
+  pillow shortuuid sentencepiece protobuf einops safetensors tqdm numpy
+# llava-torch declares torch==2.1.2 and friends; its code runs on the versions above.
+"${pip[@]}" install --no-deps llava-torch==1.2.2.post1
+"${pip[@]}" install --no-deps -e .
+echo "setup: upstream-LLaVA env ready ($("$venv/bin/python" -c 'import transformers, llava; print("transformers", transformers.__version__)'))"

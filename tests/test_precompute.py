@@ -1,0 +1,235 @@
+"""`regate precompute` and `regate cache`: values against an unbatched teacher forward, kill-and-resume and
+two-process runs against an uninterrupted single process, keys against the real upstream LLaVA preprocessing,
+and each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from regate_plugin.cli import main as regate
+from regate_plugin.core import IGNORE_INDEX, ReferenceLossCache, sample_key
+from regate_plugin.core.cache import MANIFEST_NAME
+from regate_plugin.data import get_template, iter_conversations
+from regate_plugin.data.templates import PLACEHOLDER_IDS
+
+from .llava_data import conversation_samples, write_json, write_tiny_teacher
+from .test_templates import LLAVA_PYTHON, REPO, _images, _upstream_llava
+from .tokenizers_fixture import write_sentencepiece_llama
+
+ROWS = 16  # visual rows per placeholder
+MAX_LEN = 160
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precompute")
+    tokenizer = write_sentencepiece_llama(root / "tok")
+    teacher = write_tiny_teacher(root / "teacher", tokenizer)
+    data = write_json(root / "train.json", conversation_samples(48, seed=5, long_every=11))
+    return root, teacher, data
+
+
+def _run(*args: str) -> int:
+    return regate(["precompute", "--no-progress", "--dtype", "float32", *map(str, args)])
+
+
+def _cache_dict(path: Path) -> dict[bytes, torch.Tensor]:
+    cache = ReferenceLossCache(path)
+    return {key: cache[key] for key in cache.keys()}
+
+
+def _brute_force(teacher: Path, data: Path, mode: str) -> dict[bytes, torch.Tensor]:
+    """Each sample alone through the teacher's own forward: expanded ids (pad) or text ids at merged positions (gap)."""
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    template = get_template("v1")
+    expected = {}
+    for sample in iter_conversations(data):
+        encoded = template.encode(sample, tokenizer, MAX_LEN)
+        ids, labels = encoded.input_ids[:MAX_LEN], encoded.labels[:MAX_LEN]
+        key = sample_key(ids, [x != IGNORE_INDEX for x in labels])
+        merged_ids, merged_labels, positions = [], [], []
+        for token, label in zip(ids, labels):
+            rows = ROWS if token in PLACEHOLDER_IDS else 1
+            start = len(positions)
+            positions += range(start, start + rows)
+            merged_ids += [token] * rows
+            merged_labels += [label] * rows
+        merged_ids, merged_labels, positions = merged_ids[:MAX_LEN], merged_labels[:MAX_LEN], positions[:MAX_LEN]
+        if mode == "gap":
+            keep = [t not in PLACEHOLDER_IDS for t in merged_ids]
+        else:
+            keep = [True] * len(merged_ids)
+            merged_ids = [tokenizer.unk_token_id if t in PLACEHOLDER_IDS else t for t in merged_ids]
+        x = torch.tensor([t for t, k in zip(merged_ids, keep) if k])
+        y = torch.tensor([t for t, k in zip(merged_labels, keep) if k])
+        pos = torch.tensor([p for p, k in zip(positions, keep) if k])
+        with torch.no_grad():
+            logits = model(input_ids=x[None], position_ids=pos[None]).logits[0].float()
+        targets = y[1:]
+        sel = targets != IGNORE_INDEX
+        expected[key] = F.cross_entropy(logits[:-1][sel], targets[sel], reduction="none")
+    return expected
+
+
+@pytest.mark.parametrize("mode", ["gap", "pad"])
+def test_losses_equal_the_unbatched_teacher(setup, tmp_path, mode):
+    root, teacher, data = setup
+    out = tmp_path / "cache"
+    code = _run("--data", data, "--teacher", teacher, "--template", "v1", "--out", out, "--visual-tokens", ROWS,
+                "--max-length", MAX_LEN, "--mode", mode, "--batch-tokens", 700)
+    assert code == 0
+    got, want = _cache_dict(out), _brute_force(teacher, data, mode)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=1e-5)
+    summary = json.loads((out / "precompute_summary.json").read_text())
+    assert summary["answer_tokens"] == sum(v.numel() for v in want.values())
+    assert summary["empty"] == sum(v.numel() == 0 for v in want.values())
+    assert summary["truncated"] > 0 and not (out / "parts").exists()
+    assert regate(["cache", "verify", str(out)]) == 0
+
+
+def _uninterrupted(setup, tmp_path_factory) -> dict[bytes, torch.Tensor]:
+    root, teacher, data = setup
+    out = root / "reference_cache"
+    if not (out / MANIFEST_NAME).exists():  # one thread, as each torchrun rank has: CPU sums depend on it
+        subprocess.run(_cli("--data", data, "--teacher", teacher, "--template", "v1", "--out", out, "--visual-tokens",
+                            ROWS, "--max-length", MAX_LEN, "--window", 4, "--batch-tokens", 400),
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, timeout=600)
+    return _cache_dict(out)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "regate_plugin.cli", "precompute", "--no-progress", "--dtype", "float32", *map(str, args)]
+
+
+def test_killed_run_resumes_to_identical_losses(setup, tmp_path, tmp_path_factory):
+    root, _, data = setup
+    # A larger teacher so the run is still going when it is killed.
+    teacher = write_tiny_teacher(tmp_path / "teacher", root / "tok", hidden=256, layers=6)
+    big = write_json(tmp_path / "train.json", conversation_samples(160, seed=6, long_every=11))
+    args = ["--data", big, "--teacher", teacher, "--template", "v1", "--visual-tokens", ROWS, "--max-length", MAX_LEN,
+            "--window", 4, "--batch-tokens", 400]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_cli(*args, "--out", reference), env=env, check=True, timeout=600)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", out), env=env)
+    part_manifest = out / "parts" / "rank-00000" / MANIFEST_NAME
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if part_manifest.exists() and len(json.loads(part_manifest.read_text())["shards"]) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(json.loads(part_manifest.read_text())["shards"])
+    assert 3 <= committed < 40, "the run must be killed part-way"
+    again = subprocess.run(_cli(*args, "--out", out), env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    subprocess.run(_cli(*args, "--out", out, "--resume"), env=env, check=True, timeout=600)
+    summary = json.loads((out / "precompute_summary.json").read_text())
+    assert summary["already_done"] >= committed * 4 - 4 and summary["scored"] + summary["already_done"] == 160
+    want, got = _cache_dict(reference), _cache_dict(out)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_two_processes_equal_one(setup, tmp_path, tmp_path_factory):
+    root, teacher, data = setup
+    want = _uninterrupted(setup, tmp_path_factory)
+    out = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                "-m", "regate_plugin.cli"]
+    args = ["precompute", "--no-progress", "--dtype", "float32", "--data", data, "--teacher", teacher, "--template",
+            "v1", "--out", out, "--visual-tokens", ROWS, "--max-length", MAX_LEN, "--window", 4, "--batch-tokens", 400]
+    done = subprocess.run([*torchrun, *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = _cache_dict(out)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["samples"] == len(want) and not (out / "parts").exists()
+    assert json.loads((out / "precompute_summary.json").read_text())["scored"] == len(want)
+
+
+def test_bad_inputs_are_named_and_nothing_wrong_is_written(setup, tmp_path, capsys):
+    root, teacher, data = setup
+    samples = conversation_samples(6, seed=7)
+    samples[3] = {"id": "broken", "conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}
+    bad = write_json(tmp_path / "bad.json", samples)
+    out = tmp_path / "cache"
+    common = ["--teacher", teacher, "--template", "v1", "--visual-tokens", ROWS, "--max-length", MAX_LEN]
+    assert _run("--data", bad, "--out", out, *common) == 2
+    err = capsys.readouterr().err
+    assert "bad.json:" in err and "'broken'" in err and "turn 1" in err
+    assert not (out / MANIFEST_NAME).exists() or ReferenceLossCache(out).manifest.samples == 0
+    assert _run("--data", bad, "--out", out, "--skip-bad", "--overwrite", *common) == 0
+    summary = json.loads((out / "precompute_summary.json").read_text())
+    assert len(summary["bad"]) == 1 and summary["samples"] == 5 and len(ReferenceLossCache(out)) == 5
+    # A sample with a placeholder but no visual row count.
+    assert _run("--data", data, "--out", tmp_path / "c2", "--teacher", teacher, "--template", "v1") == 2
+    assert "--visual-tokens" in capsys.readouterr().err
+    # Another teacher (or tokenizer) into the same directory is refused unless --overwrite.
+    other = write_tiny_teacher(tmp_path / "other", root / "tok", seed=1)
+    assert _run("--data", bad, "--out", out, "--skip-bad", "--resume", *common[:1], other, *common[2:]) == 2
+    assert "made differently" in capsys.readouterr().err
+    assert _run("--data", bad, "--out", out, "--skip-bad", "--overwrite", *common[:1], other, *common[2:]) == 0
+    assert ReferenceLossCache(out).manifest.teacher == str(other)
+
+
+def test_cache_verify_and_stats(setup, tmp_path, tmp_path_factory, capsys):
+    root = setup[0]
+    _uninterrupted(setup, tmp_path_factory)
+    cache = root / "reference_cache"
+    assert regate(["cache", "stats", str(cache), "--plot", str(tmp_path / "h.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "loss p50" in printed and (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in cache.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    shard = sorted(copy.glob("shard-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert regate(["cache", "verify", str(copy)]) == 1
+    assert shard.name in capsys.readouterr().out
+
+
+def test_precompute_in_upstream_env_matches_upstream_keys(tmp_path):
+    """LLaVA trains on transformers 4.37: run precompute there, and its keys must be those of the real upstream
+    dataset + collator, with one loss per target the merged (and truncated) sequence supervises."""
+    tokenizer = write_sentencepiece_llama(tmp_path / "tok")
+    data = write_json(tmp_path / "train.json", conversation_samples(30, seed=8, long_every=7))
+    upstream = _upstream_llava(tokenizer, data, _images(tmp_path / "img", 30), "v1", MAX_LEN)["upstream"]
+    teacher = tmp_path / "teacher"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([str(LLAVA_PYTHON), str(REPO / "tests/upstream_llava/make_teacher.py"), str(tokenizer), str(teacher)],
+                   check=True, env=env, capture_output=True)
+    out = tmp_path / "cache"
+    done = subprocess.run(
+        [str(LLAVA_PYTHON), "-m", "regate_plugin.cli", "precompute", "--no-progress", "--data", str(data), "--teacher",
+         str(teacher), "--template", "v1", "--out", str(out), "--visual-tokens", str(ROWS), "--max-length",
+         str(MAX_LEN), "--mode", "pad"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cache = ReferenceLossCache(out)
+    assert len(cache) == len(upstream)
+    for row in upstream:
+        key = sample_key(row["input_ids"], [x != IGNORE_INDEX for x in row["labels"]])
+        merged = [x for t, x in zip(row["input_ids"], row["labels"]) for _ in range(ROWS if t in PLACEHOLDER_IDS else 1)]
+        targets = sum(x != IGNORE_INDEX for x in merged[:MAX_LEN][1:])
+        assert cache[key].numel() == targets

@@ -1,0 +1,38 @@
+"""Visual rows per placeholder from a student config, against the conv/patch arithmetic done by hand."""
+
+import json
+
+import pytest
+
+from regate_plugin.data import DataError
+from regate_plugin.data.visual import visual_tokens_from_config, visual_tokens_from_path
+
+from .tiny import IMAGE_ROWS, tiny_llava
+
+
+def test_upstream_configs():
+    llava15 = {"mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
+               "mm_vision_select_feature": "patch"}
+    assert visual_tokens_from_config(llava15) == 24 * 24
+    assert visual_tokens_from_config({**llava15, "mm_vision_select_feature": "cls_patch"}) == 24 * 24 + 1
+    clip = {"mm_vision_tower": "openai/clip-vit-large-patch14-336", "num_frames": 8}
+    # Conv3d kernel 2 stride 2: padding 1 gives (8+2-2)/2+1 = 5 frames and (24+2-2)/2+1 = 13 per side.
+    assert visual_tokens_from_config({**clip, "mm_projector_type": "stc_connector"}) == 5 * 13 * 13
+    assert visual_tokens_from_config({**clip, "mm_projector_type": "stc_connector_v35"}) == 4 * 12 * 12
+    siglip = {"mm_vision_tower": "google/siglip-so400m-patch14-384", "num_frames": 16, "mm_projector_type": "stc_connector_v35"}
+    assert visual_tokens_from_config(siglip) == 8 * 13 * 13
+    with pytest.raises(DataError, match="projector 'spatial_conv'.*--visual-tokens"):
+        visual_tokens_from_config({**clip, "mm_projector_type": "spatial_conv"})
+    with pytest.raises(DataError, match="patch grid"):
+        visual_tokens_from_config({"mm_vision_tower": "my/tower"})
+
+
+def test_hf_native_config_matches_the_model(tmp_path):
+    model = tiny_llava()
+    model.config.save_pretrained(tmp_path)
+    assert visual_tokens_from_path(tmp_path) == IMAGE_ROWS
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{")
+    with pytest.raises(DataError, match="bad/config.json"):
+        visual_tokens_from_path(tmp_path / "bad")
+    assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["patch_size"] == 14
