@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from regate_plugin.data import PLACEHOLDER_IDS, get_template, parse_sample
+from regate_plugin.data import get_template, parse_sample
 from regate_plugin.precompute import PrecomputeConfig, plan_batches, prepare_sample, run_precompute
 from regate_plugin.teacher import load_reference_model
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys, read_manifest
+from .core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
 from .core.keys import IGNORE_INDEX, SampleKey, sample_key, tokenizer_fingerprint
 from .core.reference import TeacherInput, build_teacher_input
 from .data import PLACEHOLDER_IDS, Conversation, DataError, get_template, iter_conversations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ class Conversation:
     turns: list[tuple[str, str]]
     modality: str | None  # "image", "video", or None for text-only
     source: str = ""  # "file:line", for error messages
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def where(self) -> str:
         return f"{self.source} (sample id {self.sample_id!r})"
@@ -60,7 +59,7 @@ def parse_sample(raw: Any, index: int, source: str) -> Conversation:
     modalities = [m for m in ("image", "video") if raw.get(m) is not None]
     if len(modalities) > 1:
         raise DataError(f"{where}: a sample has either 'image' or 'video', not both")
-    return Conversation(sample_id, parsed, modalities[0] if modalities else None, source, raw)
+    return Conversation(sample_id, parsed, modalities[0] if modalities else None, source)
 
 
 def iter_conversations(path: str | os.PathLike[str], skip_bad: bool = False, bad: list[str] | None = None) -> Iterator[Conversation]:
@@ -88,6 +87,7 @@ def iter_conversations(path: str | os.PathLike[str], skip_bad: bool = False, bad
     start = len(text) - len(text.lstrip())
     if text[start:start + 1] == "[":
         offset, index = start + 1, 0
+        line, counted_to = 1, 0  # line numbers are counted incrementally: the file can be a gigabyte
         while True:
             while offset < len(text) and text[offset] in " \t\r\n,":
                 offset += 1
@@ -95,7 +95,8 @@ def iter_conversations(path: str | os.PathLike[str], skip_bad: bool = False, bad
                 raise DataError(f"{path}: the JSON list is not closed")
             if text[offset] == "]":
                 return
-            line = _line_of(text, offset)
+            line += text.count("\n", counted_to, offset)
+            counted_to = offset
             try:
                 raw, offset = decoder.raw_decode(text, offset)
             except json.JSONDecodeError as err:
