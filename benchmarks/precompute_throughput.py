@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from regate_plugin.data import get_template, parse_sample
+from regate_plugin.data import PLACEHOLDER_IDS, get_template, parse_sample
 from regate_plugin.precompute import PrecomputeConfig, plan_batches, prepare_sample, run_precompute
-from regate_plugin.teacher import load_reference_model
+from regate_plugin.teacher import ReferenceScorer, load_reference_model
 
 WORDS = "the object in the video is a red green blue circle square that moves left right up down and then stops".split()
 
@@ -51,21 +51,15 @@ def bare_forward_seconds(
     prepared = [prepare_sample(parse_sample(s, i, "bench"), template, tokenizer, None, rows, mode, pad) for i, s in enumerate(samples)]
     batches = plan_batches([p.length for p in prepared], batch_tokens)
     forward = model.get_decoder() if decoder_only else model
+    scorer = ReferenceScorer(model, mode, PLACEHOLDER_IDS, rows, pad)
     tokens = 0
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
             items = [prepared[i].teacher_input for i in batch]
-            length = max(x.input_ids.numel() for x in items)
-            ids = torch.full((len(items), length), pad)
-            pos = torch.zeros((len(items), length), dtype=torch.long)
-            mask = torch.zeros((len(items), length), dtype=torch.long)
-            for r, x in enumerate(items):
-                n = x.input_ids.numel()
-                ids[r, :n], mask[r, :n] = x.input_ids, 1
-                pos[r] = torch.cat([x.position_ids, torch.arange(int(x.position_ids[-1]) + 1, int(x.position_ids[-1]) + 1 + length - n)])
-                tokens += n
-            forward(input_ids=ids, attention_mask=mask, position_ids=pos)
+            ids, mask, positions, _ = scorer.pad_batch(items)
+            tokens += int(mask.sum())
+            forward(input_ids=ids, attention_mask=mask, position_ids=positions)
     return time.perf_counter() - start, tokens
 
 

@@ -132,12 +132,8 @@ class ReferenceScorer:
         """One float32 tensor of reference losses per (input_ids, labels) sample, in answer-ordinal order."""
         return self.score_inputs([self.teacher_input(ids, labels) for ids, labels in samples])
 
-    @torch.no_grad()
-    def score_inputs(self, inputs: Sequence[TeacherInput]) -> list[torch.Tensor]:
-        """Reference losses of prepared teacher inputs, as one right-padded batch."""
-        if not inputs:
-            return []
-        device = next(self.model.parameters()).device
+    def pad_batch(self, inputs: Sequence[TeacherInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, position_ids, labels) of teacher inputs, right-padded to one batch."""
         length = max(max(x.input_ids.numel() for x in inputs), 1)
         batch = len(inputs)
         ids = torch.full((batch, length), self.pad_token_id or 0, dtype=torch.long)
@@ -150,6 +146,15 @@ class ReferenceScorer:
             # Padding continues the row's positions so every row's ids stay increasing.
             last = int(x.position_ids[-1]) if n else -1
             positions[row] = torch.cat([x.position_ids, torch.arange(last + 1, last + 1 + length - n)])
+        return ids, mask, positions, labels
+
+    @torch.no_grad()
+    def score_inputs(self, inputs: Sequence[TeacherInput]) -> list[torch.Tensor]:
+        """Reference losses of prepared teacher inputs, as one right-padded batch."""
+        if not inputs:
+            return []
+        device = next(self.model.parameters()).device
+        ids, mask, positions, labels = self.pad_batch(inputs)
         decoder = self.model.get_decoder()
         hidden = decoder(
             input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
