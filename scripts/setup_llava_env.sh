@@ -12,7 +12,7 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   "${pip[@]}" install "${REGATE_TORCH:-torch==2.13.0}"
 fi
 "${pip[@]}" install transformers==4.37.2 tokenizers==0.15.2 accelerate==0.26.1 peft==0.7.1 \
-  pillow shortuuid sentencepiece protobuf einops safetensors tqdm numpy
+  pillow shortuuid sentencepiece protobuf einops safetensors tqdm numpy av
 # llava-torch declares torch==2.1.2 and friends; its code runs on the versions above.
 "${pip[@]}" install --no-deps llava-torch==1.2.2.post1
 "${pip[@]}" install --no-deps -e .

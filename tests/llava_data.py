@@ -58,18 +58,56 @@ def write_json(path: Path, samples: list[dict], jsonl: bool = False) -> Path:
     return path
 
 
-def write_tiny_teacher(directory: Path, tokenizer_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """A random tiny LlamaForCausalLM saved together with the tokenizer it shares with the student."""
+def write_tiny_teacher(
+    directory: Path, tokenizer_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "llama"
+) -> Path:
+    """A random tiny LlamaForCausalLM (or MistralForCausalLM) saved with the tokenizer it shares with the student."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_cls, model_cls = (MistralConfig, MistralForCausalLM) if arch == "mistral" else (LlamaConfig, LlamaForCausalLM)
+    config = config_cls(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model_cls(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_tiny_clip(directory: Path, image_size: int = 28, patch_size: int = 14, seed: int = 0) -> Path:
+    """A random tiny CLIPVisionModel and its CLIPImageProcessor, loadable by LLaVA's `CLIPVisionTower`."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=patch_size,
+    )
+    CLIPVisionModel(config).save_pretrained(directory)
+    size = {"shortest_edge": image_size}
+    CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(directory)
+    return directory
+
+
+def write_videos(folder: Path, n: int, frames: int = 6, size: int = 30) -> Path:
+    """`n` short mp4 files (`0000.mp4`, ...) written with PyAV, each a colour ramp."""
+    import av
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        with av.open(str(folder / f"{i:04d}.mp4"), "w") as container:
+            stream = container.add_stream("mpeg4", rate=4)
+            stream.width = stream.height = size
+            stream.pix_fmt = "yuv420p"
+            for f in range(frames):
+                pixels = np.full((size, size, 3), (i * 37 + f * 20) % 255, dtype=np.uint8)
+                pixels[:, : size // 2, 1] = (f * 40) % 255
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            container.mux(stream.encode())
+    return folder

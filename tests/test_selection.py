@@ -98,3 +98,17 @@ def test_dense_step_keeps_everything():
     elision.set_step(4)
     plan = elision.plan(labels, mask)
     assert plan.dense and torch.equal(plan.kept_mask, mask.bool())
+
+
+def test_kept_target_counts_match_the_plan():
+    """What the Trainer uses as num_items_in_batch, from labels alone, against the plan that runs."""
+    from .tiny import make_batch
+
+    for keep_ratio, padding_side, dense_steps in [(0.3, "right", 0), (0.5, "left", 0), (1.0, "right", 0), (0.5, "right", 1)]:
+        batch = make_batch(batch=4, seed=3, padding_side=padding_side, turns=3)
+        cfg = ReGATEConfig(keep_ratio=keep_ratio, warmup_steps=0, dense_steps=dense_steps)
+        elision = build_token_elision("random", cfg)
+        plan = elision.plan(batch["labels"], batch["attention_mask"])
+        targets = shift_targets(batch["labels"], batch["attention_mask"]) != IGNORE_INDEX
+        expected = (targets & plan.kept_mask).sum(dim=1)
+        assert torch.equal(elision.kept_target_counts(batch["labels"], batch["attention_mask"]), expected)

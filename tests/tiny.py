@@ -5,12 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
 from regate_plugin.core import IGNORE_INDEX, ReferenceLossCacheWriter, batch_sample_keys, shift_targets
 
 VOCAB = 96
 IMAGE_TOKEN = VOCAB - 1
+VIDEO_TOKEN = VOCAB - 2
 PAD = 0
 BOS = 1
 EOS = 2
@@ -48,27 +58,34 @@ def tiny_llava(seed: int = 0, attn: str = "sdpa") -> LlavaForConditionalGenerati
     return model
 
 
-def _sample(gen: torch.Generator, turns: int, image_at: int) -> tuple[list[int], list[int]]:
+def _sample(gen: torch.Generator, turns: int, image_at: int, placeholder: int, rows: int) -> tuple[list[int], list[int]]:
     """[BOS] instr (image) instr answer EOS (instr answer EOS)...; labels on answers and their EOS only."""
     ids, labels = [BOS], [IGNORE_INDEX]
 
     def words(n: int) -> list[int]:
-        return torch.randint(3, IMAGE_TOKEN, (n,), generator=gen).tolist()
+        return torch.randint(3, VIDEO_TOKEN, (n,), generator=gen).tolist()
 
     for turn in range(turns):
         instr = words(int(torch.randint(2, 5, (1,), generator=gen)))
         if turn == 0:
-            instr = instr[:image_at] + [IMAGE_TOKEN] * IMAGE_ROWS + instr[image_at:]
+            instr = instr[:image_at] + [placeholder] * rows + instr[image_at:]
         answer = words(int(torch.randint(3, 9, (1,), generator=gen))) + [EOS]
         ids += instr + answer
         labels += [IGNORE_INDEX] * len(instr) + answer
     return ids, labels
 
 
-def make_batch(batch: int = 3, seed: int = 0, padding_side: str = "right", turns: int = 2) -> dict[str, torch.Tensor]:
+def make_batch(
+    batch: int = 3,
+    seed: int = 0,
+    padding_side: str = "right",
+    turns: int = 2,
+    placeholder: int = IMAGE_TOKEN,
+    visual_rows: int = IMAGE_ROWS,
+) -> dict[str, torch.Tensor]:
     """A padded multi-turn batch with one image per sample and rows of different lengths."""
     gen = torch.Generator().manual_seed(seed)
-    rows = [_sample(gen, turns, image_at=i % 2) for i in range(batch)]
+    rows = [_sample(gen, turns, i % 2, placeholder, visual_rows) for i in range(batch)]
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((batch, length), PAD)
     labels = torch.full((batch, length), IGNORE_INDEX)
@@ -94,3 +111,67 @@ def write_cache_for(directory: Path, batches: list[dict[str, torch.Tensor]], see
             for key, n in zip(keys, n_targets.tolist()):
                 writer.add(key, torch.rand(n, generator=gen) * 5)
     return directory
+
+
+def _tiny_text(**overrides: object) -> dict:
+    return dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, **overrides,
+    )
+
+
+VIDEO_FRAMES = 2
+VIDEO_ROWS = VIDEO_FRAMES * IMAGE_ROWS  # 2x2 patches per frame, no pooling
+
+
+def tiny_llava_next_video(seed: int = 0) -> LlavaNextVideoForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = LlavaNextVideoConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**_tiny_text()),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        spatial_pool_stride=1,
+        image_grid_pinpoints=[[28, 28]],
+    )
+    torch.manual_seed(seed)
+    return LlavaNextVideoForConditionalGeneration(config)
+
+
+def make_video_batch(batch: int = 3, seed: int = 0, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    out = make_batch(batch, seed, padding_side, placeholder=VIDEO_TOKEN, visual_rows=VIDEO_ROWS)
+    gen = torch.Generator().manual_seed(seed + 1)
+    out.pop("pixel_values")
+    out["pixel_values_videos"] = torch.randn(batch, VIDEO_FRAMES, 3, 28, 28, generator=gen)
+    return out
+
+
+QWEN_GRID = (1, 4, 4)  # t, h, w patches; merged 2x2 -> 4 rows per image
+
+
+def tiny_qwen2_vl(seed: int = 0) -> Qwen2VLForConditionalGeneration:
+    text = _tiny_text(rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+    vision = dict(
+        depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3,
+    )
+    config = Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VOCAB - 3,
+    )
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def make_qwen2_vl_batch(batch: int = 3, seed: int = 0, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    out = make_batch(batch, seed, padding_side)
+    gen = torch.Generator().manual_seed(seed + 1)
+    t, h, w = QWEN_GRID
+    out["pixel_values"] = torch.randn(batch * t * h * w, 3 * 2 * 14 * 14, generator=gen)
+    out["image_grid_thw"] = torch.tensor([QWEN_GRID] * batch)
+    out["mm_token_type_ids"] = (out["input_ids"] == IMAGE_TOKEN).int()
+    return out

@@ -48,7 +48,7 @@ def _unwrap(model: Any) -> Any:
 
 def _load_builtin_adapters() -> None:
     """Import the adapter modules that ship with the plugin (they import transformers, so only on demand)."""
-    from . import hf  # noqa: F401
+    from . import hf, upstream  # noqa: F401
 
 
 def _find_adapter(model: Any) -> Adapter:
@@ -58,7 +58,7 @@ def _find_adapter(model: Any) -> Adapter:
         if any(name in adapter.class_names for name in mro_names):
             return adapter
     raise UnsupportedModelError(
-        f"token elision has no adapter for {type(model).__name__}; supported models: {', '.join(supported_models())}"
+        f"token elision has no adapter for {type(model).__name__}; supported models (and their subclasses): {', '.join(supported_models())}"
     )
 
 

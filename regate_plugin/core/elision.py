@@ -32,7 +32,7 @@ from .ema import DifficultyEMA
 from .keys import IGNORE_INDEX, SampleKey, format_key, tokenizer_fingerprint
 from .loss import Head, TokenLoss, next_token_loss
 from .schedule import is_dense_step
-from .selection import fused_score, random_scores, select_kept_positions
+from .selection import fused_score, keep_counts, random_scores, select_kept_positions
 
 
 @dataclass
@@ -152,6 +152,19 @@ class TokenElision:
             dense=dense,
             keep_ratio=keep_ratio,
         )
+
+    def kept_target_counts(self, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Int64 [B]: how many loss terms `plan` keeps per row at the current step, from the labels alone.
+
+        Selection keeps exactly k = ceil(keep_ratio * n) of a row's n candidates, so the count is known before the
+        forward; the Trainer integration uses it as `num_items_in_batch` under gradient accumulation.
+        """
+        targets = shift_targets(labels, attention_mask)
+        n_targets = (targets != IGNORE_INDEX).sum(dim=1)
+        if self.is_dense():
+            return n_targets
+        n_candidates = elidable_positions(labels, targets, attention_mask).sum(dim=1)
+        return n_targets - n_candidates + keep_counts(n_candidates, self.cfg.keep_ratio)
 
     def select(
         self,

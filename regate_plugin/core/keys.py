@@ -54,11 +54,13 @@ class TokenizerLike(Protocol):
     def get_vocab(self) -> Mapping[str, int]: ...
 
 
-_SPECIAL_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+# Not the pad token: padding is stripped before keying, and upstream train scripts often set it after loading
+# (LLaVA v1: pad = unk), so it differs between precompute and training without changing any sample.
+_SPECIAL_ATTRS = ("bos_token_id", "eos_token_id", "unk_token_id")
 
 
 def tokenizer_fingerprint(tokenizer: TokenizerLike | Any) -> str:
-    """sha256 (hex, first 16 bytes) of a tokenizer's vocabulary and special-token ids.
+    """sha256 (hex, first 16 bytes) of a tokenizer's vocabulary and its BOS/EOS/UNK ids.
 
     Two tokenizers with the same fingerprint map every string to the same ids, which is what a cached per-token
     reference loss needs; the class, file format or padding side do not enter it.

@@ -1,0 +1,90 @@
+"""What every adapter shares: the training-forward switch, sample keys, and the elided output.
+
+An adapter supplies one function, `elided(model, kwargs) -> ElidedCausalLMOutput`, for a training call with
+labels; `replace_forward` installs it on the instance and leaves every other call (eval, generate, no labels) to
+the model's own forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import MethodType
+from typing import Any, Optional
+
+import torch
+from transformers.utils import ModelOutput
+
+from ..core.elision import ElisionPlan, TokenElision
+from ..core.keys import SampleKey, batch_sample_keys
+from ..core.loss import Head
+
+ElidedForward = Callable[[Any, dict[str, Any]], "ElidedCausalLMOutput"]
+
+
+@dataclass
+class ElidedCausalLMOutput(ModelOutput):
+    """Training output under token elision; `logits` is None (they exist only for kept targets)."""
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    token_elision: Optional[dict[str, Any]] = None
+    labels: Optional[torch.LongTensor] = None  # post-merge labels, where the upstream forward returns them
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+    image_hidden_states: Optional[torch.FloatTensor] = None
+
+
+def sample_keys(
+    elision: TokenElision, input_ids: torch.Tensor | None, labels: torch.Tensor, attention_mask: torch.Tensor | None
+) -> list[SampleKey] | None:
+    """The batch's sample keys (pre-merge ids and labels), or None for strategies that do not need them."""
+    if not elision.needs_sample_keys:
+        return None
+    if input_ids is None:
+        raise ValueError(f"token elision '{elision.name}' needs input_ids (not only inputs_embeds) to key each sample")
+    return batch_sample_keys(input_ids, labels, attention_mask)
+
+
+def elided_output(
+    elision: TokenElision,
+    plan: ElisionPlan,
+    decoder_outputs: Any,
+    head: Head,
+    num_items_in_batch: int | torch.Tensor | None,
+    **extra: Any,
+) -> ElidedCausalLMOutput:
+    """The loss over the kept targets of the decoder's compact hidden states, and the plan's report."""
+    hidden = decoder_outputs[0] if isinstance(decoder_outputs, tuple) else decoder_outputs.last_hidden_state
+    result = elision.loss(plan, hidden, head, num_items_in_batch)
+    return ElidedCausalLMOutput(
+        loss=result.loss,
+        token_elision=plan.report(),
+        hidden_states=getattr(decoder_outputs, "hidden_states", None),
+        attentions=getattr(decoder_outputs, "attentions", None),
+        **extra,
+    )
+
+
+def replace_forward(model: Any, elided: ElidedForward) -> Callable[[], None]:
+    """Route training calls with labels on this instance to `elided`; returns the function that undoes it."""
+    original = model.forward  # the class's forward, bound
+    signature = inspect.signature(original)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(type(model).forward)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if args:  # normalise positional calls so `labels` and `input_ids` are found by name
+            bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+            extra = bound.pop(var_keyword, {}) if var_keyword else {}
+            kwargs = {**bound, **extra}
+        if not self.training or kwargs.get("labels") is None:
+            if var_keyword is None:  # the Trainer passes it once elision is on; the model's own forward may not take it
+                kwargs.pop("num_items_in_batch", None)
+            return original(**kwargs)
+        return elided(self, kwargs)
+
+    model.forward = MethodType(forward, model)
+    return lambda: model.__dict__.pop("forward", None)

@@ -1,0 +1,118 @@
+"""Upstream codebases that merge in Python before the HF decoder: haotian-liu/LLaVA (and LLaVA-NeXT), VideoLLaMA2.
+
+Their `*ForCausalLM.forward` calls `self.prepare_inputs_labels_for_multimodal(...)` (UPSTREAM.md §2.2, §4.2), then
+the parent HF forward, which shifts the labels itself. The adapter replaces that forward on the instance for
+training calls with labels: it calls the model's own merge, keys each sample from the pre-merge ids and labels,
+plans on the post-merge labels, runs the decoder (`get_model()`) on the compact batch with the original position ids
+passed explicitly (VideoLLaMA2's forward would drop them, §4.4), and computes the loss from `lm_head` on kept
+targets only. Works on the transformers each upstream pins (4.37 / 4.40) as well as on 5.x.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.elision import TokenElision
+from .common import ElidedCausalLMOutput, elided_output, replace_forward, sample_keys
+from .registry import Adapter, register_adapter
+
+
+@dataclass
+class MergedBatch:
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    labels: torch.Tensor
+
+
+Merge = Callable[[Any, dict[str, Any]], MergedBatch]
+
+
+def _embedded(model: Any, embeds: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The merge returns no embeddings for a batch without images; embed the ids as the HF forward would."""
+    return embeds if embeds is not None else model.get_input_embeddings()(kwargs["input_ids"])
+
+
+def merge_llava(model: Any, kwargs: dict[str, Any]) -> MergedBatch:
+    """`prepare_inputs_labels_for_multimodal(input_ids, position_ids, attention_mask, past_key_values, labels,
+    images, [modalities,] image_sizes)` -> `(None, position_ids, attention_mask, past, inputs_embeds, labels)`."""
+    extra = {name: kwargs[name] for name in ("modalities", "image_sizes") if kwargs.get(name) is not None}
+    _, position_ids, attention_mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
+        kwargs.get("input_ids"), kwargs.get("position_ids"), kwargs.get("attention_mask"), None, kwargs["labels"],
+        kwargs.get("images"), **extra,
+    )
+    return MergedBatch(_embedded(model, embeds, kwargs), attention_mask, position_ids, labels)
+
+
+def merge_videollama2(model: Any, kwargs: dict[str, Any]) -> MergedBatch:
+    """`prepare_inputs_labels_for_multimodal(input_ids, attention_mask, past_key_values, labels, images)` ->
+    `(None, attention_mask, past, inputs_embeds, labels)`; no position ids, so the default arange applies."""
+    _, attention_mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
+        kwargs.get("input_ids"), kwargs.get("attention_mask"), None, kwargs["labels"], kwargs.get("images")
+    )
+    return MergedBatch(_embedded(model, embeds, kwargs), attention_mask, None, labels)
+
+
+def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dict[str, Any]) -> ElidedCausalLMOutput:
+    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    keys = sample_keys(elision, input_ids, kwargs["labels"], attention_mask)
+    if kwargs.get("inputs_embeds") is not None:  # merged by the caller
+        merged = MergedBatch(kwargs["inputs_embeds"], attention_mask, kwargs.get("position_ids"), kwargs["labels"])
+    else:
+        merged = merge(model, kwargs)
+    plan = elision.plan(merged.labels, merged.attention_mask, keys)
+    outputs = model.get_model()(
+        input_ids=None,
+        inputs_embeds=plan.compact_embeddings(merged.inputs_embeds),
+        attention_mask=plan.compact_attention_mask(merged.attention_mask),
+        position_ids=plan.compact_position_ids(merged.position_ids),
+        use_cache=False,
+        output_attentions=kwargs.get("output_attentions"),
+        output_hidden_states=kwargs.get("output_hidden_states"),
+        return_dict=True,
+    )
+    return elided_output(
+        elision, plan, outputs, model.get_output_embeddings(), kwargs.get("num_items_in_batch"), labels=merged.labels
+    )
+
+
+def _whole_rotary_cache(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    kwargs["seq_len"] = max(kwargs.get("seq_len") or 0, module.max_seq_len_cached)
+    return args, kwargs
+
+
+def _hook_legacy_rotary(model: Any) -> list[Any]:
+    """transformers < 4.38 (LLaVA's 4.37, VideoLLaMA2's 4.40) slices its RoPE table to the sequence length, so kept
+    tokens' original positions past the compact length would index out of it. Hand out the whole precomputed
+    table instead: `cos[position_ids]` is unchanged, in the elided forward, in eval and in a recomputed backward."""
+    return [
+        module.register_forward_pre_hook(_whole_rotary_cache, with_kwargs=True)
+        for module in model.modules()
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "max_seq_len_cached")
+    ]
+
+
+def _installer(merge: Merge) -> Callable[[Any, TokenElision], Callable[[], None]]:
+    def install(model: Any, elision: TokenElision) -> Callable[[], None]:
+        handles = _hook_legacy_rotary(model)
+        restore_forward = replace_forward(model, functools.partial(_elided_forward, merge, elision))
+
+        def remove() -> None:
+            for handle in handles:
+                handle.remove()
+            restore_forward()
+
+        return remove
+
+    return install
+
+
+register_adapter(Adapter(name="llava", class_names=("LlavaMetaForCausalLM",), install=_installer(merge_llava)))
+register_adapter(
+    Adapter(name="videollama2", class_names=("Videollama2MetaForCausalLM",), install=_installer(merge_videollama2))
+)

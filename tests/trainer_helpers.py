@@ -1,0 +1,83 @@
+"""A tiny LLaVA run through the real HF Trainer: data, arguments, and a trainer with token elision mixed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from regate_plugin.training import TokenElisionArguments, with_token_elision
+
+from .tiny import make_batch, tiny_llava, write_cache_for
+
+
+def samples(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """`n` unpadded samples (one image each) in the Trainer's dataset format."""
+    batch = make_batch(batch=n, seed=seed)
+    rows = []
+    for i in range(n):
+        valid = batch["attention_mask"][i].bool()
+        rows.append({
+            "input_ids": batch["input_ids"][i][valid],
+            "labels": batch["labels"][i][valid],
+            "pixel_values": batch["pixel_values"][i],
+        })
+    return rows
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right padding, as the LLaVA collators do."""
+    length = max(r["input_ids"].numel() for r in rows)
+    out = {
+        "input_ids": torch.zeros(len(rows), length, dtype=torch.long),
+        "labels": torch.full((len(rows), length), -100, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+        "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+    }
+    for b, r in enumerate(rows):
+        n = r["input_ids"].numel()
+        out["input_ids"][b, :n], out["labels"][b, :n], out["attention_mask"][b, :n] = r["input_ids"], r["labels"], 1
+    return out
+
+
+def cache_for(directory: Path, rows: list[dict[str, torch.Tensor]]) -> Path:
+    return write_cache_for(directory, [collate([r]) for r in rows])
+
+
+def make_trainer(
+    tmp_path: Path,
+    rows: list[dict[str, torch.Tensor]],
+    elision: dict[str, Any],
+    model: Any = None,
+    processing_class: Any = None,
+    **training: Any,
+) -> Trainer:
+    """A `Trainer` with token elision over `rows`; `elision` holds `TokenElisionArguments` fields."""
+    # Build the model before TrainingArguments: with a ZeRO-3 config those switch on zero.Init for later models.
+    model = model if model is not None else tiny_llava()
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        seed=0,
+        disable_tqdm=True,
+    )
+    args = TrainingArguments(**{**defaults, **training})
+    trainer_cls = with_token_elision(Trainer, TokenElisionArguments(**elision))
+    return trainer_cls(
+        model=model, args=args, train_dataset=rows, data_collator=collate, processing_class=processing_class
+    )
+
+
+def logged(trainer: Trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]

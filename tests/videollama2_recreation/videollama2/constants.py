@@ -1,0 +1,3 @@
+NUM_FRAMES = 8
+IGNORE_INDEX = -100
+MODAL_INDEX_MAP = {"<image>": -200, "<video>": -201, "<audio>": -202}

@@ -1,0 +1,45 @@
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from .constants import MODAL_INDEX_MAP
+
+
+def tokenizer_multimodal_token(prompt, tokenizer, multimodal_token="<image>", return_tensors=None):
+    """Chunks around the modal tag tokenized without special tokens, joined by the tag's index."""
+    index = MODAL_INDEX_MAP.get(multimodal_token)
+    if index is None:
+        input_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    else:
+        input_ids = []
+        for n, chunk in enumerate(prompt.split(multimodal_token)):
+            if n:
+                input_ids.append(index)
+            input_ids.extend(tokenizer(chunk, add_special_tokens=False).input_ids)
+    return torch.tensor(input_ids, dtype=torch.long) if return_tensors == "pt" else input_ids
+
+
+def _square(image, background):
+    width, height = image.size
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def process_image(image_path, processor, aspect_ratio="pad"):
+    image = Image.open(image_path).convert("RGB")
+    if aspect_ratio == "pad":
+        image = _square(image, tuple(int(x * 255) for x in processor.image_mean))
+    return processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+
+def process_video(video_path, processor, aspect_ratio="pad", num_frames=8):
+    with av.open(str(video_path)) as container:
+        frames = [frame.to_image() for frame in container.decode(video=0)]
+    picks = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
+    images = [frames[i] for i in picks]
+    if aspect_ratio == "pad":
+        images = [_square(image, tuple(int(x * 255) for x in processor.image_mean)) for image in images]
+    return processor.preprocess(images, return_tensors="pt")["pixel_values"]

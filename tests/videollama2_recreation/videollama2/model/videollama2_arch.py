@@ -1,0 +1,134 @@
+import einops
+import torch
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionModel
+
+from ..constants import IGNORE_INDEX, MODAL_INDEX_MAP, NUM_FRAMES
+
+
+class CLIPVisionTower(nn.Module):
+    def __init__(self, vision_tower, args):
+        super().__init__()
+        self.vision_tower_name = vision_tower
+        self.select_layer = args.mm_vision_select_layer
+        self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+        self.image_processor = CLIPImageProcessor.from_pretrained(vision_tower)
+        self.vision_tower = CLIPVisionModel.from_pretrained(vision_tower)
+        self.vision_tower.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images):
+        out = self.vision_tower(images.to(self.dtype), output_hidden_states=True)
+        features = out.hidden_states[self.select_layer]
+        return features[:, 1:] if self.select_feature == "patch" else features
+
+    @property
+    def dtype(self):
+        return self.vision_tower.dtype
+
+    @property
+    def hidden_size(self):
+        return self.vision_tower.config.hidden_size
+
+    @property
+    def image_size(self):
+        return self.vision_tower.config.image_size
+
+
+def build_vision_projector(config):
+    """Only the `linear` and `mlp2x_gelu` connectors (the STC/STP connectors are not re-created)."""
+    if config.mm_projector_type == "linear":
+        return nn.Linear(config.mm_hidden_size, config.hidden_size)
+    if config.mm_projector_type == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(config.mm_hidden_size, config.hidden_size), nn.GELU(),
+                             nn.Linear(config.hidden_size, config.hidden_size))
+    raise ValueError(f"projector {config.mm_projector_type} is not in the re-creation")
+
+
+class Videollama2MetaModel:
+    def __init__(self, config):
+        super().__init__(config)
+        if hasattr(config, "mm_vision_tower"):
+            self.vision_tower = CLIPVisionTower(config.mm_vision_tower, config)
+            self.mm_projector = build_vision_projector(config)
+
+    def get_vision_tower(self):
+        return getattr(self, "vision_tower", None)
+
+    def initialize_vision_modules(self, model_args, fsdp=None):
+        self.config.mm_vision_tower = model_args.vision_tower
+        self.config.mm_vision_select_layer = model_args.mm_vision_select_layer
+        self.config.mm_vision_select_feature = model_args.mm_vision_select_feature
+        self.vision_tower = CLIPVisionTower(model_args.vision_tower, model_args)
+        self.config.use_mm_proj = True
+        self.config.mm_projector_type = model_args.mm_projector_type
+        self.config.mm_hidden_size = self.vision_tower.hidden_size
+        if getattr(self, "mm_projector", None) is None:
+            self.mm_projector = build_vision_projector(self.config)
+        if model_args.pretrain_mm_mlp_adapter is not None:
+            weights = torch.load(model_args.pretrain_mm_mlp_adapter, map_location="cpu")
+            self.mm_projector.load_state_dict(
+                {k.split("mm_projector.")[1]: v for k, v in weights.items() if "mm_projector" in k}, strict=False
+            )
+
+
+class Videollama2MetaForCausalLM:
+    def get_model(self):
+        raise NotImplementedError
+
+    def num_frames(self):
+        return getattr(self.config, "num_frames", NUM_FRAMES)
+
+    def get_vision_tower(self):
+        return self.get_model().get_vision_tower()
+
+    def encode_images_or_videos(self, images):
+        frames = [data.expand(self.num_frames(), -1, -1, -1) if modal == "image" else data for data, modal in images]
+        batch = torch.stack(frames, dim=0)
+        features = self.get_model().get_vision_tower()(einops.rearrange(batch, "b t c h w -> (b t) c h w"))
+        features = einops.rearrange(features, "(b t) n h -> b t n h", b=batch.shape[0])
+        return self.temporal_aggregator(features)
+
+    def temporal_aggregator(self, frames_features):
+        if self.config.mm_projector_type in ("mlp2x_gelu", "linear"):
+            return self.get_model().mm_projector(frames_features.mean(1))
+        raise ValueError(f"projector {self.config.mm_projector_type} is not in the re-creation")
+
+    def prepare_inputs_labels_for_multimodal(self, input_ids, attention_mask, past_key_values, labels, images):
+        if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
+            return input_ids, attention_mask, past_key_values, None, labels
+        features = self.encode_images_or_videos(images)
+        embed = self.get_model().embed_tokens
+        modal_ids = list(MODAL_INDEX_MAP.values())
+        new_embeds, new_labels, feature_idx = [], [], 0
+        for b, ids in enumerate(input_ids):  # padding stays inside each sample
+            is_modal = sum(ids == m for m in modal_ids).bool()
+            if not is_modal.any():  # text only: two halves around a zero-length slice of one feature block
+                half = ids.shape[0] // 2
+                new_embeds.append(torch.cat([embed(ids[:half]), features[feature_idx][0:0], embed(ids[half:])]))
+                new_labels.append(labels[b])
+                feature_idx += 1
+                continue
+            pieces, piece_labels, cur_labels = [], [], labels[b]
+            while is_modal.any():
+                start = int(is_modal.nonzero()[0])
+                block = features[feature_idx]
+                pieces += [embed(ids[:start]), block]
+                piece_labels += [cur_labels[:start], torch.full((block.shape[0],), IGNORE_INDEX, dtype=labels.dtype)]
+                feature_idx += 1
+                ids, cur_labels = ids[start + 1:], cur_labels[start + 1:]
+                is_modal = sum(ids == m for m in modal_ids).bool()
+            if ids.numel():
+                pieces.append(embed(ids))
+                piece_labels.append(cur_labels)
+            new_embeds.append(torch.cat(pieces))
+            new_labels.append(torch.cat(piece_labels))
+        length = max(x.shape[0] for x in new_embeds)
+        grown = [x.shape[0] - labels.shape[1] for x in new_labels]
+        embeds = torch.stack([torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])]) for x in new_embeds])
+        merged_labels = torch.stack([torch.cat([x, x.new_full((length - x.shape[0],), IGNORE_INDEX)]) for x in new_labels])
+        # a True block as long as the growth goes in front of each row's mask; False pads the tail
+        attention_mask = torch.stack([
+            torch.cat([m.new_ones(g), m, m.new_zeros(length - labels.shape[1] - g)]) for m, g in zip(attention_mask, grown)
+        ])
+        return None, attention_mask, past_key_values, embeds, merged_labels
