@@ -58,7 +58,8 @@ def _find_adapter(model: Any) -> Adapter:
         if any(name in adapter.class_names for name in mro_names):
             return adapter
     raise UnsupportedModelError(
-        f"token elision has no adapter for {type(model).__name__}; supported models (and their subclasses): {', '.join(supported_models())}"
+        f"token elision has no adapter for {type(model).__name__}; supported models (and their subclasses): "
+        f"{', '.join(supported_models())}"
     )
 
 

@@ -65,8 +65,8 @@ class TokenElisionTrainerMixin:
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if num_items_in_batch is None:
-            return batch_samples, None
+        if num_items_in_batch is None or not hasattr(self, "_get_num_items_in_batch"):
+            return batch_samples, num_items_in_batch
         self.token_elision.set_step(self.state.global_step)
         kept = [
             {"labels": _count_as_labels(self.token_elision.kept_target_counts(b["labels"], b.get("attention_mask")), b["labels"])}
