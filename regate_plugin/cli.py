@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .core import CacheError, ConfigError
 from .data import DataError
+from .eval.mvbench import PROTOCOLS, MVBenchError
 from .patching import PATCHES, PatchError, apply_patch
 
 
@@ -83,6 +84,45 @@ def _cache_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_mvbench_results(result, out: Path | None) -> None:
+    import json
+
+    print(result.table())
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (out / "upload_leaderboard.json").write_text(json.dumps(result.leaderboard(), indent=2))
+        print(f"metrics: {out / 'metrics.json'}")
+
+
+def _eval_mvbench(args: argparse.Namespace) -> int:
+    from .eval import aggregate, get_protocol, load_mvbench, predict, read_predictions
+    from .eval.runners import HFVideoRunner
+
+    data = load_mvbench(args.data_root, args.tasks, args.allow_missing)
+    if args.limit:
+        data.questions = [q for q in data.questions if q.index < args.limit]
+    protocol = get_protocol(args.protocol, args.num_frames)
+    out = Path(args.out)
+    predictions = out / f"predictions-{protocol.name}.jsonl"
+    for _ in predict(data, protocol, HFVideoRunner.from_pretrained(args.model), predictions, not args.no_progress):
+        pass
+    wanted = {q.uid for q in data.questions}
+    records = [r for uid, r in read_predictions(predictions).items() if uid in wanted]
+    _write_mvbench_results(aggregate(records, data.missing), out)
+    return 0
+
+
+def _eval_score_mvbench(args: argparse.Namespace) -> int:
+    from .eval import aggregate, get_protocol, load_mvbench, load_prediction_file
+
+    data = load_mvbench(args.data_root, allow_missing=True) if args.data_root else None
+    protocol = get_protocol(args.protocol) if data is not None else None
+    records = load_prediction_file(Path(args.pred), protocol, data)
+    _write_mvbench_results(aggregate(records, data.missing if data else None), Path(args.out) if args.out else None)
+    return 0
+
+
 def _patch_apply(args: argparse.Namespace) -> int:
     print(apply_patch(args.codebase, args.repo))
     return 0
@@ -135,6 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--plot", help="histogram path (default: CACHE/reference_losses.png)")
     stats.set_defaults(run=_cache_stats)
 
+    evaluate = commands.add_parser("eval", help="run or score a benchmark (MVBench)")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
+    mvbench = eval_commands.add_parser("mvbench", help="run a model on MVBench and score it")
+    mvbench.add_argument("--model", required=True, help="HF-native model directory or hub id")
+    mvbench.add_argument("--data-root", required=True, help="MVBench root holding json/ and video/")
+    mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
+    mvbench.add_argument("--num-frames", type=int, help="frames per video (official: 16, videollama2: 8)")
+    mvbench.add_argument("--tasks", nargs="+", help="task names (default: all 20)")
+    mvbench.add_argument("--allow-missing", action="store_true", help="score the tasks present (labelled N-task)")
+    mvbench.add_argument("--limit", type=int, default=0, help="first N questions of each task (smoke runs)")
+    mvbench.add_argument("--out", default="mvbench_out", help="predictions (resumable), metrics.json")
+    mvbench.add_argument("--no-progress", action="store_true")
+    mvbench.set_defaults(run=_eval_mvbench)
+    score = eval_commands.add_parser("score", help="score an existing predictions file")
+    score_commands = score.add_subparsers(dest="score_benchmark", required=True)
+    score_mvbench = score_commands.add_parser("mvbench", help="ours (re-parsed) or VideoLLaMA2's {vid, task_type, pred, gt}")
+    score_mvbench.add_argument("--pred", required=True)
+    score_mvbench.add_argument("--data-root", help="re-parse raw outputs against this MVBench root")
+    score_mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
+    score_mvbench.add_argument("--out", help="write metrics.json and upload_leaderboard.json here")
+    score_mvbench.set_defaults(run=_eval_score_mvbench)
+
     patch = commands.add_parser("patch", help="add --token_elision to an upstream train.py (pinned commit)")
     patch_commands = patch.add_subparsers(dest="patch_command", required=True)
     apply = patch_commands.add_parser("apply", help="apply patches/<codebase>-<commit>.diff to a checkout")
@@ -148,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (CacheError, DataError, ConfigError, PatchError, ValueError, FileNotFoundError) as err:
+    except (CacheError, DataError, ConfigError, MVBenchError, PatchError, ValueError, FileNotFoundError) as err:
         print(f"regate {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,371 @@
+"""MVBench (EVAL_SPEC.md §1): the 20-task table, the loader, and two protocols scored exactly like their
+reference code: `official` (VideoChat2's notebook) and `videollama2` (VideoLLaMA2's MCQA scripts).
+
+Predictions are one JSON line per question, flushed as they come, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from .frames import Bound, VisualSource, sample_official, sample_videollama2
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # leaderboard key
+    json_file: str
+    prefix: str  # folder under the MVBench `video/` root
+    data_type: str  # 'video' or 'frame'
+    bounded: bool  # start/end seconds are used
+
+
+TASKS: tuple[Task, ...] = tuple(Task(*row) for row in (
+    ("Action Sequence", "action_sequence.json", "star/Charades_v1_480/", "video", True),
+    ("Action Prediction", "action_prediction.json", "star/Charades_v1_480/", "video", True),
+    ("Action Antonym", "action_antonym.json", "ssv2_video/", "video", False),
+    ("Fine-grained Action", "fine_grained_action.json", "Moments_in_Time_Raw/videos/", "video", False),
+    ("Unexpected Action", "unexpected_action.json", "FunQA_test/test/", "video", False),
+    ("Object Existence", "object_existence.json", "clevrer/video_validation/", "video", False),
+    ("Object Interaction", "object_interaction.json", "star/Charades_v1_480/", "video", True),
+    ("Object Shuffle", "object_shuffle.json", "perception/videos/", "video", False),
+    ("Moving Direction", "moving_direction.json", "clevrer/video_validation/", "video", False),
+    ("Action Localization", "action_localization.json", "sta/sta_video/", "video", True),
+    ("Scene Transition", "scene_transition.json", "scene_qa/video/", "video", False),
+    ("Action Count", "action_count.json", "perception/videos/", "video", False),
+    ("Moving Count", "moving_count.json", "clevrer/video_validation/", "video", False),
+    ("Moving Attribute", "moving_attribute.json", "clevrer/video_validation/", "video", False),
+    ("State Change", "state_change.json", "perception/videos/", "video", False),
+    ("Fine-grained Pose", "fine_grained_pose.json", "nturgbd/", "video", False),
+    ("Character Order", "character_order.json", "perception/videos/", "video", False),
+    ("Egocentric Navigation", "egocentric_navigation.json", "vlnqa/", "video", False),
+    ("Episodic Reasoning", "episodic_reasoning.json", "tvqa/frames_fps3_hq/", "frame", True),
+    ("Counterfactual Inference", "counterfactual_inference.json", "clevrer/video_validation/", "video", False),
+))
+TASKS_PER_FULL_RUN = 200
+
+
+class MVBenchError(ValueError):
+    """Malformed MVBench data: the message names the file and the record."""
+
+
+@dataclass(frozen=True)
+class Question:
+    task: str
+    index: int  # position in the task's JSON list
+    video: Path
+    question: str
+    candidates: tuple[str, ...]
+    answer_index: int
+    bound: Bound | None
+
+    @property
+    def uid(self) -> str:
+        return f"{self.task}/{self.index}"
+
+    @property
+    def letters(self) -> list[str]:
+        return [chr(ord("A") + i) for i in range(len(self.candidates))]
+
+
+@dataclass
+class MVBenchData:
+    questions: list[Question]
+    counts: dict[str, int]
+    missing: list[str]  # tasks whose JSON or media is absent
+
+
+def _media_root(root: Path, prefix: str) -> Path:
+    """`video/<prefix>`, or the `video/data0613/<prefix>` layout some archives unpack into."""
+    for candidate in (root / "video" / prefix, root / "video" / "data0613" / prefix):
+        if candidate.exists():
+            return candidate
+    return root / "video" / prefix
+
+
+def load_mvbench(root: str | Path, tasks: list[str] | None = None, allow_missing: bool = False) -> MVBenchData:
+    """Read `json/<task>.json` for every task; each answer must be one of its candidates. A task whose JSON or
+    first video is absent is missing: an error unless `allow_missing` (NTU pose videos are no longer distributed)."""
+    root = Path(root)
+    wanted = [t for t in TASKS if tasks is None or t.name in tasks]
+    unknown = sorted(set(tasks or []) - {t.name for t in TASKS})
+    if unknown:
+        raise MVBenchError(f"unknown MVBench task(s) {unknown}; known: {[t.name for t in TASKS]}")
+    questions, counts, missing = [], {}, []
+    for task in wanted:
+        path = root / "json" / task.json_file
+        if not path.exists():
+            missing.append(task.name)
+            continue
+        records = json.loads(path.read_text())
+        media = _media_root(root, task.prefix)
+        loaded = []
+        for i, record in enumerate(records):
+            where = f"{path} record {i}"
+            try:
+                candidates = tuple(record["candidates"])
+                answer = record["answer"]
+                video = record["video"]
+            except KeyError as err:
+                raise MVBenchError(f"{where}: missing field {err}") from None
+            if answer not in candidates:
+                raise MVBenchError(f"{where}: answer {answer!r} is not one of its candidates {list(candidates)}")
+            bound = (float(record["start"]), float(record["end"])) if task.bounded else None
+            loaded.append(Question(task.name, i, media / video, record["question"], candidates, candidates.index(answer), bound))
+        if loaded and not loaded[0].video.exists():
+            missing.append(task.name)
+            continue
+        questions += loaded
+        counts[task.name] = len(loaded)
+    if missing and not allow_missing:
+        raise MVBenchError(
+            f"MVBench task(s) missing under {root}: {missing} (json/ or video/ absent); pass --allow-missing to "
+            "score the others (the result is then labelled with the number of tasks)"
+        )
+    return MVBenchData(questions, counts, missing)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a model runner renders with its own chat template: system text, the user text that follows the
+    visual input, and the start of the assistant's turn."""
+
+    user: str
+    system: str | None = None
+    prefill: str = ""
+    max_new_tokens: int = 100
+    stop: tuple[str, ...] = ()
+
+
+class VideoRunner(Protocol):
+    def generate(self, frames: list[Image.Image], prompt: Prompt) -> str:
+        """Greedy continuation after `prompt.prefill`."""
+        ...
+
+
+OFFICIAL_SYSTEM = (
+    "Carefully watch the video and pay attention to the cause and sequence of events, the detail and movement of "
+    "objects, and the action and pose of persons. Based on your observations, select the best option that "
+    "accurately addresses the question.\n"
+)
+VIDEOLLAMA2_INSTRUCTION = "Answer with the option's letter from the given choices directly and only give the best option."
+
+
+def check_ans(pred: str, gt: str) -> bool:
+    """VideoChat2's loose rule on first tokens: "(" alone (an empty output) counts as correct."""
+    pred_option = pred.lower().split(" ")[0]
+    gt_option = gt.lower().split(" ")[0]
+    return pred_option.replace(".", "") in gt_option or gt_option in pred_option
+
+
+@dataclass(frozen=True)
+class Parsed:
+    letter: str
+    fallback: str = ""  # '', 'empty', 'substring', 'option_c'
+
+
+class MVBenchProtocol:
+    """A prompt, a frame rule and an answer rule."""
+
+    name = ""
+
+    def __init__(self, num_frames: int) -> None:
+        self.num_frames = num_frames
+
+    def frames(self, question: Question) -> list[Image.Image]:
+        raise NotImplementedError
+
+    def prompt(self, question: Question) -> Prompt:
+        raise NotImplementedError
+
+    def parse(self, question: Question, output: str) -> tuple[Parsed, bool]:
+        raise NotImplementedError
+
+
+class OfficialProtocol(MVBenchProtocol):
+    """VideoChat2 `mvbench.ipynb`: 16 frames by `get_index`, the system prompt repeated in the user turn,
+    "Best option:(" pre-filled, 100 new tokens, first line, "(" prepended, `check_ans`."""
+
+    name = "official"
+
+    def frames(self, question: Question) -> list[Image.Image]:
+        return sample_official(VisualSource(question.video), self.num_frames, question.bound)
+
+    def prompt(self, question: Question) -> Prompt:
+        options = "".join(f"\n({letter}) {c}" for letter, c in zip(question.letters, question.candidates))
+        block = f"Question: {question.question}\nOptions:{options}".rstrip()
+        return Prompt(OFFICIAL_SYSTEM + block + "\nOnly give the best option.\n", OFFICIAL_SYSTEM,
+                      "Best option:(", 100, ("###",))
+
+    def parse(self, question: Question, output: str) -> tuple[Parsed, bool]:
+        first_line = output.strip().split("\n")[0]
+        pred = "(" + first_line
+        gt = f"({question.letters[question.answer_index]}) {question.candidates[question.answer_index]}"
+        token = pred.split(" ")[0].strip("(). ").upper()
+        letter = token if token in question.letters else ""
+        return Parsed(letter, "empty" if not first_line.strip() else ""), check_ans(pred, gt)
+
+
+class VideoLLaMA2Protocol(MVBenchProtocol):
+    """VideoLLaMA2 `inference_video_mcqa_mvbench.py`: `frame_sample` frames, the letter instruction, greedy,
+    `mvbench_dump` (first in-range capital letter, else an option's text, else option C)."""
+
+    name = "videollama2"
+
+    def frames(self, question: Question) -> list[Image.Image]:
+        return sample_videollama2(VisualSource(question.video), self.num_frames, question.bound)
+
+    def prompt(self, question: Question) -> Prompt:
+        options = "".join(f"({letter}) {c}\n" for letter, c in zip(question.letters, question.candidates))
+        return Prompt(f"Question: {question.question}\nOptions:\n{options}{VIDEOLLAMA2_INSTRUCTION}", None, "", 2048)
+
+    def parse(self, question: Question, output: str) -> tuple[Parsed, bool]:
+        letters = question.letters
+        text = output.replace("answer", "").replace("Answer", "")
+        found = re.findall(f"[\\(,\\ ]*[{letters[0]}-{letters[-1]}][\\),\\ ]*", text)
+        if found:
+            token = found[0].strip().strip("()")
+            parsed = Parsed(token) if token in letters else Parsed("C", "option_c")
+        else:
+            index = next((i for i, c in enumerate(question.candidates) if c.lower() in text.lower()), None)
+            parsed = Parsed(letters[index], "substring") if index is not None else Parsed("C", "option_c")
+        return parsed, letters.index(parsed.letter) == question.answer_index
+
+
+PROTOCOLS: dict[str, type[MVBenchProtocol]] = {"official": OfficialProtocol, "videollama2": VideoLLaMA2Protocol}
+
+
+def get_protocol(name: str, num_frames: int | None = None) -> MVBenchProtocol:
+    if name not in PROTOCOLS:
+        raise MVBenchError(f"unknown MVBench protocol {name!r}; known: {sorted(PROTOCOLS)}")
+    return PROTOCOLS[name](num_frames or (16 if name == "official" else 8))
+
+
+def _prompt_hash(prompt: Prompt) -> str:
+    return hashlib.blake2b(json.dumps(asdict(prompt), sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def prediction_record(question: Question, protocol: MVBenchProtocol, output: str) -> dict[str, Any]:
+    parsed, correct = protocol.parse(question, output)
+    return {
+        "uid": question.uid, "task": question.task, "video": str(question.video), "protocol": protocol.name,
+        "prompt_hash": _prompt_hash(protocol.prompt(question)), "output": output, "pred": parsed.letter,
+        "gt": question.letters[question.answer_index], "correct": correct, "fallback": parsed.fallback,
+    }
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """Parsed lines; a torn line (a run killed mid-write, completed by the resumed run) is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """Records already written, by uid."""
+    return {record["uid"]: record for record in _json_lines(path)} if path.exists() else {}
+
+
+def predict(
+    data: MVBenchData, protocol: MVBenchProtocol, runner: VideoRunner, out: Path, progress: bool = True
+) -> Iterator[dict[str, Any]]:
+    """Run every question not yet in `out` (jsonl, appended and flushed per line); yields new records."""
+    from tqdm.auto import tqdm
+
+    done = read_predictions(out)
+    todo = [q for q in data.questions if q.uid not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and out.read_bytes()[-1:] not in (b"", b"\n"):
+        with out.open("a") as f:  # a killed run can leave half a line: end it so the next record starts clean
+            f.write("\n")
+    with out.open("a") as f:
+        for question in tqdm(todo, desc="mvbench", disable=not progress, initial=len(done), total=len(data.questions)):
+            record = prediction_record(question, protocol, runner.generate(protocol.frames(question), protocol.prompt(question)))
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            yield record
+
+
+@dataclass
+class MVBenchResult:
+    per_task: dict[str, float]
+    counts: dict[str, int]
+    correct: int
+    total: int
+    missing: list[str] = field(default_factory=list)
+    fallbacks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def average(self) -> float:
+        """Total correct / total questions x 100: the leaderboard "Avg" (sample-weighted)."""
+        return 100.0 * self.correct / self.total if self.total else 0.0
+
+    @property
+    def task_mean(self) -> float:
+        return sum(self.per_task.values()) / len(self.per_task) if self.per_task else 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{len(self.per_task)}-task"
+
+    def leaderboard(self) -> dict[str, float]:
+        return {**self.per_task, "Avg": self.average}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "avg": self.average, "task_mean": self.task_mean, "per_task": self.per_task,
+                "counts": self.counts, "correct": self.correct, "total": self.total, "missing": self.missing,
+                "fallbacks": self.fallbacks}
+
+    def table(self) -> str:
+        lines = [f"{'task':<26} {'n':>5} {'acc':>6}"]
+        lines += [f"{t:<26} {self.counts[t]:>5} {acc:>6.1f}" for t, acc in self.per_task.items()]
+        lines.append(f"{'Avg (' + self.label + ')':<26} {self.total:>5} {self.average:>6.1f}")
+        if self.missing:
+            lines.append(f"missing: {', '.join(self.missing)}")
+        if any(self.fallbacks.values()):
+            lines.append("fallbacks: " + ", ".join(f"{k} {v}" for k, v in self.fallbacks.items() if v))
+        return "\n".join(lines)
+
+
+def aggregate(records: list[dict[str, Any]], missing: list[str] | None = None) -> MVBenchResult:
+    """Per-task accuracy and the sample-weighted average, in task-table order; fallback counts."""
+    order = [t.name for t in TASKS]
+    tasks = sorted({r["task"] for r in records}, key=lambda t: order.index(t) if t in order else len(order))
+    per_task, counts = {}, {}
+    for task in tasks:
+        flags = [bool(r["correct"]) for r in records if r["task"] == task]
+        per_task[task], counts[task] = 100.0 * sum(flags) / len(flags), len(flags)
+    fallbacks: dict[str, int] = {}
+    for r in records:
+        if r.get("fallback"):
+            fallbacks[r["fallback"]] = fallbacks.get(r["fallback"], 0) + 1
+    absent = list(missing or []) + [t for t in order if t not in per_task and t not in (missing or [])]
+    return MVBenchResult(per_task, counts, sum(bool(r["correct"]) for r in records), len(records), absent, fallbacks)
+
+
+def load_prediction_file(path: Path, protocol: MVBenchProtocol | None, data: MVBenchData | None) -> list[dict[str, Any]]:
+    """Our jsonl (re-parsed from raw outputs with `protocol` when data is given), or VideoLLaMA2's
+    `{vid, task_type, pred, gt}` lines (indices, scored as its eval script does)."""
+    lines = _json_lines(path)
+    if lines and "task_type" in lines[0]:
+        return [{"task": r["task_type"], "correct": r["pred"] == r["gt"], "fallback": ""} for r in lines]
+    lines = list(read_predictions(path).values())  # one record per question, the last written
+    if protocol is None or data is None:
+        return lines
+    by_uid = {q.uid: q for q in data.questions}
+    unknown = [r["uid"] for r in lines if r["uid"] not in by_uid]
+    if unknown:
+        raise MVBenchError(f"{path}: {len(unknown)} prediction(s) for questions not in the data, e.g. {unknown[0]}")
+    return [prediction_record(by_uid[r["uid"]], protocol, r["output"]) for r in lines]
