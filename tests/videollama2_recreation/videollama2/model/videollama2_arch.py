@@ -132,3 +132,43 @@ class Videollama2MetaForCausalLM:
             torch.cat([m.new_ones(g), m, m.new_zeros(length - labels.shape[1] - g)]) for m, g in zip(attention_mask, grown)
         ])
         return None, attention_mask, past_key_values, embeds, merged_labels
+
+
+def videollama2_classes(llm: str, config_cls, model_cls, causal_lm_cls):
+    """The `Videollama2{LLM}Config / Model / ForCausalLM` triple each `videollama2_<llm>.py` defines upstream.
+
+    The forward merges, then calls the HF parent forward **without** `position_ids` (upstream accepts them and
+    drops them, so the parent numbers the merged sequence 0..L-1), and sets `outputs.labels`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = type(f"Videollama2{llm}Config", (config_cls,), {"model_type": f"videollama2_{llm.lower()}"})
+    model = type(f"Videollama2{llm}Model", (Videollama2MetaModel, model_cls), {"config_class": config})
+
+    def __init__(self, config, **kwargs):
+        super(causal_lm_cls, self).__init__(config)
+        self.model = model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                images=None, return_dict=None, **kwargs):
+        if inputs_embeds is None:
+            input_ids, attention_mask, past_key_values, inputs_embeds, labels = self.prepare_inputs_labels_for_multimodal(
+                input_ids, attention_mask, past_key_values, labels, images
+            )
+        outputs = causal_lm_cls.forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict,
+        )
+        outputs.labels = labels
+        return outputs
+
+    namespace = {"config_class": config, "__init__": __init__, "forward": forward, "get_model": lambda self: self.model}
+    causal_lm = type(f"Videollama2{llm}ForCausalLM", (causal_lm_cls, Videollama2MetaForCausalLM), namespace)
+    AutoConfig.register(config.model_type, config)
+    AutoModelForCausalLM.register(config, causal_lm)
+    return config, model, causal_lm
