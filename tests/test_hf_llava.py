@@ -1,4 +1,5 @@
-"""The HF-native LLaVA adapter against the unwrapped model and a brute-force masked reference."""
+"""The HF-native adapter (LLaVA, LLaVA-NeXT-Video, Qwen2-VL) against each model's own forward, and LLaVA against
+a brute-force masked reference."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import torch.nn.functional as F
 import regate_plugin as rg
 from regate_plugin.core import IGNORE_INDEX
 
-from .tiny import IMAGE_TOKEN, make_batch, tiny_llava, write_cache_for
+from .tiny import (
+    IMAGE_TOKEN,
+    make_batch,
+    make_qwen2_vl_batch,
+    make_video_batch,
+    tiny_llava,
+    tiny_llava_next_video,
+    tiny_qwen2_vl,
+    write_cache_for,
+)
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
@@ -31,11 +41,20 @@ def _assert_same_grads(actual: dict, expected: dict, atol: float = 1e-5) -> None
     assert checked > 10
 
 
+MODELS = {  # every HF-native class the adapter supports: builder, batch maker
+    "llava": (tiny_llava, make_batch),
+    "llava_next_video": (tiny_llava_next_video, make_video_batch),
+    "qwen2_vl": (tiny_qwen2_vl, make_qwen2_vl_batch),
+}
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("mode", ["none", "regate"])
-def test_keep_ratio_one_equals_the_models_own_forward(tmp_path, padding_side, mode):
-    batch = make_batch(batch=3, padding_side=padding_side)
-    reference_model = tiny_llava()
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_keep_ratio_one_equals_the_models_own_forward(tmp_path, name, padding_side, mode):
+    build, make = MODELS[name]
+    batch = make(batch=3, padding_side=padding_side)
+    reference_model = build()
     reference_model.train()
     expected = reference_model(**batch)
     expected.loss.backward()
