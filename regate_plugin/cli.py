@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .core import CacheError, ConfigError
 from .data import DataError
+from .eval.image import BenchmarkError
 from .eval.mvbench import PROTOCOLS, MVBenchError
 from .patching import PATCHES, PatchError, apply_patch
 
@@ -84,32 +85,38 @@ def _cache_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_mvbench_results(result, out: Path | None) -> None:
+def _write_json(out: Path | None, **files: object) -> None:
     import json
 
-    print(result.table())
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
-        (out / "upload_leaderboard.json").write_text(json.dumps(result.leaderboard(), indent=2))
-        print(f"metrics: {out / 'metrics.json'}")
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (out / f"{name}.json").write_text(json.dumps(content, indent=2))
+    print(f"metrics: {out / 'metrics.json'}")
+
+
+def _runner(args: argparse.Namespace):
+    from .eval.runners import load_runner
+
+    return load_runner(args.runner, args.model, args.model_base, args.conv_mode, args.device, args.dtype)
 
 
 def _eval_mvbench(args: argparse.Namespace) -> int:
     from .eval import aggregate, get_protocol, load_mvbench, predict, read_predictions
-    from .eval.runners import HFVideoRunner
 
     data = load_mvbench(args.data_root, args.tasks, args.allow_missing)
     if args.limit:
         data.questions = [q for q in data.questions if q.index < args.limit]
     protocol = get_protocol(args.protocol, args.num_frames)
-    out = Path(args.out)
+    out = Path(args.out or "eval_out/mvbench")
     predictions = out / f"predictions-{protocol.name}.jsonl"
-    for _ in predict(data, protocol, HFVideoRunner.from_pretrained(args.model), predictions, not args.no_progress):
+    for _ in predict(data, protocol, _runner(args), predictions, not args.no_progress, args.batch_size):
         pass
     wanted = {q.uid for q in data.questions}
-    records = [r for uid, r in read_predictions(predictions).items() if uid in wanted]
-    _write_mvbench_results(aggregate(records, data.missing), out)
+    result = aggregate([r for uid, r in read_predictions(predictions).items() if uid in wanted], data.missing)
+    print(result.table())
+    _write_json(out, metrics=result.to_dict(), upload_leaderboard=result.leaderboard())
     return 0
 
 
@@ -118,14 +125,107 @@ def _eval_score_mvbench(args: argparse.Namespace) -> int:
 
     data = load_mvbench(args.data_root, allow_missing=True) if args.data_root else None
     protocol = get_protocol(args.protocol) if data is not None else None
-    records = load_prediction_file(Path(args.pred), protocol, data)
-    _write_mvbench_results(aggregate(records, data.missing if data else None), Path(args.out) if args.out else None)
+    result = aggregate(load_prediction_file(Path(args.pred), protocol, data), data.missing if data else None)
+    print(result.table())
+    _write_json(Path(args.out) if args.out else None, metrics=result.to_dict(), upload_leaderboard=result.leaderboard())
+    return 0
+
+
+def _benchmark(args: argparse.Namespace):
+    from .eval.image import get_benchmark
+
+    options = {dest: getattr(args, dest) for dest in args.benchmark_options}
+    return get_benchmark(args.benchmark, args.data_root, **options)
+
+
+def _eval_image(args: argparse.Namespace) -> int:
+    from .eval.image import predict, read_answers
+
+    benchmark = _benchmark(args)
+    questions = benchmark.load()
+    if args.limit:
+        questions = questions[: args.limit]
+    out = Path(args.out or f"eval_out/{benchmark.name}")
+    answers = out / "answers.jsonl"
+    print(f"{benchmark.title}: {len(questions)} questions from {benchmark.root}")
+    for _ in predict(benchmark, questions, _runner(args), answers, Path(args.model).name, args.batch_size,
+                     not args.no_progress):
+        pass
+    wanted = {benchmark.question_key(q) for q in questions}
+    records = [r for r in read_answers(answers) if benchmark.record_key(r) in wanted]
+    score = benchmark.score(questions, records)
+    print(score.table())
+    _write_json(out, metrics=score.to_dict())
+    return 0
+
+
+def _eval_score_image(args: argparse.Namespace) -> int:
+    from .eval.image import read_answers
+
+    benchmark = _benchmark(args)
+    score = benchmark.score(benchmark.load(), read_answers(Path(args.pred)))
+    print(score.table())
+    _write_json(Path(args.out) if args.out else None, metrics=score.to_dict())
     return 0
 
 
 def _patch_apply(args: argparse.Namespace) -> int:
     print(apply_patch(args.codebase, args.repo))
     return 0
+
+
+def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+    from .eval.runners import RUNNERS
+
+    parser.add_argument("--model", required=True, help="checkpoint: HF-native directory or hub id (--runner hf), or an upstream LLaVA checkpoint (--runner llava)")
+    parser.add_argument("--runner", choices=RUNNERS, default="hf", help="hf: transformers (default); llava: haotian-liu/LLaVA's own loader, in its environment")
+    parser.add_argument("--model-base", help="--runner llava: base LLM of a LoRA or projector-only checkpoint")
+    parser.add_argument("--conv-mode", default="vicuna_v1", help="--runner llava: conversation template (default: vicuna_v1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="--runner hf weights dtype")
+    parser.add_argument("--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
+    from .eval import BENCHMARKS
+
+    evaluate = commands.add_parser("eval", help="run a model on a benchmark and score it, or score a prediction file")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
+    score = eval_commands.add_parser("score", help="score an existing prediction file")
+    score_commands = score.add_subparsers(dest="score_benchmark", required=True)
+
+    mvbench = eval_commands.add_parser("mvbench", help="MVBench, official (VideoChat2) or VideoLLaMA2 protocol")
+    _add_runner_arguments(mvbench)
+    mvbench.add_argument("--data-root", required=True, help="MVBench root holding json/ and video/")
+    mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
+    mvbench.add_argument("--num-frames", type=int, help="frames per video (official: 16, videollama2: 8)")
+    mvbench.add_argument("--tasks", nargs="+", help="task names (default: all 20)")
+    mvbench.add_argument("--allow-missing", action="store_true", help="score the tasks present (labelled N-task)")
+    mvbench.add_argument("--limit", type=int, default=0, help="first N questions of each task (smoke runs)")
+    mvbench.add_argument("--out", help="predictions (resumable) and metrics.json (default: eval_out/mvbench)")
+    mvbench.set_defaults(run=_eval_mvbench)
+    score_mvbench = score_commands.add_parser("mvbench", help="ours (re-parsed) or VideoLLaMA2's {vid, task_type, pred, gt}")
+    score_mvbench.add_argument("--pred", required=True)
+    score_mvbench.add_argument("--data-root", help="re-parse raw outputs against this MVBench root")
+    score_mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
+    score_mvbench.add_argument("--out", help="write metrics.json and upload_leaderboard.json here")
+    score_mvbench.set_defaults(run=_eval_score_mvbench)
+
+    for name, benchmark in BENCHMARKS.items():
+        run = eval_commands.add_parser(name, help=f"{benchmark.title}, LLaVA-1.5 prompt, official scoring")
+        _add_runner_arguments(run)
+        rescore = score_commands.add_parser(name, help=f"{benchmark.title}: a LLaVA answer file or ours")
+        rescore.add_argument("--pred", required=True, help="answers jsonl ({question_id, prompt, text, ...} per line)")
+        rescore.add_argument("--out", help="write metrics.json here")
+        for parser in (run, rescore):
+            parser.add_argument("--data-root", required=True, help=f"holds {benchmark.data_layout}")
+            dests = [parser.add_argument(*names, **kwargs).dest for names, kwargs in benchmark.flags]
+            parser.set_defaults(benchmark=name, benchmark_options=dests)
+        run.add_argument("--limit", type=int, default=0, help="first N questions (smoke runs)")
+        run.add_argument("--out", help=f"answers.jsonl (resumable, LLaVA's format) and metrics.json (default: eval_out/{name})")
+        run.set_defaults(run=_eval_image)
+        rescore.set_defaults(run=_eval_score_image)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,27 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--plot", help="histogram path (default: CACHE/reference_losses.png)")
     stats.set_defaults(run=_cache_stats)
 
-    evaluate = commands.add_parser("eval", help="run or score a benchmark (MVBench)")
-    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
-    mvbench = eval_commands.add_parser("mvbench", help="run a model on MVBench and score it")
-    mvbench.add_argument("--model", required=True, help="HF-native model directory or hub id")
-    mvbench.add_argument("--data-root", required=True, help="MVBench root holding json/ and video/")
-    mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
-    mvbench.add_argument("--num-frames", type=int, help="frames per video (official: 16, videollama2: 8)")
-    mvbench.add_argument("--tasks", nargs="+", help="task names (default: all 20)")
-    mvbench.add_argument("--allow-missing", action="store_true", help="score the tasks present (labelled N-task)")
-    mvbench.add_argument("--limit", type=int, default=0, help="first N questions of each task (smoke runs)")
-    mvbench.add_argument("--out", default="mvbench_out", help="predictions (resumable), metrics.json")
-    mvbench.add_argument("--no-progress", action="store_true")
-    mvbench.set_defaults(run=_eval_mvbench)
-    score = eval_commands.add_parser("score", help="score an existing predictions file")
-    score_commands = score.add_subparsers(dest="score_benchmark", required=True)
-    score_mvbench = score_commands.add_parser("mvbench", help="ours (re-parsed) or VideoLLaMA2's {vid, task_type, pred, gt}")
-    score_mvbench.add_argument("--pred", required=True)
-    score_mvbench.add_argument("--data-root", help="re-parse raw outputs against this MVBench root")
-    score_mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
-    score_mvbench.add_argument("--out", help="write metrics.json and upload_leaderboard.json here")
-    score_mvbench.set_defaults(run=_eval_score_mvbench)
+    _add_eval_commands(commands)
 
     patch = commands.add_parser("patch", help="add --token_elision to an upstream train.py (pinned commit)")
     patch_commands = patch.add_subparsers(dest="patch_command", required=True)
@@ -210,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (CacheError, DataError, ConfigError, MVBenchError, PatchError, ValueError, FileNotFoundError) as err:
+    except (CacheError, DataError, ConfigError, MVBenchError, BenchmarkError, PatchError, ValueError, FileNotFoundError) as err:
         print(f"regate {args.command}: error: {err}", file=sys.stderr)
         return 2
 

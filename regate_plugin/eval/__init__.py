@@ -1,13 +1,14 @@
-"""Benchmark harnesses, scored like the official scripts (EVAL_SPEC.md). MVBench so far; the image benchmarks
-are to come."""
+"""Benchmark harnesses scored like the official scripts (EVAL_SPEC.md): MVBench (`mvbench`) and the LLaVA-1.5
+image benchmarks (`image`, one module per benchmark under `benchmarks`)."""
 
+from .base import ModelRunner, Prompt, Request
+from .image import BENCHMARKS, BenchmarkError, ImageBenchmark, ImageQuestion, Score, get_benchmark, register_benchmark
 from .mvbench import (
     PROTOCOLS,
     TASKS,
     MVBenchData,
     MVBenchError,
     MVBenchResult,
-    Prompt,
     aggregate,
     check_ans,
     get_protocol,
@@ -16,19 +17,29 @@ from .mvbench import (
     predict,
     read_predictions,
 )
+from . import benchmarks  # noqa: E402,F401  (registers the image benchmarks)
 
 __all__ = [
+    "BENCHMARKS",
     "PROTOCOLS",
     "TASKS",
+    "BenchmarkError",
+    "ImageBenchmark",
+    "ImageQuestion",
     "MVBenchData",
     "MVBenchError",
     "MVBenchResult",
+    "ModelRunner",
     "Prompt",
+    "Request",
+    "Score",
     "aggregate",
     "check_ans",
+    "get_benchmark",
     "get_protocol",
     "load_mvbench",
     "load_prediction_file",
     "predict",
     "read_predictions",
+    "register_benchmark",
 ]

@@ -12,10 +12,11 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
+from .base import ModelRunner, Prompt, Request, json_lines, run_resumable
 from .frames import Bound, VisualSource, sample_official, sample_videollama2
 
 
@@ -133,24 +134,6 @@ def load_mvbench(root: str | Path, tasks: list[str] | None = None, allow_missing
     return MVBenchData(questions, counts, missing)
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """What a model runner renders with its own chat template: system text, the user text that follows the
-    visual input, and the start of the assistant's turn."""
-
-    user: str
-    system: str | None = None
-    prefill: str = ""
-    max_new_tokens: int = 100
-    stop: tuple[str, ...] = ()
-
-
-class VideoRunner(Protocol):
-    def generate(self, frames: list[Image.Image], prompt: Prompt) -> str:
-        """Greedy continuation after `prompt.prefill`."""
-        ...
-
-
 OFFICIAL_SYSTEM = (
     "Carefully watch the video and pay attention to the cause and sequence of events, the detail and movement of "
     "objects, and the action and pose of persons. Based on your observations, select the best option that "
@@ -262,40 +245,21 @@ def prediction_record(question: Question, protocol: MVBenchProtocol, output: str
     }
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    """Parsed lines; a torn line (a run killed mid-write, completed by the resumed run) is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
     """Records already written, by uid."""
-    return {record["uid"]: record for record in _json_lines(path)} if path.exists() else {}
+    return {record["uid"]: record for record in json_lines(path)} if path.exists() else {}
 
 
 def predict(
-    data: MVBenchData, protocol: MVBenchProtocol, runner: VideoRunner, out: Path, progress: bool = True
+    data: MVBenchData, protocol: MVBenchProtocol, runner: ModelRunner, out: Path, progress: bool = True, batch_size: int = 1
 ) -> Iterator[dict[str, Any]]:
     """Run every question not yet in `out` (jsonl, appended and flushed per line); yields new records."""
-    from tqdm.auto import tqdm
-
-    done = read_predictions(out)
-    todo = [q for q in data.questions if q.uid not in done]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and out.read_bytes()[-1:] not in (b"", b"\n"):
-        with out.open("a") as f:  # a killed run can leave half a line: end it so the next record starts clean
-            f.write("\n")
-    with out.open("a") as f:
-        for question in tqdm(todo, desc="mvbench", disable=not progress, initial=len(done), total=len(data.questions)):
-            record = prediction_record(question, protocol, runner.generate(protocol.frames(question), protocol.prompt(question)))
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            yield record
+    return run_resumable(
+        data.questions, lambda q: q.uid, read_predictions(out),
+        lambda q: Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True),
+        lambda q, output: prediction_record(q, protocol, output),
+        runner, out, batch_size, "mvbench", progress,
+    )
 
 
 @dataclass
@@ -358,7 +322,7 @@ def aggregate(records: list[dict[str, Any]], missing: list[str] | None = None) -
 def load_prediction_file(path: Path, protocol: MVBenchProtocol | None, data: MVBenchData | None) -> list[dict[str, Any]]:
     """Our jsonl (re-parsed from raw outputs with `protocol` when data is given), or VideoLLaMA2's
     `{vid, task_type, pred, gt}` lines (indices, scored as its eval script does)."""
-    lines = _json_lines(path)
+    lines = json_lines(path)
     if lines and "task_type" in lines[0]:
         return [{"task": r["task_type"], "correct": r["pred"] == r["gt"], "fallback": ""} for r in lines]
     lines = list(read_predictions(path).values())  # one record per question, the last written

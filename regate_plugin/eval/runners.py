@@ -1,29 +1,40 @@
-"""Model runners: frames plus a `Prompt` in, greedy text out.
+"""Model runners: images or a clip's frames plus a `Prompt` in, greedy text out (`ModelRunner`).
 
-`HFVideoRunner` serves the HF-native LLaVA family through its processor's chat template: video models
-(`LlavaNextVideoForConditionalGeneration`, `LlavaOnevisionForConditionalGeneration`, Qwen2-VL) get the frames as
-one video, image-only models (`LlavaForConditionalGeneration`) get them as images.
+- `HFRunner` serves the HF-native LLaVA family through its processor's chat template. Video models
+  (LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2-VL) get a clip as one video; image-only models (`LlavaForConditionalGeneration`)
+  get its frames as images. Requests are batched with left padding.
+- `UpstreamLlavaRunner` serves checkpoints of haotian-liu/LLaVA in its own environment (`llava-torch`), building
+  the input exactly as `llava/eval/model_vqa_loader.py` does: conversation template, `<image>` token, `process_images`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from .mvbench import Prompt
+from .base import Request
+
+RUNNERS = ("hf", "llava")
 
 
-class HFVideoRunner:
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text
+
+
+class HFRunner:
     def __init__(self, model: Any, processor: Any) -> None:
         self.model = model.eval()
         self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.video = "video" in getattr(processor, "valid_modalities", ()) or hasattr(processor, "video_processor")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> HFVideoRunner:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> HFRunner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         local = Path(path).is_dir()
@@ -31,25 +42,88 @@ class HFVideoRunner:
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=local, dtype=dtype).to(device)
         return cls(model, processor)
 
-    def _messages(self, n_frames: int, prompt: Prompt) -> list[dict[str, Any]]:
-        visual = [{"type": "video"}] if self.video else [{"type": "image"}] * n_frames
-        messages = [{"role": "user", "content": [*visual, {"type": "text", "text": prompt.user}]}]
+    def _text(self, request: Request) -> str:
+        prompt = request.prompt
+        visual = [{"type": "video"}] if request.video and self.video else [{"type": "image"}] * len(request.images)
+        messages: list[dict[str, Any]] = [{"role": "user", "content": [*visual, {"type": "text", "text": prompt.user}]}]
         if prompt.system:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": prompt.system}]})
-        return messages
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True) + prompt.prefill
 
     @torch.no_grad()
-    def generate(self, frames: list[Image.Image], prompt: Prompt) -> str:
-        text = self.processor.apply_chat_template(self._messages(len(frames), prompt), add_generation_prompt=True)
-        text += prompt.prefill
-        visual = {"videos": [frames]} if self.video else {"images": frames}
-        inputs = self.processor(text=text, return_tensors="pt", **visual).to(self.model.device)
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        out = self.model.generate(
-            **inputs, do_sample=False, num_beams=1, max_new_tokens=prompt.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        )
-        completion = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for stop in prompt.stop:
-            completion = completion.split(stop)[0]
-        return completion
+    def generate(self, requests: Sequence[Request]) -> list[str]:
+        images = [image for r in requests if not (r.video and self.video) for image in r.images]
+        videos = [list(r.images) for r in requests if r.video and self.video]
+        visual = {**({"images": images} if images else {}), **({"videos": videos} if videos else {})}
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            inputs = self.processor(text=[self._text(r) for r in requests], padding=True, return_tensors="pt", **visual)
+        finally:
+            self.tokenizer.padding_side = side
+        budgets = [r.prompt.max_new_tokens for r in requests]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        out = self.model.generate(**inputs.to(self.model.device), do_sample=False, num_beams=1,
+                                  max_new_tokens=max(budgets), pad_token_id=pad)
+        start = inputs["input_ids"].shape[1]
+        return [_cut(self.tokenizer.decode(row[start:start + budget], skip_special_tokens=True), r.prompt.stop)
+                for row, budget, r in zip(out, budgets, requests)]
+
+
+class UpstreamLlavaRunner:
+    """A LLaVA-1.5-style checkpoint loaded by `llava.model.builder.load_pretrained_model` (its directory name must
+    contain "llava", as upstream requires). One request per call, as the upstream eval scripts run."""
+
+    def __init__(self, model_path: str | Path, model_base: str | None = None, conv_mode: str = "vicuna_v1",
+                 device: str = "cpu") -> None:
+        from llava.mm_utils import get_model_name_from_path
+        from llava.model.builder import load_pretrained_model
+
+        path = str(Path(model_path).expanduser())
+        device_map = "auto" if device == "cuda" else device
+        self.tokenizer, self.model, self.image_processor, _ = load_pretrained_model(
+            path, model_base, get_model_name_from_path(path), device_map=device_map, device=device)
+        self.conv_mode = conv_mode
+
+    def _input_ids(self, request: Request) -> torch.Tensor:
+        from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+        from llava.conversation import conv_templates
+        from llava.mm_utils import tokenizer_image_token
+
+        image_token = DEFAULT_IMAGE_TOKEN
+        if getattr(self.model.config, "mm_use_im_start_end", False):
+            image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+        conv = conv_templates[self.conv_mode].copy()
+        if request.prompt.system is not None:
+            conv.system = request.prompt.system
+        conv.append_message(conv.roles[0], (image_token + "\n") * len(request.images) + request.prompt.user)
+        conv.append_message(conv.roles[1], None)
+        text = conv.get_prompt() + request.prompt.prefill
+        return tokenizer_image_token(text, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request]) -> list[str]:
+        from llava.mm_utils import process_images
+
+        outputs = []
+        for request in requests:
+            images = sizes = None
+            if request.images:
+                images = process_images(list(request.images), self.image_processor, self.model.config)
+                images = images.to(self.model.device, dtype=self.model.dtype)
+                sizes = [image.size for image in request.images]
+            output_ids = self.model.generate(
+                self._input_ids(request).to(self.model.device), images=images, image_sizes=sizes, do_sample=False,
+                temperature=0, top_p=None, num_beams=1, max_new_tokens=request.prompt.max_new_tokens, use_cache=True)
+            text = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0]
+            outputs.append(_cut(text, request.prompt.stop).strip())
+        return outputs
+
+
+def load_runner(kind: str, model: str, model_base: str | None = None, conv_mode: str = "vicuna_v1",
+                device: str = "cpu", dtype: str = "auto") -> HFRunner | UpstreamLlavaRunner:
+    """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment)."""
+    if kind == "llava":
+        return UpstreamLlavaRunner(model, model_base, conv_mode, device)
+    if kind != "hf":
+        raise ValueError(f"--runner {kind!r}: expected one of {RUNNERS}")
+    return HFRunner.from_pretrained(model, None if dtype == "auto" else getattr(torch, dtype), device)

@@ -1,0 +1,189 @@
+"""The image-benchmark harness (EVAL_SPEC.md §2): LLaVA-1.5's prompts and each benchmark's official scoring.
+
+A benchmark is an `ImageBenchmark` subclass registered with `@register_benchmark`: it loads the official data
+into `ImageQuestion`s and scores a list of answer records. Answer records are the lines LLaVA's eval scripts write
+(`{question_id, prompt, text, answer_id, model_id, metadata}`), so our prediction files go straight into the
+official scorers, and old LLaVA answer files can be rescored here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from PIL import Image
+
+from .base import ModelRunner, Prompt, Request, json_lines, run_resumable
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
+
+
+class BenchmarkError(ValueError):
+    """Malformed or missing benchmark data: the message names the file and the record."""
+
+
+@dataclass(frozen=True)
+class ImageQuestion:
+    question_id: Any  # as LLaVA's question and answer files have it (str or int)
+    text: str  # the user text after the image, response-format suffix included
+    image: Path | bytes | None  # a file, encoded image bytes (MMBench's base64 column), or none (text-only)
+    answer: Any  # the gold answer, in the benchmark's own form
+    meta: dict[str, Any] = field(default_factory=dict)
+    record_prompt: str | None = None  # LLaVA's answer-record `prompt` when it differs from `text`
+
+    @property
+    def prompt_field(self) -> str:
+        return self.text if self.record_prompt is None else self.record_prompt
+
+    def open_image(self) -> Image.Image | None:
+        if self.image is None:
+            return None
+        source = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
+        try:
+            return Image.open(source).convert("RGB")
+        except (OSError, ValueError) as err:
+            raise BenchmarkError(f"question {self.question_id}: cannot read its image {self.image if isinstance(self.image, Path) else '(inline)'}: {err}") from None
+
+
+@dataclass
+class Score:
+    """Headline metrics, a breakdown (per split, category or type), and how many questions had no answer."""
+
+    benchmark: str
+    metrics: dict[str, float]
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    unanswered: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"benchmark": self.benchmark, "metrics": self.metrics, "groups": self.groups, "counts": self.counts,
+                "unanswered": self.unanswered, "notes": self.notes}
+
+    def table(self) -> str:
+        columns = list(dict.fromkeys(k for row in self.groups.values() for k in row))
+        width = max([len(g) for g in self.groups] + [10])
+        lines = []
+        if self.groups:
+            lines.append(f"{'':<{width}} {'n':>6} " + " ".join(f"{c:>9}" for c in columns))
+            for group, row in self.groups.items():
+                values = " ".join(f"{row[c]:>9.2f}" if c in row else f"{'':>9}" for c in columns)
+                lines.append(f"{group:<{width}} {self.counts.get(group, 0):>6} {values}")
+        lines += [f"{self.benchmark} {name}: {value:.2f}" for name, value in self.metrics.items()]
+        if self.unanswered:
+            lines.append(f"unanswered: {self.unanswered} (scored as the official script does)")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def flag(*names: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One benchmark-specific command-line option (argparse `add_argument` arguments)."""
+    return names, kwargs
+
+
+class ImageBenchmark:
+    """Load the official data, build LLaVA-1.5's prompts, and score answer records like the official script."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # what a results table calls it
+    data_layout: ClassVar[str] = ""  # what --data-root must hold
+    max_new_tokens: ClassVar[int] = 128
+    flags: ClassVar[tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = ()
+    unique_ids: ClassVar[bool] = True  # question_id alone identifies a question
+
+    def __init__(self, root: str | Path, **options: Any) -> None:
+        self.root = Path(root)
+        self.options = options
+
+    def load(self) -> list[ImageQuestion]:
+        raise NotImplementedError
+
+    def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
+        raise NotImplementedError
+
+    def question_key(self, question: ImageQuestion) -> Hashable:
+        return str(question.question_id) if self.unique_ids else (str(question.question_id), question.prompt_field)
+
+    def record_key(self, record: dict[str, Any]) -> Hashable:
+        return str(record["question_id"]) if self.unique_ids else (str(record["question_id"]), record["prompt"])
+
+    def request(self, question: ImageQuestion) -> Request:
+        image = question.open_image()
+        return Request(() if image is None else (image,), Prompt(question.text, max_new_tokens=self.max_new_tokens))
+
+    def answers_by_question(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> dict[Hashable, str]:
+        """Each question's answer text (the last record wins); records for unknown questions are an error."""
+        known = {self.question_key(q) for q in questions}
+        texts: dict[Hashable, str] = {}
+        for record in records:
+            key = self.record_key(record)
+            if key not in known:
+                raise BenchmarkError(f"{self.name}: an answer for question {record['question_id']!r} that the data under {self.root} does not have")
+            texts[key] = record["text"]
+        return texts
+
+    def _path(self, *parts: str) -> Path:
+        path = self.root.joinpath(*parts)
+        if not path.exists():
+            raise BenchmarkError(f"{self.name}: {path} is missing; --data-root must hold {self.data_layout}")
+        return path
+
+
+BENCHMARKS: dict[str, type[ImageBenchmark]] = {}
+
+
+def register_benchmark(cls: type[ImageBenchmark]) -> type[ImageBenchmark]:
+    BENCHMARKS[cls.name] = cls
+    return cls
+
+
+def get_benchmark(name: str, root: str | Path, **options: Any) -> ImageBenchmark:
+    if name not in BENCHMARKS:
+        raise BenchmarkError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+    return BENCHMARKS[name](root, **options)
+
+
+def answer_record(question: ImageQuestion, output: str, model_id: str) -> dict[str, Any]:
+    """The line LLaVA's `model_vqa_loader.py` writes (its answer_id is random; ours is the question's position)."""
+    return {"question_id": question.question_id, "prompt": question.prompt_field, "text": output.strip(),
+            "answer_id": str(question.meta.get("position", "")), "model_id": model_id, "metadata": {}}
+
+
+def predict(
+    benchmark: ImageBenchmark, questions: list[ImageQuestion], runner: ModelRunner, out: Path, model_id: str = "",
+    batch_size: int = 1, progress: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Answer every question not yet in `out` (LLaVA answer jsonl, appended and flushed per line)."""
+    done = [benchmark.record_key(r) for r in json_lines(out)] if out.exists() else []
+    return run_resumable(questions, benchmark.question_key, done, benchmark.request,
+                         lambda q, output: answer_record(q, output, model_id), runner, out, batch_size,
+                         benchmark.name, progress)
+
+
+def read_answers(path: Path) -> list[dict[str, Any]]:
+    """LLaVA-format answer records in file order; each must have question_id and text."""
+    records = json_lines(path)
+    for i, record in enumerate(records):
+        if "question_id" not in record or "text" not in record:
+            raise BenchmarkError(f"{path} line {i + 1}: not a LLaVA answer record (needs question_id and text)")
+    return records
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def accuracy_groups(
+    items: list[tuple[str, bool]], order: Callable[[str], Any] | None = None
+) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Per-group accuracy (x100) and counts from (group, correct) pairs."""
+    groups: dict[str, list[bool]] = {}
+    for group, correct in items:
+        groups.setdefault(group, []).append(correct)
+    names = sorted(groups, key=order) if order else list(groups)
+    return ({g: {"acc": 100 * ratio(sum(groups[g]), len(groups[g]))} for g in names}, {g: len(groups[g]) for g in names})
