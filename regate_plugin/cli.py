@@ -108,10 +108,11 @@ def _eval_mvbench(args: argparse.Namespace) -> int:
     data = load_mvbench(args.data_root, args.tasks, args.allow_missing)
     if args.limit:
         data.questions = [q for q in data.questions if q.index < args.limit]
-    protocol = get_protocol(args.protocol, args.num_frames)
+    runner = _runner(args)
+    protocol = get_protocol(args.protocol, args.num_frames, getattr(runner.model.config, "model_type", ""))
     out = Path(args.out or "eval_out/mvbench")
     predictions = out / f"predictions-{protocol.name}.jsonl"
-    for _ in predict(data, protocol, _runner(args), predictions, not args.no_progress, args.batch_size):
+    for _ in predict(data, protocol, runner, predictions, not args.no_progress, args.batch_size):
         pass
     wanted = {q.uid for q in data.questions}
     result = aggregate([r for uid, r in read_predictions(predictions).items() if uid in wanted], data.missing)

@@ -99,6 +99,11 @@ def test_videollama2_prompt():
     assert prompt.user == ("Question: How many?\nOptions:\n(A) opt0\n(B) opt1\n(C) opt2\nAnswer with the option's "
                            "letter from the given choices directly and only give the best option.")
     assert prompt.system is None and prompt.prefill == "" and prompt.max_new_tokens == 2048
+    # mm_infer: Llama-2's system turn for the Mistral/Mixtral model types only
+    for model_type in ("videollama2", "videollama2_mistral", "videollama2_mixtral"):
+        system = get_protocol("videollama2", model_type=model_type).prompt(_question()).system
+        assert system.startswith("<<SYS>>\nYou are a helpful") and system.endswith("false information.\n<</SYS>>")
+    assert get_protocol("videollama2", model_type="videollama2_qwen2").prompt(_question()).system is None
 
 
 def test_aggregate_is_sample_weighted_and_labels_missing_tasks():

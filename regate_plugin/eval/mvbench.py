@@ -139,6 +139,15 @@ OFFICIAL_SYSTEM = (
     "objects, and the action and pose of persons. Based on your observations, select the best option that "
     "accurately addresses the question.\n"
 )
+# mm_infer puts Llama-2's system prompt in front for these VideoLLaMA2 model types (not for videollama2_qwen2)
+LLAMA2_SYSTEM_MODEL_TYPES = ("videollama2", "videollama2_mistral", "videollama2_mixtral")
+LLAMA2_SYSTEM = (
+    "<<SYS>>\nYou are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+    "safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
+    "content. Please ensure that your responses are socially unbiased and positive in nature.\nIf a question does not "
+    "make any sense, or is not factually coherent, explain why instead of answering something not correct. If you "
+    "don't know the answer to a question, please don't share false information.\n<</SYS>>"
+)
 VIDEOLLAMA2_INSTRUCTION = "Answer with the option's letter from the given choices directly and only give the best option."
 
 
@@ -160,8 +169,9 @@ class MVBenchProtocol:
 
     name = ""
 
-    def __init__(self, num_frames: int) -> None:
+    def __init__(self, num_frames: int, model_type: str = "") -> None:
         self.num_frames = num_frames
+        self.model_type = model_type  # the evaluated model's config.model_type, where the protocol depends on it
 
     def frames(self, question: Question) -> list[Image.Image]:
         raise NotImplementedError
@@ -198,8 +208,9 @@ class OfficialProtocol(MVBenchProtocol):
 
 
 class VideoLLaMA2Protocol(MVBenchProtocol):
-    """VideoLLaMA2 `inference_video_mcqa_mvbench.py`: `frame_sample` frames, the letter instruction, greedy,
-    `mvbench_dump` (first in-range capital letter, else an option's text, else option C)."""
+    """VideoLLaMA2 `inference_video_mcqa_mvbench.py`: `frame_sample` frames, the letter instruction (after Llama-2's
+    system prompt for the Mistral/Mixtral model types), greedy, `mvbench_dump` (first in-range capital letter, else an
+    option's text, else option C)."""
 
     name = "videollama2"
 
@@ -208,7 +219,8 @@ class VideoLLaMA2Protocol(MVBenchProtocol):
 
     def prompt(self, question: Question) -> Prompt:
         options = "".join(f"({letter}) {c}\n" for letter, c in zip(question.letters, question.candidates))
-        return Prompt(f"Question: {question.question}\nOptions:\n{options}{VIDEOLLAMA2_INSTRUCTION}", None, "", 2048)
+        system = LLAMA2_SYSTEM if self.model_type in LLAMA2_SYSTEM_MODEL_TYPES else None
+        return Prompt(f"Question: {question.question}\nOptions:\n{options}{VIDEOLLAMA2_INSTRUCTION}", system, "", 2048)
 
     def parse(self, question: Question, output: str) -> tuple[Parsed, bool]:
         letters = question.letters
@@ -226,10 +238,10 @@ class VideoLLaMA2Protocol(MVBenchProtocol):
 PROTOCOLS: dict[str, type[MVBenchProtocol]] = {"official": OfficialProtocol, "videollama2": VideoLLaMA2Protocol}
 
 
-def get_protocol(name: str, num_frames: int | None = None) -> MVBenchProtocol:
+def get_protocol(name: str, num_frames: int | None = None, model_type: str = "") -> MVBenchProtocol:
     if name not in PROTOCOLS:
         raise MVBenchError(f"unknown MVBench protocol {name!r}; known: {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name](num_frames or (16 if name == "official" else 8))
+    return PROTOCOLS[name](num_frames or (16 if name == "official" else 8), model_type)
 
 
 def _prompt_hash(prompt: Prompt) -> str:
