@@ -17,13 +17,14 @@ from .patching import PATCHES, PatchError, apply_patch
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_results, run_demo
+    from .demo import format_results, plot_curves, run_demo
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="regate-demo-"))
     results = run_demo(out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, keep_ratio=args.keep_ratio)
     print()
     print(format_results(results))
     print(f"\nreference cache: {out / 'reference_cache'}")
+    print(f"accuracy against answer tokens: {plot_curves(results, out / 'accuracy_vs_tokens.png')}")
     return 0
 
 

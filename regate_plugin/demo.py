@@ -49,6 +49,7 @@ class DemoResult:
     seconds: float
     accuracy: float
     final_loss: float
+    curve: list[tuple[int, float]]  # (answer tokens processed, held-out colour accuracy), from step 0
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -116,7 +117,9 @@ def _colour_accuracy(model: LlavaForConditionalGeneration, tok: PreTrainedTokeni
     return correct / len(rows)
 
 
-def run_demo(out_dir: Path, steps: int = 200, batch_size: int = 8, seed: int = 0, keep_ratio: float = 0.35) -> list[DemoResult]:
+def run_demo(
+    out_dir: Path, steps: int = 200, batch_size: int = 8, seed: int = 0, keep_ratio: float = 0.35, eval_every: int = 20
+) -> list[DemoResult]:
     gen = torch.Generator().manual_seed(seed)
     tok = _tokenizer()
     train = [_sample(tok, gen) for _ in range(steps * batch_size)]
@@ -162,19 +165,43 @@ def run_demo(out_dir: Path, steps: int = 200, batch_size: int = 8, seed: int = 0
         elision = build_token_elision(mode, cfg, **({"reference": cache_dir, "tokenizer": tok} if mode == "regate" else {}))
         enable_token_elision(model, elision)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-        answer_tokens, began, loss = 0, time.perf_counter(), torch.tensor(0.0)
+        answer_tokens, seconds, loss = 0, 0.0, torch.tensor(0.0)
+        curve = [(0, _colour_accuracy(model, tok, test))]
         for step in tqdm(range(steps), desc=f"train student ({mode})"):
+            began = time.perf_counter()
             elision.set_step(step)
             out = model(**_collate(train[step * batch_size : (step + 1) * batch_size], tok.pad_token_id))
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            seconds += time.perf_counter() - began
             answer_tokens += out.token_elision["targets"]
             loss = out.loss.detach()
-        seconds = time.perf_counter() - began
-        results.append(DemoResult(mode, answer_tokens, elision.stats.kept_fraction, seconds,
-                                  _colour_accuracy(model, tok, test), float(loss)))
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                curve.append((answer_tokens, _colour_accuracy(model, tok, test)))
+        results.append(DemoResult(mode, answer_tokens, elision.stats.kept_fraction, seconds, curve[-1][1], float(loss), curve))
     return results
+
+
+def plot_curves(results: list[DemoResult], path: Path, title: str = "") -> Path:
+    """Held-out accuracy against answer tokens processed, one line per mode (the paper's Figure 1 in miniature)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        ax.plot([t for t, _ in r.curve], [a for _, a in r.curve], marker="o", markersize=3, label=r.mode)
+    ax.set_xlabel("answer tokens processed (loss terms)")
+    ax.set_ylabel("held-out colour accuracy")
+    ax.set_title(title or "regate demo")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def format_results(results: list[DemoResult]) -> str:
