@@ -149,9 +149,9 @@ def get_benchmark(name: str, root: str | Path, **options: Any) -> ImageBenchmark
 
 
 def answer_record(question: ImageQuestion, output: str, model_id: str) -> dict[str, Any]:
-    """The line LLaVA's `model_vqa_loader.py` writes (its answer_id is random; ours is the question's position)."""
+    """The line LLaVA's `model_vqa_loader.py` writes (its answer_id is a random uuid, which no scorer reads)."""
     return {"question_id": question.question_id, "prompt": question.prompt_field, "text": output.strip(),
-            "answer_id": str(question.meta.get("position", "")), "model_id": model_id, "metadata": {}}
+            "answer_id": f"regate-{question.question_id}", "model_id": model_id, "metadata": {}}
 
 
 def predict(

@@ -64,7 +64,7 @@ class POPE(ImageBenchmark):
                 questions.append(ImageQuestion(
                     f"{category}/{require(record, 'question_id', where)}", require(record, "text", where) + SHORT_ANSWER,
                     image_dir / require(record, "image", where), require(record, "label", where),
-                    {"category": category, "position": i}))
+                    {"category": category}))
         return questions
 
     def _category_of(self) -> dict[str, str]:
