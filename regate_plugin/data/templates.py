@@ -52,6 +52,21 @@ class TokenizedSample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
+def expand_placeholders(sample: TokenizedSample, token_id: int, rows: int) -> TokenizedSample:
+    """What an HF-native processor feeds its model: each placeholder becomes `rows` copies of the model's image
+    token (unsupervised), so keys and positions are those of the expanded sequence the HF adapter sees."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for token, label in zip(sample.input_ids, sample.labels):
+        if token in PLACEHOLDER_IDS:
+            ids += [token_id] * rows
+            labels += [IGNORE_INDEX] * rows
+        else:
+            ids.append(token)
+            labels.append(label)
+    return TokenizedSample(ids, labels)
+
+
 def tokenizer_image_token(prompt: str, tokenizer: Any, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
     """LLaVA's `tokenizer_image_token`: tokenize around each `<image>` (with BOS handling) and splice the index in."""
     chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]

