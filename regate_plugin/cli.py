@@ -33,11 +33,46 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zoo_list(args: argparse.Namespace) -> int:
+    from .model_zoo import format_table
+
+    print(format_table())
+    return 0
+
+
+def _zoo_show(args: argparse.Namespace) -> int:
+    from .model_zoo import get_entry
+
+    entry = get_entry(args.name)
+    print(entry.card.read_text())
+    print(f"entry: {entry.card.with_suffix('.json')}")
+    return 0
+
+
+def _zoo_load(args: argparse.Namespace) -> int:
+    from .model_zoo import load
+
+    loaded = load(args.name, model_base=args.model_base)
+    print(loaded.summary())
+    if loaded.entry is not None and loaded.entry.files:
+        print(f"{len(loaded.entry.files)} shipped files match their sha256")
+    return 0
+
+
 def _precompute(args: argparse.Namespace) -> int:
     from .data.visual import visual_tokens_from_path
     from .precompute import PrecomputeConfig, run_precompute
 
     visual_tokens = args.visual_tokens
+    if args.student:
+        from .model_zoo import get_entry
+
+        entry = get_entry(args.student)
+        args.teacher = args.teacher or entry.reference_llm
+        args.template = args.template or entry.reference_template
+        print(f"reference LLM and template from model_zoo entry {entry.name}: {args.teacher}, {args.template}")
+    if not args.teacher or not args.template:
+        raise DataError("pass --teacher and --template, or --student NAME (a model_zoo entry) to take them from its entry")
     if args.student_config:
         visual_tokens = visual_tokens_from_path(args.student_config)
         print(f"visual rows per placeholder, from {args.student_config}: {visual_tokens}")
@@ -258,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("precompute", help="score a training set with the reference LLM into a cache")
     pre.add_argument("--data", nargs="+", required=True, help="LLaVA-format .json list or .jsonl file(s)")
-    pre.add_argument("--teacher", required=True, help="reference LLM: hub id, local directory, .gguf file, or 'smollm2'")
-    pre.add_argument("--template", required=True, choices=sorted([*TEMPLATES, *ALIASES]), help="the training run's conversation template")
+    pre.add_argument("--teacher", help="reference LLM: hub id, local directory, .gguf file, or 'smollm2'")
+    pre.add_argument("--template", choices=sorted([*TEMPLATES, *ALIASES]), help="the training run's conversation template")
+    pre.add_argument("--student", help="a model_zoo entry: its reference LLM and template are the defaults of --teacher and --template")
     pre.add_argument("--out", required=True, help="cache directory")
     pre.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's; they must be identical)")
     visual = pre.add_mutually_exclusive_group()
@@ -281,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed samples instead of stopping")
     pre.add_argument("--no-progress", action="store_true")
     pre.set_defaults(run=_precompute)
+
+    zoo = commands.add_parser("zoo", help="the checkpoint registry (model_zoo)")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
+    zoo_commands.add_parser("list", help="every entry, as a table").set_defaults(run=_zoo_list)
+    show = zoo_commands.add_parser("show", help="an entry's model card")
+    show.add_argument("name")
+    show.set_defaults(run=_zoo_show)
+    zoo_load = zoo_commands.add_parser("load", help="load an entry or a local checkpoint directory and summarise it")
+    zoo_load.add_argument("name", help="entry name or checkpoint directory")
+    zoo_load.add_argument("--model-base", help="for LoRA / projector-only LLaVA checkpoints")
+    zoo_load.set_defaults(run=_zoo_load)
 
     cache = commands.add_parser("cache", help="inspect a reference cache")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)

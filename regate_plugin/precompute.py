@@ -254,9 +254,12 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
         from transformers import AutoTokenizer
 
         location = resolve_reference(cfg.tokenizer or cfg.teacher)
-        tokenizer = AutoTokenizer.from_pretrained(
-            location, local_files_only=Path(location).is_dir(), use_fast=template.use_fast, padding_side="right"
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                location, local_files_only=Path(location).is_dir(), use_fast=template.use_fast, padding_side="right"
+            )
+        except OSError as err:  # not a directory, not in the HF cache, and no hub: say which one
+            raise FileNotFoundError(f"cannot load the tokenizer of {location} (--tokenizer / --teacher): {err}") from None
     max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     if cfg.mode == "pad" and pad_id is None:
