@@ -42,7 +42,7 @@ loaded = model_zoo.load("{name}")
 ```
 
 ```bash
-regate eval mvbench --model "$(python -c 'from regate_plugin.model_zoo import get_entry; print(get_entry("{name}").path)')" \\
+regate eval mvbench --model {name} \\
     --data-root "$(python -c 'from regate_plugin.model_zoo import SHIPPED_DIR; print(SHIPPED_DIR / "{data}")')" \\
     --num-frames 4 --allow-missing
 ```

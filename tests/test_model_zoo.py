@@ -162,3 +162,14 @@ def test_precompute_student_takes_reference_and_template_from_the_entry(tmp_path
     missing = subprocess.run([sys.executable, "-m", "regate_plugin.cli", "precompute", "--data", str(data), "--out",
                               str(tmp_path / "c")], capture_output=True, text=True)
     assert missing.returncode == 2 and "--student NAME" in missing.stderr
+
+
+def test_eval_cli_scores_a_zoo_entry_by_name(tmp_path):
+    """`regate eval mvbench --model NAME` resolves the entry and scores it as its card says, to its recorded value."""
+    entry = get_entry("regate-demo-tiny-random")
+    [result] = entry.eval
+    subprocess.run([sys.executable, "-m", "regate_plugin.cli", "eval", "mvbench", "--model", entry.name, "--data-root",
+                    str(SHIPPED_DIR / result.data), "--num-frames", "4", "--allow-missing", "--batch-size", "16",
+                    "--out", str(tmp_path), "--no-progress"], check=True, capture_output=True)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["total"] == 90 and metrics["avg"] == pytest.approx(result.value, abs=1e-9)

@@ -170,7 +170,7 @@ def evaluate(model: torch.nn.Module, processor: Any, mvbench_root: Path, num_fra
     protocol = get_protocol("official", num_frames)
     was_training = model.training
     runner = HFRunner(model, processor)
-    records = list(predict(data, protocol, runner, out / "predictions-official.jsonl", progress=False, batch_size=16))
+    records = list(predict(data, protocol, runner, out / "predictions-official.jsonl", progress=progress, batch_size=16))
     model.train(was_training)
     result = aggregate(records)
     (out / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))

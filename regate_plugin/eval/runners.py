@@ -121,7 +121,14 @@ class UpstreamLlavaRunner:
 
 def load_runner(kind: str, model: str, model_base: str | None = None, conv_mode: str = "vicuna_v1",
                 device: str = "cpu", dtype: str = "auto") -> HFRunner | UpstreamLlavaRunner:
-    """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment)."""
+    """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment).
+    `model` is a directory, a hub id, or a model_zoo entry name (resolved, and verified when shipped)."""
+    if not Path(model).expanduser().is_dir():
+        from ..model_zoo import entries, resolve
+
+        if model in entries():
+            model_base = model_base or entries()[model].model_base
+            model = str(resolve(entries()[model]))
     if kind == "llava":
         return UpstreamLlavaRunner(model, model_base, conv_mode, device)
     if kind != "hf":
