@@ -65,10 +65,10 @@ def _precompute(args: argparse.Namespace) -> int:
 
     visual_tokens = args.visual_tokens
     if args.student:
-        from .model_zoo import get_entry
+        from .model_zoo import get_entry, reference_for
 
         entry = get_entry(args.student)
-        args.teacher = args.teacher or entry.reference_llm
+        args.teacher = args.teacher or reference_for(entry)
         args.template = args.template or entry.reference_template
         print(f"reference LLM and template from model_zoo entry {entry.name}: {args.teacher}, {args.template}")
     if not args.teacher or not args.template:

@@ -3,9 +3,9 @@
     regate demo --out /tmp/demo            # defaults: seed 0, 1500 steps
     python scripts/ship_demo_checkpoints.py /tmp/demo
 
-Copies `checkpoints/<mode>/` to `regate_plugin/model_zoo/shipped/regate-demo-tiny-<mode>/` and the MVBench-format
-test split to `shipped/demo-mvbench/`, then writes each entry (sha256 of every file, the recorded MVBench result)
-and its model card.
+Copies `checkpoints/<mode>/` to `regate_plugin/model_zoo/shipped/regate-demo-tiny-<mode>/` (with the run's
+reference LLM in `reference/`) and the MVBench-format test split to `shipped/demo-mvbench/`, then writes each entry
+(sha256 of every file, the recorded MVBench result) and its model card.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ The final student of `regate demo` (tiny preset, seed 0) trained with `--token_e
 
 - Format: `hf-llava` (transformers `LlavaForConditionalGeneration` and its `LlavaProcessor`; 4 frames go in as images).
 - Student: a 2-layer Llama (hidden 64) with a byte-level BPE tokenizer trained on the demo's text, trained on the text
-  alone first; that same LLM is the reference. Frozen random CLIP tower (32x32 frames, 16-pixel patches), trainable
+  alone first; that same LLM is the reference, shipped in `reference/` (what `regate precompute --student {name}`
+  loads). Frozen random CLIP tower (32x32 frames, 16-pixel patches), trainable
   projector and LLM.
 - Data: 2,400 PyAV clips of coloured squares, three MVBench-style tasks (Moving Attribute, Moving Direction,
   Moving Count), 1,500 steps of 8, AdamW 1e-3.
@@ -62,6 +63,7 @@ def main(run: Path) -> None:
         target = SHIPPED_DIR / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(checkpoint, target)
+        shutil.copytree(run / "reference", target / "reference")  # the demo's reference LLM, for precompute --student
         result = json.loads((target / "demo_result.json").read_text())
         elision = f", keep ratio {cfg.keep_ratio} on sparse steps, warmup {cfg.warmup_steps}, cycle {cfg.cycle_steps}, " \
                   f"{cfg.dense_steps} dense steps per cycle" if mode != "none" else ""
@@ -71,7 +73,8 @@ def main(run: Path) -> None:
             "location": name,
             "availability": "shipped",
             "student_base": "regate-demo tiny Llama (trained on the demo's text)",
-            "reference_llm": "regate-demo tiny Llama (the student's own base LLM)",
+            "reference_llm": "regate-demo tiny Llama (the student's own base LLM), shipped in reference/",
+            "reference_path": "reference",
             "reference_template": "videollama2",
             "recipe": {"data": "regate demo video QA (2,400 PyAV clips, seed 0)", "token_elision": mode,
                        "keep_ratio": cfg.keep_ratio if mode != "none" else None, "steps": cfg.steps,

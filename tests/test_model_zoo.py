@@ -173,3 +173,33 @@ def test_eval_cli_scores_a_zoo_entry_by_name(tmp_path):
                     "--out", str(tmp_path), "--no-progress"], check=True, capture_output=True)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["total"] == 90 and metrics["avg"] == pytest.approx(result.value, abs=1e-9)
+
+
+def test_precompute_student_uses_the_reference_shipped_with_a_demo_entry(tmp_path):
+    """`--student regate-demo-tiny-regate` loads the entry's own reference LLM; its cached losses equal a direct
+    forward of that LLM over the text tokens at their positions in the expanded sequence (visual rows skipped)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from regate_plugin.core import ReferenceLossCache, batch_sample_keys
+    from regate_plugin.data import expand_placeholders, get_template, iter_conversations
+
+    entry = get_entry("regate-demo-tiny-regate")
+    splits = demo_data.generate(tmp_path / "data", train_size=3, test_per_task=1, progress=False)
+    subprocess.run([sys.executable, "-m", "regate_plugin.cli", "precompute", "--data", str(splits.train_json),
+                    "--student", entry.name, "--image-token-id", "4", "--visual-tokens", "64", "--dtype", "float32",
+                    "--out", str(tmp_path / "cache"), "--no-progress"], check=True, capture_output=True)
+    cache = ReferenceLossCache(tmp_path / "cache")
+    reference = AutoModelForCausalLM.from_pretrained(entry.path / "reference").eval()
+    tokenizer = AutoTokenizer.from_pretrained(entry.path / "reference")
+    assert tokenizer.convert_tokens_to_ids("<image>") == 4
+    for conversation in iter_conversations(splits.train_json):
+        sample = expand_placeholders(get_template("videollama2").encode(conversation, tokenizer), 4, 64)
+        ids, labels = torch.tensor(sample.input_ids), torch.tensor(sample.labels)
+        text = ids != 4
+        with torch.no_grad():
+            logits = reference(input_ids=ids[text][None], position_ids=torch.nonzero(text).T).logits[0]
+        targets = labels[text][1:]
+        expected = torch.nn.functional.cross_entropy(logits[:-1][targets != -100], targets[targets != -100], reduction="none")
+        [key] = batch_sample_keys(ids[None], labels[None])
+        torch.testing.assert_close(cache[key], expected, atol=1e-4, rtol=1e-4)

@@ -194,6 +194,8 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None) -> list[DemoResult]:
     samples = encode_train_split(splits, tokenizer, processor, image_token_id, cfg.num_frames, cfg.progress)
     if cfg.preset == "tiny":
         train_reference(base, samples, image_token_id, pad_id, cfg)
+        base.save_pretrained(out_dir / "reference")  # `regate precompute --teacher OUT/reference` uses it as it is
+        tokenizer.save_pretrained(out_dir / "reference")
 
     cache_dir = out_dir / "reference_cache"
     precompute = PrecomputeConfig(

@@ -61,6 +61,7 @@ class ZooEntry:
     license: str
     files: dict[str, str] = field(default_factory=dict)  # shipped: relative path -> sha256
     model_base: str | None = None  # llava-lora and projector-only checkpoints: what they apply to
+    reference_path: str | None = None  # shipped entries: the reference LLM shipped with it, relative to its directory
     card: Path = Path()
 
     @property
@@ -76,7 +77,8 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "name": str, "format": str, "location": str, "availability": str, "student_base": str, "reference_llm": str,
     "reference_template": str, "recipe": dict, "tokens_used": (int, type(None)), "eval": list, "license": str,
 }
-_OPTIONAL: dict[str, type | tuple[type, ...]] = {"files": dict, "model_base": (str, type(None))}
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {"files": dict, "model_base": (str, type(None)),
+                                                  "reference_path": (str, type(None))}
 _EVAL_FIELDS = {"benchmark": str, "protocol": str, "metric": str, "value": (int, float), "source": str, "data": str}
 
 
@@ -106,6 +108,9 @@ def parse_entry(raw: Any, source: Path) -> ZooEntry:
             raise ZooError(f"{source}: a shipped entry lists every file with its sha256 in 'files'")
     elif "/" not in raw["location"]:
         raise ZooError(f"{source}: 'location' of a {raw['availability']} entry is a hub id (owner/name)")
+    reference_path = raw.get("reference_path")
+    if reference_path and not any(f.startswith(reference_path.rstrip("/") + "/") for f in files):
+        raise ZooError(f"{source}: 'reference_path' {reference_path!r} must be a shipped directory listed in 'files'")
     if raw["format"] == "llava-lora" and not raw.get("model_base"):
         raise ZooError(f"{source}: a llava-lora entry needs 'model_base'")
     results = []
@@ -152,6 +157,13 @@ def verify_files(entry: ZooEntry, root: Path | None = None) -> Path:
         if sha256_of(path) != expected:
             raise ZooError(f"{entry.name}: {path} does not match its recorded sha256 (modified or corrupted)")
     return root
+
+
+def reference_for(entry: ZooEntry) -> str:
+    """What `regate precompute --student` loads as the reference: the shipped one (hash-checked), else the hub id."""
+    if entry.reference_path:
+        return str(verify_files(entry) / entry.reference_path)
+    return entry.reference_llm
 
 
 def _hub_offline() -> bool:
@@ -292,4 +304,4 @@ def format_table() -> str:
 
 
 __all__ = ["FORMATS", "EvalResult", "LoadedModel", "ZooEntry", "ZooError", "detect_format", "entries", "format_table",
-           "get_entry", "load", "parse_entry", "resolve", "sha256_of", "verify_files"]
+           "get_entry", "load", "parse_entry", "reference_for", "resolve", "sha256_of", "verify_files"]
