@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -122,10 +121,3 @@ def build_student(base: LlamaForCausalLM, tokenizer: Any, seed: int) -> LlavaFor
     student.model.vision_tower.requires_grad_(False)
     return student
 
-
-@dataclass
-class DemoModels:
-    tokenizer: Any
-    processor: LlavaProcessor
-    base: LlamaForCausalLM  # the student's LLM at the start; also the reference
-    image_token_id: int
