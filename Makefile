@@ -2,7 +2,7 @@ VENV ?= .venv
 LLAVA_VENV ?= .venv-llava
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup demo test lint
 setup: $(VENV)/.ready $(LLAVA_VENV)/.ready
 
 $(VENV)/.ready: pyproject.toml scripts/setup.sh
@@ -16,6 +16,10 @@ $(LLAVA_VENV)/.ready: pyproject.toml scripts/setup_llava_env.sh
 
 demo: $(VENV)/.ready
 	$(VENV)/bin/regate demo
+
+lint: $(VENV)/.ready
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: setup
 	$(PY) -m pytest -q

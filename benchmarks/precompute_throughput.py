@@ -5,7 +5,8 @@ and `gap` against `pad` mode, on a VideoLLaMA2-like length mix (576 visual rows,
 
 Two baselines run on the very batches precompute plans (same padding, same position ids), with no tokenization,
 loss or cache writes: the teacher's plain forward (`model(...)`, logits at every position, what a bare scoring loop
-does) and its decoder alone (no logits at all: a ceiling no scorer can pass, since losses need the LM head). Modes are interleaved and the
+does) and its decoder alone (no logits at all: a ceiling no scorer can pass, since losses need the LM head).
+Modes are interleaved and the
 best of `--repeats` runs is kept, because this machine is shared.
 """
 
@@ -48,7 +49,10 @@ def bare_forward_seconds(
 ) -> tuple[float, int]:
     template = get_template("videollama2")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prepared = [prepare_sample(parse_sample(s, i, "bench"), template, tokenizer, None, rows, mode, pad) for i, s in enumerate(samples)]
+    prepared = [
+        prepare_sample(parse_sample(s, i, "bench"), template, tokenizer, None, rows, mode, pad)
+        for i, s in enumerate(samples)
+    ]
     batches = plan_batches([p.length for p in prepared], batch_tokens)
     forward = model.get_decoder() if decoder_only else model
     scorer = ReferenceScorer(model, mode, PLACEHOLDER_IDS, rows, pad)
@@ -85,26 +89,38 @@ def main() -> None:
     for repeat in range(args.repeats):
         for mode in ("gap", "pad"):
             for name, decoder_only in (("forward", False), ("decoder", True)):
-                seconds, n = bare_forward_seconds(model, tokenizer, samples, mode, args.rows, args.batch_tokens, decoder_only)
+                seconds, n = bare_forward_seconds(
+                    model, tokenizer, samples, mode, args.rows, args.batch_tokens, decoder_only
+                )
                 best[f"{name}-{mode}"] = min(best.get(f"{name}-{mode}", float("inf")), seconds)
             tokens[mode] = n
-            cfg = PrecomputeConfig(data=[data], teacher=args.teacher, template="videollama2", out=work / f"cache-{mode}-{repeat}",
-                                   visual_tokens=args.rows, mode=mode, batch_tokens=args.batch_tokens, progress=False)
+            cfg = PrecomputeConfig(
+                data=[data],
+                teacher=args.teacher,
+                template="videollama2",
+                out=work / f"cache-{mode}-{repeat}",
+                visual_tokens=args.rows,
+                mode=mode,
+                batch_tokens=args.batch_tokens,
+                progress=False,
+            )
             summary = run_precompute(cfg, model=model, tokenizer=tokenizer)
             best[f"precompute-{mode}"] = min(best.get(f"precompute-{mode}", float("inf")), summary.seconds)
             print(f"repeat {repeat} {mode}: precompute {summary.seconds:.2f} s", file=sys.stderr)
     text_tokens = tokens["gap"]
     rows = []
     for mode in ("gap", "pad"):
-        rows.append({
-            "mode": mode,
-            "teacher_tokens": tokens[mode],
-            "forward_s": best[f"forward-{mode}"],
-            "decoder_only_s": best[f"decoder-{mode}"],
-            "precompute_s": best[f"precompute-{mode}"],
-            "throughput_vs_forward": best[f"forward-{mode}"] / best[f"precompute-{mode}"],
-            "throughput_vs_decoder_only": best[f"decoder-{mode}"] / best[f"precompute-{mode}"],
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "teacher_tokens": tokens[mode],
+                "forward_s": best[f"forward-{mode}"],
+                "decoder_only_s": best[f"decoder-{mode}"],
+                "precompute_s": best[f"precompute-{mode}"],
+                "throughput_vs_forward": best[f"forward-{mode}"] / best[f"precompute-{mode}"],
+                "throughput_vs_decoder_only": best[f"decoder-{mode}"] / best[f"precompute-{mode}"],
+            }
+        )
     result = {
         "command": "python " + " ".join(sys.argv),
         "teacher": args.teacher,

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from pathlib import Path
-
 from dataclasses import asdict
+from pathlib import Path
 
 from regate_plugin.demo import DemoConfig, DemoResult, format_results, plot_curves, run_demo
 
@@ -44,7 +43,9 @@ def summarize(runs: dict[int, list[DemoResult]]) -> dict:
             "final_accuracy": {mode: r.accuracy for mode, r in by_mode.items()},
             # mean over the evaluations after step 0 (same steps for every mode): less noisy than one point
             "mean_accuracy": {mode: sum(a for _, a in r.curve[1:]) / len(r.curve[1:]) for mode, r in by_mode.items()},
-            "accuracy_at_equal_tokens": {mode: accuracy_at(by_mode[mode].curve, budget) for mode in ("regate", "random")},
+            "accuracy_at_equal_tokens": {
+                mode: accuracy_at(by_mode[mode].curve, budget) for mode in ("regate", "random")
+            },
             "answer_tokens": {mode: r.answer_tokens for mode, r in by_mode.items()},
             "curves": {mode: r.curve for mode, r in by_mode.items()},
         }
@@ -52,15 +53,20 @@ def summarize(runs: dict[int, list[DemoResult]]) -> dict:
 
 
 def table(rows: dict) -> str:
-    lines = ["| seed | none best acc | tokens to reach it: none | regate | random | regate / none | acc at equal tokens: regate | random |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| seed | none best acc | tokens to reach it: none | regate | random | regate / none "
+        "| acc at equal tokens: regate | random |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for seed, r in rows.items():
         need = r["tokens_to_none_best"]
         ratio = "not reached" if r["regate_tokens_over_none"] is None else f"{r['regate_tokens_over_none']:.2f}"
         fmt = {m: "not reached" if need[m] is None else str(need[m]) for m in need}
         eq = r["accuracy_at_equal_tokens"]
-        lines.append(f"| {seed} | {r['none_best_accuracy']:.1f} | {fmt['none']} | {fmt['regate']} | {fmt['random']} | {ratio} | "
-                     f"{eq['regate']:.1f} | {eq['random']:.1f} |")
+        lines.append(
+            f"| {seed} | {r['none_best_accuracy']:.1f} | {fmt['none']} | {fmt['regate']} | {fmt['random']} | {ratio} | "
+            f"{eq['regate']:.1f} | {eq['random']:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Training-step time of a Llama-style decoder on merged multimodal batches: ReGATE's compaction against full
 training, and each measured time ratio beside the ideal ratio from a FLOP count of the same shapes.
 
-    python benchmarks/step_speed.py [--repeats 3] [--hidden 256] [--layers 4] [--device cpu|cuda] [--out docs/benchmarks]
+    python benchmarks/step_speed.py [--repeats 3] [--hidden 256] [--layers 4] [--device cpu|cuda] \
+        [--out docs/benchmarks]
     python benchmarks/step_speed.py --replot docs/benchmarks/step_speed_cpu.json   # table and plot again
 
 One step = forward + backward + AdamW step over the decoder and LM head, with the batch already merged (visual
@@ -68,7 +69,7 @@ def make_batch(shape: Shape, batch: int, seed: int) -> dict[str, torch.Tensor]:
     ids = torch.randint(10, VOCAB, (batch, shape.length), generator=gen)
     ids[:, : shape.visual] = VISUAL_ID
     labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, shape.visual + shape.prompt:] = ids[:, shape.visual + shape.prompt:]
+    labels[:, shape.visual + shape.prompt :] = ids[:, shape.visual + shape.prompt :]
     mask = torch.ones_like(ids)
     for b in range(1, batch):  # right padding: later rows are a little shorter
         cut = shape.length - 16 * b
@@ -90,25 +91,40 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
-                         num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 64, 2),
-                         num_key_value_heads=max(args.hidden // 128, 1), max_position_embeddings=4096)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(args.hidden // 64, 2),
+        num_key_value_heads=max(args.hidden // 128, 1),
+        max_position_embeddings=4096,
+    )
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).to(device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     head = model.lm_head
-    batches = {shape.name: {k: v.to(device) for k, v in make_batch(shape, args.batch, i).items()} for i, shape in enumerate(SHAPES)}
-    embeds = {name: torch.randn(*b["input_ids"].shape, args.hidden, device=device, dtype=dtype) for name, b in batches.items()}
+    batches = {
+        shape.name: {k: v.to(device) for k, v in make_batch(shape, args.batch, i).items()}
+        for i, shape in enumerate(SHAPES)
+    }
+    embeds = {
+        name: torch.randn(*b["input_ids"].shape, args.hidden, device=device, dtype=dtype) for name, b in batches.items()
+    }
     cache = Path(tempfile.mkdtemp(prefix="step-speed-cache-"))
     gen = torch.Generator().manual_seed(1)
-    with ReferenceLossCacheWriter(cache, teacher="random", tokenizer_fingerprint="bench", reference_mode="gap") as writer:
+    with ReferenceLossCacheWriter(
+        cache, teacher="random", tokenizer_fingerprint="bench", reference_mode="gap"
+    ) as writer:
         for b in batches.values():
             n_targets = (shift_targets(b["labels"], b["attention_mask"]) != IGNORE_INDEX).sum(1).tolist()
             for key, n in zip(batch_sample_keys(b["input_ids"], b["labels"], b["attention_mask"]), n_targets):
                 writer.add(key, torch.rand(n, generator=gen) * 5)
     elisions = {}
     for k in args.keep:
-        elision = build_token_elision("regate", ReGATEConfig(keep_ratio=k, warmup_steps=0, cycle_steps=4, dense_steps=1), reference=cache)
+        elision = build_token_elision(
+            "regate", ReGATEConfig(keep_ratio=k, warmup_steps=0, cycle_steps=4, dense_steps=1), reference=cache
+        )
         elision.set_step(2)  # a sparse step
         elisions[k] = elision
 
@@ -140,7 +156,9 @@ def run(args: argparse.Namespace) -> dict:
         elision = elisions[k]
         b = batches[name]
         began = time.perf_counter()
-        plan = elision.plan(b["labels"], b["attention_mask"], batch_sample_keys(b["input_ids"], b["labels"], b["attention_mask"]))
+        plan = elision.plan(
+            b["labels"], b["attention_mask"], batch_sample_keys(b["input_ids"], b["labels"], b["attention_mask"])
+        )
         sync()
         select = time.perf_counter() - began
         observe, observed = elision.observe, [0.0]
@@ -154,8 +172,11 @@ def run(args: argparse.Namespace) -> dict:
 
         elision.observe = timed_observe
         mask = plan.compact_attention_mask(b["attention_mask"])
-        hidden = model.model(inputs_embeds=plan.compact_embeddings(embeds[name]), attention_mask=mask,
-                             position_ids=plan.compact_position_ids(None)).last_hidden_state
+        hidden = model.model(
+            inputs_embeds=plan.compact_embeddings(embeds[name]),
+            attention_mask=mask,
+            position_ids=plan.compact_position_ids(None),
+        ).last_hidden_state
         optimizer_step(elision.loss(plan, hidden, head).loss)
         del elision.observe
         counts = plan.counts
@@ -164,7 +185,9 @@ def run(args: argparse.Namespace) -> dict:
 
     def masked(name: str, k: float) -> dict:
         b = batches[name]
-        plan = elisions[k].plan(b["labels"], b["attention_mask"], batch_sample_keys(b["input_ids"], b["labels"], b["attention_mask"]))
+        plan = elisions[k].plan(
+            b["labels"], b["attention_mask"], batch_sample_keys(b["input_ids"], b["labels"], b["attention_mask"])
+        )
         dropped = plan.candidates & ~plan.kept_mask  # the token at t is the input whose target is labels[t + 1]
         mask = b["attention_mask"].masked_fill(dropped, 0)
         labels = b["labels"].clone()
@@ -200,20 +223,27 @@ def run(args: argparse.Namespace) -> dict:
                         info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     results[name][mode] = info
             print(f"repeat {repeat + 1}/{args.repeats}: {name} done", file=sys.stderr)
-    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-            "dtype": str(dtype), "config": {"hidden": args.hidden, "layers": args.layers, "vocab": VOCAB, "batch": args.batch},
-            "results": results}
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": str(dtype),
+        "config": {"hidden": args.hidden, "layers": args.layers, "vocab": VOCAB, "batch": args.batch},
+        "results": results,
+    }
 
 
 def table(report: dict) -> str:
-    lines = ["| shape | mode | step (s) | time / full | ideal (FLOPs) / full | measured / ideal | select + EMA share |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| shape | mode | step (s) | time / full | ideal (FLOPs) / full | measured / ideal | select + EMA share |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for name, modes in report["results"].items():
         full = modes["full"]
         for mode, r in modes.items():
             ratio, ideal = r["seconds"] / full["seconds"], r["flops"] / full["flops"]
             share = f"{100 * r['select_s'] / r['seconds']:.1f}%" if "select_s" in r else ""
-            lines.append(f"| {name} | {mode} | {r['seconds']:.3f} | {ratio:.3f} | {ideal:.3f} | {ratio / ideal:.3f} | {share} |")
+            lines.append(
+                f"| {name} | {mode} | {r['seconds']:.3f} | {ratio:.3f} | {ideal:.3f} | {ratio / ideal:.3f} | {share} |"
+            )
     return "\n".join(lines)
 
 
@@ -233,7 +263,9 @@ def plot(report: dict, path: Path) -> Path:
         rows = [report["results"][shape][mode] for shape in shapes]
         full = [report["results"][shape]["full"] for shape in shapes]
         ax.bar(xs, [r["seconds"] / f["seconds"] for r, f in zip(rows, full)], width, label=mode)
-        ax.scatter(xs, [r["flops"] / f["flops"] for r, f in zip(rows, full)], marker="_", color="black", s=200, zorder=3)
+        ax.scatter(
+            xs, [r["flops"] / f["flops"] for r, f in zip(rows, full)], marker="_", color="black", s=200, zorder=3
+        )
     ax.set_xticks(range(len(shapes)), shapes)
     ax.set_ylabel("step time / full (bars), FLOP ideal (ticks)")
     ax.set_title(f"training step on {report['device']}, {report['dtype']}")

@@ -1,9 +1,9 @@
 """regate-plugin: ReGATE (Reference-Guided Adaptive Token Elision) for multimodal-LLM training.
 
-    import regate_plugin as rg
-    cfg = rg.ReGATEConfig(keep_ratio=0.5)
-    elision = rg.build_token_elision("regate", cfg, reference="path/to/ref_cache")
-    model = rg.enable_token_elision(model, elision)
+import regate_plugin as rg
+cfg = rg.ReGATEConfig(keep_ratio=0.5)
+elision = rg.build_token_elision("regate", cfg, reference="path/to/ref_cache")
+model = rg.enable_token_elision(model, elision)
 """
 
 from .adapters import disable_token_elision, enable_token_elision, get_token_elision, supported_models

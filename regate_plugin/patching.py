@@ -31,7 +31,7 @@ class UpstreamPatch:
         return f"{self.codebase}-{self.commit}.diff"
 
     def diff_text(self) -> str:
-        return (resources.files("regate_plugin") / "patches" / self.diff_name).read_text()
+        return (resources.files("regate_plugin.patches") / self.diff_name).read_text()
 
 
 PATCHES = {

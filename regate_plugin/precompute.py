@@ -94,7 +94,8 @@ class PrecomputeSummary:
             f"truncated      {self.truncated}",
             f"empty          {self.empty}  (no answer tokens: nothing to elide)",
             f"bad (skipped)  {len(self.bad)}",
-            f"time           {self.seconds:.1f} s  ({self.scored / max(self.seconds, 1e-9):.1f} samples/s, {rate:.0f} teacher tokens/s)",
+            f"time           {self.seconds:.1f} s  ({self.scored / max(self.seconds, 1e-9):.1f} samples/s, "
+            f"{rate:.0f} teacher tokens/s)",
         ]
         return "\n".join(lines)
 
@@ -127,7 +128,9 @@ def prepare_sample(
     encoded = template.encode(sample, tokenizer, max_length)
     has_visual = any(token in PLACEHOLDER_IDS for token in encoded.input_ids)
     if has_visual and visual_tokens is None:
-        raise DataError(f"{sample.where()}: the sample has a visual placeholder; pass --visual-tokens or --student-config")
+        raise DataError(
+            f"{sample.where()}: the sample has a visual placeholder; pass --visual-tokens or --student-config"
+        )
     visual_ids, rows = PLACEHOLDER_IDS, visual_tokens or 1
     if image_token_id is not None:  # HF-native: the processor expands placeholders before anything else
         encoded = expand_placeholders(encoded, image_token_id, rows)
@@ -146,7 +149,9 @@ def prepare_sample(
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest first so that rows x longest row stays within `batch_tokens` (a lone row may exceed it)."""
+    """Indices grouped longest first so that rows x longest row stays within `batch_tokens`.
+
+    A lone row may exceed it."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for index in order:
@@ -159,7 +164,7 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
 
 def _windows(items: list[Conversation], size: int) -> Iterator[tuple[int, list[Conversation]]]:
     for number, start in enumerate(range(0, len(items), size)):
-        yield number, items[start:start + size]
+        yield number, items[start : start + size]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -203,7 +208,9 @@ def _prepare_output(cfg: PrecomputeConfig, header: dict[str, Any], extra: dict[s
         return
     exists = (out / MANIFEST_NAME).exists() or (out / PARTS_DIR).exists()
     if exists and not (cfg.resume or cfg.overwrite):
-        raise CacheError(f"{out} already holds a reference cache: pass --resume to continue it or --overwrite to replace it")
+        raise CacheError(
+            f"{out} already holds a reference cache: pass --resume to continue it or --overwrite to replace it"
+        )
     if cfg.overwrite:
         shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     ReferenceLossCacheWriter(out, overwrite=cfg.overwrite, extra=extra, **header)
@@ -259,7 +266,9 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
                 location, local_files_only=Path(location).is_dir(), use_fast=template.use_fast, padding_side="right"
             )
         except OSError as err:  # not a directory, not in the HF cache, and no hub: say which one
-            raise FileNotFoundError(f"cannot load the tokenizer of {location} (--tokenizer / --teacher): {err}") from None
+            raise FileNotFoundError(
+                f"cannot load the tokenizer of {location} (--tokenizer / --teacher): {err}"
+            ) from None
     max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     if cfg.mode == "pad" and pad_id is None:
@@ -271,8 +280,12 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
         dtype=cfg.cache_dtype,
         visual_tokens=cfg.visual_tokens,
     )
-    extra = {"template": template.name, "max_length": max_length, "data": [str(p) for p in cfg.data],
-             "image_token_id": cfg.image_token_id}
+    extra = {
+        "template": template.name,
+        "max_length": max_length,
+        "data": [str(p) for p in cfg.data],
+        "image_token_id": cfg.image_token_id,
+    }
 
     loaded = PrecomputeSummary()
     samples = load_data(cfg, loaded)
@@ -294,7 +307,9 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, pad_id)
 
     mine = [(n, window) for n, window in _windows(samples, cfg.window) if n % world == rank]
-    bar = tqdm(total=sum(len(w) for _, w in mine), unit="sample", disable=not cfg.progress or rank != 0, desc="precompute")
+    bar = tqdm(
+        total=sum(len(w) for _, w in mine), unit="sample", disable=not cfg.progress or rank != 0, desc="precompute"
+    )
     summary = PrecomputeSummary()
     for _, window in mine:
         # Duplicates are dropped within a window only, so a window's batches never depend on other windows.
@@ -323,7 +338,9 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
             summary.already_done += len(items) - len(todo)
             if todo:
                 with_targets = [p for p in items if p.teacher_input.num_targets > 0]
-                losses = dict(zip((p.key for p in with_targets), scorer.score_inputs([p.teacher_input for p in with_targets])))
+                losses = dict(
+                    zip((p.key for p in with_targets), scorer.score_inputs([p.teacher_input for p in with_targets]))
+                )
                 for p in todo:
                     values = losses.get(p.key, torch.zeros(0))
                     part.add(p.key, values)

@@ -125,14 +125,22 @@ class ReferenceScorer:
     def __post_init__(self) -> None:
         check_reference_mode(self.mode)
 
-    def teacher_input(self, input_ids: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> TeacherInput:
-        return build_teacher_input(input_ids, labels, self.visual_token_ids, self.visual_rows, self.mode, self.pad_token_id)
+    def teacher_input(
+        self, input_ids: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor
+    ) -> TeacherInput:
+        return build_teacher_input(
+            input_ids, labels, self.visual_token_ids, self.visual_rows, self.mode, self.pad_token_id
+        )
 
-    def score(self, samples: Sequence[tuple[Sequence[int] | torch.Tensor, Sequence[int] | torch.Tensor]]) -> list[torch.Tensor]:
+    def score(
+        self, samples: Sequence[tuple[Sequence[int] | torch.Tensor, Sequence[int] | torch.Tensor]]
+    ) -> list[torch.Tensor]:
         """One float32 tensor of reference losses per (input_ids, labels) sample, in answer-ordinal order."""
         return self.score_inputs([self.teacher_input(ids, labels) for ids, labels in samples])
 
-    def pad_batch(self, inputs: Sequence[TeacherInput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pad_batch(
+        self, inputs: Sequence[TeacherInput]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, position_ids, labels) of teacher inputs, right-padded to one batch."""
         length = max(max(x.input_ids.numel() for x in inputs), 1)
         batch = len(inputs)

@@ -3,7 +3,7 @@
     regate demo --out /tmp/demo            # defaults: seed 0, 1500 steps
     python scripts/ship_demo_checkpoints.py /tmp/demo
 
-Copies `checkpoints/<mode>/` to `regate_plugin/model_zoo/shipped/regate-demo-tiny-<mode>/` (with the run's
+Copies `checkpoints/<mode>/` to `model_zoo/shipped/regate-demo-tiny-<mode>/` (with the run's
 reference LLM in `reference/`) and the MVBench-format test split to `shipped/demo-mvbench/`, then writes each entry
 (sha256 of every file, the recorded MVBench result) and its model card.
 """
@@ -15,8 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from regate_plugin.demo import DemoConfig
 from regate_plugin.model_zoo import ENTRIES_DIR, SHIPPED_DIR, sha256_of
+
+from regate_plugin.demo import DemoConfig
 
 DATA = "demo-mvbench"
 CARD = """# {name}
@@ -65,8 +66,12 @@ def main(run: Path) -> None:
         shutil.copytree(checkpoint, target)
         shutil.copytree(run / "reference", target / "reference")  # the demo's reference LLM, for precompute --student
         result = json.loads((target / "demo_result.json").read_text())
-        elision = f", keep ratio {cfg.keep_ratio} on sparse steps, warmup {cfg.warmup_steps}, cycle {cfg.cycle_steps}, " \
-                  f"{cfg.dense_steps} dense steps per cycle" if mode != "none" else ""
+        elision = (
+            f", keep ratio {cfg.keep_ratio} on sparse steps, warmup {cfg.warmup_steps}, cycle {cfg.cycle_steps}, "
+            f"{cfg.dense_steps} dense steps per cycle"
+            if mode != "none"
+            else ""
+        )
         entry = {
             "name": name,
             "format": "hf-llava",
@@ -76,21 +81,47 @@ def main(run: Path) -> None:
             "reference_llm": "regate-demo tiny Llama (the student's own base LLM), shipped in reference/",
             "reference_path": "reference",
             "reference_template": "videollama2",
-            "recipe": {"data": "regate demo video QA (2,400 PyAV clips, seed 0)", "token_elision": mode,
-                       "keep_ratio": cfg.keep_ratio if mode != "none" else None, "steps": cfg.steps,
-                       "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
-                       "schedule": {"warmup_steps": cfg.warmup_steps, "cycle_steps": cfg.cycle_steps,
-                                    "dense_steps": cfg.dense_steps} if mode != "none" else None,
-                       "command": "regate demo --seed 0"},
+            "recipe": {
+                "data": "regate demo video QA (2,400 PyAV clips, seed 0)",
+                "token_elision": mode,
+                "keep_ratio": cfg.keep_ratio if mode != "none" else None,
+                "steps": cfg.steps,
+                "batch_size": cfg.batch_size,
+                "learning_rate": cfg.learning_rate,
+                "schedule": {
+                    "warmup_steps": cfg.warmup_steps,
+                    "cycle_steps": cfg.cycle_steps,
+                    "dense_steps": cfg.dense_steps,
+                }
+                if mode != "none"
+                else None,
+                "command": "regate demo --seed 0",
+            },
             "tokens_used": result["answer_tokens"],
-            "eval": [{"benchmark": "MVBench (demo test split)", "protocol": "official", "metric": "avg",
-                      "value": result["accuracy"], "source": "regate demo --seed 0", "data": DATA}],
+            "eval": [
+                {
+                    "benchmark": "MVBench (demo test split)",
+                    "protocol": "official",
+                    "metric": "avg",
+                    "value": result["accuracy"],
+                    "source": "regate demo --seed 0",
+                    "data": DATA,
+                }
+            ],
             "license": "Apache-2.0",
             "files": {str(p.relative_to(target)): sha256_of(p) for p in sorted(target.rglob("*")) if p.is_file()},
         }
         (ENTRIES_DIR / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
-        (ENTRIES_DIR / f"{name}.md").write_text(CARD.format(name=name, mode=mode, elision=elision, data=DATA,
-                                                            tokens=result["answer_tokens"], accuracy=result["accuracy"]))
+        (ENTRIES_DIR / f"{name}.md").write_text(
+            CARD.format(
+                name=name,
+                mode=mode,
+                elision=elision,
+                data=DATA,
+                tokens=result["answer_tokens"],
+                accuracy=result["accuracy"],
+            )
+        )
         print(f"{name}: {len(entry['files'])} files, MVBench {result['accuracy']:.1f}")
 
 

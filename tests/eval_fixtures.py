@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from regate_plugin.eval.mvbench import TASKS
 
 CHAT_TEMPLATE = (
@@ -56,8 +55,12 @@ def write_frame_folder(folder: Path, levels: list[int]) -> Path:
 
 def _question(i: int, video: str, n_options: int, bounded: bool) -> dict:
     candidates = [f"option {chr(97 + j)} {i}" for j in range(n_options)]
-    record = {"video": video, "question": f"What happens in clip {i}?", "candidates": candidates,
-              "answer": candidates[i % n_options]}
+    record = {
+        "video": video,
+        "question": f"What happens in clip {i}?",
+        "candidates": candidates,
+        "answer": candidates[i % n_options],
+    }
     if bounded:
         record.update(start=0.5, end=3.5)
     return record
@@ -102,20 +105,33 @@ def write_tiny_hf_llava(directory: Path, tokenizer_dir: Path) -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     vision = CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
     )
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(directory)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .tokenizers_fixture import WORDS
 
-
 # Role names inside a message would break upstream's round split (a "tokenization mismatch" masks the sample).
 PHRASE_WORDS = [w for w in WORDS if w not in ("USER", "ASSISTANT")]
 
@@ -43,8 +42,14 @@ def caption_samples(n: int, seed: int = 0) -> list[dict]:
     """Projector-pretraining samples (template `plain`)."""
     rng = random.Random(seed)
     return [
-        {"id": f"c{i:04d}", "image": f"{i:04d}.jpg", "conversations": [
-            {"from": "human", "value": "<image>\n" + _phrase(rng, 3)}, {"from": "gpt", "value": _phrase(rng, rng.randint(2, 10))}]}
+        {
+            "id": f"c{i:04d}",
+            "image": f"{i:04d}.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + _phrase(rng, 3)},
+                {"from": "gpt", "value": _phrase(rng, rng.randint(2, 10))},
+            ],
+        }
         for i in range(n)
     ]
 
@@ -67,10 +72,18 @@ def write_tiny_teacher(
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    config_cls, model_cls = (MistralConfig, MistralForCausalLM) if arch == "mistral" else (LlamaConfig, LlamaForCausalLM)
+    config_cls, model_cls = (
+        (MistralConfig, MistralForCausalLM) if arch == "mistral" else (LlamaConfig, LlamaForCausalLM)
+    )
     config = config_cls(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     model_cls(config).save_pretrained(directory)
@@ -85,7 +98,11 @@ def write_tiny_clip(directory: Path, image_size: int = 28, patch_size: int = 14,
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
         patch_size=patch_size,
     )
     CLIPVisionModel(config).save_pretrained(directory)

@@ -4,18 +4,28 @@ import sys
 
 import pytest
 import torch
+from regate_plugin.eval import get_protocol, load_mvbench
+from regate_plugin.eval.base import Request
+from regate_plugin.eval.runners import HFRunner
 
 from regate_plugin.core import ReferenceLossCache, batch_sample_keys
 from regate_plugin.data import expand_placeholders, get_template, iter_conversations
 from regate_plugin.demo import DemoConfig, SavedActivations, plot_curves, run_demo
 from regate_plugin.demo import data as demo_data
 from regate_plugin.demo.models import ROWS_PER_FRAME, processor_for, train_tokenizer
-from regate_plugin.eval import get_protocol, load_mvbench
-from regate_plugin.eval.base import Request
-from regate_plugin.eval.runners import HFRunner
 
-SHORT = DemoConfig(steps=12, batch_size=4, train_size=24, test_per_task=3, eval_every=5, reference_steps=4,
-                   warmup_steps=2, cycle_steps=5, dense_steps=1, progress=False)
+SHORT = DemoConfig(
+    steps=12,
+    batch_size=4,
+    train_size=24,
+    test_per_task=3,
+    eval_every=5,
+    reference_steps=4,
+    warmup_steps=2,
+    cycle_steps=5,
+    dense_steps=1,
+    progress=False,
+)
 
 
 def official_correct(output: str, gt: str) -> bool:
@@ -68,7 +78,9 @@ def test_saved_checkpoint_reproduces_its_recorded_accuracy(short_demo):
     runner = HFRunner.from_pretrained(tmp_path / "checkpoints" / "regate")  # a plain local HF directory, offline
     data = load_mvbench(tmp_path / "data" / "mvbench", tasks=demo_data.TASK_NAMES)
     protocol = get_protocol("official", SHORT.num_frames)
-    outputs = runner.generate([Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True) for q in data.questions])
+    outputs = runner.generate(
+        [Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True) for q in data.questions]
+    )
     correct = [protocol.parse(q, out)[1] for q, out in zip(data.questions, outputs)]
     assert 100 * sum(correct) / len(correct) == recorded["accuracy"]
 
@@ -87,13 +99,15 @@ def test_training_tokens_equal_what_evaluation_feeds_the_model(tmp_path):
         task = next(t for t in demo_data.DEMO_TASKS if t.question in row["conversations"][0]["value"])
         answer = row["conversations"][1]["value"]
         index = ord(answer[len("Best option:(")]) - ord("A")
-        question = demo_data.Question(task.name, 0, splits.root / row["video"], task.question, task.candidates, index, None)
+        question = demo_data.Question(
+            task.name, 0, splits.root / row["video"], task.question, task.candidates, index, None
+        )
         request = Request(tuple(protocol.frames(question)), protocol.prompt(question), video=True)
         text = HFRunner(torch.nn.Module(), processor)._text(request)
         prompt_ids = processor(text=[text], images=list(request.images), return_tensors="pt")["input_ids"][0].tolist()
         encoded = expand_placeholders(template.encode(conversation, tokenizer), image_token, ROWS_PER_FRAME * 4)
         assert encoded.input_ids[: len(prompt_ids)] == prompt_ids
-        rest = tokenizer.decode(encoded.input_ids[len(prompt_ids):])
+        rest = tokenizer.decode(encoded.input_ids[len(prompt_ids) :])
         assert "Best option:(" + rest == answer + tokenizer.eos_token
 
 
@@ -108,10 +122,27 @@ def test_precompute_cli_keys_hf_native_samples_as_the_adapter_does(tmp_path):
     tokenizer.save_pretrained(tmp_path / "base")
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     subprocess.run(
-        [sys.executable, "-m", "regate_plugin.cli", "precompute", "--data", str(splits.train_json), "--teacher",
-         str(tmp_path / "base"), "--template", "videollama2", "--visual-tokens", str(ROWS_PER_FRAME * 4),
-         "--image-token-id", str(image_token), "--out", str(tmp_path / "cache"), "--no-progress"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "regate_plugin.cli",
+            "precompute",
+            "--data",
+            str(splits.train_json),
+            "--teacher",
+            str(tmp_path / "base"),
+            "--template",
+            "videollama2",
+            "--visual-tokens",
+            str(ROWS_PER_FRAME * 4),
+            "--image-token-id",
+            str(image_token),
+            "--out",
+            str(tmp_path / "cache"),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
     )
     cache = ReferenceLossCache(tmp_path / "cache")
     template = get_template("videollama2")
@@ -132,5 +163,7 @@ def test_saved_activations_counts_what_autograd_keeps():
 
 
 def test_cli_help_lists_demo():
-    out = subprocess.run([sys.executable, "-m", "regate_plugin.cli", "demo", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "regate_plugin.cli", "demo", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--preset" in out.stdout and "smollm2" in out.stdout

@@ -23,7 +23,12 @@ def _brute_force_ema(events, beta):
 updates = st.lists(
     st.tuples(
         st.sampled_from([KEY_A, KEY_B]),
-        st.lists(st.tuples(st.integers(0, 5), st.integers(0, 7), st.floats(0, 10)), min_size=1, max_size=6, unique_by=lambda t: t[0]),
+        st.lists(
+            st.tuples(st.integers(0, 5), st.integers(0, 7), st.floats(0, 10)),
+            min_size=1,
+            max_size=6,
+            unique_by=lambda t: t[0],
+        ),
     ),
     min_size=1,
     max_size=8,
@@ -38,7 +43,7 @@ def test_ema_matches_event_replay_and_falls_back_per_token(batches):
     for key, entries in batches:
         ordinals, tokens, losses = (torch.tensor(x) for x in zip(*entries))
         ema.update(key, ordinals, tokens, losses.float())
-        events += [(key, o, t, float(torch.tensor(l, dtype=torch.float32))) for o, t, l in entries]
+        events += [(key, o, t, float(torch.tensor(loss, dtype=torch.float32))) for o, t, loss in entries]
     per_sample, per_token = _brute_force_ema(events, 0.9)
     for key in (KEY_A, KEY_B):
         got = ema.lookup(key, torch.arange(6), torch.arange(6))
@@ -47,7 +52,9 @@ def test_ema_matches_event_replay_and_falls_back_per_token(batches):
             assert (math.isnan(want) and math.isnan(got[ordinal])) or abs(got[ordinal] - want) < 1e-4
     unseen = sample_key([9], [True])
     got = ema.lookup(unseen, torch.tensor([0, 1]), torch.tensor([3, 100]))
-    assert math.isnan(got[1]) and ((3 not in per_token and math.isnan(got[0])) or abs(got[0] - per_token.get(3, 0)) < 1e-4)
+    assert math.isnan(got[1]) and (
+        (3 not in per_token and math.isnan(got[0])) or abs(got[0] - per_token.get(3, 0)) < 1e-4
+    )
 
 
 def test_state_dict_round_trip_and_merge_from_another_rank():
@@ -69,8 +76,10 @@ def test_state_dict_round_trip_and_merge_from_another_rank():
     restored = DifficultyEMA(0.5)
     restored.load_state_dict(rank0.state_dict())
     assert restored.beta == 0.9 and len(restored) == 2
-    assert torch.equal(restored.lookup(KEY_A, torch.arange(3), torch.tensor([5, 6, 7])).nan_to_num(-1),
-                       rank0.lookup(KEY_A, torch.arange(3), torch.tensor([5, 6, 7])).nan_to_num(-1))
+    assert torch.equal(
+        restored.lookup(KEY_A, torch.arange(3), torch.tensor([5, 6, 7])).nan_to_num(-1),
+        rank0.lookup(KEY_A, torch.arange(3), torch.tensor([5, 6, 7])).nan_to_num(-1),
+    )
 
 
 def test_targets_and_ordinals():

@@ -36,7 +36,7 @@ def _assert_same_grads(actual: dict, expected: dict, atol: float = 1e-5) -> None
             assert actual[name] is None or actual[name].abs().max() == 0, name
             continue
         assert actual[name] is not None, f"{name} got no gradient"
-        torch.testing.assert_close(actual[name], grad, atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(actual[name], grad, atol=atol, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
         checked += 1
     assert checked > 10
 
@@ -211,8 +211,10 @@ def test_ema_learns_from_the_students_losses(tmp_path):
     restored.load_state_dict(state)
     elision.set_step(1)
     restored.set_step(1)
-    assert torch.equal(elision.plan(batch["labels"], batch["attention_mask"], _keys(batch)).kept_mask,
-                       restored.plan(batch["labels"], batch["attention_mask"], _keys(batch)).kept_mask)
+    assert torch.equal(
+        elision.plan(batch["labels"], batch["attention_mask"], _keys(batch)).kept_mask,
+        restored.plan(batch["labels"], batch["attention_mask"], _keys(batch)).kept_mask,
+    )
 
 
 def _keys(batch):

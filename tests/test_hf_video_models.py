@@ -8,6 +8,7 @@ import regate_plugin as rg
 
 from .tiny import make_qwen2_vl_batch, tiny_qwen2_vl, write_cache_for
 
+
 def test_qwen2_vl_decoder_gets_the_models_own_mrope_ids_at_kept_positions(tmp_path):
     batch = make_qwen2_vl_batch(batch=3)
     model = tiny_qwen2_vl()
@@ -19,7 +20,9 @@ def test_qwen2_vl_decoder_gets_the_models_own_mrope_ids_at_kept_positions(tmp_pa
     assert not torch.equal(full_ids[0], full_ids[1])  # the image rows really have 2-D positions
 
     cfg = rg.ReGATEConfig(keep_ratio=0.3, warmup_steps=0, dense_steps=0)
-    rg.enable_token_elision(model, rg.build_token_elision("regate", cfg, reference=write_cache_for(tmp_path / "c", [batch])))
+    rg.enable_token_elision(
+        model, rg.build_token_elision("regate", cfg, reference=write_cache_for(tmp_path / "c", [batch]))
+    )
     seen: dict[str, torch.Tensor] = {}
 
     def record(module, args, kwargs):

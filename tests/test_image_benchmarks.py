@@ -9,8 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
-from regate_plugin.cli import main as regate
 from regate_plugin.eval import BENCHMARKS, BenchmarkError, Request, get_benchmark
 from regate_plugin.eval.base import Prompt
 from regate_plugin.eval.benchmarks.mmbench import mmbench_letter
@@ -21,40 +19,81 @@ from regate_plugin.eval.image import ImageQuestion
 from regate_plugin.eval.runners import HFRunner
 from regate_plugin.eval.vqa_accuracy import contraction_table, normalize_answer
 
+from regate_plugin.cli import main as regate
+
 from .eval_fixtures import write_tiny_hf_llava
-from .image_fixtures import WRITERS, colour, write_mme, write_mmbench, write_pope, write_scienceqa, write_seed
+from .image_fixtures import WRITERS, colour, write_mmbench, write_mme, write_pope, write_scienceqa, write_seed
 from .test_launch_llava import _llava
 from .tokenizers_fixture import write_bpe_chat_tokenizer, write_sentencepiece_llama
 
 
-@pytest.mark.parametrize(("text", "answer"), [
-    ("Yes", "yes"), ("No", "no"), ("no", "no"), ("There is not.", "no"), ("Yes. No.", "yes"), ("No, there is none", "no"),
-    ("NO", "yes"), ("", "yes"), ("Not really", "yes"), ("yes,no", "yes"),  # quirks: case, empty, comma joins words
-])
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("Yes", "yes"),
+        ("No", "no"),
+        ("no", "no"),
+        ("There is not.", "no"),
+        ("Yes. No.", "yes"),
+        ("No, there is none", "no"),
+        ("NO", "yes"),
+        ("", "yes"),
+        ("Not really", "yes"),
+        ("yes,no", "yes"),  # quirks: case, empty, comma joins words
+    ],
+)
 def test_pope_rule(text, answer):
     assert pope_answer(text) == answer
 
 
-@pytest.mark.parametrize(("text", "answer"), [
-    ("Yes", "yes"), ("no", "no"), ("Yes.", "yes"), ("No, it is not", "no"), ("nope", "no"), (" yes", "yes"),
-    ("  yes", "other"), ("I think yes", "other"), ("", "other"),  # no strip: only the first 4 characters count
-])
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("Yes", "yes"),
+        ("no", "no"),
+        ("Yes.", "yes"),
+        ("No, it is not", "no"),
+        ("nope", "no"),
+        (" yes", "yes"),
+        ("  yes", "other"),
+        ("I think yes", "other"),
+        ("", "other"),  # no strip: only the first 4 characters count
+    ],
+)
 def test_mme_rule(text, answer):
     assert mme_answer(text) == answer
 
 
-@pytest.mark.parametrize(("text", "letter"), [
-    ("A", "A"), ("E", "E"), ("B. choice 1", "B"), ("B.", "FAILED"), ("b", "FAILED"), ("The answer is C.", "C"),
-    ("The answer is C. The answer is D.", "FAILED"), ("F", "FAILED"), ("", "FAILED"),
-])
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        ("A", "A"),
+        ("E", "E"),
+        ("B. choice 1", "B"),
+        ("B.", "FAILED"),
+        ("b", "FAILED"),
+        ("The answer is C.", "C"),
+        ("The answer is C. The answer is D.", "FAILED"),
+        ("F", "FAILED"),
+        ("", "FAILED"),
+    ],
+)
 def test_scienceqa_rule(text, letter):
     assert scienceqa_letter(text) == letter
 
 
-@pytest.mark.parametrize(("text", "letter"), [
-    ("B", "B"), ("(B) dog", "B"), ("B: dog.", "B"), ("A or B", None), ("It is a dog", "B"), ("cat and dog", None),
-    ("D", None),  # not an option of this question
-])
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        ("B", "B"),
+        ("(B) dog", "B"),
+        ("B: dog.", "B"),
+        ("A or B", None),
+        ("It is a dog", "B"),
+        ("cat and dog", None),
+        ("D", None),  # not an option of this question
+    ],
+)
 def test_mmbench_rule(text, letter):
     assert mmbench_letter(text, {"A": "cat", "B": "dog", "C": "bird"}) == letter
 
@@ -72,9 +111,14 @@ def test_mme_scores_acc_plus_acc_plus_per_subtask(tmp_path):
     benchmark = get_benchmark("mme", write_mme(tmp_path / "mme"))
     questions = benchmark.load()
     assert [q.question_id for q in questions[:4]] == ["existence/0000.jpg"] * 2 + ["existence/0001.png"] * 2
-    assert questions[0].text == "Is there a existence 0 in this image?\nAnswer the question using a single word or phrase."
-    texts = {"existence": ["Yes", "No", "Yes", "Yes"], "artwork": ["yes", "no.", "no", "no"],
-             "code_reasoning": ["  yes", "No", "No", "No"]}
+    assert (
+        questions[0].text == "Is there a existence 0 in this image?\nAnswer the question using a single word or phrase."
+    )
+    texts = {
+        "existence": ["Yes", "No", "Yes", "Yes"],
+        "artwork": ["yes", "no.", "no", "no"],
+        "code_reasoning": ["  yes", "No", "No", "No"],
+    }
     ordered = [t for subtask in ("existence", "artwork", "code_reasoning") for t in texts[subtask]]
     score = benchmark.score(questions, _records(questions, ordered))
     # existence: 3/4 right, 1 of 2 images fully right -> 75 + 50; artwork: 3/4 (the third says no to a yes), 50
@@ -89,10 +133,14 @@ def test_seed_exact_letter_and_first_character(tmp_path):
     benchmark = get_benchmark("seed", write_seed(tmp_path / "seed"))
     questions = benchmark.load()
     assert len(questions) == 4 and questions[0].text.endswith(
-        "\nA. a0\nB. b0\nC. c0\nD. d0\nAnswer with the option's letter from the given choices directly.")
+        "\nA. a0\nB. b0\nC. c0\nD. d0\nAnswer with the option's letter from the given choices directly."
+    )
     # gold letters are A, B, C, D; int question ids (as LLaVA writes them) match the JSON's string ids
-    records = [{"question_id": 100, "prompt": "", "text": "A"}, {"question_id": 101, "prompt": "", "text": "B."},
-               {"question_id": 102, "prompt": "", "text": "D"}]
+    records = [
+        {"question_id": 100, "prompt": "", "text": "A"},
+        {"question_id": 101, "prompt": "", "text": "B."},
+        {"question_id": 102, "prompt": "", "text": "D"},
+    ]
     score = benchmark.score(questions, records)
     assert score.metrics == {"img_acc": 25.0, "img_acc_first_char": 50.0} and score.unanswered == 1
     assert score.groups == {"Scene Understanding": {"acc": 50.0}, "Instance Identity": {"acc": 0.0}}
@@ -108,15 +156,22 @@ def test_gqa_strips_periods_and_lower_cases(tmp_path):
 def test_mmbench_circular_eval(tmp_path):
     benchmark = get_benchmark("mmbench", write_mmbench(tmp_path / "mmb"))
     questions = benchmark.load()
-    assert len(questions) == 7 and questions[0].prompt_field == "A hint.\nWhat is it 0?\nA. cat\nB. dog\nC. bird\nD. fish"
-    assert questions[4].text == "What is it 1?\nA. up\nB. down\nC. left\nAnswer with the option's letter from the given choices directly."
+    assert (
+        len(questions) == 7 and questions[0].prompt_field == "A hint.\nWhat is it 0?\nA. cat\nB. dog\nC. bird\nD. fish"
+    )
+    assert (
+        questions[4].text
+        == "What is it 1?\nA. up\nB. down\nC. left\nAnswer with the option's letter from the given choices directly."
+    )
     gold = [q.answer for q in questions]
     # base 0 right in every rotation (one by option text); base 1 wrong in its last rotation
     texts = [gold[0], "It is a dog", *gold[2:4], gold[4], gold[5], "A" if gold[6] != "A" else "B"]
     score = benchmark.score(questions, _records(questions, texts))
     assert score.metrics == {"circular_acc": 50.0}
     assert score.groups["category: count"] == {"acc": 100.0} and score.groups["category: scene"] == {"acc": 0.0}
-    cn = get_benchmark("mmbench", write_mmbench(tmp_path / "cn", "mmbench_dev_cn_20231003.tsv"), tsv="mmbench_dev_cn_20231003.tsv")
+    cn = get_benchmark(
+        "mmbench", write_mmbench(tmp_path / "cn", "mmbench_dev_cn_20231003.tsv"), tsv="mmbench_dev_cn_20231003.tsv"
+    )
     assert cn.load()[0].text.endswith("\n请直接回答选项字母。")
 
 
@@ -134,17 +189,41 @@ def test_bad_data_names_the_file(tmp_path):
         get_benchmark("nope", tmp_path)
 
 
-VARIED = ["Yes", "No", "no, it is not.", "NO", "", "Yes, there is no cat.", "A", "B. b", "The answer is C.", "C",
-          "2", "two dogs", "Two", "unanswerable", "Red and white!", "red, white", "the flag.", "yes"]
+VARIED = [
+    "Yes",
+    "No",
+    "no, it is not.",
+    "NO",
+    "",
+    "Yes, there is no cat.",
+    "A",
+    "B. b",
+    "The answer is C.",
+    "C",
+    "2",
+    "two dogs",
+    "Two",
+    "unanswerable",
+    "Red and white!",
+    "red, white",
+    "the flag.",
+    "yes",
+]
 
 
 def parse_eval_pope(printed: str) -> dict[str, dict[str, float]]:
     """The metrics `eval_pope.py` prints for each category, as percentages."""
-    names = {"Accuracy": "acc", "Precision": "precision", "Recall": "recall", "F1 score": "f1", "Yes ratio": "yes_ratio"}
+    names = {
+        "Accuracy": "acc",
+        "Precision": "precision",
+        "Recall": "recall",
+        "F1 score": "f1",
+        "Yes ratio": "yes_ratio",
+    }
     metrics: dict[str, dict[str, float]] = {}
     for line in printed.splitlines():
         if line.startswith("Category: "):
-            category = metrics.setdefault(line.split(",")[0][len("Category: "):], {})
+            category = metrics.setdefault(line.split(",")[0][len("Category: ") :], {})
         name, _, value = line.partition(": ")
         if name in names:
             category[names[name]] = 100 * float(value)
@@ -189,17 +268,44 @@ out["contractions"] = {k: v for k, v in processor.CONTRACTIONS.items() if k != v
 print(json.dumps(out))
 """
 
-STRINGS = ["Two dogs.", "the cat's toy?", "3.5 kg", "1,000 people", "dont know", "somebody'd", "y'alld've", "I'm",
-           "a (red) car", "x- y", "x-y", "well.done", "Ten.", "none", "hadn'tve", "tab\tand\nnewline", "'twas", "e.g. this",
-           "a" + "." * 40 + "b", "An apple; a pear", "yall'll", "why?!", "it's 5:30"]
+STRINGS = [
+    "Two dogs.",
+    "the cat's toy?",
+    "3.5 kg",
+    "1,000 people",
+    "dont know",
+    "somebody'd",
+    "y'alld've",
+    "I'm",
+    "a (red) car",
+    "x- y",
+    "x-y",
+    "well.done",
+    "Ten.",
+    "none",
+    "hadn'tve",
+    "tab\tand\nnewline",
+    "'twas",
+    "e.g. this",
+    "a" + "." * 40 + "b",
+    "An apple; a pear",
+    "yall'll",
+    "why?!",
+    "it's 5:30",
+]
 
 
 def test_scores_equal_llava_torch_official_scorers(tmp_path):
     """POPE, ScienceQA, TextVQA and VizWiz scored by us and by llava-torch's own scripts on the same answer files."""
     pope = get_benchmark("pope", write_pope(tmp_path / "pope", per_category=6))
     pope_questions = pope.load()
-    _write(tmp_path / "pope_q.jsonl", [{"question_id": q.question_id, "image": q.image.name, "text": q.text,
-                                        "category": q.meta["category"]} for q in pope_questions])
+    _write(
+        tmp_path / "pope_q.jsonl",
+        [
+            {"question_id": q.question_id, "image": q.image.name, "text": q.text, "category": q.meta["category"]}
+            for q in pope_questions
+        ],
+    )
     pope_answers = _records(pope_questions, [VARIED[i % 6] for i in range(len(pope_questions))])
     _write(tmp_path / "pope_a.jsonl", pope_answers[:-1])  # one missing answer: paired by position, as upstream does
 
@@ -212,8 +318,9 @@ def test_scores_equal_llava_torch_official_scorers(tmp_path):
 
     textvqa = get_benchmark("textvqa", WRITERS["textvqa"](tmp_path / "textvqa"))
     textvqa_questions = textvqa.load()
-    assert textvqa_questions[0].text == ("what does sign 0 say?\nReference OCR token: STOP, sign\n"
-                                         "Answer the question using a single word or phrase.")
+    assert textvqa_questions[0].text == (
+        "what does sign 0 say?\nReference OCR token: STOP, sign\nAnswer the question using a single word or phrase."
+    )
     assert "Reference OCR token" not in textvqa_questions[1].text  # an image without OCR tokens: 2-line prompt
     textvqa_answers = _records(textvqa_questions, ["2", "Unanswerable", "yes.", "red and white"])
     _write(tmp_path / "textvqa_a.jsonl", textvqa_answers)
@@ -221,8 +328,9 @@ def test_scores_equal_llava_torch_official_scorers(tmp_path):
     vizwiz = get_benchmark("vizwiz", WRITERS["vizwiz"](tmp_path / "vizwiz"))
     vizwiz_questions = vizwiz.load()
     vizwiz_texts = ["Two", "unanswerable.", "Yes", "the flag"]
-    (tmp_path / "vizwiz_pairs.json").write_text(json.dumps(
-        [{"pred_answer": t, "gt_answers": q.answer} for t, q in zip(vizwiz_texts, vizwiz_questions)]))
+    (tmp_path / "vizwiz_pairs.json").write_text(
+        json.dumps([{"pred_answer": t, "gt_answers": q.answer} for t, q in zip(vizwiz_texts, vizwiz_questions)])
+    )
     (tmp_path / "strings.json").write_text(json.dumps(STRINGS))
     script = tmp_path / "official.py"
     script.write_text(OFFICIAL_SCORES)
@@ -237,7 +345,9 @@ def test_scores_equal_llava_torch_official_scorers(tmp_path):
     assert ours.unanswered == 1
 
     assert textvqa.score(textvqa_questions, textvqa_answers).metrics == {"acc": 100 * official["textvqa"]}
-    assert vizwiz.score(vizwiz_questions, _records(vizwiz_questions, vizwiz_texts)).metrics == {"acc": 100 * official["vizwiz"]}
+    assert vizwiz.score(vizwiz_questions, _records(vizwiz_questions, vizwiz_texts)).metrics == {
+        "acc": 100 * official["vizwiz"]
+    }
     assert [normalize_answer(s) for s in STRINGS] == official["normalized"]
     assert contraction_table() == official["contractions"]
 
@@ -246,14 +356,34 @@ def test_pope_rescoring_of_a_llava_answer_file_needs_its_question_file(tmp_path,
     root = write_pope(tmp_path / "pope", 2)
     questions = get_benchmark("pope", root).load()
     # LLaVA's llava_pope_test.jsonl numbers questions globally and carries the category
-    _write(tmp_path / "llava_pope_test.jsonl", [{"question_id": n, "category": q.meta["category"], "text": q.text}
-                                                for n, q in enumerate(questions)])
-    answers = _write(tmp_path / "answers.jsonl", [{"question_id": n, "prompt": q.text, "text": "No" if n % 3 else "Yes"}
-                                                  for n, q in enumerate(questions)])
+    _write(
+        tmp_path / "llava_pope_test.jsonl",
+        [{"question_id": n, "category": q.meta["category"], "text": q.text} for n, q in enumerate(questions)],
+    )
+    answers = _write(
+        tmp_path / "answers.jsonl",
+        [{"question_id": n, "prompt": q.text, "text": "No" if n % 3 else "Yes"} for n, q in enumerate(questions)],
+    )
     assert regate(["eval", "score", "pope", "--pred", str(answers), "--data-root", str(root)]) == 2
     assert "needs --question-file" in capsys.readouterr().err
-    assert regate(["eval", "score", "pope", "--pred", str(answers), "--data-root", str(root), "--question-file",
-                   str(tmp_path / "llava_pope_test.jsonl"), "--out", str(tmp_path / "m")]) == 0
+    assert (
+        regate(
+            [
+                "eval",
+                "score",
+                "pope",
+                "--pred",
+                str(answers),
+                "--data-root",
+                str(root),
+                "--question-file",
+                str(tmp_path / "llava_pope_test.jsonl"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "m/metrics.json").read_text())
     assert metrics["counts"] == {"adversarial": 2, "popular": 2, "random": 2}
 
@@ -268,8 +398,19 @@ def tiny_hf_llava(tmp_path_factory) -> Path:
 def test_end_to_end_run_resumes_and_rescores(tmp_path, tiny_hf_llava, name):
     root = WRITERS[name](tmp_path / "data")
     out = tmp_path / "out"
-    args = ["eval", name, "--model", str(tiny_hf_llava), "--data-root", str(root), "--out", str(out), "--no-progress",
-            "--batch-size", "2"]
+    args = [
+        "eval",
+        name,
+        "--model",
+        str(tiny_hf_llava),
+        "--data-root",
+        str(root),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--batch-size",
+        "2",
+    ]
     assert regate(args) == 0
     answers = out / "answers.jsonl"
     first = [json.loads(line) for line in answers.read_text().splitlines()]
@@ -283,13 +424,18 @@ def test_end_to_end_run_resumes_and_rescores(tmp_path, tiny_hf_llava, name):
     again = [json.loads(line) for line in answers.read_text().splitlines() if line.endswith("}")]
     assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(json.dumps(r, sort_keys=True) for r in first)
 
-    assert regate(["eval", "score", name, "--pred", str(answers), "--data-root", str(root), "--out", str(tmp_path / "s")]) == 0
+    assert (
+        regate(["eval", "score", name, "--pred", str(answers), "--data-root", str(root), "--out", str(tmp_path / "s")])
+        == 0
+    )
     assert json.loads((tmp_path / "s/metrics.json").read_text()) == metrics
 
 
 def test_hf_runner_batches_give_the_unbatched_answers(tiny_hf_llava):
     runner = HFRunner.from_pretrained(tiny_hf_llava)
-    requests = [Request((colour(40 * i),), Prompt(f"question {'long ' * i}{i}?", max_new_tokens=4 + i)) for i in range(3)]
+    requests = [
+        Request((colour(40 * i),), Prompt(f"question {'long ' * i}{i}?", max_new_tokens=4 + i)) for i in range(3)
+    ]
     requests.append(Request((), Prompt("text only", max_new_tokens=3)))
     one_by_one = [runner.generate([r])[0] for r in requests]
     assert runner.generate(requests) == one_by_one
@@ -301,23 +447,67 @@ def test_upstream_llava_runner_reproduces_model_vqa_loader(tmp_path):
     (run on CPU), and upstream `eval_pope.py` scores its answer file as we do."""
     tokenizer = write_sentencepiece_llama(tmp_path / "tok")
     model = tmp_path / "llava-v1.5-tiny"
-    _llava(str(Path(__file__).parent / "upstream_llava/make_checkpoint.py"), str(tokenizer), str(tmp_path / "parts"), str(model))
+    _llava(
+        str(Path(__file__).parent / "upstream_llava/make_checkpoint.py"),
+        str(tokenizer),
+        str(tmp_path / "parts"),
+        str(model),
+    )
     root = write_pope(tmp_path / "pope", 2)
     out = tmp_path / "out"
-    _llava("-m", "regate_plugin.cli", "eval", "pope", "--runner", "llava", "--model", str(model), "--data-root", str(root),
-           "--out", str(out), "--no-progress")
+    _llava(
+        "-m",
+        "regate_plugin.cli",
+        "eval",
+        "pope",
+        "--runner",
+        "llava",
+        "--model",
+        str(model),
+        "--data-root",
+        str(root),
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     questions = get_benchmark("pope", root).load()
-    question_file = _write(tmp_path / "q.jsonl", [{"question_id": q.question_id, "image": q.image.name, "text": q.text,
-                                                   "category": q.meta["category"]} for q in questions])
-    _llava(str(Path(__file__).parent / "upstream_llava/run_model_vqa_loader.py"), "--model-path", str(model),
-           "--question-file", str(question_file), "--image-folder", str(root / "val2014"), "--answers-file",
-           str(tmp_path / "reference.jsonl"), "--temperature", "0", "--conv-mode", "vicuna_v1")
+    question_file = _write(
+        tmp_path / "q.jsonl",
+        [
+            {"question_id": q.question_id, "image": q.image.name, "text": q.text, "category": q.meta["category"]}
+            for q in questions
+        ],
+    )
+    _llava(
+        str(Path(__file__).parent / "upstream_llava/run_model_vqa_loader.py"),
+        "--model-path",
+        str(model),
+        "--question-file",
+        str(question_file),
+        "--image-folder",
+        str(root / "val2014"),
+        "--answers-file",
+        str(tmp_path / "reference.jsonl"),
+        "--temperature",
+        "0",
+        "--conv-mode",
+        "vicuna_v1",
+    )
     ours = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (tmp_path / "reference.jsonl").read_text().splitlines()]
     assert [(r["question_id"], r["prompt"], r["text"]) for r in ours] == [
-        (r["question_id"], r["prompt"], r["text"]) for r in reference]
+        (r["question_id"], r["prompt"], r["text"]) for r in reference
+    ]
     assert len({r["text"] for r in ours}) > 1  # the answers depend on the image and the question
-    printed = _llava("-m", "llava.eval.eval_pope", "--annotation-dir", str(root / "coco"), "--question-file",
-                     str(question_file), "--result-file", str(out / "answers.jsonl")).stdout
+    printed = _llava(
+        "-m",
+        "llava.eval.eval_pope",
+        "--annotation-dir",
+        str(root / "coco"),
+        "--question-file",
+        str(question_file),
+        "--result-file",
+        str(out / "answers.jsonl"),
+    ).stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert parse_eval_pope(printed) == metrics["groups"]

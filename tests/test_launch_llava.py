@@ -27,10 +27,16 @@ SCHEDULE = {"warmup": 4, "cycle": 6, "dense": 2}
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false",
-            # transformers 4.37 resumes with torch.load's pre-2.6 default; this env has torch 2.13, not the pinned 2.1.2
-            "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_DISABLED": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+        # transformers 4.37 resumes with torch.load's pre-2.6 default; this env has torch 2.13, not the pinned 2.1.2
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+    }
 
 
 def _llava(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -44,40 +50,129 @@ def _llava(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("llava_e2e")
     tokenizer = write_sentencepiece_llama(root / "tok")
-    paths = {"base": root / "vicuna-tiny", "clip": root / "clip-tiny", "projector": root / "mm_projector.bin",
-             "images": _images(root / "img", 48)}
-    _llava(str(REPO / "tests/upstream_llava/make_student.py"), str(tokenizer), str(paths["base"]), str(paths["clip"]),
-           str(paths["projector"]))
+    paths = {
+        "base": root / "vicuna-tiny",
+        "clip": root / "clip-tiny",
+        "projector": root / "mm_projector.bin",
+        "images": _images(root / "img", 48),
+    }
+    _llava(
+        str(REPO / "tests/upstream_llava/make_student.py"),
+        str(tokenizer),
+        str(paths["base"]),
+        str(paths["clip"]),
+        str(paths["projector"]),
+    )
     paths["data"] = write_json(root / "train.json", conversation_samples(48, seed=3))
     paths["cache"] = root / "ref_cache"
-    _llava("-m", "regate_plugin.cli", "precompute", "--no-progress", "--data", str(paths["data"]), "--teacher",
-           str(paths["base"]), "--template", "v1", "--out", str(paths["cache"]), "--visual-tokens", str(ROWS),
-           "--max-length", str(MAX_LEN), "--mode", "pad")
+    _llava(
+        "-m",
+        "regate_plugin.cli",
+        "precompute",
+        "--no-progress",
+        "--data",
+        str(paths["data"]),
+        "--teacher",
+        str(paths["base"]),
+        "--template",
+        "v1",
+        "--out",
+        str(paths["cache"]),
+        "--visual-tokens",
+        str(ROWS),
+        "--max-length",
+        str(MAX_LEN),
+        "--mode",
+        "pad",
+    )
     return paths
 
 
 def _train_args(setup: dict[str, Path], output_dir: Path, max_steps: int, save_steps: int = 0) -> list[str]:
     """The LLaVA-1.5 fine-tuning flags (scripts/v1_5/finetune.sh), scaled down to CPU."""
     return [
-        "--model_name_or_path", str(setup["base"]), "--version", "v1", "--data_path", str(setup["data"]),
-        "--image_folder", str(setup["images"]), "--vision_tower", str(setup["clip"]),
-        "--pretrain_mm_mlp_adapter", str(setup["projector"]), "--mm_projector_type", "mlp2x_gelu",
-        "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False",
-        "--mm_use_im_patch_token", "False", "--image_aspect_ratio", "pad", "--group_by_modality_length", "True",
-        "--bf16", "False", "--output_dir", str(output_dir), "--max_steps", str(max_steps),
-        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--evaluation_strategy", "no",
-        "--save_strategy", "steps" if save_steps else "no", "--save_steps", str(save_steps or 1000),
-        "--learning_rate", "2e-3", "--weight_decay", "0.", "--warmup_ratio", "0.", "--lr_scheduler_type", "constant",
-        "--logging_steps", "1", "--model_max_length", str(MAX_LEN), "--gradient_checkpointing", "True",
-        "--dataloader_num_workers", "0", "--lazy_preprocess", "True", "--report_to", "none", "--use_cpu", "True",
-        "--seed", "0",
+        "--model_name_or_path",
+        str(setup["base"]),
+        "--version",
+        "v1",
+        "--data_path",
+        str(setup["data"]),
+        "--image_folder",
+        str(setup["images"]),
+        "--vision_tower",
+        str(setup["clip"]),
+        "--pretrain_mm_mlp_adapter",
+        str(setup["projector"]),
+        "--mm_projector_type",
+        "mlp2x_gelu",
+        "--mm_vision_select_layer",
+        "-2",
+        "--mm_use_im_start_end",
+        "False",
+        "--mm_use_im_patch_token",
+        "False",
+        "--image_aspect_ratio",
+        "pad",
+        "--group_by_modality_length",
+        "True",
+        "--bf16",
+        "False",
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(max_steps),
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--evaluation_strategy",
+        "no",
+        "--save_strategy",
+        "steps" if save_steps else "no",
+        "--save_steps",
+        str(save_steps or 1000),
+        "--learning_rate",
+        "2e-3",
+        "--weight_decay",
+        "0.",
+        "--warmup_ratio",
+        "0.",
+        "--lr_scheduler_type",
+        "constant",
+        "--logging_steps",
+        "1",
+        "--model_max_length",
+        str(MAX_LEN),
+        "--gradient_checkpointing",
+        "True",
+        "--dataloader_num_workers",
+        "0",
+        "--lazy_preprocess",
+        "True",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "True",
+        "--seed",
+        "0",
     ]
 
 
 def _regate_flags(setup: dict[str, Path]) -> list[str]:
-    return ["--token_elision", "regate", "--regate_ref_cache", str(setup["cache"]),
-            "--regate_warmup_steps", str(SCHEDULE["warmup"]), "--regate_cycle_steps", str(SCHEDULE["cycle"]),
-            "--regate_dense_steps", str(SCHEDULE["dense"]), "--regate_keep_ratio", "0.5"]
+    return [
+        "--token_elision",
+        "regate",
+        "--regate_ref_cache",
+        str(setup["cache"]),
+        "--regate_warmup_steps",
+        str(SCHEDULE["warmup"]),
+        "--regate_cycle_steps",
+        str(SCHEDULE["cycle"]),
+        "--regate_dense_steps",
+        str(SCHEDULE["dense"]),
+        "--regate_keep_ratio",
+        "0.5",
+    ]
 
 
 def _log(output_dir: Path) -> list[dict]:
@@ -126,7 +221,9 @@ def test_resumed_run_continues_schedule_and_ema(setup, regate_run, tmp_path):
     assert resumed["step"] == straight["step"] == 24
     assert resumed["stats"] == straight["stats"]
     assert torch.equal(resumed["ema"]["keys"], straight["ema"]["keys"])
-    torch.testing.assert_close(resumed["ema"]["values"], straight["ema"]["values"], equal_nan=True, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        resumed["ema"]["values"], straight["ema"]["values"], equal_nan=True, rtol=1e-4, atol=1e-5
+    )
     after = [e for e in _log(out) if e["step"] > 12]
     expected = [e for e in _log(regate_run) if e["step"] > 12]
     assert [e["regate/kept"] for e in after] == [e["regate/kept"] for e in expected]
@@ -152,8 +249,16 @@ def test_patched_train_py_takes_the_flags(setup, tmp_path):
     shutil.copy(installed, fork / "llava/train/train.py")
     assert "patched" in apply_patch("llava", fork)
     out = tmp_path / "llava-tiny-fork"
-    flags = ["--token_elision", "regate", "--regate_ref_cache", str(setup["cache"]), "--regate_warmup_steps", "0",
-             "--regate_dense_steps", "0"]
+    flags = [
+        "--token_elision",
+        "regate",
+        "--regate_ref_cache",
+        str(setup["cache"]),
+        "--regate_warmup_steps",
+        "0",
+        "--regate_dense_steps",
+        "0",
+    ]
     _llava(str(fork / "llava/train/train.py"), *_train_args(setup, out, 2), *flags)
     log = _log(out)
     assert all(0 < e["regate/kept"] < e["regate/candidates"] for e in log), log
@@ -162,8 +267,13 @@ def test_patched_train_py_takes_the_flags(setup, tmp_path):
 def test_bad_flags_fail_before_training(setup, tmp_path):
     def launch(*flags: str) -> subprocess.CompletedProcess:
         out = tmp_path / "llava-tiny-bad"
-        return subprocess.run([str(LLAVA_PYTHON), "-m", "regate_plugin.launch", "llava", *_train_args(setup, out, 2),
-                               *flags], capture_output=True, text=True, env=_env(), timeout=600)
+        return subprocess.run(
+            [str(LLAVA_PYTHON), "-m", "regate_plugin.launch", "llava", *_train_args(setup, out, 2), *flags],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=600,
+        )
 
     no_cache = launch("--token_elision", "regate")
     assert no_cache.returncode != 0 and "--regate_ref_cache" in no_cache.stderr

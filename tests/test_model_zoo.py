@@ -1,51 +1,78 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from regate_plugin import model_zoo
-from regate_plugin.demo import data as demo_data
 from regate_plugin.eval import get_protocol, load_mvbench
 from regate_plugin.eval.base import Request
 from regate_plugin.eval.runners import HFRunner
-from regate_plugin.model_zoo import SHIPPED_DIR, ZooError, detect_format, entries, get_entry, load, parse_entry, verify_files
+from regate_plugin.model_zoo import (
+    SHIPPED_DIR,
+    ZooError,
+    detect_format,
+    entries,
+    get_entry,
+    load,
+    parse_entry,
+    verify_files,
+)
+
+from regate_plugin import model_zoo
+from regate_plugin.demo import data as demo_data
 
 SHIPPED = [e for e in entries().values() if e.availability == "shipped"]
-REQUIRED_NAMES = ("llava-v1.5-7b", "videollama2-7b", "videollama2-7b-16f", "videollama2.1-7b-16f",
-                  "llava-onevision-qwen2-7b-ov")
+REQUIRED_NAMES = (
+    "llava-v1.5-7b",
+    "videollama2-7b",
+    "videollama2-7b-16f",
+    "videollama2.1-7b-16f",
+    "llava-onevision-qwen2-7b-ov",
+)
 
 
 def test_registry_holds_the_required_entries_and_every_one_validates():
     assert set(REQUIRED_NAMES) <= set(entries())
     assert any(e.availability == "announced" for e in entries().values())
     assert len(SHIPPED) == 3
-    references = {"llava-v1.5-7b": "lmsys/vicuna-7b-v1.5", "videollama2-7b": "mistralai/Mistral-7B-Instruct-v0.2",
-                  "videollama2-7b-16f": "mistralai/Mistral-7B-Instruct-v0.2",
-                  "videollama2.1-7b-16f": "Qwen/Qwen2-7B-Instruct", "llava-onevision-qwen2-7b-ov": "Qwen/Qwen2-7B-Instruct"}
+    references = {
+        "llava-v1.5-7b": "lmsys/vicuna-7b-v1.5",
+        "videollama2-7b": "mistralai/Mistral-7B-Instruct-v0.2",
+        "videollama2-7b-16f": "mistralai/Mistral-7B-Instruct-v0.2",
+        "videollama2.1-7b-16f": "Qwen/Qwen2-7B-Instruct",
+        "llava-onevision-qwen2-7b-ov": "Qwen/Qwen2-7B-Instruct",
+    }
     for name, reference in references.items():
         assert get_entry(name).reference_llm == reference
     for path in sorted(model_zoo.ENTRIES_DIR.glob("*.json")):  # re-read from disk, each through the schema
         assert parse_entry(json.loads(path.read_text()), path).name == path.stem
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda e: e.pop("license"), "missing field 'license'"),
-    (lambda e: e.update(format="onnx"), "'format' must be one of"),
-    (lambda e: e.update(tokens_used="many"), "field 'tokens_used' has the wrong type"),
-    (lambda e: e.update(files={}), "lists every file with its sha256"),
-    (lambda e: e["eval"][0].pop("metric"), "eval[0] needs exactly"),
-    (lambda e: e.update(extra=1), "unknown field(s) ['extra']"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda e: e.pop("license"), "missing field 'license'"),
+        (lambda e: e.update(format="onnx"), "'format' must be one of"),
+        (lambda e: e.update(tokens_used="many"), "field 'tokens_used' has the wrong type"),
+        (lambda e: e.update(files={}), "lists every file with its sha256"),
+        (lambda e: e["eval"][0].pop("metric"), "eval[0] needs exactly"),
+        (lambda e: e.update(extra=1), "unknown field(s) ['extra']"),
+    ],
+)
 def test_schema_rejects_a_bad_entry_naming_file_and_field(tmp_path, change, message):
     source = model_zoo.ENTRIES_DIR / "regate-demo-tiny-regate.json"
     raw = json.loads(source.read_text())
     change(raw)
     bad = tmp_path / "regate-demo-tiny-regate.json"
     shutil.copy(source.with_suffix(".md"), bad.with_suffix(".md"))
-    with pytest.raises(ZooError, match=str(bad).replace(".", r"\.") + ".*" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ZooError,
+        match=str(bad).replace(".", r"\.")
+        + ".*"
+        + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"),
+    ):
         parse_entry(raw, bad)
 
 
@@ -58,7 +85,9 @@ def test_shipped_checkpoint_loads_offline_verifies_and_reproduces_its_result(ent
     data = load_mvbench(SHIPPED_DIR / result.data, tasks=demo_data.TASK_NAMES)
     protocol = get_protocol(result.protocol, 4)
     runner = HFRunner(loaded.model, loaded.processor)
-    outputs = runner.generate([Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True) for q in data.questions])
+    outputs = runner.generate(
+        [Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True) for q in data.questions]
+    )
     correct = [protocol.parse(q, output)[1] for q, output in zip(data.questions, outputs)]
     assert len(correct) == 90
     assert 100 * sum(correct) / len(correct) == pytest.approx(result.value, abs=1e-9)
@@ -85,19 +114,32 @@ def test_announced_and_uncached_hub_entries_say_what_to_do(tmp_path, monkeypatch
         load(announced.name)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ZooError, match=r"liuhaotian/llava-v1\.5-7b is not in the local HF cache.*huggingface-cli download"):
+    with pytest.raises(
+        ZooError, match=r"liuhaotian/llava-v1\.5-7b is not in the local HF cache.*huggingface-cli download"
+    ):
         load("llava-v1.5-7b")
     with pytest.raises(ZooError, match="no model_zoo entry 'nope'"):
         load("nope")
 
 
-@pytest.mark.parametrize(("config", "files", "expected"), [
-    ({"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl"}, [], "hf-qwen2-vl"),
-    ({"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision"}, [], "hf-llava"),
-    ({"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "mm_vision_tower": "clip"}, [], "llava"),
-    ({"model_type": "llava_llama", "mm_vision_tower": "clip"}, ["adapter_config.json"], "llava-lora"),
-    ({"architectures": ["Videollama2MistralForCausalLM"], "model_type": "videollama2_mistral"}, [], "videollama2"),
-])
+@pytest.mark.parametrize(
+    ("config", "files", "expected"),
+    [
+        ({"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl"}, [], "hf-qwen2-vl"),
+        (
+            {"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision"},
+            [],
+            "hf-llava",
+        ),
+        (
+            {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "mm_vision_tower": "clip"},
+            [],
+            "llava",
+        ),
+        ({"model_type": "llava_llama", "mm_vision_tower": "clip"}, ["adapter_config.json"], "llava-lora"),
+        ({"architectures": ["Videollama2MistralForCausalLM"], "model_type": "videollama2_mistral"}, [], "videollama2"),
+    ],
+)
 def test_detect_format_of_local_directories(tmp_path, config, files, expected):
     (tmp_path / "config.json").write_text(json.dumps(config))
     for name in files:
@@ -121,13 +163,19 @@ def test_upstream_llava_checkpoint_loads_through_the_real_llava_loader(tmp_path)
 
     tokenizer = write_sentencepiece_llama(tmp_path / "tok")
     model = tmp_path / "llava-v1.5-tiny"
-    _llava(str(Path(__file__).parent / "upstream_llava/make_checkpoint.py"), str(tokenizer), str(tmp_path / "parts"), str(model))
+    _llava(
+        str(Path(__file__).parent / "upstream_llava/make_checkpoint.py"),
+        str(tokenizer),
+        str(tmp_path / "parts"),
+        str(model),
+    )
     script = (
         "import sys, torch\n"
         "from llava.model.builder import load_pretrained_model\n"
         "from regate_plugin.model_zoo import load\n"
         "loaded = load(sys.argv[1])\n"
-        "_, reference, _, _ = load_pretrained_model(sys.argv[1], None, 'llava-v1.5-tiny', device_map='cpu', device='cpu')\n"
+        "_, reference, _, _ = load_pretrained_model(\n"
+        "    sys.argv[1], None, 'llava-v1.5-tiny', device_map='cpu', device='cpu')\n"
         "ours, theirs = loaded.model.state_dict(), reference.state_dict()\n"
         "assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)\n"
         "print(loaded.format, type(loaded.model).__name__, type(loaded.processor).__name__)\n"
@@ -137,14 +185,24 @@ def test_upstream_llava_checkpoint_loads_through_the_real_llava_loader(tmp_path)
 
 
 def test_zoo_cli_lists_shows_and_loads():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "regate_plugin.cli", "zoo", *a],  # noqa: E731
-                                    capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "regate_plugin.cli", "zoo", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+
     listed = run("list")
     assert listed.returncode == 0 and all(name in listed.stdout for name in entries())
     shown = run("show", "regate-demo-tiny-regate")
     assert shown.returncode == 0 and shown.stdout.startswith("# regate-demo-tiny-regate")
     loaded = run("load", "regate-demo-tiny-none")
-    assert loaded.returncode == 0 and "LlavaForConditionalGeneration" in loaded.stdout and "match their sha256" in loaded.stdout
+    assert (
+        loaded.returncode == 0
+        and "LlavaForConditionalGeneration" in loaded.stdout
+        and "match their sha256" in loaded.stdout
+    )
     refused = run("load", "regate-videollama2-7b")
     assert refused.returncode == 2 and "not public yet" in refused.stderr
 
@@ -153,14 +211,33 @@ def test_precompute_student_takes_reference_and_template_from_the_entry(tmp_path
     """`--student NAME` defaults --teacher to the entry's reference: for an uncached hub reference, offline, the
     run fails at loading that reference (and says which)."""
     data = tmp_path / "d.json"
-    data.write_text(json.dumps([{"id": 0, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]))
-    done = subprocess.run([sys.executable, "-m", "regate_plugin.cli", "precompute", "--data", str(data), "--student",
-                           "llava-v1.5-7b", "--out", str(tmp_path / "c")], capture_output=True, text=True,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    data.write_text(
+        json.dumps([{"id": 0, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "regate_plugin.cli",
+            "precompute",
+            "--data",
+            str(data),
+            "--student",
+            "llava-v1.5-7b",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     assert "reference LLM and template from model_zoo entry llava-v1.5-7b: lmsys/vicuna-7b-v1.5, v1" in done.stdout
     assert done.returncode == 2 and "cannot load the tokenizer of lmsys/vicuna-7b-v1.5" in done.stderr
-    missing = subprocess.run([sys.executable, "-m", "regate_plugin.cli", "precompute", "--data", str(data), "--out",
-                              str(tmp_path / "c")], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "regate_plugin.cli", "precompute", "--data", str(data), "--out", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "--student NAME" in missing.stderr
 
 
@@ -168,9 +245,29 @@ def test_eval_cli_scores_a_zoo_entry_by_name(tmp_path):
     """`regate eval mvbench --model NAME` resolves the entry and scores it as its card says, to its recorded value."""
     entry = get_entry("regate-demo-tiny-random")
     [result] = entry.eval
-    subprocess.run([sys.executable, "-m", "regate_plugin.cli", "eval", "mvbench", "--model", entry.name, "--data-root",
-                    str(SHIPPED_DIR / result.data), "--num-frames", "4", "--allow-missing", "--batch-size", "16",
-                    "--out", str(tmp_path), "--no-progress"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "regate_plugin.cli",
+            "eval",
+            "mvbench",
+            "--model",
+            entry.name,
+            "--data-root",
+            str(SHIPPED_DIR / result.data),
+            "--num-frames",
+            "4",
+            "--allow-missing",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["total"] == 90 and metrics["avg"] == pytest.approx(result.value, abs=1e-9)
 
@@ -186,9 +283,29 @@ def test_precompute_student_uses_the_reference_shipped_with_a_demo_entry(tmp_pat
 
     entry = get_entry("regate-demo-tiny-regate")
     splits = demo_data.generate(tmp_path / "data", train_size=3, test_per_task=1, progress=False)
-    subprocess.run([sys.executable, "-m", "regate_plugin.cli", "precompute", "--data", str(splits.train_json),
-                    "--student", entry.name, "--image-token-id", "4", "--visual-tokens", "64", "--dtype", "float32",
-                    "--out", str(tmp_path / "cache"), "--no-progress"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "regate_plugin.cli",
+            "precompute",
+            "--data",
+            str(splits.train_json),
+            "--student",
+            entry.name,
+            "--image-token-id",
+            "4",
+            "--visual-tokens",
+            "64",
+            "--dtype",
+            "float32",
+            "--out",
+            str(tmp_path / "cache"),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
     cache = ReferenceLossCache(tmp_path / "cache")
     reference = AutoModelForCausalLM.from_pretrained(entry.path / "reference").eval()
     tokenizer = AutoTokenizer.from_pretrained(entry.path / "reference")
@@ -200,6 +317,8 @@ def test_precompute_student_uses_the_reference_shipped_with_a_demo_entry(tmp_pat
         with torch.no_grad():
             logits = reference(input_ids=ids[text][None], position_ids=torch.nonzero(text).T).logits[0]
         targets = labels[text][1:]
-        expected = torch.nn.functional.cross_entropy(logits[:-1][targets != -100], targets[targets != -100], reduction="none")
+        expected = torch.nn.functional.cross_entropy(
+            logits[:-1][targets != -100], targets[targets != -100], reduction="none"
+        )
         [key] = batch_sample_keys(ids[None], labels[None])
         torch.testing.assert_close(cache[key], expected, atol=1e-4, rtol=1e-4)

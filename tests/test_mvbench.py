@@ -7,8 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
-from regate_plugin.cli import main as regate
 from regate_plugin.eval import MVBenchError, aggregate, check_ans, get_protocol, load_mvbench
 from regate_plugin.eval.frames import (
     VisualSource,
@@ -18,21 +16,89 @@ from regate_plugin.eval.frames import (
 )
 from regate_plugin.eval.mvbench import Question
 
+from regate_plugin.cli import main as regate
+
 from .eval_fixtures import write_frame_folder, write_gif, write_mvbench, write_tiny_hf_llava, write_video
 from .tokenizers_fixture import write_bpe_chat_tokenizer
 
 
 def test_frame_indices_reproduce_the_spec_vectors():
     # EVAL_SPEC.md §1.2 (official `get_index`)
-    assert official_frame_indices(299, 30, 16) == [9, 28, 46, 65, 84, 102, 121, 140, 159, 177, 196, 215, 233, 252, 271, 289]
+    assert official_frame_indices(299, 30, 16) == [
+        9,
+        28,
+        46,
+        65,
+        84,
+        102,
+        121,
+        140,
+        159,
+        177,
+        196,
+        215,
+        233,
+        252,
+        271,
+        289,
+    ]
     assert official_frame_indices(299, 30, 16, (2.0, 6.5)) == [
-        64, 72, 81, 89, 98, 106, 115, 123, 132, 140, 148, 157, 165, 174, 182, 191]
+        64,
+        72,
+        81,
+        89,
+        98,
+        106,
+        115,
+        123,
+        132,
+        140,
+        148,
+        157,
+        165,
+        174,
+        182,
+        191,
+    ]
     folder = official_frame_indices(120, 3, 16, (10.2, 25.7), first_idx=1)
     assert folder[:3] == [32, 35, 38] and folder[-2:] == [72, 75]
     # EVAL_SPEC.md §1.3 (VideoLLaMA2 `frame_sample`)
-    assert videollama2_frame_indices(300, 30, 16) == [9, 28, 47, 65, 84, 103, 121, 140, 159, 178, 196, 215, 234, 252, 271, 290]
+    assert videollama2_frame_indices(300, 30, 16) == [
+        9,
+        28,
+        47,
+        65,
+        84,
+        103,
+        121,
+        140,
+        159,
+        178,
+        196,
+        215,
+        234,
+        252,
+        271,
+        290,
+    ]
     assert videollama2_frame_indices(300, 30, 16, (2.0, 6.5)) == [
-        63, 72, 80, 89, 97, 105, 114, 122, 131, 139, 148, 156, 164, 173, 181, 190]
+        63,
+        72,
+        80,
+        89,
+        97,
+        105,
+        114,
+        122,
+        131,
+        139,
+        148,
+        156,
+        164,
+        173,
+        181,
+        190,
+    ]
     positions = videollama2_frame_indices(120, 3, 16, (10.2, 25.7))
     assert positions[:2] == [30, 33] and positions[-2:] == [72, 75]
     # bound cleaning: swapped and equal bounds
@@ -46,8 +112,11 @@ def _levels(frames) -> list[float]:
 
 def test_readers_return_the_frames_asked_for(tmp_path):
     levels = list(range(0, 240, 6))
-    for source in (VisualSource(write_video(tmp_path / "v.mp4", levels)), VisualSource(write_gif(tmp_path / "g.gif", levels)),
-                   VisualSource(write_frame_folder(tmp_path / "f", levels))):
+    for source in (
+        VisualSource(write_video(tmp_path / "v.mp4", levels)),
+        VisualSource(write_gif(tmp_path / "g.gif", levels)),
+        VisualSource(write_frame_folder(tmp_path / "f", levels)),
+    ):
         count, _ = source.probe()
         assert count == len(levels), source.kind
         got = _levels(source.read([0, 7, 7, 39]))
@@ -59,10 +128,19 @@ def test_readers_return_the_frames_asked_for(tmp_path):
     assert _levels(frames) == pytest.approx([levels[k - 1] for k in numbers], abs=4)
 
 
-@pytest.mark.parametrize(("pred", "correct"), [
-    ("(A) Ate the medicine.", True), ("(A", True), ("(A.", True), ("((A)", True), ("(a)ate", True),
-    ("(", True), ("(B) Ate the medicine.", False), ("(Answer: A", False),
-])
+@pytest.mark.parametrize(
+    ("pred", "correct"),
+    [
+        ("(A) Ate the medicine.", True),
+        ("(A", True),
+        ("(A.", True),
+        ("((A)", True),
+        ("(a)ate", True),
+        ("(", True),
+        ("(B) Ate the medicine.", False),
+        ("(Answer: A", False),
+    ],
+)
 def test_check_ans_worked_cases(pred, correct):
     assert check_ans(pred, "(A) Ate the medicine.") is correct
 
@@ -83,11 +161,19 @@ def test_official_parse_takes_the_first_line_and_counts_empty_outputs():
     assert prompt.user.startswith(prompt.system) and prompt.user.endswith("(D) opt3\nOnly give the best option.\n")
 
 
-@pytest.mark.parametrize(("output", "letter", "fallback"), [
-    ("(B) opt1", "B", ""), ("Based on the video", "B", ""), ("A person walks", "A", ""),
-    ("The answer is C", "C", ""), ("A, then B", "C", "option_c"), ("it is opt3 for sure", "D", "substring"),
-    ("no idea", "C", "option_c"), ("E", "C", "option_c"),
-])
+@pytest.mark.parametrize(
+    ("output", "letter", "fallback"),
+    [
+        ("(B) opt1", "B", ""),
+        ("Based on the video", "B", ""),
+        ("A person walks", "A", ""),
+        ("The answer is C", "C", ""),
+        ("A, then B", "C", "option_c"),
+        ("it is opt3 for sure", "D", "substring"),
+        ("no idea", "C", "option_c"),
+        ("E", "C", "option_c"),
+    ],
+)
 def test_videollama2_parse_follows_mvbench_dump(output, letter, fallback):
     parsed, correct = get_protocol("videollama2").parse(_question(answer=2), output)
     assert (parsed.letter, parsed.fallback) == (letter, fallback)
@@ -96,8 +182,10 @@ def test_videollama2_parse_follows_mvbench_dump(output, letter, fallback):
 
 def test_videollama2_prompt():
     prompt = get_protocol("videollama2").prompt(_question(n=3))
-    assert prompt.user == ("Question: How many?\nOptions:\n(A) opt0\n(B) opt1\n(C) opt2\nAnswer with the option's "
-                           "letter from the given choices directly and only give the best option.")
+    assert prompt.user == (
+        "Question: How many?\nOptions:\n(A) opt0\n(B) opt1\n(C) opt2\nAnswer with the option's "
+        "letter from the given choices directly and only give the best option."
+    )
     assert prompt.system is None and prompt.prefill == "" and prompt.max_new_tokens == 2048
     # mm_infer: Llama-2's system turn for the Mistral/Mixtral model types only
     for model_type in ("videollama2", "videollama2_mistral", "videollama2_mixtral"):
@@ -131,8 +219,10 @@ def test_loader_checks_records_and_missing_tasks(tmp_path):
 
 
 def test_scores_videollama2_prediction_files_like_its_eval_script(tmp_path, capsys):
-    lines = [{"vid": f"v{i}", "task_type": "Action Count" if i < 3 else "Moving Count", "pred": i % 2, "gt": 0}
-             for i in range(5)]
+    lines = [
+        {"vid": f"v{i}", "task_type": "Action Count" if i < 3 else "Moving Count", "pred": i % 2, "gt": 0}
+        for i in range(5)
+    ]
     pred = tmp_path / "answers.json"
     pred.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert regate(["eval", "score", "mvbench", "--pred", str(pred), "--out", str(tmp_path / "m")]) == 0
@@ -146,12 +236,28 @@ def test_end_to_end_run_resumes_and_rescores(tmp_path, capsys):
     root = write_mvbench(tmp_path / "mvbench", per_task=2)
     model = write_tiny_hf_llava(tmp_path / "model", write_bpe_chat_tokenizer(tmp_path / "tok", "chatml"))
     out = tmp_path / "out"
-    args = ["eval", "mvbench", "--model", str(model), "--data-root", str(root), "--allow-missing", "--num-frames", "4",
-            "--out", str(out), "--no-progress"]
+    args = [
+        "eval",
+        "mvbench",
+        "--model",
+        str(model),
+        "--data-root",
+        str(root),
+        "--allow-missing",
+        "--num-frames",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert regate(args) == 0
     predictions = out / "predictions-official.jsonl"
     first = [json.loads(line) for line in predictions.read_text().splitlines()]
-    assert len(first) == 6 and {r["task"] for r in first} == {"Action Sequence", "Object Existence", "Episodic Reasoning"}
+    assert len(first) == 6 and {r["task"] for r in first} == {
+        "Action Sequence",
+        "Object Existence",
+        "Episodic Reasoning",
+    }
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["label"] == "3-task" and metrics["total"] == 6 and len(metrics["missing"]) == 17
     assert metrics["correct"] == sum(r["correct"] for r in first)
@@ -160,10 +266,26 @@ def test_end_to_end_run_resumes_and_rescores(tmp_path, capsys):
     lines = predictions.read_text().splitlines()
     predictions.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
     assert regate(args) == 0
-    again = [json.loads(line) for line in predictions.read_text().splitlines() if line.startswith("{") and line.endswith("}")]
+    again = [
+        json.loads(line) for line in predictions.read_text().splitlines() if line.startswith("{") and line.endswith("}")
+    ]
     assert sorted(r["uid"] for r in again) == sorted(r["uid"] for r in first)
     assert {r["uid"]: r["output"] for r in again} == {r["uid"]: r["output"] for r in first}  # greedy is deterministic
 
-    assert regate(["eval", "score", "mvbench", "--pred", str(predictions), "--data-root", str(root),
-                   "--out", str(tmp_path / "rescored")]) == 0
+    assert (
+        regate(
+            [
+                "eval",
+                "score",
+                "mvbench",
+                "--pred",
+                str(predictions),
+                "--data-root",
+                str(root),
+                "--out",
+                str(tmp_path / "rescored"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "rescored/metrics.json").read_text())["avg"] == pytest.approx(metrics["avg"])

@@ -37,8 +37,12 @@ def test_shipped_diffs_add_lines_only_and_name_the_plugin(codebase):
 
 @pytest.fixture()
 def llava_checkout(tmp_path):
-    installed = subprocess.run([str(LLAVA_PYTHON), "-c", "import llava.train.train as t; print(t.__file__)"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+    installed = subprocess.run(
+        [str(LLAVA_PYTHON), "-c", "import llava.train.train as t; print(t.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     checkout = tmp_path / "LLaVA"
     (checkout / "llava/train").mkdir(parents=True)
     shutil.copy(installed, checkout / "llava/train/train.py")

@@ -87,8 +87,24 @@ def _brute_force(teacher: Path, data: Path, mode: str) -> dict[bytes, torch.Tens
 def test_losses_equal_the_unbatched_teacher(setup, tmp_path, mode):
     root, teacher, data = setup
     out = tmp_path / "cache"
-    code = _run("--data", data, "--teacher", teacher, "--template", "v1", "--out", out, "--visual-tokens", ROWS,
-                "--max-length", MAX_LEN, "--mode", mode, "--batch-tokens", 700)
+    code = _run(
+        "--data",
+        data,
+        "--teacher",
+        teacher,
+        "--template",
+        "v1",
+        "--out",
+        out,
+        "--visual-tokens",
+        ROWS,
+        "--max-length",
+        MAX_LEN,
+        "--mode",
+        mode,
+        "--batch-tokens",
+        700,
+    )
     assert code == 0
     got, want = _cache_dict(out), _brute_force(teacher, data, mode)
     assert got.keys() == want.keys()
@@ -105,14 +121,43 @@ def _uninterrupted(setup, tmp_path_factory) -> dict[bytes, torch.Tensor]:
     root, teacher, data = setup
     out = root / "reference_cache"
     if not (out / MANIFEST_NAME).exists():  # one thread, as each torchrun rank has: CPU sums depend on it
-        subprocess.run(_cli("--data", data, "--teacher", teacher, "--template", "v1", "--out", out, "--visual-tokens",
-                            ROWS, "--max-length", MAX_LEN, "--window", 4, "--batch-tokens", 400),
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, timeout=600)
+        subprocess.run(
+            _cli(
+                "--data",
+                data,
+                "--teacher",
+                teacher,
+                "--template",
+                "v1",
+                "--out",
+                out,
+                "--visual-tokens",
+                ROWS,
+                "--max-length",
+                MAX_LEN,
+                "--window",
+                4,
+                "--batch-tokens",
+                400,
+            ),
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            check=True,
+            timeout=600,
+        )
     return _cache_dict(out)
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "regate_plugin.cli", "precompute", "--no-progress", "--dtype", "float32", *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "regate_plugin.cli",
+        "precompute",
+        "--no-progress",
+        "--dtype",
+        "float32",
+        *map(str, args),
+    ]
 
 
 def test_killed_run_resumes_to_identical_losses(setup, tmp_path, tmp_path_factory):
@@ -120,8 +165,22 @@ def test_killed_run_resumes_to_identical_losses(setup, tmp_path, tmp_path_factor
     # A larger teacher so the run is still going when it is killed.
     teacher = write_tiny_teacher(tmp_path / "teacher", root / "tok", hidden=256, layers=6)
     big = write_json(tmp_path / "train.json", conversation_samples(160, seed=6, long_every=11))
-    args = ["--data", big, "--teacher", teacher, "--template", "v1", "--visual-tokens", ROWS, "--max-length", MAX_LEN,
-            "--window", 4, "--batch-tokens", 400]
+    args = [
+        "--data",
+        big,
+        "--teacher",
+        teacher,
+        "--template",
+        "v1",
+        "--visual-tokens",
+        ROWS,
+        "--max-length",
+        MAX_LEN,
+        "--window",
+        4,
+        "--batch-tokens",
+        400,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "uninterrupted"
     subprocess.run(_cli(*args, "--out", reference), env=env, check=True, timeout=600)
@@ -151,12 +210,46 @@ def test_two_processes_equal_one(setup, tmp_path, tmp_path_factory):
     root, teacher, data = setup
     want = _uninterrupted(setup, tmp_path_factory)
     out = tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                "-m", "regate_plugin.cli"]
-    args = ["precompute", "--no-progress", "--dtype", "float32", "--data", data, "--teacher", teacher, "--template",
-            "v1", "--out", out, "--visual-tokens", ROWS, "--max-length", MAX_LEN, "--window", 4, "--batch-tokens", 400]
-    done = subprocess.run([*torchrun, *map(str, args)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "regate_plugin.cli",
+    ]
+    args = [
+        "precompute",
+        "--no-progress",
+        "--dtype",
+        "float32",
+        "--data",
+        data,
+        "--teacher",
+        teacher,
+        "--template",
+        "v1",
+        "--out",
+        out,
+        "--visual-tokens",
+        ROWS,
+        "--max-length",
+        MAX_LEN,
+        "--window",
+        4,
+        "--batch-tokens",
+        400,
+    ]
+    done = subprocess.run(
+        [*torchrun, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     got = _cache_dict(out)
     assert got.keys() == want.keys()
@@ -218,18 +311,47 @@ def test_precompute_in_upstream_env_matches_upstream_keys(tmp_path):
     upstream = _upstream_llava(tokenizer, data, _images(tmp_path / "img", 30), "v1", MAX_LEN)["upstream"]
     teacher = tmp_path / "teacher"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([str(LLAVA_PYTHON), str(REPO / "tests/upstream_llava/make_teacher.py"), str(tokenizer), str(teacher)],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [str(LLAVA_PYTHON), str(REPO / "tests/upstream_llava/make_teacher.py"), str(tokenizer), str(teacher)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     out = tmp_path / "cache"
     done = subprocess.run(
-        [str(LLAVA_PYTHON), "-m", "regate_plugin.cli", "precompute", "--no-progress", "--data", str(data), "--teacher",
-         str(teacher), "--template", "v1", "--out", str(out), "--visual-tokens", str(ROWS), "--max-length",
-         str(MAX_LEN), "--mode", "pad"], capture_output=True, text=True, env=env, timeout=600)
+        [
+            str(LLAVA_PYTHON),
+            "-m",
+            "regate_plugin.cli",
+            "precompute",
+            "--no-progress",
+            "--data",
+            str(data),
+            "--teacher",
+            str(teacher),
+            "--template",
+            "v1",
+            "--out",
+            str(out),
+            "--visual-tokens",
+            str(ROWS),
+            "--max-length",
+            str(MAX_LEN),
+            "--mode",
+            "pad",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     cache = ReferenceLossCache(out)
     assert len(cache) == len(upstream)
     for row in upstream:
         key = sample_key(row["input_ids"], [x != IGNORE_INDEX for x in row["labels"]])
-        merged = [x for t, x in zip(row["input_ids"], row["labels"]) for _ in range(ROWS if t in PLACEHOLDER_IDS else 1)]
+        merged = [
+            x for t, x in zip(row["input_ids"], row["labels"]) for _ in range(ROWS if t in PLACEHOLDER_IDS else 1)
+        ]
         targets = sum(x != IGNORE_INDEX for x in merged[:MAX_LEN][1:])
         assert cache[key].numel() == targets

@@ -60,22 +60,37 @@ def _samples(gen, vocab, n=4):
 def test_tiny_llama_reference_losses(mode):
     torch.manual_seed(0)
     model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, pad_token_id=0)
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+        )
     ).eval()
     samples = _samples(torch.Generator().manual_seed(1), 64)
     scorer = ReferenceScorer(model, mode=mode, visual_token_ids=[VISUAL], visual_rows=5, pad_token_id=0)
     got = scorer.score(samples)
     for (ids, labels), losses in zip(samples, got):
         expected = _expected(model, ids, labels, 5, mode, 0)
-        assert losses.shape == expected.shape and losses.numel() == sum(l != IGNORE_INDEX for l in labels)
+        assert losses.shape == expected.shape and losses.numel() == sum(label != IGNORE_INDEX for label in labels)
         torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gap_and_pad_differ_only_through_the_visual_rows():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     samples = [([1, 7, 8, 9, 10, 11], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 9, 10, 11])]  # no image
     gap = ReferenceScorer(model, mode="gap", visual_token_ids=[VISUAL], visual_rows=5, pad_token_id=0).score(samples)
     pad = ReferenceScorer(model, mode="pad", visual_token_ids=[VISUAL], visual_rows=5, pad_token_id=0).score(samples)
@@ -95,7 +110,9 @@ def test_real_smollm2_reference_losses(smollm2, mode):
         a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         ids = p[:3] + [VISUAL] + p[3:] + a
         samples.append((ids, [IGNORE_INDEX] * (len(ids) - len(a)) + a))
-    scorer = ReferenceScorer(model, mode=mode, visual_token_ids=[VISUAL], visual_rows=16, pad_token_id=tokenizer.pad_token_id)
+    scorer = ReferenceScorer(
+        model, mode=mode, visual_token_ids=[VISUAL], visual_rows=16, pad_token_id=tokenizer.pad_token_id
+    )
     scored = scorer.score(samples)
     for (ids, labels), losses in zip(samples, scored):
         expected = _expected(model, ids, labels, 16, mode, tokenizer.pad_token_id)

@@ -34,8 +34,16 @@ def test_third_party_strategy_registers_and_builds():
 
 
 def test_unsupported_model_lists_supported_ones():
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=16,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(rg.adapters.UnsupportedModelError, match="LlamaForCausalLM.*LlavaForConditionalGeneration"):
         rg.enable_token_elision(model, rg.build_token_elision("none"))
     with pytest.raises(TypeError, match="TokenElision"):

@@ -21,7 +21,11 @@ def _brute_force_keep(scores: list[float], candidates: list[bool], ratio: float)
 rows = st.integers(1, 4).flatmap(
     lambda b: st.integers(1, 30).flatmap(
         lambda n: st.tuples(
-            st.lists(st.lists(st.sampled_from([0.0, 1.0, 2.5, -1.0, float("nan"), 7.0]), min_size=n, max_size=n), min_size=b, max_size=b),
+            st.lists(
+                st.lists(st.sampled_from([0.0, 1.0, 2.5, -1.0, float("nan"), 7.0]), min_size=n, max_size=n),
+                min_size=b,
+                max_size=b,
+            ),
             st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=b, max_size=b),
         )
     )
@@ -104,7 +108,12 @@ def test_kept_target_counts_match_the_plan():
     """What the Trainer uses as num_items_in_batch, from labels alone, against the plan that runs."""
     from .tiny import make_batch
 
-    for keep_ratio, padding_side, dense_steps in [(0.3, "right", 0), (0.5, "left", 0), (1.0, "right", 0), (0.5, "right", 1)]:
+    for keep_ratio, padding_side, dense_steps in [
+        (0.3, "right", 0),
+        (0.5, "left", 0),
+        (1.0, "right", 0),
+        (0.5, "right", 1),
+    ]:
         batch = make_batch(batch=4, seed=3, padding_side=padding_side, turns=3)
         cfg = ReGATEConfig(keep_ratio=keep_ratio, warmup_steps=0, dense_steps=dense_steps)
         elision = build_token_elision("random", cfg)

@@ -12,14 +12,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from .llava_data import caption_samples, conversation_samples, write_json
 from PIL import Image
-from .tokenizers_fixture import write_bpe_chat_tokenizer, write_sentencepiece_llama
 from transformers import AutoTokenizer
 
 from regate_plugin.core.keys import IGNORE_INDEX
 from regate_plugin.data import DataError, get_template, iter_conversations, parse_sample
 from regate_plugin.data.templates import IMAGE_TOKEN_INDEX, QWEN_NEWLINE_ID, VIDEO_TOKEN_INDEX
+
+from .llava_data import caption_samples, conversation_samples, write_json
+from .tokenizers_fixture import write_bpe_chat_tokenizer, write_sentencepiece_llama
 
 REPO = Path(__file__).resolve().parents[1]
 LLAVA_PYTHON = REPO / ".venv-llava" / "bin" / "python"
@@ -42,7 +43,9 @@ def _upstream_llava(tokenizer_dir: Path, data: Path, images: Path, version: str,
     script = REPO / "tests" / "upstream_llava" / "preprocess_parity.py"
     done = subprocess.run(
         [str(LLAVA_PYTHON), str(script), str(tokenizer_dir), str(data), str(images), version, str(max_length)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -51,8 +54,13 @@ def _upstream_llava(tokenizer_dir: Path, data: Path, images: Path, version: str,
 def test_v1_matches_real_llava_preprocess(tmp_path, llama_tokenizer_dir):
     samples = conversation_samples(40, seed=1, long_every=4)
     # An answer holding the separator itself: upstream's round split breaks, it warns and masks the whole sample.
-    samples.append({"id": "sep", "image": "0000.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nsay it"}, {"from": "gpt", "value": "red </s> blue"}]})
+    samples.append(
+        {
+            "id": "sep",
+            "image": "0000.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nsay it"}, {"from": "gpt", "value": "red </s> blue"}],
+        }
+    )
     data = write_json(tmp_path / "train.json", samples)
     result = _upstream_llava(llama_tokenizer_dir, data, _images(tmp_path / "img", 41), "v1", 120)
     assert result["transformers"] == "4.37.2"
@@ -129,9 +137,9 @@ def _scan_chatml(ids: list[int], tokenizer) -> list[int]:
     for n, token in enumerate(ids):
         if token == start:
             end = n + 1
-            while "\n" not in tokenizer.decode(ids[n + 1:end]):
+            while "\n" not in tokenizer.decode(ids[n + 1 : end]):
                 end += 1
-            role = tokenizer.decode(ids[n + 1:end]).split("\n")[0]
+            role = tokenizer.decode(ids[n + 1 : end]).split("\n")[0]
         keep = role == "assistant" or token in (start, stop, QWEN_NEWLINE_ID)
         labels.append(token if keep else IGNORE_INDEX)
     return labels
@@ -157,17 +165,37 @@ def test_llava_onevision_qwen_template(tmp_path):
             expected += ([IMAGE_TOKEN_INDEX] if n else []) + tokenizer(piece, add_special_tokens=False).input_ids
         assert encoded.input_ids == expected
         text_ids = [t if t != IMAGE_TOKEN_INDEX else -1 for t in encoded.input_ids]
-        assert encoded.labels == [IGNORE_INDEX if t == -1 else x for t, x in zip(text_ids, _scan_chatml(text_ids, tokenizer))]
+        assert encoded.labels == [
+            IGNORE_INDEX if t == -1 else x for t, x in zip(text_ids, _scan_chatml(text_ids, tokenizer))
+        ]
 
 
 def test_template_errors_name_the_sample(tmp_path, llama_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(llama_tokenizer_dir)
-    bad = parse_sample({"id": "x1", "image": "a.jpg", "conversations": [
-        {"from": "human", "value": "<image> hi"}, {"from": "human", "value": "again"}]}, 0, "train.json:7")
+    bad = parse_sample(
+        {
+            "id": "x1",
+            "image": "a.jpg",
+            "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "human", "value": "again"}],
+        },
+        0,
+        "train.json:7",
+    )
     with pytest.raises(DataError, match=r"train.json:7 \(sample id 'x1'\): turn 1 is from 'human'"):
         get_template("v1").encode(bad, tokenizer)
-    three = parse_sample({"id": "x2", "image": "a.jpg", "conversations": [
-        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]}, 0, "t.json:2")
+    three = parse_sample(
+        {
+            "id": "x2",
+            "image": "a.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>"},
+                {"from": "gpt", "value": "a"},
+                {"from": "gpt", "value": "b"},
+            ],
+        },
+        0,
+        "t.json:2",
+    )
     with pytest.raises(DataError, match="x2.*two turns"):
         get_template("plain").encode(three, tokenizer)
     with pytest.raises(DataError, match="unknown template 'vicuna'.*known"):
@@ -187,7 +215,9 @@ def test_conversation_files_report_file_line_and_id(tmp_path):
     assert '"id": "b"' in path.read_text().splitlines()[line]  # the line after the opening brace
 
     lines = tmp_path / "d.jsonl"
-    lines.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({"id": "c", "video": "v.mp4", "conversations": []}) + "\n")
+    lines.write_text(
+        json.dumps(good) + "\n{not json\n" + json.dumps({"id": "c", "video": "v.mp4", "conversations": []}) + "\n"
+    )
     with pytest.raises(DataError, match=r"d.jsonl:2: invalid JSON line"):
         list(iter_conversations(lines))
     bad = []

@@ -71,6 +71,7 @@ def test_checkpoint_holds_the_state_and_resume_continues_schedule_and_ema(tmp_pa
     assert final_resumed["stats"] == final_straight["stats"]
     assert torch.equal(final_resumed["ema"]["keys"], final_straight["ema"]["keys"])
     torch.testing.assert_close(final_resumed["ema"]["values"], final_straight["ema"]["values"], equal_nan=True)
+
     def after_resume(trainer, key):  # the resumed log history starts with the restored entries of steps 1-3
         return [e[key] for e in trainer.state.log_history if e.get("step", 0) > 3 and "loss" in e]
 
@@ -81,7 +82,9 @@ def test_checkpoint_holds_the_state_and_resume_continues_schedule_and_ema(tmp_pa
 
 def test_resuming_a_checkpoint_without_regate_state_warns(tmp_path):
     rows = samples(4)
-    plain = make_trainer(tmp_path / "a", rows, {"token_elision": "none"}, max_steps=2, save_strategy="steps", save_steps=2)
+    plain = make_trainer(
+        tmp_path / "a", rows, {"token_elision": "none"}, max_steps=2, save_strategy="steps", save_steps=2
+    )
     plain.train()
     (tmp_path / "a/out/checkpoint-2" / STATE_FILE).unlink()
     resumed = make_trainer(tmp_path / "b", rows, _regate(tmp_path, rows, **SCHEDULE), max_steps=3)
@@ -101,7 +104,7 @@ def test_gradient_accumulation_gives_the_full_batch_step_and_the_mean_over_kept_
     full = _one_sparse_step(tmp_path / "full", rows, per_device_train_batch_size=2)
     accumulated = _one_sparse_step(tmp_path / "ga", rows, per_device_train_batch_size=1, gradient_accumulation_steps=2)
     for (name, a), (_, b) in zip(full.model.named_parameters(), accumulated.model.named_parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
     # Independent reference for the loss value: the elided forward on the same batch, without the Trainer, whose
     # loss is the plain mean over the kept targets (num_items_in_batch=None).
@@ -125,7 +128,7 @@ def test_gradient_checkpointing_trains_the_same_parameters(tmp_path):
     checkpointed.train()
     assert checkpointed.model.model.language_model.gradient_checkpointing
     for (name, a), (_, b) in zip(plain.model.named_parameters(), checkpointed.model.named_parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_peft_lora_model(tmp_path):
@@ -156,18 +159,29 @@ def test_peft_lora_model(tmp_path):
 def test_deepspeed_zero_matches_plain_training(tmp_path, monkeypatch, stage):
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + stage), "RANK": "0",
-                        "WORLD_SIZE": "1", "LOCAL_RANK": "0", "ACCELERATE_USE_DEEPSPEED": "false"}.items():
+    for name, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + stage),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "ACCELERATE_USE_DEEPSPEED": "false",
+    }.items():
         monkeypatch.setenv(name, value)  # restored afterwards, also what accelerate sets during the run
     rows = samples(4)
     flags = _regate(tmp_path, rows, **SPARSE)
     zero = {
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
     }
     plain = make_trainer(tmp_path / "plain", rows, flags, max_steps=3, optim="adamw_torch", learning_rate=1e-3)
     plain.train()
-    sharded = make_trainer(tmp_path / "zero", rows, flags, max_steps=3, optim="adamw_torch", learning_rate=1e-3, deepspeed=zero)
+    sharded = make_trainer(
+        tmp_path / "zero", rows, flags, max_steps=3, optim="adamw_torch", learning_rate=1e-3, deepspeed=zero
+    )
     try:
         sharded.train()
     finally:
@@ -179,8 +193,9 @@ def test_deepspeed_zero_matches_plain_training(tmp_path, monkeypatch, stage):
 
 
 def test_bad_input_fails_before_the_first_step(tmp_path):
-    from .tokenizers_fixture import write_bpe_chat_tokenizer
     from transformers import AutoTokenizer
+
+    from .tokenizers_fixture import write_bpe_chat_tokenizer
 
     rows = samples(2)
     with pytest.raises(ConfigError, match="--regate_ref_cache"):
@@ -196,7 +211,8 @@ def test_bad_input_fails_before_the_first_step(tmp_path):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2))
+    text_only = LlamaForCausalLM(
+        LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
         make_trainer(tmp_path, rows, {"token_elision": "random"}, model=text_only)

@@ -11,15 +11,22 @@ from .tiny import IMAGE_ROWS, tiny_llava
 
 
 def test_upstream_configs():
-    llava15 = {"mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
-               "mm_vision_select_feature": "patch"}
+    llava15 = {
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_feature": "patch",
+    }
     assert visual_tokens_from_config(llava15) == 24 * 24
     assert visual_tokens_from_config({**llava15, "mm_vision_select_feature": "cls_patch"}) == 24 * 24 + 1
     clip = {"mm_vision_tower": "openai/clip-vit-large-patch14-336", "num_frames": 8}
     # Conv3d kernel 2 stride 2: padding 1 gives (8+2-2)/2+1 = 5 frames and (24+2-2)/2+1 = 13 per side.
     assert visual_tokens_from_config({**clip, "mm_projector_type": "stc_connector"}) == 5 * 13 * 13
     assert visual_tokens_from_config({**clip, "mm_projector_type": "stc_connector_v35"}) == 4 * 12 * 12
-    siglip = {"mm_vision_tower": "google/siglip-so400m-patch14-384", "num_frames": 16, "mm_projector_type": "stc_connector_v35"}
+    siglip = {
+        "mm_vision_tower": "google/siglip-so400m-patch14-384",
+        "num_frames": 16,
+        "mm_projector_type": "stc_connector_v35",
+    }
     assert visual_tokens_from_config(siglip) == 8 * 13 * 13
     with pytest.raises(DataError, match="projector 'spatial_conv'.*--visual-tokens"):
         visual_tokens_from_config({**clip, "mm_projector_type": "spatial_conv"})

@@ -58,7 +58,9 @@ def tiny_llava(seed: int = 0, attn: str = "sdpa") -> LlavaForConditionalGenerati
     return model
 
 
-def _sample(gen: torch.Generator, turns: int, image_at: int, placeholder: int, rows: int) -> tuple[list[int], list[int]]:
+def _sample(
+    gen: torch.Generator, turns: int, image_at: int, placeholder: int, rows: int
+) -> tuple[list[int], list[int]]:
     """[BOS] instr (image) instr answer EOS (instr answer EOS)...; labels on answers and their EOS only."""
     ids, labels = [BOS], [IGNORE_INDEX]
 
@@ -99,7 +101,9 @@ def make_batch(
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
 
 
-def write_cache_for(directory: Path, batches: list[dict[str, torch.Tensor]], seed: int = 0, fingerprint: str = "test") -> Path:
+def write_cache_for(
+    directory: Path, batches: list[dict[str, torch.Tensor]], seed: int = 0, fingerprint: str = "test"
+) -> Path:
     """A reference cache with arbitrary (seeded) losses for every sample of `batches`."""
     gen = torch.Generator().manual_seed(seed)
     with ReferenceLossCacheWriter(
@@ -115,8 +119,15 @@ def write_cache_for(directory: Path, batches: list[dict[str, torch.Tensor]], see
 
 def _tiny_text(**overrides: object) -> dict:
     return dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD, **overrides,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        **overrides,
     )
 
 
@@ -156,11 +167,21 @@ QWEN_GRID = (1, 4, 4)  # t, h, w patches; merged 2x2 -> 4 rows per image
 def tiny_qwen2_vl(seed: int = 0) -> Qwen2VLForConditionalGeneration:
     text = _tiny_text(rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
     vision = dict(
-        depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2, in_channels=3,
+        depth=1,
+        embed_dim=16,
+        hidden_size=32,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
     )
     config = Qwen2VLConfig(
-        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
         vision_start_token_id=VOCAB - 3,
     )
     torch.manual_seed(seed)

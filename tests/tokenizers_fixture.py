@@ -98,12 +98,20 @@ def write_bpe_chat_tokenizer(directory: Path, style: str) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "model_max_length": 4096, **extra}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": template,
+        "model_max_length": 4096,
+        **extra,
+    }
     if style == "chatml":
         config["additional_special_tokens"] = ["<|im_start|>", "<|im_end|>"]
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

@@ -19,11 +19,13 @@ def samples(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     rows = []
     for i in range(n):
         valid = batch["attention_mask"][i].bool()
-        rows.append({
-            "input_ids": batch["input_ids"][i][valid],
-            "labels": batch["labels"][i][valid],
-            "pixel_values": batch["pixel_values"][i],
-        })
+        rows.append(
+            {
+                "input_ids": batch["input_ids"][i][valid],
+                "labels": batch["labels"][i][valid],
+                "pixel_values": batch["pixel_values"][i],
+            }
+        )
     return rows
 
 

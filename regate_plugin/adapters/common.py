@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers.utils import ModelOutput
@@ -28,13 +28,13 @@ ElidedForward = Callable[[Any, dict[str, Any]], "ElidedCausalLMOutput"]
 class ElidedCausalLMOutput(ModelOutput):
     """Training output under token elision; `logits` is None (they exist only for kept targets)."""
 
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    token_elision: Optional[dict[str, Any]] = None
-    labels: Optional[torch.LongTensor] = None  # post-merge labels, where the upstream forward returns them
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
-    image_hidden_states: Optional[torch.FloatTensor] = None
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    token_elision: dict[str, Any] | None = None
+    labels: torch.LongTensor | None = None  # post-merge labels, where the upstream forward returns them
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
 
 
 def sample_keys(

@@ -35,7 +35,9 @@ def _compact_decoder_inputs(pending: _PendingPlan, module: Any, args: tuple, kwa
         return None
     embeds = kwargs.get("inputs_embeds")
     if embeds is None or args:
-        raise RuntimeError(f"{type(module).__name__} was called without keyword inputs_embeds; token elision cannot compact it")
+        raise RuntimeError(
+            f"{type(module).__name__} was called without keyword inputs_embeds; token elision cannot compact it"
+        )
     if embeds.shape[:2] != plan.kept_mask.shape:
         raise RuntimeError(
             f"merged inputs_embeds {tuple(embeds.shape[:2])} do not match labels {tuple(plan.kept_mask.shape)}: "
@@ -50,7 +52,9 @@ def _compact_decoder_inputs(pending: _PendingPlan, module: Any, args: tuple, kwa
     return args, kwargs
 
 
-def _elided_forward(elision: TokenElision, pending: _PendingPlan, model: Any, kwargs: dict[str, Any]) -> ElidedCausalLMOutput:
+def _elided_forward(
+    elision: TokenElision, pending: _PendingPlan, model: Any, kwargs: dict[str, Any]
+) -> ElidedCausalLMOutput:
     labels, attention_mask = kwargs["labels"], kwargs.get("attention_mask")
     keys = sample_keys(elision, kwargs.get("input_ids"), labels, attention_mask)
     plan = elision.plan(labels, attention_mask, keys)

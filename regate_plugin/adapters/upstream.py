@@ -43,8 +43,13 @@ def merge_llava(model: Any, kwargs: dict[str, Any]) -> MergedBatch:
     images, [modalities,] image_sizes)` -> `(None, position_ids, attention_mask, past, inputs_embeds, labels)`."""
     extra = {name: kwargs[name] for name in ("modalities", "image_sizes") if kwargs.get(name) is not None}
     _, position_ids, attention_mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
-        kwargs.get("input_ids"), kwargs.get("position_ids"), kwargs.get("attention_mask"), None, kwargs["labels"],
-        kwargs.get("images"), **extra,
+        kwargs.get("input_ids"),
+        kwargs.get("position_ids"),
+        kwargs.get("attention_mask"),
+        None,
+        kwargs["labels"],
+        kwargs.get("images"),
+        **extra,
     )
     return MergedBatch(_embedded(model, embeds, kwargs), attention_mask, position_ids, labels)
 

@@ -85,7 +85,9 @@ class CacheManifest:
             if raw.get("format") != CACHE_FORMAT:
                 raise CacheError(f"{source} is not a ReGATE reference cache manifest (format={raw.get('format')!r})")
             if raw.get("version") != CACHE_VERSION:
-                raise CacheError(f"{source} has cache format version {raw.get('version')}, this plugin reads {CACHE_VERSION}")
+                raise CacheError(
+                    f"{source} has cache format version {raw.get('version')}, this plugin reads {CACHE_VERSION}"
+                )
             raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
             return cls(**raw)
         except (json.JSONDecodeError, TypeError) as err:
@@ -93,7 +95,10 @@ class CacheManifest:
 
     def header(self) -> dict[str, Any]:
         """The fields that say what the losses mean (not how many there are)."""
-        return {k: getattr(self, k) for k in ("teacher", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens")}
+        return {
+            k: getattr(self, k)
+            for k in ("teacher", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens")
+        }
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -166,7 +171,9 @@ class ReferenceLossCache:
         except Exception as err:  # safetensors raises several types on a damaged header
             raise CorruptShardError(f"shard {path} cannot be read: {err}") from err
         if keys.ndim != 2 or keys.shape[1] != KEY_BYTES or offsets.shape != (keys.shape[0] + 1,):
-            raise CorruptShardError(f"shard {path} has keys {keys.shape} and offsets {offsets.shape}: not a cache shard")
+            raise CorruptShardError(
+                f"shard {path} has keys {keys.shape} and offsets {offsets.shape}: not a cache shard"
+            )
         shard_idx = len(self._handles)
         self._handles.append(handle)
         for row in range(keys.shape[0]):

@@ -30,7 +30,9 @@ def shift_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None = No
     return targets
 
 
-def elidable_positions(labels: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def elidable_positions(
+    labels: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Positions p with labels[p] and labels[p + 1] both supervised: an answer token that predicts another one."""
     candidates = (labels != IGNORE_INDEX) & (targets != IGNORE_INDEX)
     return candidates if attention_mask is None else candidates & attention_mask.bool()
@@ -128,7 +130,5 @@ def plan_compaction(
         slot_valid = slots >= offset
         index = torch.where(slot_valid, order.gather(1, (slots - offset).clamp(min=0)), torch.zeros_like(order))
     valid = torch.ones_like(kept_mask) if attention_mask is None else attention_mask.bool()
-    identity = compact_length == length and torch.equal(slot_valid, valid) and bool(
-        (index == slots)[slot_valid].all()
-    )
+    identity = compact_length == length and torch.equal(slot_valid, valid) and bool((index == slots)[slot_valid].all())
     return CompactionPlan(kept_mask, index, slot_valid, padding_side, identity)

@@ -66,12 +66,14 @@ class ElisionPlan:
     @functools.cached_property
     def counts(self) -> dict[str, int]:
         """Candidates, kept candidates, kept targets and decoder tokens (one host sync, computed once)."""
-        values = torch.stack([
-            self.candidates.sum(),
-            (self.candidates & self.kept_mask).sum(),
-            ((self.targets != IGNORE_INDEX) & self.kept_mask).sum(),
-            self.compaction.slot_valid.sum(),
-        ]).tolist()
+        values = torch.stack(
+            [
+                self.candidates.sum(),
+                (self.candidates & self.kept_mask).sum(),
+                ((self.targets != IGNORE_INDEX) & self.kept_mask).sum(),
+                self.compaction.slot_valid.sum(),
+            ]
+        ).tolist()
         return dict(zip(("candidates", "kept", "targets", "tokens"), values))
 
     def report(self) -> dict[str, Any]:
@@ -131,7 +133,9 @@ class TokenElision:
         if labels.ndim != 2:
             raise ValueError(f"labels must be [batch, length], got {tuple(labels.shape)}")
         if attention_mask is not None and attention_mask.shape != labels.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match labels {tuple(labels.shape)}")
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not match labels {tuple(labels.shape)}"
+            )
         if self.needs_sample_keys and (sample_keys is None or len(sample_keys) != labels.shape[0]):
             raise ValueError(f"token elision '{self.name}' needs one sample key per row of the batch")
         targets = shift_targets(labels, attention_mask)
@@ -223,7 +227,9 @@ class RandomElision(TokenElision):
 
     def select(self, targets, candidates, ordinals, sample_keys, keep_ratio):  # type: ignore[override]
         stream = f"{self.cfg.seed}:{self.step}:{self.stats.batches}".encode()
-        generator = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(stream, digest_size=8).digest(), "little") >> 1)
+        generator = torch.Generator().manual_seed(
+            int.from_bytes(hashlib.blake2b(stream, digest_size=8).digest(), "little") >> 1
+        )
         scores = random_scores(tuple(candidates.shape), generator).to(candidates.device)
         return select_kept_positions(scores, candidates, keep_ratio)
 
@@ -234,7 +240,12 @@ class ReGATEElision(TokenElision):
     name = "regate"
     needs_sample_keys = True
 
-    def __init__(self, cfg: ReGATEConfig | None = None, reference: ReferenceLossCache | str | os.PathLike[str] | None = None, vocab_size: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: ReGATEConfig | None = None,
+        reference: ReferenceLossCache | str | os.PathLike[str] | None = None,
+        vocab_size: int = 0,
+    ) -> None:
         super().__init__(cfg)
         if reference is None:
             raise ValueError(

@@ -21,7 +21,9 @@ KEY_BYTES = 16
 SampleKey = bytes
 
 
-def sample_key(input_ids: Sequence[int] | np.ndarray | torch.Tensor, label_mask: Sequence[bool] | np.ndarray | torch.Tensor) -> SampleKey:
+def sample_key(
+    input_ids: Sequence[int] | np.ndarray | torch.Tensor, label_mask: Sequence[bool] | np.ndarray | torch.Tensor
+) -> SampleKey:
     """blake2b-128 of one unpadded sample's token ids and supervision mask."""
     ids = _as_numpy(input_ids).astype("<i8", copy=False).reshape(-1)
     mask = _as_numpy(label_mask).astype(np.uint8, copy=False).reshape(-1)

@@ -46,7 +46,9 @@ def next_token_loss(
     flat_targets = targets[supervised]
     if chunk_size and hidden.shape[0] > chunk_size:
         pieces = [
-            checkpoint(_token_nll, hidden[i : i + chunk_size], flat_targets[i : i + chunk_size], head, use_reentrant=False)
+            checkpoint(
+                _token_nll, hidden[i : i + chunk_size], flat_targets[i : i + chunk_size], head, use_reentrant=False
+            )
             for i in range(0, hidden.shape[0], chunk_size)
         ]
         nll = torch.cat(pieces)

@@ -7,9 +7,7 @@ import math
 import torch
 
 
-def fused_score(
-    difficulty: torch.Tensor, reference: torch.Tensor, lam: float, zscore: bool = False
-) -> torch.Tensor:
+def fused_score(difficulty: torch.Tensor, reference: torch.Tensor, lam: float, zscore: bool = False) -> torch.Tensor:
     """d = (1 - lam) * m + lam * ref over one sample's candidates; a NaN signal is left out.
 
     Where the student difficulty m is unknown the score is ref alone; where ref is unknown (EMA-only fallback)

@@ -62,7 +62,9 @@ def parse_sample(raw: Any, index: int, source: str) -> Conversation:
     return Conversation(sample_id, parsed, modalities[0] if modalities else None, source)
 
 
-def iter_conversations(path: str | os.PathLike[str], skip_bad: bool = False, bad: list[str] | None = None) -> Iterator[Conversation]:
+def iter_conversations(
+    path: str | os.PathLike[str], skip_bad: bool = False, bad: list[str] | None = None
+) -> Iterator[Conversation]:
     """Samples of a `.json` list or a `.jsonl` file, in file order.
 
     With `skip_bad`, an invalid sample is appended to `bad` (its error message) instead of raised. A JSON list
@@ -85,7 +87,7 @@ def iter_conversations(path: str | os.PathLike[str], skip_bad: bool = False, bad
             return None
 
     start = len(text) - len(text.lstrip())
-    if text[start:start + 1] == "[":
+    if text[start : start + 1] == "[":
         offset, index = start + 1, 0
         line, counted_to = 1, 0  # line numbers are counted incrementally: the file can be a gigabyte
         while True:

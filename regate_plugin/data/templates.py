@@ -36,7 +36,8 @@ VICUNA_V1_SYSTEM = (
 QWEN_SYSTEM = "You are a helpful assistant."
 # LLaVA-NeXT resets the Qwen chat template so the system message is not repeated per turn.
 QWEN_TURN_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 QWEN_NEWLINE_ID = 198  # "\n" in the Qwen2 vocabulary; LLaVA-NeXT unmasks this literal id
@@ -95,7 +96,9 @@ def tokenizer_multimodal_token(prompt: str, tokenizer: Any, modal_token: str | N
     return ids
 
 
-def move_placeholder_first(turns: list[tuple[str, str]], token: str, only_single: bool = False) -> list[tuple[str, str]]:
+def move_placeholder_first(
+    turns: list[tuple[str, str]], token: str, only_single: bool = False
+) -> list[tuple[str, str]]:
     """Upstream `preprocess_multimodal`: a turn holding the placeholder gets it moved to its front, then a newline."""
     moved = []
     for role, text in turns:
@@ -114,7 +117,10 @@ def check_alternating(sample: Conversation, turns: list[tuple[str, str]]) -> Non
     for n, (role, _) in enumerate(turns):
         expected = "human" if n % 2 == 0 else "gpt"
         if role != expected:
-            raise DataError(f"{sample.where()}: turn {n} is from {role!r}, the template expects {expected!r} (turns alternate human, gpt)")
+            raise DataError(
+                f"{sample.where()}: turn {n} is from {role!r}, the template expects {expected!r} "
+                "(turns alternate human, gpt)"
+            )
 
 
 class ConversationTemplate(ABC):
@@ -173,7 +179,7 @@ class LlavaV1Template(ConversationTemplate):
             if n != 0 and non_legacy:
                 round_len -= 1
                 instruction_len -= 1
-            labels[cur:cur + instruction_len] = [IGNORE_INDEX] * len(labels[cur:cur + instruction_len])
+            labels[cur : cur + instruction_len] = [IGNORE_INDEX] * len(labels[cur : cur + instruction_len])
             cur += round_len
         labels[cur:] = [IGNORE_INDEX] * len(labels[cur:])
         limit = max_length or tokenizer.model_max_length
@@ -235,7 +241,9 @@ class VideoLlama2PlainTemplate(ConversationTemplate):
     def encode(self, sample: Conversation, tokenizer: Any, max_length: int | None = None) -> TokenizedSample:
         token = _modal_token(sample)
         if token is None or len(sample.turns) != 2 or token not in sample.turns[0][1]:
-            raise DataError(f"{sample.where()}: template 'videollama2_plain' needs two turns with the modal tag in the first")
+            raise DataError(
+                f"{sample.where()}: template 'videollama2_plain' needs two turns with the modal tag in the first"
+            )
         turns = move_placeholder_first(sample.turns, token)
         ids = tokenizer_multimodal_token(" ".join(text for _, text in turns), tokenizer, token)
         index = dict(MODAL_TOKENS.values())[token]

@@ -31,7 +31,9 @@ def _tower_grid(config: dict[str, Any], source: str) -> int:
     match = re.search(r"patch(\d+)-(\d+)", tower)
     if match:
         return int(match.group(2)) // int(match.group(1))
-    raise DataError(f"{source}: cannot tell the vision tower's patch grid from {tower or 'the config'}; pass --visual-tokens")
+    raise DataError(
+        f"{source}: cannot tell the vision tower's patch grid from {tower or 'the config'}; pass --visual-tokens"
+    )
 
 
 def _stc_out(n: int, padding: int) -> int:
@@ -42,9 +44,12 @@ def _stc_out(n: int, padding: int) -> int:
 def visual_tokens_from_config(config: dict[str, Any], source: str = "student config") -> int:
     """Visual rows per `<image>`/`<video>` placeholder for LLaVA-1.5, HF-native LLaVA and VideoLLaMA2 configs."""
     grid = _tower_grid(config, source)
-    cls_row = 1 if config.get("mm_vision_select_feature") == "cls_patch" or config.get(
-        "vision_feature_select_strategy"
-    ) == "full" else 0
+    cls_row = (
+        1
+        if config.get("mm_vision_select_feature") == "cls_patch"
+        or config.get("vision_feature_select_strategy") == "full"
+        else 0
+    )
     projector = str(config.get("mm_projector_type", "linear"))
     if "tc_connector" in projector or "tp_connector" in projector:
         frames = int(config.get("num_frames") or DEFAULT_FRAMES)

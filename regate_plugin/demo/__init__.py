@@ -60,7 +60,9 @@ class DemoConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         if min(self.steps, self.batch_size, self.train_size, self.test_per_task, self.num_frames, self.eval_every) < 1:
-            raise ValueError("--steps, --batch-size, --train-size, --test-per-task, --num-frames and --eval-every must be >= 1")
+            raise ValueError(
+                "--steps, --batch-size, --train-size, --test-per-task, --num-frames and --eval-every must be >= 1"
+            )
 
 
 @dataclass
@@ -131,24 +133,30 @@ def _collate(rows: list[TrainSample], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def encode_train_split(splits: demo_data.DemoSplits, tokenizer: Any, processor: Any, image_token_id: int,
-                       num_frames: int, progress: bool) -> list[TrainSample]:
+def encode_train_split(
+    splits: demo_data.DemoSplits, tokenizer: Any, processor: Any, image_token_id: int, num_frames: int, progress: bool
+) -> list[TrainSample]:
     """The student's training samples: VideoLLaMA2's template on the chat template, `<video>` expanded into the
     image token once per frame row (as the processor does), frames sampled by the official MVBench rule."""
     template = get_template(TEMPLATE)
     samples = []
     records = json.loads(splits.train_json.read_text())
     conversations = list(iter_conversations(splits.train_json))
-    for record, conversation in tqdm(list(zip(records, conversations, strict=True)), desc="encode train split", disable=not progress):
-        encoded = expand_placeholders(template.encode(conversation, tokenizer), image_token_id, ROWS_PER_FRAME * num_frames)
+    for record, conversation in tqdm(
+        list(zip(records, conversations, strict=True)), desc="encode train split", disable=not progress
+    ):
+        encoded = expand_placeholders(
+            template.encode(conversation, tokenizer), image_token_id, ROWS_PER_FRAME * num_frames
+        )
         frames = sample_official(VisualSource(splits.root / record["video"]), num_frames, None)
         pixels = processor.image_processor(frames, return_tensors="pt")["pixel_values"]
         samples.append(TrainSample(encoded.input_ids, encoded.labels, pixels))
     return samples
 
 
-def train_reference(base: torch.nn.Module, samples: list[TrainSample], image_token_id: int, pad_id: int,
-                    cfg: DemoConfig) -> None:
+def train_reference(
+    base: torch.nn.Module, samples: list[TrainSample], image_token_id: int, pad_id: int, cfg: DemoConfig
+) -> None:
     """Train the base LLM on what the reference sees: the samples' text, visual rows skipped, positions kept."""
     scorer = ReferenceScorer(base, "gap", (image_token_id,), 1, pad_id)
     inputs = [build_teacher_input(s.input_ids, s.labels, (image_token_id,), 1, "gap", pad_id) for s in samples]
@@ -163,14 +171,18 @@ def train_reference(base: torch.nn.Module, samples: list[TrainSample], image_tok
         optimizer.zero_grad()
 
 
-def evaluate(model: torch.nn.Module, processor: Any, mvbench_root: Path, num_frames: int, out: Path, progress: bool) -> float:
+def evaluate(
+    model: torch.nn.Module, processor: Any, mvbench_root: Path, num_frames: int, out: Path, progress: bool
+) -> float:
     """MVBench average (official protocol) of the demo's test split; predictions and metrics go to `out`."""
     shutil.rmtree(out, ignore_errors=True)
     data = load_mvbench(mvbench_root, tasks=demo_data.TASK_NAMES)
     protocol = get_protocol("official", num_frames)
     was_training = model.training
     runner = HFRunner(model, processor)
-    records = list(predict(data, protocol, runner, out / "predictions-official.jsonl", progress=progress, batch_size=16))
+    records = list(
+        predict(data, protocol, runner, out / "predictions-official.jsonl", progress=progress, batch_size=16)
+    )
     model.train(was_training)
     result = aggregate(records)
     (out / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
@@ -199,16 +211,27 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None) -> list[DemoResult]:
 
     cache_dir = out_dir / "reference_cache"
     precompute = PrecomputeConfig(
-        data=[splits.train_json], teacher=f"demo-{cfg.preset}-base", template=TEMPLATE, out=cache_dir,
-        visual_tokens=ROWS_PER_FRAME * cfg.num_frames, image_token_id=image_token_id, overwrite=True,
+        data=[splits.train_json],
+        teacher=f"demo-{cfg.preset}-base",
+        template=TEMPLATE,
+        out=cache_dir,
+        visual_tokens=ROWS_PER_FRAME * cfg.num_frames,
+        image_token_id=image_token_id,
+        overwrite=True,
         progress=cfg.progress,
     )
     run_precompute(precompute, model=copy.deepcopy(base), tokenizer=tokenizer)
 
     start = build_student(base, tokenizer, cfg.seed)
-    start_accuracy = evaluate(start, processor, splits.mvbench_root, cfg.num_frames, out_dir / "eval" / "start", cfg.progress)
-    schedule = ReGATEConfig(keep_ratio=cfg.keep_ratio, warmup_steps=cfg.warmup_steps, cycle_steps=cfg.cycle_steps,
-                            dense_steps=cfg.dense_steps)
+    start_accuracy = evaluate(
+        start, processor, splits.mvbench_root, cfg.num_frames, out_dir / "eval" / "start", cfg.progress
+    )
+    schedule = ReGATEConfig(
+        keep_ratio=cfg.keep_ratio,
+        warmup_steps=cfg.warmup_steps,
+        cycle_steps=cfg.cycle_steps,
+        dense_steps=cfg.dense_steps,
+    )
     results = []
     for mode in MODES:
         results.append(_train_mode(mode, start, samples, schedule, processor, splits, start_accuracy, out_dir, cfg))
@@ -216,8 +239,17 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None) -> list[DemoResult]:
     return results
 
 
-def _train_mode(mode: str, start: torch.nn.Module, samples: list[TrainSample], schedule: ReGATEConfig, processor: Any,
-                splits: demo_data.DemoSplits, start_accuracy: float, out_dir: Path, cfg: DemoConfig) -> DemoResult:
+def _train_mode(
+    mode: str,
+    start: torch.nn.Module,
+    samples: list[TrainSample],
+    schedule: ReGATEConfig,
+    processor: Any,
+    splits: demo_data.DemoSplits,
+    start_accuracy: float,
+    out_dir: Path,
+    cfg: DemoConfig,
+) -> DemoResult:
     model = copy.deepcopy(start)
     model.train()
     tokenizer = processor.tokenizer
@@ -248,8 +280,18 @@ def _train_mode(mode: str, start: torch.nn.Module, samples: list[TrainSample], s
     checkpoint = out_dir / "checkpoints" / mode
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)
-    result = DemoResult(mode, answer_tokens, elision.stats.kept_fraction, seconds, saved / cfg.steps / 2**20,
-                        peak / 2**20, curve[-1][1], float(loss), curve, str(checkpoint))
+    result = DemoResult(
+        mode,
+        answer_tokens,
+        elision.stats.kept_fraction,
+        seconds,
+        saved / cfg.steps / 2**20,
+        peak / 2**20,
+        curve[-1][1],
+        float(loss),
+        curve,
+        str(checkpoint),
+    )
     (checkpoint / "demo_result.json").write_text(json.dumps(asdict(result), indent=2))
     return result
 
@@ -276,12 +318,16 @@ def plot_curves(results: list[DemoResult], path: Path, title: str = "") -> Path:
 
 
 def format_results(results: list[DemoResult]) -> str:
-    lines = [f"{'mode':<8} {'answer tokens':>13} {'kept':>5} {'train s':>7} {'act. MiB mean/peak':>18} "
-             f"{'MVBench':>7} {'best':>5} {'last loss':>9}"]
+    lines = [
+        f"{'mode':<8} {'answer tokens':>13} {'kept':>5} {'train s':>7} {'act. MiB mean/peak':>18} "
+        f"{'MVBench':>7} {'best':>5} {'last loss':>9}"
+    ]
     for r in results:
         memory = f"{r.activation_mib:.1f} / {r.peak_activation_mib:.1f}"
-        lines.append(f"{r.mode:<8} {r.answer_tokens:>13} {r.kept_fraction:>5.2f} {r.seconds:>7.1f} {memory:>18} "
-                     f"{r.accuracy:>7.1f} {r.best_accuracy:>5.1f} {r.final_loss:>9.3f}")
+        lines.append(
+            f"{r.mode:<8} {r.answer_tokens:>13} {r.kept_fraction:>5.2f} {r.seconds:>7.1f} {memory:>18} "
+            f"{r.accuracy:>7.1f} {r.best_accuracy:>5.1f} {r.final_loss:>9.3f}"
+        )
     return "\n".join(lines)
 
 

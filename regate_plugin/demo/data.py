@@ -49,7 +49,7 @@ class ClipSpec:
             for colour, x, y, dx, dy, first in self.squares:
                 if t >= first:
                     left, top = x + dx * t, y + dy * t
-                    video[t, max(top, 0):max(top + SQUARE, 0), max(left, 0):max(left + SQUARE, 0)] = COLOURS[colour]
+                    video[t, max(top, 0) : max(top + SQUARE, 0), max(left, 0) : max(left + SQUARE, 0)] = COLOURS[colour]
         return video
 
 
@@ -86,12 +86,27 @@ def _moving_count(rng: random.Random, count: str) -> ClipSpec:
 
 
 DEMO_TASKS: tuple[DemoTask, ...] = (
-    DemoTask("Moving Attribute", "What is the colour of the moving object?", tuple(COLOURS),
-             "The object in the video is {}.", _moving_colour),
-    DemoTask("Moving Direction", "Which direction does the object move?", tuple(DIRECTIONS),
-             "The object in the video moves {}.", _moving_direction),
-    DemoTask("Moving Count", "How many objects are in the video at the end?", tuple(COUNTS),
-             "The number of objects in the video is {}.", _moving_count),
+    DemoTask(
+        "Moving Attribute",
+        "What is the colour of the moving object?",
+        tuple(COLOURS),
+        "The object in the video is {}.",
+        _moving_colour,
+    ),
+    DemoTask(
+        "Moving Direction",
+        "Which direction does the object move?",
+        tuple(DIRECTIONS),
+        "The object in the video moves {}.",
+        _moving_direction,
+    ),
+    DemoTask(
+        "Moving Count",
+        "How many objects are in the video at the end?",
+        tuple(COUNTS),
+        "The number of objects in the video is {}.",
+        _moving_count,
+    ),
 )
 TASK_NAMES = [task.name for task in DEMO_TASKS]
 _MVBENCH = {task.name: task for task in TASKS}
@@ -148,11 +163,16 @@ def generate(root: Path, train_size: int, test_per_task: int, seed: int = 0, pro
         video = f"train/{n:05d}.mp4"
         write_clip(root / video, task.draw(rng, task.candidates[answer]).frames())
         question = Question(task.name, n, root / video, task.question, task.candidates, answer, None)
-        train.append({
-            "id": f"demo-{n:05d}", "video": video,
-            "conversations": [{"from": "human", "value": "<video>\n" + user_text(question)},
-                              {"from": "gpt", "value": answer_text(task, answer)}],
-        })
+        train.append(
+            {
+                "id": f"demo-{n:05d}",
+                "video": video,
+                "conversations": [
+                    {"from": "human", "value": "<video>\n" + user_text(question)},
+                    {"from": "gpt", "value": answer_text(task, answer)},
+                ],
+            }
+        )
         bar.update(1)
     train_json = root / "train.json"
     train_json.write_text(json.dumps(train, indent=1))
@@ -163,8 +183,14 @@ def generate(root: Path, train_size: int, test_per_task: int, seed: int = 0, pro
             answer = i % len(task.candidates)
             name = f"{task.name.lower().replace(' ', '_')}_{i:04d}.mp4"
             write_clip(mvbench / "video" / prefix / name, task.draw(rng, task.candidates[answer]).frames())
-            records.append({"video": name, "question": task.question, "candidates": list(task.candidates),
-                            "answer": task.candidates[answer]})
+            records.append(
+                {
+                    "video": name,
+                    "question": task.question,
+                    "candidates": list(task.candidates),
+                    "answer": task.candidates[answer],
+                }
+            )
             bar.update(1)
         (mvbench / "json").mkdir(parents=True, exist_ok=True)
         (mvbench / "json" / _MVBENCH[task.name].json_file).write_text(json.dumps(records, indent=1))

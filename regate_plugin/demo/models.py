@@ -41,7 +41,8 @@ ROWS_PER_FRAME = (FRAME_SIZE // PATCH) ** 2  # CLS dropped ("default" feature se
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] if messages[0]['content'] is string else messages[0]['content'][0]['text'] -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'][0]['text'] -%}"
     "{%- set messages = messages[1:] -%}"
     "{%- else -%}{%- set system = " + json.dumps(OFFICIAL_SYSTEM) + " -%}{%- endif -%}"
     "{{ system }}"
@@ -68,11 +69,21 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -80,9 +91,16 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
 def tiny_base(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config)
 
@@ -103,21 +121,39 @@ def smollm2_base() -> tuple[LlamaForCausalLM, Any]:
 
 
 def processor_for(tokenizer: Any) -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": FRAME_SIZE}, crop_size={"height": FRAME_SIZE, "width": FRAME_SIZE})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-                          patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": FRAME_SIZE}, crop_size={"height": FRAME_SIZE, "width": FRAME_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
 
 
 def build_student(base: LlamaForCausalLM, tokenizer: Any, seed: int) -> LlavaForConditionalGeneration:
     """A LLaVA whose LLM and head start as `base`'s, with a random frozen CLIP tower and a random projector."""
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=FRAME_SIZE, patch_size=PATCH)
-    config = LlavaConfig(vision_config=vision, text_config=base.config, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=FRAME_SIZE,
+        patch_size=PATCH,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=base.config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(seed)
     student = LlavaForConditionalGeneration(config)
     student.model.language_model.load_state_dict(base.model.state_dict())
     student.lm_head.load_state_dict(base.lm_head.state_dict())
     student.model.vision_tower.requires_grad_(False)
     return student
-

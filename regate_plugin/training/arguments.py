@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ..core.config import ConfigError, ReGATEConfig
 from ..core.elision import TokenElision, available_token_elisions, build_token_elision
@@ -37,7 +37,7 @@ class TokenElisionArguments:
     token_elision: str = field(
         default="none", metadata={"help": "Which answer tokens the decoder skips: none, regate or random."}
     )
-    regate_ref_cache: Optional[str] = field(
+    regate_ref_cache: str | None = field(
         default=None, metadata={"help": "Reference-loss cache directory made by `regate precompute` (regate only)."}
     )
     regate_keep_ratio: float = _flag("keep_ratio", "Fraction of elidable answer tokens kept on sparse steps, (0, 1].")

@@ -105,4 +105,6 @@ class TokenElisionCallback(TrainerCallback):
             return
         self.elision.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if self.elision.step != global_step:
-            raise ValueError(f"{path} was saved at step {self.elision.step}, but the Trainer resumes at step {global_step}")
+            raise ValueError(
+                f"{path} was saved at step {self.elision.step}, but the Trainer resumes at step {global_step}"
+            )

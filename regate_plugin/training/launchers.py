@@ -60,8 +60,10 @@ def launch_videollama2(argv: list[str]) -> None:
     run the script (first argument, default `videollama2/train.py`) as `__main__`."""
     script = argv.pop(0) if argv and not argv[0].startswith("-") else "videollama2/train.py"
     if not Path(script).is_file():
-        raise SystemExit(f"regate launch videollama2: {script} not found (run from the VideoLLaMA2 checkout, or pass "
-                         "the path of videollama2/train.py as the first argument)")
+        raise SystemExit(
+            f"regate launch videollama2: {script} not found (run from the VideoLLaMA2 checkout, or pass "
+            "the path of videollama2/train.py as the first argument)"
+        )
     elision_args, argv = split_elision_flags(argv)
     repo = str(Path(script).resolve().parents[1])
     if repo not in sys.path:

@@ -56,7 +56,12 @@ class TokenElisionTrainerMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(
-        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None, **kwargs: Any
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+        **kwargs: Any,
     ) -> Any:
         """The Trainer's own `compute_loss`; takes `num_items_in_batch` on every transformers version."""
         if num_items_in_batch is not None:
@@ -69,7 +74,11 @@ class TokenElisionTrainerMixin:
             return batch_samples, num_items_in_batch
         self.token_elision.set_step(self.state.global_step)
         kept = [
-            {"labels": _count_as_labels(self.token_elision.kept_target_counts(b["labels"], b.get("attention_mask")), b["labels"])}
+            {
+                "labels": _count_as_labels(
+                    self.token_elision.kept_target_counts(b["labels"], b.get("attention_mask")), b["labels"]
+                )
+            }
             for b in batch_samples
         ]
         return batch_samples, self._get_num_items_in_batch(kept, device)

@@ -21,10 +21,19 @@ if __name__ == "__main__":
     base = write_tiny_teacher(work / "base", tokenizer_dir)
     clip = write_tiny_clip(work / "clip")
     config = LlavaConfig.from_pretrained(base)
-    config.update({"mm_vision_tower": str(clip), "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-                   "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": AutoConfig.from_pretrained(clip).hidden_size,
-                   "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-                   "mm_patch_merge_type": "flat"})
+    config.update(
+        {
+            "mm_vision_tower": str(clip),
+            "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch",
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_hidden_size": AutoConfig.from_pretrained(clip).hidden_size,
+            "image_aspect_ratio": "pad",
+            "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False,
+            "mm_patch_merge_type": "flat",
+        }
+    )
     torch.manual_seed(2)
     model = LlavaLlamaForCausalLM.from_pretrained(base, config=config)
     with torch.no_grad():  # large random weights, so that greedy outputs depend on the image and the question

@@ -18,7 +18,10 @@ if __name__ == "__main__":
 
     write_tiny_teacher(Path(sys.argv[2]), Path(sys.argv[1]))
     write_tiny_clip(Path(sys.argv[3]))
-    tower, llm = AutoConfig.from_pretrained(sys.argv[3]).hidden_size, AutoConfig.from_pretrained(sys.argv[2]).hidden_size
+    tower, llm = (
+        AutoConfig.from_pretrained(sys.argv[3]).hidden_size,
+        AutoConfig.from_pretrained(sys.argv[2]).hidden_size,
+    )
     torch.manual_seed(1)
     mlp2x_gelu = torch.nn.Sequential(torch.nn.Linear(tower, llm), torch.nn.GELU(), torch.nn.Linear(llm, llm))
     torch.save({f"model.mm_projector.{k}": v for k, v in mlp2x_gelu.state_dict().items()}, sys.argv[4])

@@ -1,6 +1,6 @@
 """Save a tiny random Llama teacher with the given tokenizer, from this env's transformers (upstream env).
 
-    python make_teacher.py TOKENIZER_DIR OUT_DIR
+python make_teacher.py TOKENIZER_DIR OUT_DIR
 """
 
 import sys

@@ -32,7 +32,9 @@ def main() -> None:
     tokenizer.pad_token = tokenizer.unk_token
     conversation_lib.default_conversation = conversation_lib.conv_templates[version]
     data_args = DataArguments(data_path=data_path, lazy_preprocess=True, is_multimodal=True, image_folder=image_folder)
-    data_args.image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    data_args.image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+    )
     data_args.mm_use_im_start_end = False
     data_args.image_aspect_ratio = "pad"
     dataset = LazySupervisedDataset(data_path=data_path, tokenizer=tokenizer, data_args=data_args)
@@ -48,7 +50,16 @@ def main() -> None:
         upstream.append({"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()})
         encoded = template.encode(sample, tokenizer, int(max_length))
         ours.append({"input_ids": encoded.input_ids[: int(max_length)], "labels": encoded.labels[: int(max_length)]})
-    print(json.dumps({"transformers": transformers.__version__, "upstream": upstream, "ours": ours, "mismatch_warnings": warnings}))
+    print(
+        json.dumps(
+            {
+                "transformers": transformers.__version__,
+                "upstream": upstream,
+                "ours": ours,
+                "mismatch_warnings": warnings,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

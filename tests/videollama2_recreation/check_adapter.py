@@ -24,16 +24,29 @@ base, clip, data, media, cache = sys.argv[1:6]
 upstream = runpy.run_path(str(ROOT / "videollama2/train.py"), run_name="videollama2_train")
 upstream["set_seed"](42)
 model = upstream["VLLMs"]["videollama2_mistral"].from_pretrained(base)
-model_args = SimpleNamespace(vision_tower=clip, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-                             mm_projector_type="mlp2x_gelu", pretrain_mm_mlp_adapter=None)
+model_args = SimpleNamespace(
+    vision_tower=clip,
+    mm_vision_select_layer=-2,
+    mm_vision_select_feature="patch",
+    mm_projector_type="mlp2x_gelu",
+    pretrain_mm_mlp_adapter=None,
+)
 model.get_model().initialize_vision_modules(model_args)
 model.config.num_frames = 2
 tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(base, model_max_length=256, padding_side="right")
 tokenizer.pad_token = tokenizer.unk_token
 tower = model.get_vision_tower()
-data_args = SimpleNamespace(data_path=[data], data_folder=media, is_multimodal=True, num_frames=2,
-                            image_aspect_ratio="pad", image_processor=tower.image_processor,
-                            video_processor=tower.image_processor, image_size=tower.image_size, is_pretraining=False)
+data_args = SimpleNamespace(
+    data_path=[data],
+    data_folder=media,
+    is_multimodal=True,
+    num_frames=2,
+    image_aspect_ratio="pad",
+    image_processor=tower.image_processor,
+    video_processor=tower.image_processor,
+    image_size=tower.image_size,
+    is_pretraining=False,
+)
 module = upstream["make_supervised_data_module"](tokenizer, data_args)
 batch = module["data_collator"]([module["train_dataset"][i] for i in range(6)])
 model.train()
@@ -47,7 +60,9 @@ cfg = rg.ReGATEConfig(keep_ratio=1.0, warmup_steps=0, dense_steps=0)
 rg.enable_token_elision(model, rg.build_token_elision("regate", cfg, reference=cache, tokenizer=tokenizer))
 out = model(**batch)
 out.loss.backward()
-grad_error = max((p.grad - expected_grads[n]).abs().max().item() for n, p in model.named_parameters() if n in expected_grads)
+grad_error = max(
+    (p.grad - expected_grads[n]).abs().max().item() for n, p in model.named_parameters() if n in expected_grads
+)
 
 seen = {}
 model.get_model().register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
@@ -58,10 +73,19 @@ mask = seen["attention_mask"].bool()
 positions_ok = all(
     torch.equal(seen["position_ids"][row][mask[row]], kept[row].nonzero().squeeze(1)) for row in range(kept.shape[0])
 )
-print(json.dumps({
-    "loss": out.loss.item(), "expected_loss": expected.loss.item(), "grad_error": grad_error,
-    "labels_kept": torch.equal(out.labels, expected.labels),
-    "kept": sparse.token_elision["kept"], "candidates": sparse.token_elision["candidates"],
-    "compact_length": int(mask.shape[1]), "merged_length": int(kept.shape[1]), "positions_ok": positions_ok,
-    "mask_ok": torch.equal(mask.sum(1), kept.sum(1)),
-}))
+print(
+    json.dumps(
+        {
+            "loss": out.loss.item(),
+            "expected_loss": expected.loss.item(),
+            "grad_error": grad_error,
+            "labels_kept": torch.equal(out.labels, expected.labels),
+            "kept": sparse.token_elision["kept"],
+            "candidates": sparse.token_elision["candidates"],
+            "compact_length": int(mask.shape[1]),
+            "merged_length": int(kept.shape[1]),
+            "positions_ok": positions_ok,
+            "mask_ok": torch.equal(mask.sum(1), kept.sum(1)),
+        }
+    )
+)

@@ -6,8 +6,8 @@ import pathlib
 import random
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,32 +29,32 @@ def set_seed(seed=42):
 
 @dataclass
 class ModelArguments:
-    model_type: Optional[str] = field(default="videollama2")
-    model_path: Optional[str] = field(default="lmsys/vicuna-7b-v1.5")
-    version: Optional[str] = field(default="v1")
+    model_type: str | None = field(default="videollama2")
+    model_path: str | None = field(default="lmsys/vicuna-7b-v1.5")
+    version: str | None = field(default="v1")
     freeze_backbone: bool = field(default=False)
-    mm_projector_type: Optional[str] = field(default="linear")
+    mm_projector_type: str | None = field(default="linear")
     tune_mm_mlp_adapter: bool = field(default=False)
-    pretrain_mm_mlp_adapter: Optional[str] = field(default=None)
-    vision_tower: Optional[str] = field(default=None)
-    mm_vision_select_layer: Optional[int] = field(default=-1)
-    mm_vision_select_feature: Optional[str] = field(default="patch")
+    pretrain_mm_mlp_adapter: str | None = field(default=None)
+    vision_tower: str | None = field(default=None)
+    mm_vision_select_layer: int | None = field(default=-1)
+    mm_vision_select_feature: str | None = field(default="patch")
 
 
 @dataclass
 class DataArguments:
-    data_path: List[str] = field(default=None)
-    data_folder: Optional[str] = field(default=None)
+    data_path: list[str] = field(default=None)
+    data_folder: str | None = field(default=None)
     is_multimodal: bool = False
     lazy_preprocess: bool = False
-    num_frames: Optional[int] = field(default=None)
+    num_frames: int | None = field(default=None)
     image_aspect_ratio: str = "square"
 
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     optim: str = field(default="adamw_torch")
-    mm_projector_lr: Optional[float] = None
+    mm_projector_lr: float | None = None
     freeze_mm_mlp_adapter: bool = field(default=False)
     remove_unused_columns: bool = field(default=False)
     group_by_modality_length: bool = field(default=False)
@@ -89,8 +89,10 @@ def preprocess(sources, tokenizer, modal_token=None):
         targets.append(copy.deepcopy(input_ids[-1]))
         cur, history = 0, []
         for idx in range(1, len(source), 2):  # mask each turn's instruction, measured on the cumulative chat
-            turn = [{"role": ROLES[source[idx - 1]["from"]], "content": source[idx - 1]["value"]},
-                    {"role": ROLES[source[idx]["from"]], "content": source[idx]["value"]}]
+            turn = [
+                {"role": ROLES[source[idx - 1]["from"]], "content": source[idx - 1]["value"]},
+                {"role": ROLES[source[idx]["from"]], "content": source[idx]["value"]},
+            ]
             instruction = tokenizer.apply_chat_template(history + turn[:1], tokenize=False, add_generation_prompt=True)
             so_far = tokenizer.apply_chat_template(history + turn, tokenize=False, add_generation_prompt=False)
             instruction_len = len(tokenizer_multimodal_token(instruction, tokenizer, modal_token, return_tensors="pt"))
@@ -120,7 +122,7 @@ class LazySupervisedDataset(Dataset):
     def __len__(self):
         return len(self.list_data_dict)
 
-    def __getitem__(self, i) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i) -> dict[str, torch.Tensor]:
         sample = self.list_data_dict[i]
         num_frames = NUM_FRAMES if self.data_args.num_frames is None else self.data_args.num_frames
         conversations = [copy.deepcopy(sample["conversations"])]
@@ -132,8 +134,9 @@ class LazySupervisedDataset(Dataset):
                 modal_token = "<image>"
             elif "video" in sample:
                 path = os.path.join(self.data_args.data_folder, sample["video"])
-                media["video"] = process_video(path, self.data_args.video_processor, self.data_args.image_aspect_ratio,
-                                               num_frames=num_frames)
+                media["video"] = process_video(
+                    path, self.data_args.video_processor, self.data_args.image_aspect_ratio, num_frames=num_frames
+                )
                 modal_token = "<video>"
         except Exception:  # upstream: read error -> a random other sample, recursively
             return self.__getitem__(random.randint(0, len(self.list_data_dict) - 1))
@@ -151,12 +154,16 @@ class LazySupervisedDataset(Dataset):
 class DataCollatorForSupervisedDataset:
     tokenizer: transformers.PreTrainedTokenizer
 
-    def __call__(self, instances: Sequence[Dict]) -> Dict[str, torch.Tensor]:
+    def __call__(self, instances: Sequence[dict]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.nn.utils.rnn.pad_sequence([x["input_ids"] for x in instances], batch_first=True, padding_value=pad)
-        labels = torch.nn.utils.rnn.pad_sequence([x["labels"] for x in instances], batch_first=True, padding_value=IGNORE_INDEX)
-        input_ids = input_ids[:, :self.tokenizer.model_max_length]
-        labels = labels[:, :self.tokenizer.model_max_length]
+        input_ids = torch.nn.utils.rnn.pad_sequence(
+            [x["input_ids"] for x in instances], batch_first=True, padding_value=pad
+        )
+        labels = torch.nn.utils.rnn.pad_sequence(
+            [x["labels"] for x in instances], batch_first=True, padding_value=IGNORE_INDEX
+        )
+        input_ids = input_ids[:, : self.tokenizer.model_max_length]
+        labels = labels[:, : self.tokenizer.model_max_length]
         batch = dict(input_ids=input_ids, labels=labels, attention_mask=input_ids.ne(pad), images=[])
         for instance in instances:
             for modal_token in MODAL_INDEX_MAP:
@@ -166,7 +173,7 @@ class DataCollatorForSupervisedDataset:
         return batch
 
 
-def make_supervised_data_module(tokenizer, data_args) -> Dict:
+def make_supervised_data_module(tokenizer, data_args) -> dict:
     dataset = LazySupervisedDataset(data_args.data_path, tokenizer, data_args)
     return dict(train_dataset=dataset, eval_dataset=None, data_collator=DataCollatorForSupervisedDataset(tokenizer))
 

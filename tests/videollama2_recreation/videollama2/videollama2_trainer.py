@@ -6,8 +6,11 @@ from transformers import Trainer
 
 def find_all_linear_names(model):
     skip = ("mm_projector", "vision_tower", "vision_resampler")
-    names = {name.split(".")[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip)}
+    names = {
+        name.split(".")[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip)
+    }
     names.discard("lm_head")
     return sorted(names)
 
@@ -17,7 +20,11 @@ def get_peft_state_maybe_zero_3(named_params, bias):
 
 
 def get_peft_state_non_lora_maybe_zero_3(named_params, require_grad_only=True):
-    return {k: v.detach().cpu().clone() for k, v in named_params if "lora_" not in k and (v.requires_grad or not require_grad_only)}
+    return {
+        k: v.detach().cpu().clone()
+        for k, v in named_params
+        if "lora_" not in k and (v.requires_grad or not require_grad_only)
+    }
 
 
 def safe_save_model_for_hf_trainer(trainer, output_dir):

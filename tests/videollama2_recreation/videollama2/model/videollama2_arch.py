@@ -40,8 +40,11 @@ def build_vision_projector(config):
     if config.mm_projector_type == "linear":
         return nn.Linear(config.mm_hidden_size, config.hidden_size)
     if config.mm_projector_type == "mlp2x_gelu":
-        return nn.Sequential(nn.Linear(config.mm_hidden_size, config.hidden_size), nn.GELU(),
-                             nn.Linear(config.hidden_size, config.hidden_size))
+        return nn.Sequential(
+            nn.Linear(config.mm_hidden_size, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
+        )
     raise ValueError(f"projector {config.mm_projector_type} is not in the re-creation")
 
 
@@ -116,7 +119,7 @@ class Videollama2MetaForCausalLM:
                 pieces += [embed(ids[:start]), block]
                 piece_labels += [cur_labels[:start], torch.full((block.shape[0],), IGNORE_INDEX, dtype=labels.dtype)]
                 feature_idx += 1
-                ids, cur_labels = ids[start + 1:], cur_labels[start + 1:]
+                ids, cur_labels = ids[start + 1 :], cur_labels[start + 1 :]
                 is_modal = sum(ids == m for m in modal_ids).bool()
             if ids.numel():
                 pieces.append(embed(ids))
@@ -126,11 +129,16 @@ class Videollama2MetaForCausalLM:
         length = max(x.shape[0] for x in new_embeds)
         grown = [x.shape[0] - labels.shape[1] for x in new_labels]
         embeds = torch.stack([torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])]) for x in new_embeds])
-        merged_labels = torch.stack([torch.cat([x, x.new_full((length - x.shape[0],), IGNORE_INDEX)]) for x in new_labels])
+        merged_labels = torch.stack(
+            [torch.cat([x, x.new_full((length - x.shape[0],), IGNORE_INDEX)]) for x in new_labels]
+        )
         # a True block as long as the growth goes in front of each row's mask; False pads the tail
-        attention_mask = torch.stack([
-            torch.cat([m.new_ones(g), m, m.new_zeros(length - labels.shape[1] - g)]) for m, g in zip(attention_mask, grown)
-        ])
+        attention_mask = torch.stack(
+            [
+                torch.cat([m.new_ones(g), m, m.new_zeros(length - labels.shape[1] - g)])
+                for m, g in zip(attention_mask, grown)
+            ]
+        )
         return None, attention_mask, past_key_values, embeds, merged_labels
 
 
@@ -152,17 +160,36 @@ def videollama2_classes(llm: str, config_cls, model_cls, causal_lm_cls):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                images=None, return_dict=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        images=None,
+        return_dict=None,
+        **kwargs,
+    ):
         if inputs_embeds is None:
-            input_ids, attention_mask, past_key_values, inputs_embeds, labels = self.prepare_inputs_labels_for_multimodal(
-                input_ids, attention_mask, past_key_values, labels, images
+            input_ids, attention_mask, past_key_values, inputs_embeds, labels = (
+                self.prepare_inputs_labels_for_multimodal(input_ids, attention_mask, past_key_values, labels, images)
             )
         outputs = causal_lm_cls.forward(
-            self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=return_dict,
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
         )
         outputs.labels = labels
         return outputs

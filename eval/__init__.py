@@ -1,6 +1,7 @@
 """Benchmark harnesses scored like the official scripts (EVAL_SPEC.md): MVBench (`mvbench`) and the LLaVA-1.5
 image benchmarks (`image`, one module per benchmark under `benchmarks`)."""
 
+from . import benchmarks  # noqa: E402,F401  (registers the image benchmarks)
 from .base import ModelRunner, Prompt, Request
 from .image import BENCHMARKS, BenchmarkError, ImageBenchmark, ImageQuestion, Score, get_benchmark, register_benchmark
 from .mvbench import (
@@ -17,7 +18,6 @@ from .mvbench import (
     predict,
     read_predictions,
 )
-from . import benchmarks  # noqa: E402,F401  (registers the image benchmarks)
 
 __all__ = [
     "BENCHMARKS",

@@ -33,7 +33,9 @@ def llava_mme_text(question: str) -> str:
 class MME(ImageBenchmark):
     name = "mme"
     title = "MME"
-    data_layout = "MME_Benchmark_release_version's 14 subtask folders (images/ + questions_answers_YN/, or side by side)"
+    data_layout = (
+        "MME_Benchmark_release_version's 14 subtask folders (images/ + questions_answers_YN/, or side by side)"
+    )
     unique_ids = False  # LLaVA's question_id is "<subtask>/<image>", shared by the image's two questions
 
     def _pairs(self, subtask: str) -> list[tuple[str, Any]]:
@@ -45,7 +47,10 @@ class MME(ImageBenchmark):
             texts = images = folder
         pairs = []
         for text_file in sorted(texts.glob("*.txt")):
-            image = next((images / (text_file.stem + s) for s in IMAGE_SUFFIXES if (images / (text_file.stem + s)).exists()), None)
+            image = next(
+                (images / (text_file.stem + s) for s in IMAGE_SUFFIXES if (images / (text_file.stem + s)).exists()),
+                None,
+            )
             if image is None:
                 raise BenchmarkError(f"mme: no image for {text_file} in {images}")
             pairs.append((image, text_file))
@@ -54,7 +59,9 @@ class MME(ImageBenchmark):
     def subtasks(self) -> list[str]:
         present = [s for s in (*PERCEPTION, *COGNITION) if (self.root / s).is_dir()]
         if not present:
-            raise BenchmarkError(f"mme: none of the 14 subtask folders is under {self.root}; --data-root must hold {self.data_layout}")
+            raise BenchmarkError(
+                f"mme: none of the 14 subtask folders is under {self.root}; --data-root must hold {self.data_layout}"
+            )
         return present
 
     def load(self) -> list[ImageQuestion]:
@@ -67,8 +74,15 @@ class MME(ImageBenchmark):
                     parts = line.split("\t")
                     if len(parts) != 2:
                         raise BenchmarkError(f"{text_file} line {number}: expected 'question<TAB>answer'")
-                    questions.append(ImageQuestion(f"{subtask}/{image.name}", llava_mme_text(parts[0]), image,
-                                                   parts[1].strip(), {"subtask": subtask, "image": image.name}))
+                    questions.append(
+                        ImageQuestion(
+                            f"{subtask}/{image.name}",
+                            llava_mme_text(parts[0]),
+                            image,
+                            parts[1].strip(),
+                            {"subtask": subtask, "image": image.name},
+                        )
+                    )
         return questions
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
@@ -87,8 +101,10 @@ class MME(ImageBenchmark):
             acc = 100 * ratio(sum(flat), len(flat))
             acc_plus = 100 * ratio(sum(all(flags) for flags in images), len(images))
             groups[subtask], counts[subtask] = {"acc": acc, "acc+": acc_plus, "score": acc + acc_plus}, len(flat)
-        metrics = {part: sum(groups[s]["score"] for s in names if s in groups)
-                   for part, names in (("perception", PERCEPTION), ("cognition", COGNITION))}
+        metrics = {
+            part: sum(groups[s]["score"] for s in names if s in groups)
+            for part, names in (("perception", PERCEPTION), ("cognition", COGNITION))
+        }
         missing = [s for s in (*PERCEPTION, *COGNITION) if s not in groups]
         notes = [f"missing subtasks (sums are over the others): {', '.join(missing)}"] if missing else []
         return Score(self.name, metrics, groups, counts, unanswered, notes)

@@ -24,7 +24,7 @@ def scienceqa_letter(text: str) -> str:
 
 
 def scienceqa_text(problem: dict[str, Any]) -> str:
-    """"Context: {hint}" (left out when the hint is empty, as lmms-eval does), the question, "A. choice" lines."""
+    """ "Context: {hint}" (left out when the hint is empty, as lmms-eval does), the question, "A. choice" lines."""
     lines = [f"Context: {problem['hint']}"] if problem.get("hint") else []
     lines.append(problem["question"])
     lines += [f"{OPTIONS[i]}. {choice}" for i, choice in enumerate(problem["choices"])]
@@ -39,8 +39,12 @@ class ScienceQA(ImageBenchmark):
     max_new_tokens = 1024  # model_vqa_science
     flags = (
         flag("--split", default="test", help="ScienceQA split (default: test)"),
-        flag("--subset", choices=["img", "all"], default="img",
-             help="img: only the problems with an image (SQA-IMG, default); all: every problem, as LLaVA runs it"),
+        flag(
+            "--subset",
+            choices=["img", "all"],
+            default="img",
+            help="img: only the problems with an image (SQA-IMG, default); all: every problem, as LLaVA runs it",
+        ),
     )
 
     def _problems(self) -> tuple[list[str], dict[str, Any]]:
@@ -60,9 +64,16 @@ class ScienceQA(ImageBenchmark):
             if self.options.get("subset", "img") == "img" and not image:
                 continue
             text = scienceqa_text(problem)
-            questions.append(ImageQuestion(
-                pid, text, self.root / "images" / split / pid / image if image else None, problem["answer"],
-                {"choices": len(problem["choices"])}, ("<image>\n" + text) if image else text))
+            questions.append(
+                ImageQuestion(
+                    pid,
+                    text,
+                    self.root / "images" / split / pid / image if image else None,
+                    problem["answer"],
+                    {"choices": len(problem["choices"])},
+                    ("<image>\n" + text) if image else text,
+                )
+            )
         return questions
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
@@ -83,6 +94,8 @@ class ScienceQA(ImageBenchmark):
         metrics = {"img_acc": 100 * ratio(image_correct, image_total), "acc": 100 * ratio(correct, len(pids))}
         notes = []
         if unanswered:
-            notes.append(f"acc is over all {len(pids)} problems of the split (the official script's denominator); "
-                         "run --subset all for a comparable value")
+            notes.append(
+                f"acc is over all {len(pids)} problems of the split (the official script's denominator); "
+                "run --subset all for a comparable value"
+            )
         return Score(self.name, metrics, {}, {"img": image_total, "all": len(pids)}, unanswered, notes)

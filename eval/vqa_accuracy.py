@@ -6,8 +6,20 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-           "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = frozenset({"a", "an", "the"})
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 DIGIT_COMMA = re.compile(r"(?<=\d)(\,)+(?=\d)")
@@ -33,7 +45,7 @@ def contraction_table() -> dict[str, str]:
     for written in CONTRACTIONS_WRITTEN:
         for i, char in enumerate(written):
             if char == "'":
-                table[written[:i] + written[i + 1:]] = written
+                table[written[:i] + written[i + 1 :]] = written
     table["somebody'd"] = "somebodyd"  # the reference table maps this one backwards
     return table
 

@@ -75,9 +75,12 @@ def run_resumable(
     if out.exists() and out.read_bytes()[-1:] not in (b"", b"\n"):
         with out.open("a") as f:  # a killed run can leave half a line: end it so the next record starts clean
             f.write("\n")
-    with out.open("a") as f, tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress) as bar:
+    with (
+        out.open("a") as f,
+        tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress) as bar,
+    ):
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+            batch = todo[start : start + batch_size]
             outputs = runner.generate([request(item) for item in batch])
             for item, output in zip(batch, outputs, strict=True):
                 line = record(item, output)

@@ -21,7 +21,7 @@ def question_in_prompt(prompt: str) -> str:
         end = prompt.find(" Short answer:", start + len("Question: "))
         if start < 0 or end < 0:
             raise BenchmarkError(f"textvqa: cannot find the question in prompt {prompt!r}")
-        question = prompt[start + len("Question: "):end]
+        question = prompt[start + len("Question: ") : end]
     elif "Reference OCR token: " in prompt and len(lines) == 3:
         question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
     elif len(lines) == 2:
@@ -37,8 +37,12 @@ class TextVQA(ImageBenchmark):
     title = "TextVQA (val)"
     data_layout = f"TextVQA_0.5.1_val.json, {OCR_FILE} (for --ocr-tokens on) and train_images/"
     flags = (
-        flag("--ocr-tokens", choices=["on", "off"], default="on",
-             help="add LLaVA's 'Reference OCR token:' line (default: on, as LLaVA-1.5 reports it)"),
+        flag(
+            "--ocr-tokens",
+            choices=["on", "off"],
+            default="on",
+            help="add LLaVA's 'Reference OCR token:' line (default: on, as LLaVA-1.5 reports it)",
+        ),
         flag("--image-dir", help="TextVQA images (default: DATA_ROOT/train_images)"),
     )
 
@@ -58,9 +62,15 @@ class TextVQA(ImageBenchmark):
             image_id = require(record, "image_id", where)
             tokens = ocr.get(str(image_id), [])
             reference = f"\nReference OCR token: {', '.join(tokens)}" if tokens else ""
-            questions.append(ImageQuestion(
-                image_id, require(record, "question", where) + reference + SHORT_ANSWER, image_dir / f"{image_id}.jpg",
-                require(record, "answers", where), {"question": record["question"]}))
+            questions.append(
+                ImageQuestion(
+                    image_id,
+                    require(record, "question", where) + reference + SHORT_ANSWER,
+                    image_dir / f"{image_id}.jpg",
+                    require(record, "answers", where),
+                    {"question": record["question"]},
+                )
+            )
         return questions
 
     def question_key(self, question: ImageQuestion) -> Hashable:

@@ -46,9 +46,19 @@ class RegateLMM(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, runner: str = "hf", model_base: str | None = None, conv_mode: str = "vicuna_v1",
-                 device: str = "cpu", dtype: str = "auto", batch_size: int | str = 1, num_frames: int | str = 8,
-                 max_new_tokens: int | str = 128, **unused: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        runner: str = "hf",
+        model_base: str | None = None,
+        conv_mode: str = "vicuna_v1",
+        device: str = "cpu",
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        num_frames: int | str = 8,
+        max_new_tokens: int | str = 128,
+        **unused: Any,
+    ) -> None:
         super().__init__()
         self.runner = load_runner(runner, pretrained, model_base, conv_mode, device, dtype)
         self.batch_size = int(batch_size)
@@ -68,7 +78,11 @@ class RegateLMM(lmms):
                 raise TypeError(f"regate lmms-eval model: unsupported visual of type {type(visual).__name__}")
         until = gen_kwargs.get("until") or ()
         stop = (until,) if isinstance(until, str) else tuple(until)
-        prompt = Prompt(IMAGE_PLACEHOLDER.sub("", context).strip(), max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens), stop=stop)
+        prompt = Prompt(
+            IMAGE_PLACEHOLDER.sub("", context).strip(),
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
+            stop=stop,
+        )
         return Request(tuple(images), prompt, video)
 
     def generate_until(self, requests: list[Any]) -> list[str]:
@@ -79,7 +93,7 @@ class RegateLMM(lmms):
             built.append(self.request(context, dict(gen_kwargs), doc_to_visual(self.task_dict[task][split][doc_id])))
         outputs: list[str] = []
         for start in tqdm(range(0, len(built), self.batch_size), desc="regate", disable=self.rank != 0):
-            outputs += self.runner.generate(built[start:start + self.batch_size])
+            outputs += self.runner.generate(built[start : start + self.batch_size])
         return outputs
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:

@@ -29,28 +29,31 @@ class Task:
     bounded: bool  # start/end seconds are used
 
 
-TASKS: tuple[Task, ...] = tuple(Task(*row) for row in (
-    ("Action Sequence", "action_sequence.json", "star/Charades_v1_480/", "video", True),
-    ("Action Prediction", "action_prediction.json", "star/Charades_v1_480/", "video", True),
-    ("Action Antonym", "action_antonym.json", "ssv2_video/", "video", False),
-    ("Fine-grained Action", "fine_grained_action.json", "Moments_in_Time_Raw/videos/", "video", False),
-    ("Unexpected Action", "unexpected_action.json", "FunQA_test/test/", "video", False),
-    ("Object Existence", "object_existence.json", "clevrer/video_validation/", "video", False),
-    ("Object Interaction", "object_interaction.json", "star/Charades_v1_480/", "video", True),
-    ("Object Shuffle", "object_shuffle.json", "perception/videos/", "video", False),
-    ("Moving Direction", "moving_direction.json", "clevrer/video_validation/", "video", False),
-    ("Action Localization", "action_localization.json", "sta/sta_video/", "video", True),
-    ("Scene Transition", "scene_transition.json", "scene_qa/video/", "video", False),
-    ("Action Count", "action_count.json", "perception/videos/", "video", False),
-    ("Moving Count", "moving_count.json", "clevrer/video_validation/", "video", False),
-    ("Moving Attribute", "moving_attribute.json", "clevrer/video_validation/", "video", False),
-    ("State Change", "state_change.json", "perception/videos/", "video", False),
-    ("Fine-grained Pose", "fine_grained_pose.json", "nturgbd/", "video", False),
-    ("Character Order", "character_order.json", "perception/videos/", "video", False),
-    ("Egocentric Navigation", "egocentric_navigation.json", "vlnqa/", "video", False),
-    ("Episodic Reasoning", "episodic_reasoning.json", "tvqa/frames_fps3_hq/", "frame", True),
-    ("Counterfactual Inference", "counterfactual_inference.json", "clevrer/video_validation/", "video", False),
-))
+TASKS: tuple[Task, ...] = tuple(
+    Task(*row)
+    for row in (
+        ("Action Sequence", "action_sequence.json", "star/Charades_v1_480/", "video", True),
+        ("Action Prediction", "action_prediction.json", "star/Charades_v1_480/", "video", True),
+        ("Action Antonym", "action_antonym.json", "ssv2_video/", "video", False),
+        ("Fine-grained Action", "fine_grained_action.json", "Moments_in_Time_Raw/videos/", "video", False),
+        ("Unexpected Action", "unexpected_action.json", "FunQA_test/test/", "video", False),
+        ("Object Existence", "object_existence.json", "clevrer/video_validation/", "video", False),
+        ("Object Interaction", "object_interaction.json", "star/Charades_v1_480/", "video", True),
+        ("Object Shuffle", "object_shuffle.json", "perception/videos/", "video", False),
+        ("Moving Direction", "moving_direction.json", "clevrer/video_validation/", "video", False),
+        ("Action Localization", "action_localization.json", "sta/sta_video/", "video", True),
+        ("Scene Transition", "scene_transition.json", "scene_qa/video/", "video", False),
+        ("Action Count", "action_count.json", "perception/videos/", "video", False),
+        ("Moving Count", "moving_count.json", "clevrer/video_validation/", "video", False),
+        ("Moving Attribute", "moving_attribute.json", "clevrer/video_validation/", "video", False),
+        ("State Change", "state_change.json", "perception/videos/", "video", False),
+        ("Fine-grained Pose", "fine_grained_pose.json", "nturgbd/", "video", False),
+        ("Character Order", "character_order.json", "perception/videos/", "video", False),
+        ("Egocentric Navigation", "egocentric_navigation.json", "vlnqa/", "video", False),
+        ("Episodic Reasoning", "episodic_reasoning.json", "tvqa/frames_fps3_hq/", "frame", True),
+        ("Counterfactual Inference", "counterfactual_inference.json", "clevrer/video_validation/", "video", False),
+    )
+)
 TASKS_PER_FULL_RUN = 200
 
 
@@ -120,7 +123,9 @@ def load_mvbench(root: str | Path, tasks: list[str] | None = None, allow_missing
             if answer not in candidates:
                 raise MVBenchError(f"{where}: answer {answer!r} is not one of its candidates {list(candidates)}")
             bound = (float(record["start"]), float(record["end"])) if task.bounded else None
-            loaded.append(Question(task.name, i, media / video, record["question"], candidates, candidates.index(answer), bound))
+            loaded.append(
+                Question(task.name, i, media / video, record["question"], candidates, candidates.index(answer), bound)
+            )
         if loaded and not loaded[0].video.exists():
             missing.append(task.name)
             continue
@@ -148,7 +153,9 @@ LLAMA2_SYSTEM = (
     "make any sense, or is not factually coherent, explain why instead of answering something not correct. If you "
     "don't know the answer to a question, please don't share false information.\n<</SYS>>"
 )
-VIDEOLLAMA2_INSTRUCTION = "Answer with the option's letter from the given choices directly and only give the best option."
+VIDEOLLAMA2_INSTRUCTION = (
+    "Answer with the option's letter from the given choices directly and only give the best option."
+)
 
 
 def check_ans(pred: str, gt: str) -> bool:
@@ -195,8 +202,9 @@ class OfficialProtocol(MVBenchProtocol):
     def prompt(self, question: Question) -> Prompt:
         options = "".join(f"\n({letter}) {c}" for letter, c in zip(question.letters, question.candidates))
         block = f"Question: {question.question}\nOptions:{options}".rstrip()
-        return Prompt(OFFICIAL_SYSTEM + block + "\nOnly give the best option.\n", OFFICIAL_SYSTEM,
-                      "Best option:(", 100, ("###",))
+        return Prompt(
+            OFFICIAL_SYSTEM + block + "\nOnly give the best option.\n", OFFICIAL_SYSTEM, "Best option:(", 100, ("###",)
+        )
 
     def parse(self, question: Question, output: str) -> tuple[Parsed, bool]:
         first_line = output.strip().split("\n")[0]
@@ -251,9 +259,16 @@ def _prompt_hash(prompt: Prompt) -> str:
 def prediction_record(question: Question, protocol: MVBenchProtocol, output: str) -> dict[str, Any]:
     parsed, correct = protocol.parse(question, output)
     return {
-        "uid": question.uid, "task": question.task, "video": str(question.video), "protocol": protocol.name,
-        "prompt_hash": _prompt_hash(protocol.prompt(question)), "output": output, "pred": parsed.letter,
-        "gt": question.letters[question.answer_index], "correct": correct, "fallback": parsed.fallback,
+        "uid": question.uid,
+        "task": question.task,
+        "video": str(question.video),
+        "protocol": protocol.name,
+        "prompt_hash": _prompt_hash(protocol.prompt(question)),
+        "output": output,
+        "pred": parsed.letter,
+        "gt": question.letters[question.answer_index],
+        "correct": correct,
+        "fallback": parsed.fallback,
     }
 
 
@@ -263,14 +278,25 @@ def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def predict(
-    data: MVBenchData, protocol: MVBenchProtocol, runner: ModelRunner, out: Path, progress: bool = True, batch_size: int = 1
+    data: MVBenchData,
+    protocol: MVBenchProtocol,
+    runner: ModelRunner,
+    out: Path,
+    progress: bool = True,
+    batch_size: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """Run every question not yet in `out` (jsonl, appended and flushed per line); yields new records."""
     return run_resumable(
-        data.questions, lambda q: q.uid, read_predictions(out),
+        data.questions,
+        lambda q: q.uid,
+        read_predictions(out),
         lambda q: Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True),
         lambda q, output: prediction_record(q, protocol, output),
-        runner, out, batch_size, "mvbench", progress,
+        runner,
+        out,
+        batch_size,
+        "mvbench",
+        progress,
     )
 
 
@@ -300,9 +326,17 @@ class MVBenchResult:
         return {**self.per_task, "Avg": self.average}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "avg": self.average, "task_mean": self.task_mean, "per_task": self.per_task,
-                "counts": self.counts, "correct": self.correct, "total": self.total, "missing": self.missing,
-                "fallbacks": self.fallbacks}
+        return {
+            "label": self.label,
+            "avg": self.average,
+            "task_mean": self.task_mean,
+            "per_task": self.per_task,
+            "counts": self.counts,
+            "correct": self.correct,
+            "total": self.total,
+            "missing": self.missing,
+            "fallbacks": self.fallbacks,
+        }
 
     def table(self) -> str:
         lines = [f"{'task':<26} {'n':>5} {'acc':>6}"]
@@ -331,7 +365,9 @@ def aggregate(records: list[dict[str, Any]], missing: list[str] | None = None) -
     return MVBenchResult(per_task, counts, sum(bool(r["correct"]) for r in records), len(records), absent, fallbacks)
 
 
-def load_prediction_file(path: Path, protocol: MVBenchProtocol | None, data: MVBenchData | None) -> list[dict[str, Any]]:
+def load_prediction_file(
+    path: Path, protocol: MVBenchProtocol | None, data: MVBenchData | None
+) -> list[dict[str, Any]]:
     """Our jsonl (re-parsed from raw outputs with `protocol` when data is given), or VideoLLaMA2's
     `{vid, task_type, pred, gt}` lines (indices, scored as its eval script does)."""
     lines = json_lines(path)

@@ -10,7 +10,10 @@ from ..image import SHORT_ANSWER, BenchmarkError, ImageBenchmark, ImageQuestion,
 from ._common import read_json_lines, require
 
 CATEGORIES = ("adversarial", "popular", "random")
-RELEASES = {2910: "the old POPE release LLaVA-1.5 used (8,910 questions)", 3000: "the current POPE release (9,000 questions)"}
+RELEASES = {
+    2910: "the old POPE release LLaVA-1.5 used (8,910 questions)",
+    3000: "the current POPE release (9,000 questions)",
+}
 
 
 def pope_answer(text: str) -> str:
@@ -29,9 +32,13 @@ def pope_metrics(predictions: list[str], labels: list[str]) -> dict[str, float]:
     tn = sum(p == "no" and g == "no" for p, g in pairs)
     fn = sum(p == "no" and g != "no" for p, g in pairs)
     precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
-    return {"acc": 100 * ratio(tp + tn, tp + tn + fp + fn), "precision": 100 * precision, "recall": 100 * recall,
-            "f1": 100 * ratio(2 * precision * recall, precision + recall),
-            "yes_ratio": 100 * ratio(predictions.count("yes"), len(predictions))}
+    return {
+        "acc": 100 * ratio(tp + tn, tp + tn + fp + fn),
+        "precision": 100 * precision,
+        "recall": 100 * recall,
+        "f1": 100 * ratio(2 * precision * recall, precision + recall),
+        "yes_ratio": 100 * ratio(predictions.count("yes"), len(predictions)),
+    }
 
 
 @register_benchmark
@@ -41,14 +48,18 @@ class POPE(ImageBenchmark):
     data_layout = "coco/coco_pope_{adversarial,popular,random}.json (POPE's label files) and val2014/ (COCO images)"
     flags = (
         flag("--image-dir", help="COCO val2014 images (default: DATA_ROOT/val2014)"),
-        flag("--question-file", help="scoring LLaVA's answer files: its llava_pope_test.jsonl, which gives each "
-                                     "question_id its category"),
+        flag(
+            "--question-file",
+            help="scoring LLaVA's answer files: its llava_pope_test.jsonl, which gives each question_id its category",
+        ),
     )
 
     def categories(self) -> list[str]:
         present = [c for c in CATEGORIES if (self.root / "coco" / f"coco_pope_{c}.json").exists()]
         if not present:
-            raise BenchmarkError(f"pope: no coco/coco_pope_*.json under {self.root}; --data-root must hold {self.data_layout}")
+            raise BenchmarkError(
+                f"pope: no coco/coco_pope_*.json under {self.root}; --data-root must hold {self.data_layout}"
+            )
         return present
 
     def labels(self, category: str) -> list[dict[str, Any]]:
@@ -61,10 +72,15 @@ class POPE(ImageBenchmark):
             path = self.root / "coco" / f"coco_pope_{category}.json"
             for i, record in enumerate(self.labels(category)):
                 where = f"{path} line {i + 1}"
-                questions.append(ImageQuestion(
-                    f"{category}/{require(record, 'question_id', where)}", require(record, "text", where) + SHORT_ANSWER,
-                    image_dir / require(record, "image", where), require(record, "label", where),
-                    {"category": category}))
+                questions.append(
+                    ImageQuestion(
+                        f"{category}/{require(record, 'question_id', where)}",
+                        require(record, "text", where) + SHORT_ANSWER,
+                        image_dir / require(record, "image", where),
+                        require(record, "label", where),
+                        {"category": category},
+                    )
+                )
         return questions
 
     def _category_of(self) -> dict[str, str]:
@@ -91,7 +107,10 @@ class POPE(ImageBenchmark):
         for category, predictions in by_category.items():
             labels = [r["label"] for r in self.labels(category)]
             if predictions:
-                groups[category], counts[category] = pope_metrics(predictions, labels), min(len(predictions), len(labels))
+                groups[category], counts[category] = (
+                    pope_metrics(predictions, labels),
+                    min(len(predictions), len(labels)),
+                )
             unanswered += max(len(labels) - len(predictions), 0)
             if category == "random":
                 notes.append(f"POPE release: {RELEASES.get(len(labels), f'{len(labels)} random-split questions')}")

@@ -6,7 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..image import LETTER_ANSWER, ImageBenchmark, ImageQuestion, Score, accuracy_groups, flag, ratio, register_benchmark
+from ..image import (
+    LETTER_ANSWER,
+    ImageBenchmark,
+    ImageQuestion,
+    Score,
+    accuracy_groups,
+    flag,
+    ratio,
+    register_benchmark,
+)
 from ._common import read_json, require
 
 
@@ -28,10 +37,15 @@ class SEEDBench(ImageBenchmark):
             if require(q, "data_type", where) != "image":
                 continue
             options = "".join(f"\n{letter}. {require(q, 'choice_' + letter.lower(), where)}" for letter in "ABCD")
-            questions.append(ImageQuestion(
-                require(q, "question_id", where), require(q, "question", where) + options + LETTER_ANSWER,
-                image_dir / require(q, "data_id", where), require(q, "answer", where),
-                {"type": names.get(q["question_type_id"], str(q["question_type_id"]))}))
+            questions.append(
+                ImageQuestion(
+                    require(q, "question_id", where),
+                    require(q, "question", where) + options + LETTER_ANSWER,
+                    image_dir / require(q, "data_id", where),
+                    require(q, "answer", where),
+                    {"type": names.get(q["question_type_id"], str(q["question_type_id"]))},
+                )
+            )
         return questions
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
@@ -41,7 +55,15 @@ class SEEDBench(ImageBenchmark):
         exact = [t is not None and t == q.answer for t, q in zip(texts, questions)]
         first = [t is not None and t.strip()[:1] == q.answer for t, q in zip(texts, questions)]
         groups, counts = accuracy_groups([(q.meta["type"], c) for q, c in zip(questions, exact)])
-        metrics = {"img_acc": 100 * ratio(sum(exact), len(exact)),
-                   "img_acc_first_char": 100 * ratio(sum(first), len(first))}
-        return Score(self.name, metrics, groups, counts, texts.count(None),
-                     ["img_acc_first_char is lmms-eval's more lenient rule (first character only)"])
+        metrics = {
+            "img_acc": 100 * ratio(sum(exact), len(exact)),
+            "img_acc_first_char": 100 * ratio(sum(first), len(first)),
+        }
+        return Score(
+            self.name,
+            metrics,
+            groups,
+            counts,
+            texts.count(None),
+            ["img_acc_first_char is lmms-eval's more lenient rule (first character only)"],
+        )

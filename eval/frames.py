@@ -18,7 +18,9 @@ FRAME_FOLDER_FPS = 3.0
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def official_frame_indices(max_frame: int, fps: float, num_segments: int, bound: Bound | None = None, first_idx: int = 0) -> list[int]:
+def official_frame_indices(
+    max_frame: int, fps: float, num_segments: int, bound: Bound | None = None, first_idx: int = 0
+) -> list[int]:
     """VideoChat2 `get_index`: segment midpoints between the bound, Python's half-to-even `round`."""
     start, end = bound if bound is not None else (-100000.0, 100000.0)
     start_idx = max(first_idx, round(start * fps))
@@ -113,7 +115,9 @@ def sample_official(source: VisualSource, num_segments: int, bound: Bound | None
     return source.read(official_frame_indices(n_frames - 1, fps, num_segments, bound))
 
 
-def sample_videollama2(source: VisualSource, num_frames: int, bound: Bound | None, max_frames: int = 32) -> list[Image.Image]:
+def sample_videollama2(
+    source: VisualSource, num_frames: int, bound: Bound | None, max_frames: int = 32
+) -> list[Image.Image]:
     """VideoLLaMA2 protocol: positions in decode order / sorted listing, capped at 32, padded with black frames."""
     num_frames = min(num_frames, max_frames)
     n_frames, fps = source.probe()

@@ -74,11 +74,23 @@ class ZooEntry:
 
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "name": str, "format": str, "location": str, "availability": str, "student_base": str, "reference_llm": str,
-    "reference_template": str, "recipe": dict, "tokens_used": (int, type(None)), "eval": list, "license": str,
+    "name": str,
+    "format": str,
+    "location": str,
+    "availability": str,
+    "student_base": str,
+    "reference_llm": str,
+    "reference_template": str,
+    "recipe": dict,
+    "tokens_used": (int, type(None)),
+    "eval": list,
+    "license": str,
 }
-_OPTIONAL: dict[str, type | tuple[type, ...]] = {"files": dict, "model_base": (str, type(None)),
-                                                  "reference_path": (str, type(None))}
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "files": dict,
+    "model_base": (str, type(None)),
+    "reference_path": (str, type(None)),
+}
 _EVAL_FIELDS = {"benchmark": str, "protocol": str, "metric": str, "value": (int, float), "source": str, "data": str}
 
 
@@ -167,15 +179,18 @@ def reference_for(entry: ZooEntry) -> str:
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
-        os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes")
 
 
 def resolve(entry: ZooEntry) -> Path:
     """A local directory holding `entry`'s files (verified, for shipped entries)."""
     if entry.availability == "announced":
-        raise ZooError(f"{entry.name} is announced by its authors ({entry.location}) but not public yet; "
-                       f"see {entry.card} for what is known")
+        raise ZooError(
+            f"{entry.name} is announced by its authors ({entry.location}) but not public yet; "
+            f"see {entry.card} for what is known"
+        )
     if entry.availability == "shipped":
         return verify_files(entry)
     from huggingface_hub import snapshot_download
@@ -191,9 +206,11 @@ def resolve(entry: ZooEntry) -> Path:
             except Exception as err:  # noqa: BLE001
                 reason = f"the hub cannot be reached ({type(err).__name__})"
     cache_dir = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
-    raise ZooError(f"{entry.name}: {entry.location} is not in the local HF cache ({cache_dir}) and {reason}. "
-                   f"Download it where the hub is reachable: `huggingface-cli download {entry.location}`, then copy "
-                   f"the cache, or pass the downloaded directory to load() instead of the name")
+    raise ZooError(
+        f"{entry.name}: {entry.location} is not in the local HF cache ({cache_dir}) and {reason}. "
+        f"Download it where the hub is reachable: `huggingface-cli download {entry.location}`, then copy "
+        f"the cache, or pass the downloaded directory to load() instead of the name"
+    )
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -217,8 +234,10 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return "hf-llava"
     if "mm_vision_tower" in config or model_type.startswith("llava"):
         return "llava-lora" if (path / "adapter_config.json").is_file() else "llava"
-    raise ZooError(f"{path}: cannot tell its format from config.json (model_type {model_type!r}, "
-                   f"architectures {architectures}); known formats: {list(FORMATS)}")
+    raise ZooError(
+        f"{path}: cannot tell its format from config.json (model_type {model_type!r}, "
+        f"architectures {architectures}); known formats: {list(FORMATS)}"
+    )
 
 
 @dataclass
@@ -248,8 +267,10 @@ def _load_llava(path: Path, model_base: str | None, **kw: Any) -> tuple[Any, Any
     try:
         from llava.model.builder import load_pretrained_model
     except ImportError:
-        raise ZooError(f"{path} is an upstream LLaVA checkpoint: load it where the `llava` package is installed "
-                       "(pip install llava-torch==1.2.2.post1; scripts/setup_llava_env.sh)") from None
+        raise ZooError(
+            f"{path} is an upstream LLaVA checkpoint: load it where the `llava` package is installed "
+            "(pip install llava-torch==1.2.2.post1; scripts/setup_llava_env.sh)"
+        ) from None
     # Upstream picks its loading branch from the name: it must contain "llava", and "lora" for LoRA weights.
     name = path.name if "llava" in path.name.lower() else f"llava-{path.name}"
     if (path / "adapter_config.json").is_file() and "lora" not in name.lower():
@@ -264,8 +285,10 @@ def _load_videollama2(path: Path, **kw: Any) -> tuple[Any, Any, Any]:
     try:
         from videollama2 import model_init
     except ImportError:
-        raise ZooError(f"{path} is a VideoLLaMA2 checkpoint: load it from a DAMO-NLP-SG/VideoLLaMA2 checkout "
-                       "(its `videollama2` package must be importable)") from None
+        raise ZooError(
+            f"{path} is a VideoLLaMA2 checkpoint: load it from a DAMO-NLP-SG/VideoLLaMA2 checkout "
+            "(its `videollama2` package must be importable)"
+        ) from None
     model, processor, tokenizer = model_init(str(path), **kw)
     return model, processor, tokenizer
 
@@ -297,11 +320,34 @@ def load(name_or_path: str | os.PathLike[str], model_base: str | None = None, **
 def format_table() -> str:
     rows = [("name", "format", "availability", "reference LLM", "tokens", "results")]
     for e in entries().values():
-        rows.append((e.name, e.format, e.availability, e.reference_llm, f"{e.tokens_used:,}" if e.tokens_used else "-",
-                     e.headline()))
+        rows.append(
+            (
+                e.name,
+                e.format,
+                e.availability,
+                e.reference_llm,
+                f"{e.tokens_used:,}" if e.tokens_used else "-",
+                e.headline(),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
 
 
-__all__ = ["FORMATS", "EvalResult", "LoadedModel", "ZooEntry", "ZooError", "detect_format", "entries", "format_table",
-           "get_entry", "load", "parse_entry", "reference_for", "resolve", "sha256_of", "verify_files"]
+__all__ = [
+    "FORMATS",
+    "EvalResult",
+    "LoadedModel",
+    "ZooEntry",
+    "ZooError",
+    "detect_format",
+    "entries",
+    "format_table",
+    "get_entry",
+    "load",
+    "parse_entry",
+    "reference_for",
+    "resolve",
+    "sha256_of",
+    "verify_files",
+]

@@ -27,10 +27,22 @@ class VizWiz(ImageBenchmark):
             where = f"{path} record {i}"
             image = require(record, "image", where)
             answers = [require(a, "answer", where) for a in require(record, "answers", where)]
-            questions.append(ImageQuestion(image, require(record, "question", where) + UNANSWERABLE + SHORT_ANSWER,
-                                           image_dir / image, answers, {"answer_type": record.get("answer_type", "")}))
+            questions.append(
+                ImageQuestion(
+                    image,
+                    require(record, "question", where) + UNANSWERABLE + SHORT_ANSWER,
+                    image_dir / image,
+                    answers,
+                    {"answer_type": record.get("answer_type", "")},
+                )
+            )
         return questions
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
-        return vqa_score(self, questions, records, "answer_type",
-                         ["VQA accuracy with m4c's EvalAI normalisation on prediction and answers (as LLaVA's TextVQA)"])
+        return vqa_score(
+            self,
+            questions,
+            records,
+            "answer_type",
+            ["VQA accuracy with m4c's EvalAI normalisation on prediction and answers (as LLaVA's TextVQA)"],
+        )

@@ -15,8 +15,30 @@ LETTERS = ("A", "B", "C", "D")
 CN_ANSWER = "\n请直接回答选项字母。"
 CIRCULAR_STRIDE = 1_000_000  # rows index + k * 1e6 rotate the options of row `index`
 # what pandas' read_table (LLaVA's reader) turns into NaN, and LLaVA's is_none then skips
-MISSING = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-                     "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null", "none"})
+MISSING = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+        "none",
+    }
+)
 PUNCTUATION = ".()[],:;!*#{}"
 
 
@@ -43,8 +65,12 @@ class MMBench(ImageBenchmark):
     data_layout = "the MMBench dev TSV (mmbench_dev_20230712.tsv, or the CN one via --tsv)"
     max_new_tokens = 1024  # model_vqa_mmbench
     flags = (
-        flag("--tsv", default="mmbench_dev_20230712.tsv", help="TSV under DATA_ROOT (default: mmbench_dev_20230712.tsv)"),
-        flag("--lang", choices=["en", "cn"], help="answer instruction language (default: cn if the TSV name has '_cn')"),
+        flag(
+            "--tsv", default="mmbench_dev_20230712.tsv", help="TSV under DATA_ROOT (default: mmbench_dev_20230712.tsv)"
+        ),
+        flag(
+            "--lang", choices=["en", "cn"], help="answer instruction language (default: cn if the TSV name has '_cn')"
+        ),
     )
 
     def _rows(self) -> list[dict[str, str]]:
@@ -67,10 +93,16 @@ class MMBench(ImageBenchmark):
                 options[letter] = row[letter]
             prompt = row["question"] if is_missing(row.get("hint")) else row["hint"] + "\n" + row["question"]
             prompt += "".join(f"\n{letter}. {option}" for letter, option in options.items())
-            questions.append(ImageQuestion(
-                int(row["index"]), prompt + (CN_ANSWER if lang == "cn" else LETTER_ANSWER), base64.b64decode(row["image"]),
-                row["answer"], {"options": options, "category": row.get("category", ""),
-                                "l2": row.get("l2-category", "")}, prompt))
+            questions.append(
+                ImageQuestion(
+                    int(row["index"]),
+                    prompt + (CN_ANSWER if lang == "cn" else LETTER_ANSWER),
+                    base64.b64decode(row["image"]),
+                    row["answer"],
+                    {"options": options, "category": row.get("category", ""), "l2": row.get("l2-category", "")},
+                    prompt,
+                )
+            )
         return questions
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
@@ -97,7 +129,15 @@ class MMBench(ImageBenchmark):
                 bases = [b for b, q in firsts.items() if q.meta[field] == name]
                 groups[f"{field}: {name}"] = {"acc": 100 * ratio(sum(passed[b] for b in bases), len(bases))}
                 counts[f"{field}: {name}"] = len(bases)
-        notes = [f"approximate: rule-based extraction only; {unreadable} output(s) it could not read count as wrong "
-                 "(the official evaluation asks GPT instead)"]
-        return Score(self.name, {"circular_acc": 100 * ratio(sum(passed.values()), len(passed))}, groups, counts,
-                     unanswered, notes)
+        notes = [
+            f"approximate: rule-based extraction only; {unreadable} output(s) it could not read count as wrong "
+            "(the official evaluation asks GPT instead)"
+        ]
+        return Score(
+            self.name,
+            {"circular_acc": 100 * ratio(sum(passed.values()), len(passed))},
+            groups,
+            counts,
+            unanswered,
+            notes,
+        )

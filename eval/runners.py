@@ -1,7 +1,8 @@
 """Model runners: images or a clip's frames plus a `Prompt` in, greedy text out (`ModelRunner`).
 
 - `HFRunner` serves the HF-native LLaVA family through its processor's chat template. Video models
-  (LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2-VL) get a clip as one video; image-only models (`LlavaForConditionalGeneration`)
+  (LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2-VL) get a clip as one video; image-only models
+  (`LlavaForConditionalGeneration`)
   get its frames as images. Requests are batched with left padding.
 - `UpstreamLlavaRunner` serves checkpoints of haotian-liu/LLaVA in its own environment (`llava-torch`), building
   the input exactly as `llava/eval/model_vqa_loader.py` does: conversation template, `<image>` token, `process_images`.
@@ -62,26 +63,31 @@ class HFRunner:
             self.tokenizer.padding_side = side
         budgets = [r.prompt.max_new_tokens for r in requests]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        out = self.model.generate(**inputs.to(self.model.device), do_sample=False, num_beams=1,
-                                  max_new_tokens=max(budgets), pad_token_id=pad)
+        out = self.model.generate(
+            **inputs.to(self.model.device), do_sample=False, num_beams=1, max_new_tokens=max(budgets), pad_token_id=pad
+        )
         start = inputs["input_ids"].shape[1]
-        return [_cut(self.tokenizer.decode(row[start:start + budget], skip_special_tokens=True), r.prompt.stop)
-                for row, budget, r in zip(out, budgets, requests)]
+        return [
+            _cut(self.tokenizer.decode(row[start : start + budget], skip_special_tokens=True), r.prompt.stop)
+            for row, budget, r in zip(out, budgets, requests)
+        ]
 
 
 class UpstreamLlavaRunner:
     """A LLaVA-1.5-style checkpoint loaded by `llava.model.builder.load_pretrained_model` (its directory name must
     contain "llava", as upstream requires). One request per call, as the upstream eval scripts run."""
 
-    def __init__(self, model_path: str | Path, model_base: str | None = None, conv_mode: str = "vicuna_v1",
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, model_path: str | Path, model_base: str | None = None, conv_mode: str = "vicuna_v1", device: str = "cpu"
+    ) -> None:
         from llava.mm_utils import get_model_name_from_path
         from llava.model.builder import load_pretrained_model
 
         path = str(Path(model_path).expanduser())
         device_map = "auto" if device == "cuda" else device
         self.tokenizer, self.model, self.image_processor, _ = load_pretrained_model(
-            path, model_base, get_model_name_from_path(path), device_map=device_map, device=device)
+            path, model_base, get_model_name_from_path(path), device_map=device_map, device=device
+        )
         self.conv_mode = conv_mode
 
     def _input_ids(self, request: Request) -> torch.Tensor:
@@ -112,15 +118,29 @@ class UpstreamLlavaRunner:
                 images = images.to(self.model.device, dtype=self.model.dtype)
                 sizes = [image.size for image in request.images]
             output_ids = self.model.generate(
-                self._input_ids(request).to(self.model.device), images=images, image_sizes=sizes, do_sample=False,
-                temperature=0, top_p=None, num_beams=1, max_new_tokens=request.prompt.max_new_tokens, use_cache=True)
+                self._input_ids(request).to(self.model.device),
+                images=images,
+                image_sizes=sizes,
+                do_sample=False,
+                temperature=0,
+                top_p=None,
+                num_beams=1,
+                max_new_tokens=request.prompt.max_new_tokens,
+                use_cache=True,
+            )
             text = self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0]
             outputs.append(_cut(text, request.prompt.stop).strip())
         return outputs
 
 
-def load_runner(kind: str, model: str, model_base: str | None = None, conv_mode: str = "vicuna_v1",
-                device: str = "cpu", dtype: str = "auto") -> HFRunner | UpstreamLlavaRunner:
+def load_runner(
+    kind: str,
+    model: str,
+    model_base: str | None = None,
+    conv_mode: str = "vicuna_v1",
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> HFRunner | UpstreamLlavaRunner:
     """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment).
     `model` is a directory, a hub id, or a model_zoo entry name (resolved, and verified when shipped)."""
     if not Path(model).expanduser().is_dir():

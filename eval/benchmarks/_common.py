@@ -36,8 +36,13 @@ def require(record: dict[str, Any], name: str, where: str) -> Any:
         raise BenchmarkError(f"{where}: missing field {name!r}") from None
 
 
-def vqa_score(benchmark: ImageBenchmark, questions: list[ImageQuestion], records: list[dict[str, Any]],
-              group: str, notes: list[str]) -> Score:
+def vqa_score(
+    benchmark: ImageBenchmark,
+    questions: list[ImageQuestion],
+    records: list[dict[str, Any]],
+    group: str,
+    notes: list[str],
+) -> Score:
     """Mean VQA accuracy x100 overall and per `meta[group]`; an unanswered question scores 0."""
     answers = benchmark.answers_by_question(questions, records)
     texts = [answers.get(benchmark.question_key(q)) for q in questions]
@@ -46,5 +51,11 @@ def vqa_score(benchmark: ImageBenchmark, questions: list[ImageQuestion], records
     for q, s in zip(questions, scores):
         by_group.setdefault(q.meta.get(group, ""), []).append(s)
     groups = {g: {"acc": 100 * ratio(sum(v), len(v))} for g, v in sorted(by_group.items())}
-    return Score(benchmark.name, {"acc": 100 * ratio(sum(scores), len(scores))}, groups,
-                 {g: len(v) for g, v in sorted(by_group.items())}, texts.count(None), notes)
+    return Score(
+        benchmark.name,
+        {"acc": 100 * ratio(sum(scores), len(scores))},
+        groups,
+        {g: len(v) for g, v in sorted(by_group.items())},
+        texts.count(None),
+        notes,
+    )

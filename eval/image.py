@@ -47,7 +47,10 @@ class ImageQuestion:
         try:
             return Image.open(source).convert("RGB")
         except (OSError, ValueError) as err:
-            raise BenchmarkError(f"question {self.question_id}: cannot read its image {self.image if isinstance(self.image, Path) else '(inline)'}: {err}") from None
+            raise BenchmarkError(
+                f"question {self.question_id}: cannot read its image "
+                f"{self.image if isinstance(self.image, Path) else '(inline)'}: {err}"
+            ) from None
 
 
 @dataclass
@@ -62,8 +65,14 @@ class Score:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "metrics": self.metrics, "groups": self.groups, "counts": self.counts,
-                "unanswered": self.unanswered, "notes": self.notes}
+        return {
+            "benchmark": self.benchmark,
+            "metrics": self.metrics,
+            "groups": self.groups,
+            "counts": self.counts,
+            "unanswered": self.unanswered,
+            "notes": self.notes,
+        }
 
     def table(self) -> str:
         columns = list(dict.fromkeys(k for row in self.groups.values() for k in row))
@@ -123,7 +132,10 @@ class ImageBenchmark:
         for record in records:
             key = self.record_key(record)
             if key not in known:
-                raise BenchmarkError(f"{self.name}: an answer for question {record['question_id']!r} that the data under {self.root} does not have")
+                raise BenchmarkError(
+                    f"{self.name}: an answer for question {record['question_id']!r} that the data under {self.root} "
+                    "does not have"
+                )
             texts[key] = record["text"]
         return texts
 
@@ -150,19 +162,39 @@ def get_benchmark(name: str, root: str | Path, **options: Any) -> ImageBenchmark
 
 def answer_record(question: ImageQuestion, output: str, model_id: str) -> dict[str, Any]:
     """The line LLaVA's `model_vqa_loader.py` writes (its answer_id is a random uuid, which no scorer reads)."""
-    return {"question_id": question.question_id, "prompt": question.prompt_field, "text": output.strip(),
-            "answer_id": f"regate-{question.question_id}", "model_id": model_id, "metadata": {}}
+    return {
+        "question_id": question.question_id,
+        "prompt": question.prompt_field,
+        "text": output.strip(),
+        "answer_id": f"regate-{question.question_id}",
+        "model_id": model_id,
+        "metadata": {},
+    }
 
 
 def predict(
-    benchmark: ImageBenchmark, questions: list[ImageQuestion], runner: ModelRunner, out: Path, model_id: str = "",
-    batch_size: int = 1, progress: bool = True,
+    benchmark: ImageBenchmark,
+    questions: list[ImageQuestion],
+    runner: ModelRunner,
+    out: Path,
+    model_id: str = "",
+    batch_size: int = 1,
+    progress: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Answer every question not yet in `out` (LLaVA answer jsonl, appended and flushed per line)."""
     done = [benchmark.record_key(r) for r in json_lines(out)] if out.exists() else []
-    return run_resumable(questions, benchmark.question_key, done, benchmark.request,
-                         lambda q, output: answer_record(q, output, model_id), runner, out, batch_size,
-                         benchmark.name, progress)
+    return run_resumable(
+        questions,
+        benchmark.question_key,
+        done,
+        benchmark.request,
+        lambda q, output: answer_record(q, output, model_id),
+        runner,
+        out,
+        batch_size,
+        benchmark.name,
+        progress,
+    )
 
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
@@ -186,4 +218,7 @@ def accuracy_groups(
     for group, correct in items:
         groups.setdefault(group, []).append(correct)
     names = sorted(groups, key=order) if order else list(groups)
-    return ({g: {"acc": 100 * ratio(sum(groups[g]), len(groups[g]))} for g in names}, {g: len(groups[g]) for g in names})
+    return (
+        {g: {"acc": 100 * ratio(sum(groups[g]), len(groups[g]))} for g in names},
+        {g: len(groups[g]) for g in names},
+    )

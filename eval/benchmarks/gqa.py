@@ -28,10 +28,15 @@ class GQA(ImageBenchmark):
         questions = []
         for qid, record in read_json(path).items():
             where = f"{path} question {qid}"
-            questions.append(ImageQuestion(
-                qid, require(record, "question", where) + SHORT_ANSWER,
-                image_dir / f"{require(record, 'imageId', where)}.jpg", require(record, "answer", where),
-                {"structural": record.get("types", {}).get("structural", "")}))
+            questions.append(
+                ImageQuestion(
+                    qid,
+                    require(record, "question", where) + SHORT_ANSWER,
+                    image_dir / f"{require(record, 'imageId', where)}.jpg",
+                    require(record, "answer", where),
+                    {"structural": record.get("types", {}).get("structural", "")},
+                )
+            )
         return questions
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
@@ -42,4 +47,6 @@ class GQA(ImageBenchmark):
         notes = []
         if len(questions) != TESTDEV_BALANCED:
             notes.append(f"{len(questions)} questions (the testdev-balanced release has {TESTDEV_BALANCED})")
-        return Score(self.name, {"acc": 100 * ratio(sum(correct), len(correct))}, groups, counts, texts.count(None), notes)
+        return Score(
+            self.name, {"acc": 100 * ratio(sum(correct), len(correct))}, groups, counts, texts.count(None), notes
+        )

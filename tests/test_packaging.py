@@ -1,0 +1,80 @@
+"""The top-level eval/, model_zoo/ and patches/ folders install inside `regate_plugin`, editable and as a wheel."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Imports every relocated package and reads its data the way the code does; prints where each came from.
+PROBE = """
+import importlib.util, json
+from importlib import resources
+import regate_plugin.eval, regate_plugin.eval.benchmarks, regate_plugin.model_zoo
+from regate_plugin.model_zoo import entries, get_entry, verify_files
+from regate_plugin.patching import PATCHES
+assert importlib.util.find_spec("eval") is None and importlib.util.find_spec("model_zoo") is None
+verify_files(get_entry("regate-demo-tiny-regate"))
+print(json.dumps({
+    "eval": regate_plugin.eval.__file__,
+    "model_zoo": regate_plugin.model_zoo.__file__,
+    "entries": len(entries()),
+    "patches": sorted(len(p.diff_text()) > 0 for p in PATCHES.values()),
+}))
+"""
+
+
+def _probe(tmp_path: Path, env: dict[str, str] | None = None) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _expected_entries() -> int:
+    return len(list((REPO / "model_zoo" / "entries").glob("*.json")))
+
+
+def test_the_editable_install_maps_the_top_level_folders_into_the_package(tmp_path):
+    found = _probe(tmp_path)
+    assert Path(found["eval"]) == REPO / "eval" / "__init__.py"
+    assert Path(found["model_zoo"]) == REPO / "model_zoo" / "__init__.py"
+    assert found["entries"] == _expected_entries() and found["patches"] == [True, True]
+
+
+def test_a_wheel_holds_the_folders_inside_the_package_and_runs_from_them(tmp_path):
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = wheels.glob("regate_plugin-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"regate_plugin", wheel.name.split("-py")[0] + ".dist-info"}, top
+    for required in (
+        "regate_plugin/eval/mvbench.py",
+        "regate_plugin/eval/benchmarks/pope.py",
+        "regate_plugin/model_zoo/entries/regate-demo-tiny-regate.json",
+        "regate_plugin/model_zoo/shipped/regate-demo-tiny-regate/model.safetensors",
+        "regate_plugin/patches/llava-c121f04.diff",
+    ):
+        assert required in names, required
+
+    target = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+    )
+    assert installed.returncode == 0, installed.stderr
+    found = _probe(tmp_path, {"PYTHONPATH": str(target)})
+    assert Path(found["eval"]) == target / "regate_plugin" / "eval" / "__init__.py"
+    assert Path(found["model_zoo"]) == target / "regate_plugin" / "model_zoo" / "__init__.py"
+    assert found["entries"] == _expected_entries() and found["patches"] == [True, True]
