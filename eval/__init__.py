@@ -1,4 +1,4 @@
-"""Benchmark harnesses scored like the official scripts (EVAL_SPEC.md): MVBench (`mvbench`) and the LLaVA-1.5
+"""Benchmark harnesses scored like the official scripts (docs/EVAL.md): MVBench (`mvbench`) and the LLaVA-1.5
 image benchmarks (`image`, one module per benchmark under `benchmarks`)."""
 
 from . import benchmarks  # noqa: E402,F401  (registers the image benchmarks)

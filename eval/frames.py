@@ -1,6 +1,6 @@
 """Which frames a benchmark protocol samples, and readers for video files, GIFs and JPEG frame folders.
 
-Two index rules, each reproducing its reference code (EVAL_SPEC.md §1.2, §1.3):
+Two index rules, each reproducing its reference code (docs/EVAL.md):
 `official_frame_indices` is VideoChat2's `get_index`, `videollama2_frame_indices` is VideoLLaMA2's `frame_sample`.
 """
 
@@ -107,7 +107,7 @@ class VisualSource:
 
 def sample_official(source: VisualSource, num_segments: int, bound: Bound | None) -> list[Image.Image]:
     """Official protocol: videos/GIFs by 0-based index (max_frame = n - 1); frame folders by 1-based file number
-    `{k:05d}.jpg` with max_frame = n and first_idx = 1 (EVAL_SPEC.md §1.2)."""
+    `{k:05d}.jpg` with max_frame = n and first_idx = 1, as VideoChat2's `get_index` reads them."""
     n_frames, fps = source.probe()
     if source.kind == "frames":
         numbers = official_frame_indices(n_frames, fps, num_segments, bound, first_idx=1)

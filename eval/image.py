@@ -1,4 +1,4 @@
-"""The image-benchmark harness (EVAL_SPEC.md §2): LLaVA-1.5's prompts and each benchmark's official scoring.
+"""The image-benchmark harness (docs/EVAL.md): LLaVA-1.5's prompts and each benchmark's official scoring.
 
 A benchmark is an `ImageBenchmark` subclass registered with `@register_benchmark`: it loads the official data
 into `ImageQuestion`s and scores a list of answer records. Answer records are the lines LLaVA's eval scripts write

@@ -1,10 +1,10 @@
-"""Our runners as an lmms-eval model (EVAL_SPEC.md §3.1), registered through lmms-eval's `lmms_eval.models`
+"""Our runners as an lmms-eval model (docs/EVAL.md), registered through lmms-eval's `lmms_eval.models`
 entry-point group, so that a checkpoint can be cross-checked on lmms-eval's tasks:
 
-    pip install "regate-plugin[lmms-eval]"
+    pip install -e ".[lmms-eval]"   # from a checkout of regate-plugin
     lmms-eval --model regate --model_args pretrained=DIR,batch_size=8 --tasks pope,mme
 
-lmms-eval's stock prompts and scorers differ from the reference scripts (EVAL_SPEC.md §3.2), so its numbers are a
+lmms-eval's stock prompts and scorers differ from the reference scripts (docs/EVAL.md), so its numbers are a
 second opinion; `regate eval <benchmark>` is the reference-exact harness. Decoding is greedy.
 """
 

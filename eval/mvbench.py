@@ -1,4 +1,4 @@
-"""MVBench (EVAL_SPEC.md §1): the 20-task table, the loader, and two protocols scored exactly like their
+"""MVBench (docs/EVAL.md): the 20-task table, the loader, and two protocols scored exactly like their
 reference code: `official` (VideoChat2's notebook) and `videollama2` (VideoLLaMA2's MCQA scripts).
 
 Predictions are one JSON line per question, flushed as they come, so a killed run resumes where it stopped.

@@ -1,4 +1,4 @@
-"""VQA accuracy as LLaVA scores TextVQA (EVAL_SPEC.md §2.5): the EvalAI answer normalisation and the
+"""VQA accuracy as LLaVA scores TextVQA (docs/EVAL.md): the EvalAI answer normalisation and the
 leave-one-out soft score over 10 annotator answers (`m4c_evaluator.TextVQAAccuracyEvaluator`), quirks included."""
 
 from __future__ import annotations

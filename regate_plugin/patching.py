@@ -1,6 +1,6 @@
 """`regate patch apply <codebase> --repo PATH`: apply a shipped diff to an upstream checkout at its pinned commit.
 
-The diffs (`patches/*.diff`, UPSTREAM.md §9.2) only add lines. A target file that is not byte-identical to the
+The diffs (`patches/*.diff`; docs/ARCHITECTURE.md) only add lines. A target file that is not byte-identical to the
 pinned commit's is refused, so a diff never lands in code it was not written against.
 """
 

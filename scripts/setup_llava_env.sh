@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The upstream-LLaVA environment (DESIGN.md §5): the real LLaVA from PyPI on its own transformers, beside ours.
+# The upstream-LLaVA environment (README, "Install for GPU training"): the real LLaVA from PyPI on its own transformers, beside ours.
 #   REGATE_LLAVA_VENV=path   where it lives (default: .venv-llava)
 #   REGATE_TORCH=spec        torch to install when the venv has none (default: torch==2.13.0, the CPU wheel)
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Image-benchmark fixtures we generate in each official data format (EVAL_SPEC.md §2), with PIL images."""
+"""Image-benchmark fixtures we generate in each official data format (docs/EVAL.md), with PIL images."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def test_schedule_matches_a_walk_through_the_cycles(cfg, step):
 
 def test_paper_defaults_give_the_papers_kept_fraction():
     cfg = ReGATEConfig()
-    # One cycle after warm-up: 16 dense + 112 at 0.5 = 0.5625 (PAPER.md §2.4).
+    # One cycle after warm-up: 16 dense + 112 at 0.5 = 0.5625 (docs/METHOD.md, "The dual-cycle schedule").
     assert expected_keep_fraction(100 + 128, cfg) == pytest.approx((100 + 16 + 112 * 0.5) / 228)
     assert is_dense_step(99, cfg) and is_dense_step(100 + 15, cfg) and not is_dense_step(100 + 16, cfg)
     assert is_dense_step(100 + 128, cfg)

@@ -29,7 +29,7 @@ SHORT = DemoConfig(
 
 
 def official_correct(output: str, gt: str) -> bool:
-    """EVAL_SPEC.md §1, VideoChat2's rule as written: "(" + first line; first words compared loosely."""
+    """VideoChat2's rule as written (docs/EVAL.md): "(" + first line; first words compared loosely."""
     pred = "(" + output.strip().split("\n")[0]
     pred_option, gt_option = pred.lower().split(" ")[0], gt.lower().split(" ")[0]
     return pred_option.replace(".", "") in gt_option or gt_option in pred_option

@@ -1,4 +1,4 @@
-"""Image benchmarks: each extraction rule against EVAL_SPEC.md's cases and quirks, the scores against the official
+"""Image benchmarks: each extraction rule against the references' cases and quirks, the scores against the official
 scorers shipped in llava-torch (run in the upstream env on the same answer files) or against the spec's formula,
 and every benchmark end to end on generated fixtures with a tiny model, through our HF runner and the upstream
 LLaVA runner (whose answers must equal upstream `model_vqa_loader.py`'s)."""

@@ -181,7 +181,7 @@ def _log(output_dir: Path) -> list[dict]:
 
 
 def _dense_by_rule(step: int) -> bool:
-    """DESIGN.md §1 written out for the test schedule."""
+    """The dual-cycle rule (docs/METHOD.md) written out for the test schedule."""
     return step < SCHEDULE["warmup"] or (step - SCHEDULE["warmup"]) % SCHEDULE["cycle"] < SCHEDULE["dense"]
 
 

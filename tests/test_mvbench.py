@@ -1,4 +1,4 @@
-"""MVBench: frame rules against EVAL_SPEC.md's test vectors, readers against the frames we wrote, answer rules
+"""MVBench: frame rules against hand-computed test vectors, readers against the frames we wrote, answer rules
 against the spec's worked cases, aggregation, and one resumable end-to-end run with a tiny model."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .tokenizers_fixture import write_bpe_chat_tokenizer
 
 
 def test_frame_indices_reproduce_the_spec_vectors():
-    # EVAL_SPEC.md §1.2 (official `get_index`)
+    # official `get_index` (docs/EVAL.md, "The official protocol")
     assert official_frame_indices(299, 30, 16) == [
         9,
         28,
@@ -62,7 +62,7 @@ def test_frame_indices_reproduce_the_spec_vectors():
     ]
     folder = official_frame_indices(120, 3, 16, (10.2, 25.7), first_idx=1)
     assert folder[:3] == [32, 35, 38] and folder[-2:] == [72, 75]
-    # EVAL_SPEC.md §1.3 (VideoLLaMA2 `frame_sample`)
+    # VideoLLaMA2 `frame_sample` (docs/EVAL.md, "The VideoLLaMA2 protocol")
     assert videollama2_frame_indices(300, 30, 16) == [
         9,
         28,

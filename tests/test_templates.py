@@ -2,7 +2,7 @@
 
 LLaVA `v1` / `plain`: compared with the real `llava.train.train` (llava-torch 1.2.2.post1 on transformers 4.37.2,
 in the upstream-LLaVA env), through its own dataset and collator. VideoLLaMA2 / LLaVA-OneVision: compared with
-`apply_chat_template` and an independent scan of the rendered chat (UPSTREAM.md §3.2, §4.2).
+`apply_chat_template` and an independent scan of the rendered chat.
 """
 
 from __future__ import annotations

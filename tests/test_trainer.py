@@ -27,7 +27,7 @@ def _regate(tmp_path, rows, **flags):
 
 
 def _dense_by_rule(step: int) -> bool:
-    """DESIGN.md §1 written out: W dense warm-up steps, then cycles of C whose first F are dense."""
+    """The dual-cycle rule (docs/METHOD.md): W dense warm-up steps, then cycles of C whose first F are dense."""
     return step < 2 or (step - 2) % 4 < 1
 
 

@@ -1,4 +1,4 @@
-"""GQA testdev-balanced (EVAL_SPEC.md §2.2): LLaVA's `convert_gqa_for_eval.py` (trailing periods stripped,
+"""GQA testdev-balanced (docs/EVAL.md): LLaVA's `convert_gqa_for_eval.py` (trailing periods stripped,
 lower-cased) and the official accuracy (exact string against the gold answer), per structural type too."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MMBench dev (EVAL_SPEC.md §2.8), rule-based and therefore approximate: LLaVA's `model_vqa_mmbench.py` prompt
+"""MMBench dev (docs/EVAL.md), rule-based and therefore approximate: LLaVA's `model_vqa_mmbench.py` prompt
 over the TSV's rows (which already hold the circular rotations) and CircularEval with rule-based option
 extraction only; the official numbers add a GPT fallback for outputs the rules cannot read."""
 

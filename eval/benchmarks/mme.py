@@ -1,4 +1,4 @@
-"""MME (EVAL_SPEC.md §2.7): the official `calculation.py` rule, acc + acc+ per subtask, perception and
+"""MME (docs/EVAL.md): the official `calculation.py` rule, acc + acc+ per subtask, perception and
 cognition sums. LLaVA's prompt swaps MME's " Please answer yes or no." for the short-answer suffix."""
 
 from __future__ import annotations

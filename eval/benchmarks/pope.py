@@ -1,4 +1,4 @@
-"""POPE (EVAL_SPEC.md §2.6): LLaVA's `eval_pope.py` yes/no rule and its per-category metrics."""
+"""POPE (docs/EVAL.md): LLaVA's `eval_pope.py` yes/no rule and its per-category metrics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ScienceQA-IMG (EVAL_SPEC.md §2.4): LLaVA's CQM-A prompt and `eval_science_qa.py`'s letter rule; accuracy over
+"""ScienceQA-IMG (docs/EVAL.md): LLaVA's CQM-A prompt and `eval_science_qa.py`'s letter rule; accuracy over
 the whole split and IMG-accuracy over the answers whose prompt holds "<image>"."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SEED-Bench image accuracy (EVAL_SPEC.md §2.9): LLaVA's exact-letter rule (`convert_seed_for_submission.py`)
+"""SEED-Bench image accuracy (docs/EVAL.md): LLaVA's exact-letter rule (`convert_seed_for_submission.py`)
 per question type and over the image questions, plus lmms-eval's first-character rule as a second column."""
 
 from __future__ import annotations

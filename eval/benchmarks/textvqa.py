@@ -1,4 +1,4 @@
-"""TextVQA val (EVAL_SPEC.md §2.5): LLaVA's prompt with Rosetta OCR tokens (on by default: lmms-eval's default
+"""TextVQA val (docs/EVAL.md): LLaVA's prompt with Rosetta OCR tokens (on by default: lmms-eval's default
 off costs LLaVA-1.5 about 12 points), matched and scored as `eval_textvqa.py` with m4c's VQA accuracy."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""VizWiz val (EVAL_SPEC.md §2.3): LLaVA's prompt with the 'Unanswerable' line, VQA accuracy over the 10
+"""VizWiz val (docs/EVAL.md): LLaVA's prompt with the 'Unanswerable' line, VQA accuracy over the 10
 annotator answers with the normalisation LLaVA scores TextVQA with (m4c, recorded in the score notes)."""
 
 from __future__ import annotations

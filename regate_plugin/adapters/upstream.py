@@ -1,10 +1,10 @@
 """Upstream codebases that merge in Python before the HF decoder: haotian-liu/LLaVA (and LLaVA-NeXT), VideoLLaMA2.
 
-Their `*ForCausalLM.forward` calls `self.prepare_inputs_labels_for_multimodal(...)` (UPSTREAM.md §2.2, §4.2), then
+Their `*ForCausalLM.forward` calls `self.prepare_inputs_labels_for_multimodal(...)` (docs/ARCHITECTURE.md), then
 the parent HF forward, which shifts the labels itself. The adapter replaces that forward on the instance for
 training calls with labels: it calls the model's own merge, keys each sample from the pre-merge ids and labels,
 plans on the post-merge labels, runs the decoder (`get_model()`) on the compact batch with the original position ids
-passed explicitly (VideoLLaMA2's forward would drop them, §4.4), and computes the loss from `lm_head` on kept
+passed explicitly (VideoLLaMA2's forward would drop them), and computes the loss from `lm_head` on kept
 targets only. Works on the transformers each upstream pins (4.37 / 4.40) as well as on 5.x.
 """
 

@@ -1,4 +1,4 @@
-"""Compaction after the multimodal merge (DESIGN.md §2).
+"""Compaction after the multimodal merge (docs/ARCHITECTURE.md, "One training step").
 
 Eliding a token in every decoder layer is the same as removing it from the sequence before layer 0, so the
 plugin gathers the kept positions of the merged batch once: embeddings, attention mask, the model's *original*

@@ -1,4 +1,4 @@
-"""`ReGATEConfig`: every knob of the method, validated on construction (DESIGN.md §1)."""
+"""`ReGATEConfig`: every knob of the method, validated on construction (docs/METHOD.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ReGATEConfig:
-    """Hyperparameters of ReGATE; defaults are the paper's (PAPER.md §3)."""
+    """Hyperparameters of ReGATE; defaults are the paper's (docs/TRAINING.md, "Flags")."""
 
     keep_ratio: float = 0.5
     """Fraction of elidable answer tokens kept on sparse steps, in (0, 1]."""

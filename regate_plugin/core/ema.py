@@ -1,4 +1,4 @@
-"""`DifficultyEMA`: the student's running per-token loss, m <- beta*m + (1-beta)*loss (DESIGN.md §1).
+"""`DifficultyEMA`: the student's running per-token loss, m <- beta*m + (1-beta)*loss (docs/METHOD.md).
 
 Values are kept per (sample key, answer ordinal). A sample never seen before (the common case in one-epoch
 fine-tuning) falls back to an EMA kept per target token id; a token id never seen either has no value (NaN), and

@@ -1,4 +1,4 @@
-"""What the text-only reference LLM sees, in modes `gap` and `pad` (DESIGN.md §1).
+"""What the text-only reference LLM sees, in modes `gap` and `pad` (docs/METHOD.md).
 
 The student splices `visual_rows` feature rows in place of each visual placeholder token. The reference has no
 vision, so in mode `gap` it skips those rows but keeps the student's position ids (a gap in the RoPE positions,

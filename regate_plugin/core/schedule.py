@@ -1,4 +1,4 @@
-"""The dual-cycle schedule as pure functions of the optimizer step (DESIGN.md §1)."""
+"""The dual-cycle schedule as pure functions of the optimizer step (docs/METHOD.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which elidable positions to keep: the fused score and per-sample top-k (DESIGN.md §1)."""
+"""Which elidable positions to keep: the fused score and per-sample top-k (docs/METHOD.md)."""
 
 from __future__ import annotations
 

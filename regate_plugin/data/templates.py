@@ -1,7 +1,7 @@
 """Conversation templates: turn a `Conversation` into `input_ids` and `labels` exactly as upstream training does.
 
-Each template reproduces, token for token, the preprocessing of one upstream codebase (UPSTREAM.md §2.2, §3.2,
-§4.2), quirks included, because the sample key is a hash of exactly those ids and that label mask:
+Each template reproduces, token for token, the preprocessing of one upstream codebase (docs/PRECOMPUTE.md,
+"Templates"), quirks included, because the sample key is a hash of exactly those ids and that label mask:
 
 - `v1`: LLaVA `preprocess_v1` (vicuna_v1), including its "tokenization mismatch" rule that masks a whole sample.
 - `plain`: LLaVA `preprocess_plain` (projector pretraining).

@@ -1,4 +1,4 @@
-"""How many visual rows the student splices in per placeholder, read off its `config.json` (UPSTREAM.md §2.2, §4.1)."""
+"""How many visual rows the student splices in per placeholder, read off its `config.json` (docs/PRECOMPUTE.md)."""
 
 from __future__ import annotations
 

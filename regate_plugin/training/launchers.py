@@ -1,6 +1,6 @@
 """Zero-edit launchers: `python -m regate_plugin.launch {llava,videollama2} <upstream train args> --token_elision ...`.
 
-Each one adds the flags and the Trainer integration to an unmodified upstream checkout (UPSTREAM.md §9.1), then
+Each one adds the flags and the Trainer integration to an unmodified upstream checkout (docs/ARCHITECTURE.md), then
 runs its `train()` exactly as its own entry point would. The model-side adapter is installed by the Trainer mixin
 on the built model, before any DeepSpeed wrapping.
 """
