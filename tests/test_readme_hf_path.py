@@ -9,23 +9,17 @@ import subprocess
 import sys
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from regate_plugin.core import ReferenceLossCache, batch_sample_keys
 from regate_plugin.data import expand_placeholders, get_template, iter_conversations
 
 from .llava_data import conversation_samples, write_json
+from .tiny import IMAGE_ROWS, tiny_llava
 from .tokenizers_fixture import write_sentencepiece_llama
 from .trainer_helpers import logged, make_trainer
 
-ROWS = 4  # (28 / 14) ** 2 patches, CLS dropped by the "default" feature strategy
+ROWS = IMAGE_ROWS
 MAX_LENGTH = 256
 
 
@@ -34,29 +28,11 @@ def _student(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-    )
-    text = LlamaConfig(
+    student = tiny_llava(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=ROWS,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    student = LlavaForConditionalGeneration(config)
     student.save_pretrained(tmp_path / "student")
     tokenizer.save_pretrained(tmp_path / "student")
     return student, tokenizer

@@ -27,26 +27,33 @@ EOS = 2
 IMAGE_ROWS = 4  # (28 / 14) ** 2 patches, CLS dropped by the "default" feature strategy
 
 
-def tiny_llava(seed: int = 0, attn: str = "sdpa") -> LlavaForConditionalGeneration:
+def tiny_llava(
+    seed: int = 0,
+    attn: str = "sdpa",
+    vocab_size: int = VOCAB,
+    image_token_id: int = IMAGE_TOKEN,
+    pad_token_id: int = PAD,
+) -> LlavaForConditionalGeneration:
+    """A 2-layer LLaVA with a 1-layer CLIP tower on 28x28 images; the token ids default to this module's."""
     vision = CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
     )
     text = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        pad_token_id=PAD,
+        pad_token_id=pad_token_id,
         bos_token_id=BOS,
         eos_token_id=EOS,
     )
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=IMAGE_TOKEN,
+        image_token_id=image_token_id,
         image_seq_length=IMAGE_ROWS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -54,7 +61,7 @@ def tiny_llava(seed: int = 0, attn: str = "sdpa") -> LlavaForConditionalGenerati
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = PAD
+    model.generation_config.pad_token_id = pad_token_id
     return model
 
 
