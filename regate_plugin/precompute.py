@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
-from .core.keys import IGNORE_INDEX, SampleKey, sample_key, tokenizer_fingerprint
+from .core.compaction import IGNORE_INDEX
+from .core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from .core.reference import TeacherInput, build_teacher_input
 from .data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from .data.templates import ConversationTemplate

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from .core.compaction import shift_targets
-from .core.keys import IGNORE_INDEX
+from .core.compaction import IGNORE_INDEX, shift_targets
 from .core.loss import next_token_loss
 from .core.reference import TeacherInput, build_teacher_input
 

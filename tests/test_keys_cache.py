@@ -22,7 +22,7 @@ from regate_plugin.core import (
     sample_key,
     tokenizer_fingerprint,
 )
-from regate_plugin.core.keys import IGNORE_INDEX
+from regate_plugin.core.compaction import IGNORE_INDEX
 
 
 def test_sample_key_is_stable_across_processes():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from regate_plugin.core.keys import IGNORE_INDEX
+from regate_plugin.core.compaction import IGNORE_INDEX
 from regate_plugin.teacher import ReferenceScorer
 
 VISUAL = -200  # upstream LLaVA's IMAGE_TOKEN_INDEX: one placeholder that the student expands into `rows` rows

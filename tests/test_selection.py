@@ -5,8 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regate_plugin.core import ReGATEConfig, build_token_elision, fused_score, keep_counts, select_kept_positions
-from regate_plugin.core.compaction import elidable_positions, shift_targets
-from regate_plugin.core.keys import IGNORE_INDEX
+from regate_plugin.core.compaction import IGNORE_INDEX, elidable_positions, shift_targets
 
 
 def _brute_force_keep(scores: list[float], candidates: list[bool], ratio: float) -> list[bool]:

@@ -9,7 +9,14 @@ from .cache import (
     ReferenceLossCacheWriter,
     TokenizerMismatchError,
 )
-from .compaction import CompactionPlan, elidable_positions, plan_compaction, shift_targets, target_ordinals
+from .compaction import (
+    IGNORE_INDEX,
+    CompactionPlan,
+    elidable_positions,
+    plan_compaction,
+    shift_targets,
+    target_ordinals,
+)
 from .config import ConfigError, ReGATEConfig
 from .elision import (
     ElisionPlan,
@@ -22,7 +29,7 @@ from .elision import (
     register_token_elision,
 )
 from .ema import DifficultyEMA, EMAUpdate
-from .keys import IGNORE_INDEX, batch_sample_keys, sample_key, tokenizer_fingerprint
+from .keys import batch_sample_keys, sample_key, tokenizer_fingerprint
 from .loss import TokenLoss, next_token_loss
 from .reference import TeacherInput, build_teacher_input
 from .schedule import expected_keep_fraction, is_dense_step, keep_ratio_at

@@ -19,6 +19,7 @@ import torch
 
 from .cache import CacheError, ReferenceLossCache
 from .compaction import (
+    IGNORE_INDEX,
     CompactionPlan,
     PaddingSide,
     elidable_positions,
@@ -29,7 +30,7 @@ from .compaction import (
 )
 from .config import ReGATEConfig
 from .ema import DifficultyEMA
-from .keys import IGNORE_INDEX, SampleKey, format_key, tokenizer_fingerprint
+from .keys import SampleKey, format_key, tokenizer_fingerprint
 from .loss import Head, TokenLoss, next_token_loss
 from .schedule import is_dense_step
 from .selection import fused_score, keep_counts, random_scores, select_kept_positions

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .keys import IGNORE_INDEX
+from .compaction import IGNORE_INDEX
 
 
 @dataclass

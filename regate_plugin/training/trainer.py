@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..adapters import enable_token_elision
-from ..core.keys import IGNORE_INDEX
+from ..core.compaction import IGNORE_INDEX
 from .arguments import TokenElisionArguments
 from .callback import TokenElisionCallback
 
