@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from . import __version__
-from .core import CacheError, ConfigError
+from .core import CacheError, ConfigError, distributed
+from .core.dtypes import DTYPE_NAMES
 from .data import DataError
 from .eval.image import BenchmarkError
 from .eval.mvbench import PROTOCOLS, MVBenchError
@@ -107,7 +107,7 @@ def _precompute(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     summary = run_precompute(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if distributed.rank() == 0:
         print(summary.format())
         for problem in summary.bad[:20]:
             print(f"skipped: {problem}")
@@ -251,9 +251,7 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv-mode", default="vicuna_v1", help="--runner llava: conversation template (default: vicuna_v1)"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="--runner hf weights dtype"
-    )
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="--runner hf weights dtype")
     parser.add_argument(
         "--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)"
     )
@@ -363,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-tokens", type=int, default=16384, help="padded tokens per teacher forward (default: 16384)"
     )
     pre.add_argument("--window", type=int, default=2048, help="samples sorted into batches together (default: 2048)")
-    pre.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="stored loss dtype")
-    pre.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    pre.add_argument("--dtype", choices=DTYPE_NAMES, default="float16", help="stored loss dtype")
+    pre.add_argument("--model-dtype", choices=["auto", *DTYPE_NAMES], default="auto")
     pre.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     again = pre.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
+from .core import distributed
 from .core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
 from .core.compaction import IGNORE_INDEX
+from .core.dtypes import dtype_from_name
 from .core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from .core.reference import TeacherInput, build_teacher_input
 from .data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
@@ -168,10 +170,6 @@ def _windows(items: list[Conversation], size: int) -> Iterator[tuple[int, list[C
         yield number, items[start : start + size]
 
 
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -192,7 +190,7 @@ def _resolve_device(device: str) -> torch.device:
 def _model_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return dtype_from_name(name, "--model-dtype")
 
 
 def load_data(cfg: PrecomputeConfig, summary: PrecomputeSummary) -> list[Conversation]:
@@ -254,7 +252,7 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
 
     check_reference_mode(cfg.mode)
     started = time.perf_counter()
-    rank, world = _dist_info()
+    rank, world = distributed.rank(), distributed.world_size()
     out = Path(cfg.out)
     template = get_template(cfg.template)
     device = _resolve_device(cfg.device)

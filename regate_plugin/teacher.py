@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 
 from .core.compaction import IGNORE_INDEX, shift_targets
+from .core.files import replaced_on_success
 from .core.loss import next_token_loss
 from .core.reference import TeacherInput, build_teacher_input
 
@@ -49,21 +48,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
     if (out_dir / "config.json").is_file():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replaced_on_success(out_dir, directory=True) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE").write_text(f"converted from {gguf_path}\n")
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -13,10 +13,8 @@ a lookup then reads only that sample's slice through a memory map.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,12 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .dtypes import DTYPES
+from .files import file_sha256, replaced_on_success, write_bytes_atomically
 from .keys import KEY_BYTES, SampleKey, format_key
 
 MANIFEST_NAME = "manifest.json"
 CACHE_FORMAT = "regate-reference-cache"
 CACHE_VERSION = 1
-_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class CacheError(RuntimeError):
@@ -99,27 +98,6 @@ class CacheManifest:
             k: getattr(self, k)
             for k in ("teacher", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens")
         }
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> CacheManifest:
@@ -254,8 +232,8 @@ class ReferenceLossCacheWriter:
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        if dtype not in _DTYPES:
-            raise CacheError(f"cache dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise CacheError(f"cache dtype {dtype!r} is not one of {list(DTYPES)}")
         if shard_samples < 1:
             raise CacheError(f"shard_samples must be >= 1, got {shard_samples}")
         self.directory = Path(directory)
@@ -312,18 +290,11 @@ class ReferenceLossCacheWriter:
         keys = torch.tensor(np.frombuffer(b"".join(k for k, _ in self._pending), dtype=np.uint8).reshape(-1, KEY_BYTES))
         lengths = torch.tensor([0] + [v.numel() for _, v in self._pending], dtype=torch.int64)
         offsets = torch.cumsum(lengths, 0)
-        losses = torch.cat([v for _, v in self._pending]).to(_DTYPES[self.manifest.dtype])
+        losses = torch.cat([v for _, v in self._pending]).to(DTYPES[self.manifest.dtype])
         name = f"shard-{self.shard_prefix}{len(self.manifest.shards):05d}.safetensors"
-        path = self.directory / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        try:
-            save_file({"keys": keys, "offsets": offsets, "losses": losses}, tmp, metadata={"format": CACHE_FORMAT})
-            sha = file_sha256(Path(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replaced_on_success(self.directory / name) as staging:
+            save_file({"keys": keys, "offsets": offsets, "losses": losses}, staging, metadata={"format": CACHE_FORMAT})
+            sha = file_sha256(staging)
         empty = sum(1 for _, v in self._pending if v.numel() == 0)
         self.manifest.shards.append(ShardInfo(name, sha, len(self._pending), losses.numel(), empty))
         self.manifest.samples += len(self._pending)
@@ -364,7 +335,7 @@ class ReferenceLossCacheWriter:
             self._write_manifest()
 
     def _write_manifest(self) -> None:
-        _atomic_write_bytes(self.directory / MANIFEST_NAME, self.manifest.to_json().encode("utf-8"))
+        write_bytes_atomically(self.directory / MANIFEST_NAME, self.manifest.to_json().encode("utf-8"))
 
     def close(self) -> ReferenceLossCache:
         """Commit what is queued and open the finished cache for reading."""
