@@ -56,7 +56,7 @@ def test_tokenizer_fingerprint_tracks_the_vocabulary():
 
 
 def _write(directory, samples, **kw):
-    args = dict(teacher="t", tokenizer_fingerprint="fp", reference_mode="gap", dtype="float32", shard_samples=2)
+    args = dict(reference="t", tokenizer_fingerprint="fp", reference_mode="gap", dtype="float32", shard_samples=2)
     args.update(kw)
     with ReferenceLossCacheWriter(directory, **args) as writer:
         for key, losses in samples.items():
@@ -112,16 +112,16 @@ def test_fingerprint_mismatch_is_refused(tmp_path):
         build_token_elision("regate", ReGATEConfig(), reference=tmp_path, tokenizer=tok)
 
 
-def test_writer_resumes_and_refuses_a_different_teacher(tmp_path):
+def test_writer_resumes_and_refuses_a_different_reference(tmp_path):
     samples = _samples()
     items = list(samples.items())
     _write(tmp_path, dict(items[:3]))
     _write(tmp_path, dict(items))  # resume: the first three are already there
     cache = ReferenceLossCache(tmp_path)
     assert len(cache) == 5 and cache.manifest.samples == 5
-    with pytest.raises(CacheError, match="teacher"):
-        _write(tmp_path, {}, teacher="other")
-    _write(tmp_path, {}, teacher="other", overwrite=True)
+    with pytest.raises(CacheError, match="reference"):
+        _write(tmp_path, {}, reference="other")
+    _write(tmp_path, {}, reference="other", overwrite=True)
     assert len(ReferenceLossCache(tmp_path)) == 0
 
 

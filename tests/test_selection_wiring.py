@@ -88,7 +88,7 @@ def setup(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("wiring") / "cache"
     with ReferenceLossCacheWriter(
-        cache, teacher="hand-built", tokenizer_fingerprint="none", reference_mode="gap", dtype="float32"
+        cache, reference="hand-built", tokenizer_fingerprint="none", reference_mode="gap", dtype="float32"
     ) as writer:
         for key, reference in zip(keys, references):
             writer.add(key, torch.tensor(reference, dtype=torch.float32))

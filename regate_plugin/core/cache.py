@@ -2,7 +2,7 @@
 
 Layout of a cache directory::
 
-    manifest.json              teacher, tokenizer fingerprint, visual mode, dtype, counts, and every shard's sha256
+    manifest.json              reference, tokenizer fingerprint, visual mode, dtype, counts, and every shard's sha256
     shard-<prefix><n>.safetensors   keys uint8 [N, 16], offsets int64 [N + 1], losses <dtype> [T]
 
 Row i of a shard holds the losses of sample keys[i] in losses[offsets[i]:offsets[i + 1]], one value per supervised
@@ -61,7 +61,7 @@ class ShardInfo:
 
 @dataclass
 class CacheManifest:
-    teacher: str
+    reference: str  # the reference LLM that scored the samples
     tokenizer_fingerprint: str
     reference_mode: str
     dtype: str = "float16"
@@ -87,6 +87,8 @@ class CacheManifest:
                 raise CacheError(
                     f"{source} has cache format version {raw.get('version')}, this plugin reads {CACHE_VERSION}"
                 )
+            if "teacher" in raw and "reference" not in raw:  # its older name, in caches written before the rename
+                raw["reference"] = raw.pop("teacher")
             raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
             return cls(**raw)
         except (json.JSONDecodeError, TypeError) as err:
@@ -96,7 +98,7 @@ class CacheManifest:
         """The fields that say what the losses mean (not how many there are)."""
         return {
             k: getattr(self, k)
-            for k in ("teacher", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens")
+            for k in ("reference", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens")
         }
 
 
@@ -179,8 +181,8 @@ class ReferenceLossCache:
         if losses is None:
             raise MissingReferenceError(
                 f"sample {format_key(key)} is not in reference cache {self.directory} "
-                f"({len(self)} samples from teacher {self.manifest.teacher!r}); the cache was built from other data, "
-                "another template or tokenizer, or the precompute did not finish"
+                f"({len(self)} samples from reference LLM {self.manifest.reference!r}); the cache was built from other "
+                "data, another template or tokenizer, or the precompute did not finish"
             )
         return losses
 
@@ -214,7 +216,7 @@ class ReferenceLossCacheWriter:
     """Appends samples to a cache directory shard by shard; every committed shard is immediately readable.
 
     Re-opening an existing directory with the same header continues it (its keys are skipped), which is what a
-    resumed precompute needs. A directory made for another teacher, tokenizer, mode or dtype is refused unless
+    resumed precompute needs. A directory made for another reference LLM, tokenizer, mode or dtype is refused unless
     `overwrite=True`.
     """
 
@@ -222,7 +224,7 @@ class ReferenceLossCacheWriter:
         self,
         directory: str | os.PathLike[str],
         *,
-        teacher: str,
+        reference: str,
         tokenizer_fingerprint: str,
         reference_mode: str,
         dtype: str = "float16",
@@ -241,7 +243,7 @@ class ReferenceLossCacheWriter:
         self.shard_samples = shard_samples
         self.shard_prefix = shard_prefix
         wanted = CacheManifest(
-            teacher=teacher,
+            reference=reference,
             tokenizer_fingerprint=tokenizer_fingerprint,
             reference_mode=reference_mode,
             dtype=dtype,

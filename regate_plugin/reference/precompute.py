@@ -2,7 +2,7 @@
 
 The data is cut into fixed windows of samples (by file order). Each window is tokenized with the upstream
 template, its samples are sorted by length and packed into batches under a token budget, and the batches run
-through the frozen teacher. Everything about a batch depends only on the data and the settings, never on what
+through the frozen reference LLM. Everything about a batch depends only on the data and the settings, never on what
 has already been done or on the number of processes, so a resumed or a data-parallel run scores every sample in
 exactly the batch an uninterrupted single-process run would, and its losses are equal value for value.
 
@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from .core import distributed
-from .core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
-from .core.compaction import IGNORE_INDEX
-from .core.dtypes import dtype_from_name
-from .core.keys import SampleKey, sample_key, tokenizer_fingerprint
-from .core.reference import TeacherInput, build_teacher_input
-from .data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
-from .data.templates import ConversationTemplate
+from ..core import distributed
+from ..core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
+from ..core.compaction import IGNORE_INDEX
+from ..core.dtypes import dtype_from_name
+from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
+from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
+from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
+from ..data.templates import ConversationTemplate
 
 logger = logging.getLogger(__name__)
 PARTS_DIR = "parts"
@@ -41,15 +41,15 @@ SUMMARY_NAME = "precompute_summary.json"
 @dataclass
 class PrecomputeConfig:
     data: Sequence[str | os.PathLike[str]]
-    teacher: str
+    reference: str  # the reference LLM: hub id, local directory, .gguf file or 'smollm2'
     template: str
     out: str | os.PathLike[str]
-    tokenizer: str | None = None  # the student's tokenizer; default: the teacher's
+    tokenizer: str | None = None  # the student's tokenizer; default: the reference's
     visual_tokens: int | None = None  # rows per placeholder; required when the data has images or videos
     image_token_id: int | None = None  # HF-native student: placeholders are expanded into this token
     mode: str = "gap"
     max_length: int | None = None  # the training run's model_max_length; default: the tokenizer's
-    batch_tokens: int = 16384  # padded teacher tokens per forward
+    batch_tokens: int = 16384  # padded reference tokens per forward
     window: int = 2048  # samples tokenized, sorted and batched together
     cache_dtype: str = "float16"
     model_dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
@@ -60,8 +60,8 @@ class PrecomputeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in ("gap", "pad"):
-            raise ValueError(f"--mode must be 'gap' or 'pad', got {self.mode!r}")
+        if self.mode not in REFERENCE_MODES:
+            raise ValueError(f"--mode must be one of {list(REFERENCE_MODES)}, got {self.mode!r}")
         if self.batch_tokens < 1 or self.window < 1:
             raise ValueError("--batch-tokens and --window must be >= 1")
         if self.visual_tokens is not None and self.visual_tokens < 1:
@@ -73,11 +73,11 @@ class PrecomputeConfig:
 @dataclass
 class PrecomputeSummary:
     samples: int = 0  # valid samples in the data
-    scored: int = 0  # samples run through the teacher by this call
+    scored: int = 0  # samples run through the reference LLM by this call
     already_done: int = 0  # found in the cache (resume) and skipped
     duplicates: int = 0  # same sample key as an earlier sample
     answer_tokens: int = 0  # reference losses written by this call
-    teacher_tokens: int = 0  # real (unpadded) tokens the teacher ran on
+    reference_tokens: int = 0  # real (unpadded) tokens the reference LLM ran on
     padded_tokens: int = 0  # batch slots including padding
     truncated: int = 0  # samples cut at the max length
     empty: int = 0  # samples with no answer tokens (recorded with zero losses)
@@ -89,7 +89,7 @@ class PrecomputeSummary:
             setattr(self, name, getattr(self, name) + value)
 
     def format(self) -> str:
-        rate = self.teacher_tokens / self.seconds if self.seconds else 0.0
+        rate = self.reference_tokens / self.seconds if self.seconds else 0.0
         lines = [
             f"samples        {self.samples}",
             f"scored         {self.scored}  ({self.already_done} already in the cache, {self.duplicates} duplicates)",
@@ -98,7 +98,7 @@ class PrecomputeSummary:
             f"empty          {self.empty}  (no answer tokens: nothing to elide)",
             f"bad (skipped)  {len(self.bad)}",
             f"time           {self.seconds:.1f} s  ({self.scored / max(self.seconds, 1e-9):.1f} samples/s, "
-            f"{rate:.0f} teacher tokens/s)",
+            f"{rate:.0f} reference tokens/s)",
         ]
         return "\n".join(lines)
 
@@ -106,12 +106,12 @@ class PrecomputeSummary:
 @dataclass
 class PreparedSample:
     key: SampleKey
-    teacher_input: TeacherInput
+    reference_input: ReferenceInput
     truncated: bool
 
     @property
     def length(self) -> int:
-        return int(self.teacher_input.input_ids.numel())
+        return int(self.reference_input.input_ids.numel())
 
 
 def prepare_sample(
@@ -124,7 +124,7 @@ def prepare_sample(
     pad_token_id: int | None,
     image_token_id: int | None = None,
 ) -> PreparedSample:
-    """Tokenize as upstream does, truncate as its collator (and merge) do, key it, and build the teacher input.
+    """Tokenize as upstream does, truncate as its collator (and merge) do, key it, and build the reference LLM's input.
 
     With `image_token_id` (HF-native students) each placeholder is first expanded into `visual_tokens` copies of
     that token, as the model's processor does, and the sample is keyed and truncated in that expanded form."""
@@ -143,12 +143,12 @@ def prepare_sample(
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
     key = sample_key(ids, [label != IGNORE_INDEX for label in labels])
-    teacher_input = build_teacher_input(ids, labels, visual_ids, rows, mode, pad_token_id)
+    reference_input = build_reference_input(ids, labels, visual_ids, rows, mode, pad_token_id)
     if template.truncates_merged and image_token_id is None and max_length is not None:
-        cut = teacher_input.truncated(max_length)
-        truncated = truncated or cut is not teacher_input
-        teacher_input = cut
-    return PreparedSample(key, teacher_input, truncated)
+        cut = reference_input.truncated(max_length)
+        truncated = truncated or cut is not reference_input
+        reference_input = cut
+    return PreparedSample(key, reference_input, truncated)
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -241,14 +241,14 @@ def _known_keys(out: Path) -> set[SampleKey]:
 
 
 def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = None) -> PrecomputeSummary:
-    """Score every sample of `cfg.data` with the teacher and commit the losses to `cfg.out`.
+    """Score every sample of `cfg.data` with the reference LLM and commit the losses to `cfg.out`.
 
-    `model` / `tokenizer` may be passed in already loaded; otherwise they load from `cfg.teacher` / `cfg.tokenizer`.
+    `model` / `tokenizer` may be passed in already loaded; otherwise they load from `cfg.reference` / `cfg.tokenizer`.
     Under `torchrun` each rank scores every WORLD_SIZE-th window and rank 0 merges the shards at the end.
     """
     from tqdm.auto import tqdm
 
-    from .teacher import ReferenceScorer, check_reference_mode, dtype_kwarg, resolve_reference
+    from .model import ReferenceScorer, check_reference_mode, dtype_kwarg, resolve_reference
 
     check_reference_mode(cfg.mode)
     started = time.perf_counter()
@@ -259,21 +259,23 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        location = resolve_reference(cfg.tokenizer or cfg.teacher)
+        location = resolve_reference(cfg.tokenizer or cfg.reference)
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 location, local_files_only=Path(location).is_dir(), use_fast=template.use_fast, padding_side="right"
             )
         except OSError as err:  # not a directory, not in the HF cache, and no hub: say which one
             raise FileNotFoundError(
-                f"cannot load the tokenizer of {location} (--tokenizer / --teacher): {err}"
+                f"cannot load the tokenizer of {location} (--tokenizer / --reference): {err}"
             ) from None
     max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     if cfg.mode == "pad" and pad_id is None:
-        raise ValueError(f"--mode pad needs a pad token, and the tokenizer of {cfg.tokenizer or cfg.teacher} has none")
+        raise ValueError(
+            f"--mode pad needs a pad token, and the tokenizer of {cfg.tokenizer or cfg.reference} has none"
+        )
     header = dict(
-        teacher=str(cfg.teacher),
+        reference=str(cfg.reference),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         reference_mode=cfg.mode,
         dtype=cfg.cache_dtype,
@@ -298,7 +300,7 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     if model is None:
         from transformers import AutoModelForCausalLM
 
-        location = resolve_reference(cfg.teacher)
+        location = resolve_reference(cfg.reference)
         model = AutoModelForCausalLM.from_pretrained(
             location, local_files_only=Path(location).is_dir(), **dtype_kwarg(_model_dtype(cfg.model_dtype, device))
         ).to(device)
@@ -336,9 +338,9 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
             todo = [p for p in items if p.key not in known and p.key not in part]
             summary.already_done += len(items) - len(todo)
             if todo:
-                with_targets = [p for p in items if p.teacher_input.num_targets > 0]
+                with_targets = [p for p in items if p.reference_input.num_targets > 0]
                 losses = dict(
-                    zip((p.key for p in with_targets), scorer.score_inputs([p.teacher_input for p in with_targets]))
+                    zip((p.key for p in with_targets), scorer.score_inputs([p.reference_input for p in with_targets]))
                 )
                 for p in todo:
                     values = losses.get(p.key, torch.zeros(0))
@@ -347,11 +349,11 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
                     summary.answer_tokens += values.numel()
                     summary.truncated += p.truncated
                     summary.empty += values.numel() == 0
-                summary.teacher_tokens += sum(p.length for p in with_targets)
+                summary.reference_tokens += sum(p.length for p in with_targets)
                 summary.padded_tokens += len(with_targets) * max((p.length for p in with_targets), default=0)
             bar.update(len(items))
             elapsed = time.perf_counter() - started
-            bar.set_postfix(tok_s=f"{summary.teacher_tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.set_postfix(tok_s=f"{summary.reference_tokens / max(elapsed, 1e-9):.0f}", refresh=False)
         part.flush()
     bar.close()
     _barrier(world)
