@@ -32,6 +32,7 @@ from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from ..data.templates import ConversationTemplate
+from .model import ReferenceScorer, check_reference_mode, dtype_kwarg, resolve_reference
 
 logger = logging.getLogger(__name__)
 PARTS_DIR = "parts"
@@ -240,22 +241,60 @@ def _known_keys(out: Path) -> set[SampleKey]:
     return known
 
 
+@dataclass
+class _Encoding:
+    """How a sample becomes the reference's input: the training run's template, tokenizer and length limit."""
+
+    template: ConversationTemplate
+    tokenizer: Any
+    max_length: int | None
+    pad_id: int | None
+
+
 def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = None) -> PrecomputeSummary:
     """Score every sample of `cfg.data` with the reference LLM and commit the losses to `cfg.out`.
 
     `model` / `tokenizer` may be passed in already loaded; otherwise they load from `cfg.reference` / `cfg.tokenizer`.
     Under `torchrun` each rank scores every WORLD_SIZE-th window and rank 0 merges the shards at the end.
     """
-    from tqdm.auto import tqdm
-
-    from .model import ReferenceScorer, check_reference_mode, dtype_kwarg, resolve_reference
-
     check_reference_mode(cfg.mode)
     started = time.perf_counter()
     rank, world = distributed.rank(), distributed.world_size()
     out = Path(cfg.out)
+    encoding = _encoding(cfg, tokenizer)
+    header, extra = _cache_header(cfg, encoding)
+
+    loaded = PrecomputeSummary()
+    samples = load_data(cfg, loaded)
+    if not samples:
+        raise DataError(f"no valid samples in {', '.join(str(p) for p in cfg.data)}")
+    _prepare_output(cfg, header, extra, rank)
+    _barrier(world)
+    known = _known_keys(out)
+    part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
+    model = model if model is not None else _load_reference_model(cfg)
+    model.eval().requires_grad_(False)
+    scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, encoding.pad_id)
+
+    summary = _score_windows(cfg, samples, encoding, scorer, known, part, rank, world, started)
+    _barrier(world)
+    if rank == 0:
+        _merge_parts(out, header)
+    summary = _gather(summary, world)
+    summary.samples = len(samples)
+    summary.bad = loaded.bad + summary.bad
+    summary.seconds = time.perf_counter() - started
+    if summary.empty:
+        logger.warning("%d samples have no answer tokens (check the template and --max-length)", summary.empty)
+    if rank == 0:
+        (out / SUMMARY_NAME).write_text(json.dumps(asdict(summary), indent=2))
+    _barrier(world)
+    return summary
+
+
+def _encoding(cfg: PrecomputeConfig, tokenizer: Any) -> _Encoding:
+    """The template, the student's tokenizer (loaded unless given), its max length and pad id."""
     template = get_template(cfg.template)
-    device = _resolve_device(cfg.device)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -274,102 +313,131 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
         raise ValueError(
             f"--mode pad needs a pad token, and the tokenizer of {cfg.tokenizer or cfg.reference} has none"
         )
+    return _Encoding(template, tokenizer, max_length, pad_id)
+
+
+def _cache_header(cfg: PrecomputeConfig, encoding: _Encoding) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the manifest records: the header a resumed run must match, and the settings kept for reference."""
     header = dict(
         reference=str(cfg.reference),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_fingerprint=tokenizer_fingerprint(encoding.tokenizer),
         reference_mode=cfg.mode,
         dtype=cfg.cache_dtype,
         visual_tokens=cfg.visual_tokens,
     )
     extra = {
-        "template": template.name,
-        "max_length": max_length,
+        "template": encoding.template.name,
+        "max_length": encoding.max_length,
         "data": [str(p) for p in cfg.data],
         "image_token_id": cfg.image_token_id,
     }
+    return header, extra
 
-    loaded = PrecomputeSummary()
-    samples = load_data(cfg, loaded)
-    if not samples:
-        raise DataError(f"no valid samples in {', '.join(str(p) for p in cfg.data)}")
-    _prepare_output(cfg, header, extra, rank)
-    _barrier(world)
-    known = _known_keys(out)
-    part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
 
-    if model is None:
-        from transformers import AutoModelForCausalLM
+def _load_reference_model(cfg: PrecomputeConfig) -> Any:
+    from transformers import AutoModelForCausalLM
 
-        location = resolve_reference(cfg.reference)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, local_files_only=Path(location).is_dir(), **dtype_kwarg(_model_dtype(cfg.model_dtype, device))
-        ).to(device)
-    model.eval().requires_grad_(False)
-    scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, pad_id)
+    device = _resolve_device(cfg.device)
+    location = resolve_reference(cfg.reference)
+    return AutoModelForCausalLM.from_pretrained(
+        location, local_files_only=Path(location).is_dir(), **dtype_kwarg(_model_dtype(cfg.model_dtype, device))
+    ).to(device)
 
-    mine = [(n, window) for n, window in _windows(samples, cfg.window) if n % world == rank]
-    bar = tqdm(
-        total=sum(len(w) for _, w in mine), unit="sample", disable=not cfg.progress or rank != 0, desc="precompute"
-    )
+
+def _score_windows(
+    cfg: PrecomputeConfig,
+    samples: list[Conversation],
+    encoding: _Encoding,
+    scorer: ReferenceScorer,
+    known: set[SampleKey],
+    part: ReferenceLossCacheWriter,
+    rank: int,
+    world: int,
+    started: float,
+) -> PrecomputeSummary:
+    """This rank's windows (every `world`-th): prepared, batched, scored and committed shard by shard."""
+    from tqdm.auto import tqdm
+
+    mine = [window for n, window in _windows(samples, cfg.window) if n % world == rank]
+    bar = tqdm(total=sum(len(w) for w in mine), unit="sample", disable=not cfg.progress or rank != 0, desc="precompute")
     summary = PrecomputeSummary()
-    for _, window in mine:
-        # Duplicates are dropped within a window only, so a window's batches never depend on other windows.
-        seen: set[SampleKey] = set()
-        prepared = []
-        for sample in window:
-            try:
-                item = prepare_sample(
-                    sample, template, tokenizer, max_length, cfg.visual_tokens, cfg.mode, pad_id, cfg.image_token_id
-                )
-            except DataError as err:
-                if not cfg.skip_bad:
-                    raise
-                summary.bad.append(str(err))
-                bar.update(1)
-                continue
-            if item.key in seen:
-                summary.duplicates += 1
-                bar.update(1)
-                continue
-            seen.add(item.key)
-            prepared.append(item)
+    for window in mine:
+        prepared = _prepare_window(cfg, window, encoding, summary, bar)
         for batch in plan_batches([max(p.length, 1) for p in prepared], cfg.batch_tokens):
-            items = [prepared[i] for i in batch]
-            todo = [p for p in items if p.key not in known and p.key not in part]
-            summary.already_done += len(items) - len(todo)
-            if todo:
-                with_targets = [p for p in items if p.reference_input.num_targets > 0]
-                losses = dict(
-                    zip((p.key for p in with_targets), scorer.score_inputs([p.reference_input for p in with_targets]))
-                )
-                for p in todo:
-                    values = losses.get(p.key, torch.zeros(0))
-                    part.add(p.key, values)
-                    summary.scored += 1
-                    summary.answer_tokens += values.numel()
-                    summary.truncated += p.truncated
-                    summary.empty += values.numel() == 0
-                summary.reference_tokens += sum(p.length for p in with_targets)
-                summary.padded_tokens += len(with_targets) * max((p.length for p in with_targets), default=0)
-            bar.update(len(items))
+            _score_batch([prepared[i] for i in batch], scorer, known, part, summary)
+            bar.update(len(batch))
             elapsed = time.perf_counter() - started
             bar.set_postfix(tok_s=f"{summary.reference_tokens / max(elapsed, 1e-9):.0f}", refresh=False)
         part.flush()
     bar.close()
-    _barrier(world)
-    if rank == 0:
-        merged = ReferenceLossCacheWriter(out, **header)
-        parts = out / PARTS_DIR
-        for directory in sorted(parts.iterdir()):
-            merged.absorb(directory)
-        shutil.rmtree(parts)
-    summary = _gather(summary, world)
-    summary.samples = len(samples)
-    summary.bad = loaded.bad + summary.bad
-    summary.seconds = time.perf_counter() - started
-    if summary.empty:
-        logger.warning("%d samples have no answer tokens (check the template and --max-length)", summary.empty)
-    if rank == 0:
-        (out / SUMMARY_NAME).write_text(json.dumps(asdict(summary), indent=2))
-    _barrier(world)
     return summary
+
+
+def _prepare_window(
+    cfg: PrecomputeConfig, window: list[Conversation], encoding: _Encoding, summary: PrecomputeSummary, bar: Any
+) -> list[PreparedSample]:
+    """Tokenize and key a window's samples; bad ones (with --skip-bad) and repeats are counted and dropped.
+
+    Duplicates are dropped within a window only, so a window's batches never depend on other windows."""
+    seen: set[SampleKey] = set()
+    prepared = []
+    for sample in window:
+        try:
+            item = prepare_sample(
+                sample,
+                encoding.template,
+                encoding.tokenizer,
+                encoding.max_length,
+                cfg.visual_tokens,
+                cfg.mode,
+                encoding.pad_id,
+                cfg.image_token_id,
+            )
+        except DataError as err:
+            if not cfg.skip_bad:
+                raise
+            summary.bad.append(str(err))
+            bar.update(1)
+            continue
+        if item.key in seen:
+            summary.duplicates += 1
+            bar.update(1)
+            continue
+        seen.add(item.key)
+        prepared.append(item)
+    return prepared
+
+
+def _score_batch(
+    items: list[PreparedSample],
+    scorer: ReferenceScorer,
+    known: set[SampleKey],
+    part: ReferenceLossCacheWriter,
+    summary: PrecomputeSummary,
+) -> None:
+    """Run one planned batch through the reference (whole, so its losses never depend on what is already done)
+    unless every sample is committed, and queue the samples not committed yet."""
+    todo = [p for p in items if p.key not in known and p.key not in part]
+    summary.already_done += len(items) - len(todo)
+    if not todo:
+        return
+    with_targets = [p for p in items if p.reference_input.num_targets > 0]
+    losses = dict(zip((p.key for p in with_targets), scorer.score_inputs([p.reference_input for p in with_targets])))
+    for p in todo:
+        values = losses.get(p.key, torch.zeros(0))
+        part.add(p.key, values)
+        summary.scored += 1
+        summary.answer_tokens += values.numel()
+        summary.truncated += p.truncated
+        summary.empty += values.numel() == 0
+    summary.reference_tokens += sum(p.length for p in with_targets)
+    summary.padded_tokens += len(with_targets) * max((p.length for p in with_targets), default=0)
+
+
+def _merge_parts(out: Path, header: dict[str, Any]) -> None:
+    """Rank 0, after every rank is done: move each rank's committed shards into `out` and remove the parts."""
+    merged = ReferenceLossCacheWriter(out, **header)
+    parts = out / PARTS_DIR
+    for directory in sorted(parts.iterdir()):
+        merged.absorb(directory)
+    shutil.rmtree(parts)
