@@ -125,6 +125,20 @@ def test_writer_resumes_and_refuses_a_different_reference(tmp_path):
     assert len(ReferenceLossCache(tmp_path)) == 0
 
 
+def test_a_manifest_that_names_the_reference_teacher_still_opens(tmp_path):
+    """Caches written before the field was renamed call the reference LLM `teacher` in their manifest."""
+    samples = _samples()
+    _write(tmp_path, samples, reference="old-llm")
+    manifest = tmp_path / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["teacher"] = raw.pop("reference")
+    manifest.write_text(json.dumps(raw))
+    cache = ReferenceLossCache(tmp_path)
+    assert cache.manifest.reference == "old-llm" and len(cache) == len(samples)
+    key, losses = next(iter(samples.items()))
+    assert torch.equal(cache[key], losses)
+
+
 def _batch_with_unknown_sample():
     input_ids = torch.tensor([[1, 7, 8, 9, 10, 2]])
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 8, 9, 10, 2]])
