@@ -1,10 +1,10 @@
-"""Throughput of `regate precompute` against a bare batched forward of the same teacher over the same tokens,
+"""Throughput of `regate precompute` against a bare batched forward of the same reference LLM over the same tokens,
 and `gap` against `pad` mode, on a VideoLLaMA2-like length mix (576 visual rows, 100-400 text tokens).
 
-    python benchmarks/precompute_throughput.py [--teacher smollm2] [--samples 8] [--repeats 2] [--out docs/benchmarks]
+    python benchmarks/precompute_throughput.py [--reference smollm2] [--samples 8] [--repeats 2] [--out docs/benchmarks]
 
 Two baselines run on the very batches precompute plans (same padding, same position ids), with no tokenization,
-loss or cache writes: the teacher's plain forward (`model(...)`, logits at every position, what a bare scoring loop
+loss or cache writes: the reference's plain forward (`model(...)`, logits at every position, what a bare scoring loop
 does) and its decoder alone (no logits at all: a ceiling no scorer can pass, since losses need the LM head).
 Modes are interleaved and the
 best of `--repeats` runs is kept, because this machine is shared.
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from regate_plugin.data import PLACEHOLDER_IDS, get_template, parse_sample
-from regate_plugin.precompute import PrecomputeConfig, plan_batches, prepare_sample, run_precompute
-from regate_plugin.teacher import ReferenceScorer, load_reference_model
+from regate_plugin.reference import ReferenceScorer, load_reference_model
+from regate_plugin.reference.precompute import PrecomputeConfig, plan_batches, prepare_sample, run_precompute
 
 WORDS = "the object in the video is a red green blue circle square that moves left right up down and then stops".split()
 
@@ -60,7 +60,7 @@ def bare_forward_seconds(
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
-            items = [prepared[i].teacher_input for i in batch]
+            items = [prepared[i].reference_input for i in batch]
             ids, mask, positions, _ = scorer.pad_batch(items)
             tokens += int(mask.sum())
             forward(input_ids=ids, attention_mask=mask, position_ids=positions)
@@ -69,7 +69,7 @@ def bare_forward_seconds(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default="smollm2")
+    parser.add_argument("--reference", default="smollm2")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--rows", type=int, default=576)
     parser.add_argument("--batch-tokens", type=int, default=4096)
@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_reference_model(args.teacher)
+    model, tokenizer = load_reference_model(args.reference)
     samples = make_samples(args.samples, args.seed)
     work = Path(tempfile.mkdtemp(prefix="regate-bench-"))
     data = work / "train.json"
@@ -96,7 +96,7 @@ def main() -> None:
             tokens[mode] = n
             cfg = PrecomputeConfig(
                 data=[data],
-                teacher=args.teacher,
+                reference=args.reference,
                 template="videollama2",
                 out=work / f"cache-{mode}-{repeat}",
                 visual_tokens=args.rows,
@@ -113,7 +113,7 @@ def main() -> None:
         rows.append(
             {
                 "mode": mode,
-                "teacher_tokens": tokens[mode],
+                "reference_tokens": tokens[mode],
                 "forward_s": best[f"forward-{mode}"],
                 "decoder_only_s": best[f"decoder-{mode}"],
                 "precompute_s": best[f"precompute-{mode}"],
@@ -123,7 +123,7 @@ def main() -> None:
         )
     result = {
         "command": "python " + " ".join(sys.argv),
-        "teacher": args.teacher,
+        "reference": args.reference,
         "samples": args.samples,
         "visual_rows": args.rows,
         "visual_share_in_pad": 1 - text_tokens / tokens["pad"],

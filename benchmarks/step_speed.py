@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="step-speed-cache-"))
     gen = torch.Generator().manual_seed(1)
     with ReferenceLossCacheWriter(
-        cache, teacher="random", tokenizer_fingerprint="bench", reference_mode="gap"
+        cache, reference="random", tokenizer_fingerprint="bench", reference_mode="gap"
     ) as writer:
         for b in batches.values():
             n_targets = (shift_targets(b["labels"], b["attention_mask"]) != IGNORE_INDEX).sum(1).tolist()

@@ -39,17 +39,6 @@ class ModelRunner(Protocol):
         ...
 
 
-def json_lines(path: Path) -> list[dict[str, Any]]:
-    """Parsed lines; a torn line (a run killed mid-write, completed by the resumed run) is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 T = TypeVar("T")
 
 

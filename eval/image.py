@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from .base import ModelRunner, Prompt, Request, json_lines, run_resumable
+from ..core.files import read_json_lines
+from .base import ModelRunner, Prompt, Request, run_resumable
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
@@ -182,7 +183,7 @@ def predict(
     progress: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Answer every question not yet in `out` (LLaVA answer jsonl, appended and flushed per line)."""
-    done = [benchmark.record_key(r) for r in json_lines(out)] if out.exists() else []
+    done = [benchmark.record_key(r) for r in read_json_lines(out, skip_invalid=True)] if out.exists() else []
     return run_resumable(
         questions,
         benchmark.question_key,
@@ -199,7 +200,7 @@ def predict(
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
     """LLaVA-format answer records in file order; each must have question_id and text."""
-    records = json_lines(path)
+    records = read_json_lines(path, skip_invalid=True)
     for i, record in enumerate(records):
         if "question_id" not in record or "text" not in record:
             raise BenchmarkError(f"{path} line {i + 1}: not a LLaVA answer record (needs question_id and text)")

@@ -16,7 +16,8 @@ from typing import Any
 
 from PIL import Image
 
-from .base import ModelRunner, Prompt, Request, json_lines, run_resumable
+from ..core.files import read_json_lines
+from .base import ModelRunner, Prompt, Request, run_resumable
 from .frames import Bound, VisualSource, sample_official, sample_videollama2
 
 
@@ -274,7 +275,7 @@ def prediction_record(question: Question, protocol: MVBenchProtocol, output: str
 
 def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
     """Records already written, by uid."""
-    return {record["uid"]: record for record in json_lines(path)} if path.exists() else {}
+    return {record["uid"]: record for record in read_json_lines(path, skip_invalid=True)} if path.exists() else {}
 
 
 def predict(
@@ -370,7 +371,7 @@ def load_prediction_file(
 ) -> list[dict[str, Any]]:
     """Our jsonl (re-parsed from raw outputs with `protocol` when data is given), or VideoLLaMA2's
     `{vid, task_type, pred, gt}` lines (indices, scored as its eval script does)."""
-    lines = json_lines(path)
+    lines = read_json_lines(path, skip_invalid=True)
     if lines and "task_type" in lines[0]:
         return [{"task": r["task_type"], "correct": r["pred"] == r["gt"], "fallback": ""} for r in lines]
     lines = list(read_predictions(path).values())  # one record per question, the last written

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..core.dtypes import dtype_from_name
 from .base import Request
 
 RUNNERS = ("hf", "llava")
@@ -153,4 +154,4 @@ def load_runner(
         return UpstreamLlavaRunner(model, model_base, conv_mode, device)
     if kind != "hf":
         raise ValueError(f"--runner {kind!r}: expected one of {RUNNERS}")
-    return HFRunner.from_pretrained(model, None if dtype == "auto" else getattr(torch, dtype), device)
+    return HFRunner.from_pretrained(model, None if dtype == "auto" else dtype_from_name(dtype, "--dtype"), device)

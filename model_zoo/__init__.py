@@ -17,13 +17,14 @@ upstream environments (transformers 4.37 / 4.40).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from ..core.files import file_sha256
 
 ZOO_DIR = Path(__file__).parent
 ENTRIES_DIR = ZOO_DIR / "entries"
@@ -151,12 +152,7 @@ def get_entry(name: str) -> ZooEntry:
     return entries()[name]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_of = file_sha256  # the name this module exported before the helper moved to core.files
 
 
 def verify_files(entry: ZooEntry, root: Path | None = None) -> Path:
@@ -166,7 +162,7 @@ def verify_files(entry: ZooEntry, root: Path | None = None) -> Path:
         path = root / relative
         if not path.is_file():
             raise ZooError(f"{entry.name}: shipped file {path} is missing")
-        if sha256_of(path) != expected:
+        if file_sha256(path) != expected:
             raise ZooError(f"{entry.name}: {path} does not match its recorded sha256 (modified or corrupted)")
     return root
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from . import __version__
-from .core import CacheError, ConfigError
+from .core import CacheError, ConfigError, distributed
+from .core.dtypes import DTYPE_NAMES
+from .core.reference import REFERENCE_MODES
 from .data import DataError
 from .eval.image import BenchmarkError
 from .eval.mvbench import PROTOCOLS, MVBenchError
@@ -69,26 +70,26 @@ def _zoo_load(args: argparse.Namespace) -> int:
 
 def _precompute(args: argparse.Namespace) -> int:
     from .data.visual import visual_tokens_from_path
-    from .precompute import PrecomputeConfig, run_precompute
+    from .reference.precompute import PrecomputeConfig, run_precompute
 
     visual_tokens = args.visual_tokens
     if args.student:
         from .model_zoo import get_entry, reference_for
 
         entry = get_entry(args.student)
-        args.teacher = args.teacher or reference_for(entry)
+        args.reference = args.reference or reference_for(entry)
         args.template = args.template or entry.reference_template
-        print(f"reference LLM and template from model_zoo entry {entry.name}: {args.teacher}, {args.template}")
-    if not args.teacher or not args.template:
+        print(f"reference LLM and template from model_zoo entry {entry.name}: {args.reference}, {args.template}")
+    if not args.reference or not args.template:
         raise DataError(
-            "pass --teacher and --template, or --student NAME (a model_zoo entry) to take them from its entry"
+            "pass --reference and --template, or --student NAME (a model_zoo entry) to take them from its entry"
         )
     if args.student_config:
         visual_tokens = visual_tokens_from_path(args.student_config)
         print(f"visual rows per placeholder, from {args.student_config}: {visual_tokens}")
     cfg = PrecomputeConfig(
         data=args.data,
-        teacher=args.teacher,
+        reference=args.reference,
         template=args.template,
         out=args.out,
         tokenizer=args.tokenizer,
@@ -107,7 +108,7 @@ def _precompute(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     summary = run_precompute(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if distributed.rank() == 0:
         print(summary.format())
         for problem in summary.bad[:20]:
             print(f"skipped: {problem}")
@@ -130,8 +131,8 @@ def _cache_verify(args: argparse.Namespace) -> int:
 
 
 def _cache_stats(args: argparse.Namespace) -> int:
-    from .cache_report import cache_stats, format_stats, plot_histogram
     from .core.cache import ReferenceLossCache
+    from .reference.report import cache_stats, format_stats, plot_histogram
 
     cache = ReferenceLossCache(args.cache)
     print(format_stats(cache_stats(cache)))
@@ -251,9 +252,7 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv-mode", default="vicuna_v1", help="--runner llava: conversation template (default: vicuna_v1)"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="--runner hf weights dtype"
-    )
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="--runner hf weights dtype")
     parser.add_argument(
         "--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)"
     )
@@ -331,16 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("precompute", help="score a training set with the reference LLM into a cache")
     pre.add_argument("--data", nargs="+", required=True, help="LLaVA-format .json list or .jsonl file(s)")
-    pre.add_argument("--teacher", help="reference LLM: hub id, local directory, .gguf file, or 'smollm2'")
+    pre.add_argument(
+        "--reference",
+        "--teacher",
+        dest="reference",
+        help="reference LLM: hub id, local directory, .gguf file, or 'smollm2' (--teacher: its older name)",
+    )
     pre.add_argument(
         "--template", choices=sorted([*TEMPLATES, *ALIASES]), help="the training run's conversation template"
     )
     pre.add_argument(
         "--student",
-        help="a model_zoo entry: its reference LLM and template are the defaults of --teacher and --template",
+        help="a model_zoo entry: its reference LLM and template are the defaults of --reference and --template",
     )
     pre.add_argument("--out", required=True, help="cache directory")
-    pre.add_argument("--tokenizer", help="the student's tokenizer (default: the teacher's; they must be identical)")
+    pre.add_argument("--tokenizer", help="the student's tokenizer (default: the reference's; they must be identical)")
     visual = pre.add_mutually_exclusive_group()
     visual.add_argument(
         "--visual-tokens", type=int, help="visual rows per <image>/<video> placeholder (LLaVA-1.5: 576)"
@@ -354,17 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument(
         "--mode",
-        choices=["gap", "pad"],
+        choices=REFERENCE_MODES,
         default="gap",
         help="gap: skip visual rows, keep positions (default); pad: pad tokens",
     )
     pre.add_argument("--max-length", type=int, help="the training run's --model_max_length (default: the tokenizer's)")
     pre.add_argument(
-        "--batch-tokens", type=int, default=16384, help="padded tokens per teacher forward (default: 16384)"
+        "--batch-tokens", type=int, default=16384, help="padded tokens per reference forward (default: 16384)"
     )
     pre.add_argument("--window", type=int, default=2048, help="samples sorted into batches together (default: 2048)")
-    pre.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="stored loss dtype")
-    pre.add_argument("--model-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    pre.add_argument("--dtype", choices=DTYPE_NAMES, default="float16", help="stored loss dtype")
+    pre.add_argument("--model-dtype", choices=["auto", *DTYPE_NAMES], default="auto")
     pre.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     again = pre.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -15,8 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from regate_plugin.model_zoo import ENTRIES_DIR, SHIPPED_DIR, sha256_of
+from regate_plugin.model_zoo import ENTRIES_DIR, SHIPPED_DIR
 
+from regate_plugin.core.files import file_sha256
 from regate_plugin.demo import DemoConfig
 
 DATA = "demo-mvbench"
@@ -109,7 +110,7 @@ def main(run: Path) -> None:
                 }
             ],
             "license": "Apache-2.0",
-            "files": {str(p.relative_to(target)): sha256_of(p) for p in sorted(target.rglob("*")) if p.is_file()},
+            "files": {str(p.relative_to(target)): file_sha256(p) for p in sorted(target.rglob("*")) if p.is_file()},
         }
         (ENTRIES_DIR / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
         (ENTRIES_DIR / f"{name}.md").write_text(

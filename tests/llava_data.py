@@ -1,4 +1,4 @@
-"""Generated training data in the LLaVA conversation format, and a tiny teacher LLM saved with its tokenizer."""
+"""Generated training data in the LLaVA conversation format, and a tiny reference LLM saved with its tokenizer."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def write_json(path: Path, samples: list[dict], jsonl: bool = False) -> Path:
     return path
 
 
-def write_tiny_teacher(
+def write_tiny_reference(
     directory: Path, tokenizer_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "llama"
 ) -> Path:
     """A random tiny LlamaForCausalLM (or MistralForCausalLM) saved with the tokenizer it shares with the student."""

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,7 +20,6 @@ from regate_plugin.core import ConfigError, ReGATEConfig, expected_keep_fraction
         ("dense_steps", 200, "[0, cycle_steps=128]"),
         ("dense_steps", -1, "[0, cycle_steps=128]"),
         ("score_norm", "minmax", "['none', 'zscore']"),
-        ("reference_mode", "zeros", "['gap', 'pad']"),
         ("missing_reference", "skip", "['error', 'ema']"),
     ],
 )
@@ -68,3 +69,41 @@ def test_paper_defaults_give_the_papers_kept_fraction():
     assert not is_dense_step(0, ReGATEConfig(warmup_steps=0, dense_steps=0))
     with pytest.raises(ValueError):
         is_dense_step(-1, cfg)
+
+
+# One value per ReGATEConfig field, each different from the default: a new field must be added here.
+_NON_DEFAULT = {
+    "keep_ratio": ("0.25", 0.25),
+    "lam": ("0.2", 0.2),
+    "ema_beta": ("0.5", 0.5),
+    "warmup_steps": ("3", 3),
+    "cycle_steps": ("20", 20),
+    "dense_steps": ("2", 2),
+    "score_norm": ("zscore", "zscore"),
+    "missing_reference": ("ema", "ema"),
+    "seed": ("11", 11),
+    "loss_chunk_size": ("64", 64),
+}
+_OLD_FLAG_NAMES = {"lam": "--regate_lambda"}  # the names users have been passing; they must keep working
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ReGATEConfig)])
+def test_every_config_field_is_a_training_flag(name):
+    from transformers import HfArgumentParser
+
+    from regate_plugin.training import TokenElisionArguments
+
+    text, value = _NON_DEFAULT[name]
+    flag = _OLD_FLAG_NAMES.get(name, f"--regate_{name}")
+    (args,) = HfArgumentParser(TokenElisionArguments).parse_args_into_dataclasses([flag, text])
+    assert args.regate_config() == ReGATEConfig(**{name: value})
+    assert TokenElisionArguments().regate_config() == ReGATEConfig()
+
+
+def test_a_bad_flag_value_names_the_flag():
+    from regate_plugin.training import TokenElisionArguments
+
+    with pytest.raises(ConfigError, match=r"^--regate_lambda: ReGATEConfig.lam=2"):
+        TokenElisionArguments(regate_lambda=2).regate_config()
+    with pytest.raises(ConfigError, match=r"^--regate_dense_steps: "):
+        TokenElisionArguments(regate_dense_steps=9, regate_cycle_steps=4).regate_config()

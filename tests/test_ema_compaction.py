@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regate_plugin.core import DifficultyEMA, plan_compaction, sample_key, shift_targets, target_ordinals
-from regate_plugin.core.keys import IGNORE_INDEX
+from regate_plugin.core.compaction import IGNORE_INDEX
 
 KEY_A = sample_key([1, 2, 3], [False, True, True])
 KEY_B = sample_key([1, 2, 4], [False, True, True])

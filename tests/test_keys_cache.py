@@ -22,7 +22,7 @@ from regate_plugin.core import (
     sample_key,
     tokenizer_fingerprint,
 )
-from regate_plugin.core.keys import IGNORE_INDEX
+from regate_plugin.core.compaction import IGNORE_INDEX
 
 
 def test_sample_key_is_stable_across_processes():
@@ -56,7 +56,7 @@ def test_tokenizer_fingerprint_tracks_the_vocabulary():
 
 
 def _write(directory, samples, **kw):
-    args = dict(teacher="t", tokenizer_fingerprint="fp", reference_mode="gap", dtype="float32", shard_samples=2)
+    args = dict(reference="t", tokenizer_fingerprint="fp", reference_mode="gap", dtype="float32", shard_samples=2)
     args.update(kw)
     with ReferenceLossCacheWriter(directory, **args) as writer:
         for key, losses in samples.items():
@@ -112,17 +112,31 @@ def test_fingerprint_mismatch_is_refused(tmp_path):
         build_token_elision("regate", ReGATEConfig(), reference=tmp_path, tokenizer=tok)
 
 
-def test_writer_resumes_and_refuses_a_different_teacher(tmp_path):
+def test_writer_resumes_and_refuses_a_different_reference(tmp_path):
     samples = _samples()
     items = list(samples.items())
     _write(tmp_path, dict(items[:3]))
     _write(tmp_path, dict(items))  # resume: the first three are already there
     cache = ReferenceLossCache(tmp_path)
     assert len(cache) == 5 and cache.manifest.samples == 5
-    with pytest.raises(CacheError, match="teacher"):
-        _write(tmp_path, {}, teacher="other")
-    _write(tmp_path, {}, teacher="other", overwrite=True)
+    with pytest.raises(CacheError, match="reference"):
+        _write(tmp_path, {}, reference="other")
+    _write(tmp_path, {}, reference="other", overwrite=True)
     assert len(ReferenceLossCache(tmp_path)) == 0
+
+
+def test_a_manifest_that_names_the_reference_teacher_still_opens(tmp_path):
+    """Caches written before the field was renamed call the reference LLM `teacher` in their manifest."""
+    samples = _samples()
+    _write(tmp_path, samples, reference="old-llm")
+    manifest = tmp_path / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["teacher"] = raw.pop("reference")
+    manifest.write_text(json.dumps(raw))
+    cache = ReferenceLossCache(tmp_path)
+    assert cache.manifest.reference == "old-llm" and len(cache) == len(samples)
+    key, losses = next(iter(samples.items()))
+    assert torch.equal(cache[key], losses)
 
 
 def _batch_with_unknown_sample():

@@ -40,7 +40,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
         "--no-progress",
         "--data",
         str(paths["data"]),
-        "--teacher",
+        "--reference",
         str(paths["base"]),
         "--template",
         "videollama2",

@@ -208,7 +208,7 @@ def test_zoo_cli_lists_shows_and_loads():
 
 
 def test_precompute_student_takes_reference_and_template_from_the_entry(tmp_path):
-    """`--student NAME` defaults --teacher to the entry's reference: for an uncached hub reference, offline, the
+    """`--student NAME` defaults --reference to the entry's reference: for an uncached hub reference, offline, the
     run fails at loading that reference (and says which)."""
     data = tmp_path / "d.json"
     data.write_text(

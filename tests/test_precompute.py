@@ -1,4 +1,4 @@
-"""`regate precompute` and `regate cache`: values against an unbatched teacher forward, kill-and-resume and
+"""`regate precompute` and `regate cache`: values against an unbatched reference forward, kill-and-resume and
 two-process runs against an uninterrupted single process, keys against the real upstream LLaVA preprocessing,
 and each kind of bad input."""
 
@@ -23,7 +23,7 @@ from regate_plugin.core.cache import MANIFEST_NAME
 from regate_plugin.data import get_template, iter_conversations
 from regate_plugin.data.templates import PLACEHOLDER_IDS
 
-from .llava_data import conversation_samples, write_json, write_tiny_teacher
+from .llava_data import conversation_samples, write_json, write_tiny_reference
 from .test_templates import LLAVA_PYTHON, REPO, _images, _upstream_llava
 from .tokenizers_fixture import write_sentencepiece_llama
 
@@ -35,9 +35,9 @@ MAX_LEN = 160
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("precompute")
     tokenizer = write_sentencepiece_llama(root / "tok")
-    teacher = write_tiny_teacher(root / "teacher", tokenizer)
+    reference = write_tiny_reference(root / "reference", tokenizer)
     data = write_json(root / "train.json", conversation_samples(48, seed=5, long_every=11))
-    return root, teacher, data
+    return root, reference, data
 
 
 def _run(*args: str) -> int:
@@ -49,10 +49,11 @@ def _cache_dict(path: Path) -> dict[bytes, torch.Tensor]:
     return {key: cache[key] for key in cache.keys()}
 
 
-def _brute_force(teacher: Path, data: Path, mode: str) -> dict[bytes, torch.Tensor]:
-    """Each sample alone through the teacher's own forward: expanded ids (pad) or text ids at merged positions (gap)."""
-    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
+def _brute_force(reference: Path, data: Path, mode: str) -> dict[bytes, torch.Tensor]:
+    """Each sample alone through the reference's own forward: expanded ids (pad) or text ids at merged positions
+    (gap)."""
+    model = AutoModelForCausalLM.from_pretrained(reference).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reference)
     template = get_template("v1")
     expected = {}
     for sample in iter_conversations(data):
@@ -84,14 +85,14 @@ def _brute_force(teacher: Path, data: Path, mode: str) -> dict[bytes, torch.Tens
 
 
 @pytest.mark.parametrize("mode", ["gap", "pad"])
-def test_losses_equal_the_unbatched_teacher(setup, tmp_path, mode):
-    root, teacher, data = setup
+def test_losses_equal_the_unbatched_reference(setup, tmp_path, mode):
+    root, reference, data = setup
     out = tmp_path / "cache"
     code = _run(
         "--data",
         data,
-        "--teacher",
-        teacher,
+        "--reference",
+        reference,
         "--template",
         "v1",
         "--out",
@@ -106,7 +107,7 @@ def test_losses_equal_the_unbatched_teacher(setup, tmp_path, mode):
         700,
     )
     assert code == 0
-    got, want = _cache_dict(out), _brute_force(teacher, data, mode)
+    got, want = _cache_dict(out), _brute_force(reference, data, mode)
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=1e-5)
@@ -118,15 +119,15 @@ def test_losses_equal_the_unbatched_teacher(setup, tmp_path, mode):
 
 
 def _uninterrupted(setup, tmp_path_factory) -> dict[bytes, torch.Tensor]:
-    root, teacher, data = setup
+    root, reference, data = setup
     out = root / "reference_cache"
     if not (out / MANIFEST_NAME).exists():  # one thread, as each torchrun rank has: CPU sums depend on it
         subprocess.run(
             _cli(
                 "--data",
                 data,
-                "--teacher",
-                teacher,
+                "--reference",
+                reference,
                 "--template",
                 "v1",
                 "--out",
@@ -162,14 +163,14 @@ def _cli(*args: str) -> list[str]:
 
 def test_killed_run_resumes_to_identical_losses(setup, tmp_path, tmp_path_factory):
     root, _, data = setup
-    # A larger teacher so the run is still going when it is killed.
-    teacher = write_tiny_teacher(tmp_path / "teacher", root / "tok", hidden=256, layers=6)
+    # A larger reference so the run is still going when it is killed.
+    reference = write_tiny_reference(tmp_path / "reference", root / "tok", hidden=256, layers=6)
     big = write_json(tmp_path / "train.json", conversation_samples(160, seed=6, long_every=11))
     args = [
         "--data",
         big,
-        "--teacher",
-        teacher,
+        "--reference",
+        reference,
         "--template",
         "v1",
         "--visual-tokens",
@@ -182,8 +183,8 @@ def test_killed_run_resumes_to_identical_losses(setup, tmp_path, tmp_path_factor
         400,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    reference = tmp_path / "uninterrupted"
-    subprocess.run(_cli(*args, "--out", reference), env=env, check=True, timeout=600)
+    uninterrupted = tmp_path / "uninterrupted"
+    subprocess.run(_cli(*args, "--out", uninterrupted), env=env, check=True, timeout=600)
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*args, "--out", out), env=env)
     part_manifest = out / "parts" / "rank-00000" / MANIFEST_NAME
@@ -201,13 +202,13 @@ def test_killed_run_resumes_to_identical_losses(setup, tmp_path, tmp_path_factor
     subprocess.run(_cli(*args, "--out", out, "--resume"), env=env, check=True, timeout=600)
     summary = json.loads((out / "precompute_summary.json").read_text())
     assert summary["already_done"] >= committed * 4 - 4 and summary["scored"] + summary["already_done"] == 160
-    want, got = _cache_dict(reference), _cache_dict(out)
+    want, got = _cache_dict(uninterrupted), _cache_dict(out)
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_two_processes_equal_one(setup, tmp_path, tmp_path_factory):
-    root, teacher, data = setup
+    root, reference, data = setup
     want = _uninterrupted(setup, tmp_path_factory)
     out = tmp_path / "two"
     torchrun = [
@@ -228,8 +229,8 @@ def test_two_processes_equal_one(setup, tmp_path, tmp_path_factory):
         "float32",
         "--data",
         data,
-        "--teacher",
-        teacher,
+        "--reference",
+        reference,
         "--template",
         "v1",
         "--out",
@@ -260,12 +261,12 @@ def test_two_processes_equal_one(setup, tmp_path, tmp_path_factory):
 
 
 def test_bad_inputs_are_named_and_nothing_wrong_is_written(setup, tmp_path, capsys):
-    root, teacher, data = setup
+    root, reference, data = setup
     samples = conversation_samples(6, seed=7)
     samples[3] = {"id": "broken", "conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}
     bad = write_json(tmp_path / "bad.json", samples)
     out = tmp_path / "cache"
-    common = ["--teacher", teacher, "--template", "v1", "--visual-tokens", ROWS, "--max-length", MAX_LEN]
+    common = ["--reference", reference, "--template", "v1", "--visual-tokens", ROWS, "--max-length", MAX_LEN]
     assert _run("--data", bad, "--out", out, *common) == 2
     err = capsys.readouterr().err
     assert "bad.json:" in err and "'broken'" in err and "turn 1" in err
@@ -274,14 +275,14 @@ def test_bad_inputs_are_named_and_nothing_wrong_is_written(setup, tmp_path, caps
     summary = json.loads((out / "precompute_summary.json").read_text())
     assert len(summary["bad"]) == 1 and summary["samples"] == 5 and len(ReferenceLossCache(out)) == 5
     # A sample with a placeholder but no visual row count.
-    assert _run("--data", data, "--out", tmp_path / "c2", "--teacher", teacher, "--template", "v1") == 2
+    assert _run("--data", data, "--out", tmp_path / "c2", "--reference", reference, "--template", "v1") == 2
     assert "--visual-tokens" in capsys.readouterr().err
-    # Another teacher (or tokenizer) into the same directory is refused unless --overwrite.
-    other = write_tiny_teacher(tmp_path / "other", root / "tok", seed=1)
+    # Another reference (or tokenizer) into the same directory is refused unless --overwrite.
+    other = write_tiny_reference(tmp_path / "other", root / "tok", seed=1)
     assert _run("--data", bad, "--out", out, "--skip-bad", "--resume", *common[:1], other, *common[2:]) == 2
     assert "made differently" in capsys.readouterr().err
     assert _run("--data", bad, "--out", out, "--skip-bad", "--overwrite", *common[:1], other, *common[2:]) == 0
-    assert ReferenceLossCache(out).manifest.teacher == str(other)
+    assert ReferenceLossCache(out).manifest.reference == str(other)
 
 
 def test_cache_verify_and_stats(setup, tmp_path, tmp_path_factory, capsys):
@@ -309,10 +310,10 @@ def test_precompute_in_upstream_env_matches_upstream_keys(tmp_path):
     tokenizer = write_sentencepiece_llama(tmp_path / "tok")
     data = write_json(tmp_path / "train.json", conversation_samples(30, seed=8, long_every=7))
     upstream = _upstream_llava(tokenizer, data, _images(tmp_path / "img", 30), "v1", MAX_LEN)["upstream"]
-    teacher = tmp_path / "teacher"
+    reference = tmp_path / "reference"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run(
-        [str(LLAVA_PYTHON), str(REPO / "tests/upstream_llava/make_teacher.py"), str(tokenizer), str(teacher)],
+        [str(LLAVA_PYTHON), str(REPO / "tests/upstream_llava/make_reference.py"), str(tokenizer), str(reference)],
         check=True,
         env=env,
         capture_output=True,
@@ -327,8 +328,8 @@ def test_precompute_in_upstream_env_matches_upstream_keys(tmp_path):
             "--no-progress",
             "--data",
             str(data),
-            "--teacher",
-            str(teacher),
+            "--reference",
+            str(reference),
             "--template",
             "v1",
             "--out",

@@ -1,4 +1,4 @@
-"""Reference losses against the teacher's own per-token cross-entropy, computed one sample at a time."""
+"""Reference losses against the reference LLM's own per-token cross-entropy, computed one sample at a time."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from regate_plugin.core.keys import IGNORE_INDEX
-from regate_plugin.teacher import ReferenceScorer
+from regate_plugin.core.compaction import IGNORE_INDEX
+from regate_plugin.reference import ReferenceScorer
 
 VISUAL = -200  # upstream LLaVA's IMAGE_TOKEN_INDEX: one placeholder that the student expands into `rows` rows
 
@@ -22,7 +22,7 @@ def _independent_nll(model, ids: list[int], labels: list[int], positions: list[i
 
 
 def _expected(model, ids, labels, rows, mode, pad_id):
-    """Build the teacher's view by hand: drop placeholders keeping merged positions, or expand them to pads."""
+    """Build the reference's view by hand: drop placeholders keeping merged positions, or expand them to pads."""
     out_ids, out_labels, out_pos, merged = [], [], [], 0
     for tok, lab in zip(ids, labels):
         if tok == VISUAL:

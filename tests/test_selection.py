@@ -1,12 +1,19 @@
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from regate_plugin.core import ReGATEConfig, build_token_elision, fused_score, keep_counts, select_kept_positions
-from regate_plugin.core.compaction import elidable_positions, shift_targets
-from regate_plugin.core.keys import IGNORE_INDEX
+from regate_plugin.core import (
+    ReGATEConfig,
+    TokenElision,
+    build_token_elision,
+    fused_score,
+    keep_counts,
+    select_kept_positions,
+)
+from regate_plugin.core.compaction import IGNORE_INDEX, elidable_positions, shift_targets
 
 
 def _brute_force_keep(scores: list[float], candidates: list[bool], ratio: float) -> list[bool]:
@@ -121,3 +128,42 @@ def test_kept_target_counts_match_the_plan():
         targets = shift_targets(batch["labels"], batch["attention_mask"]) != IGNORE_INDEX
         expected = (targets & plan.kept_mask).sum(dim=1)
         assert torch.equal(elision.kept_target_counts(batch["labels"], batch["attention_mask"]), expected)
+
+
+class _FirstCandidateOnly(TokenElision):
+    """A third-party strategy: keeps each row's first candidate on sparse steps, whatever keep_ratio says."""
+
+    name = "first-only"
+
+    def select(self, targets, candidates, ordinals, sample_keys, keep_ratio):
+        return candidates & (candidates.long().cumsum(dim=1) == 1)
+
+
+class _FirstCandidateOnlyCounted(_FirstCandidateOnly):
+    def keep_counts(self, candidates):
+        return candidates.any(dim=1).long() if not self.is_dense() else candidates.sum(dim=1)
+
+
+def _sparse_loss(elision, batch):
+    from .tiny import VOCAB
+
+    plan = elision.plan(batch["labels"], batch["attention_mask"])
+    compact = plan.compact_targets()
+    hidden = torch.randn(*compact.shape, 8, generator=torch.Generator().manual_seed(0))
+    return plan, elision.loss(plan, hidden, torch.nn.Linear(8, VOCAB))
+
+
+def test_a_strategy_that_keeps_another_count_fails_loudly_or_is_counted_right():
+    from .tiny import make_batch
+
+    batch = make_batch(batch=3, seed=5, turns=3)
+    cfg = ReGATEConfig(keep_ratio=0.5, warmup_steps=0, dense_steps=0)
+    with pytest.raises(RuntimeError, match=r"first-only.*keep_counts\(\) says in 3 row"):
+        _sparse_loss(_FirstCandidateOnly(cfg), batch)
+    counted = _FirstCandidateOnlyCounted(cfg)
+    plan, _ = _sparse_loss(counted, batch)
+    targets = shift_targets(batch["labels"], batch["attention_mask"]) != IGNORE_INDEX
+    assert plan.counts["kept"] == 3
+    assert torch.equal(
+        counted.kept_target_counts(batch["labels"], batch["attention_mask"]), (targets & plan.kept_mask).sum(dim=1)
+    )

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from regate_plugin.core.keys import IGNORE_INDEX
+from regate_plugin.core.compaction import IGNORE_INDEX
 from regate_plugin.data import DataError, get_template, iter_conversations, parse_sample
 from regate_plugin.data.templates import IMAGE_TOKEN_INDEX, QWEN_NEWLINE_ID, VIDEO_TOKEN_INDEX
 

@@ -114,7 +114,7 @@ def write_cache_for(
     """A reference cache with arbitrary (seeded) losses for every sample of `batches`."""
     gen = torch.Generator().manual_seed(seed)
     with ReferenceLossCacheWriter(
-        directory, teacher="test", tokenizer_fingerprint=fingerprint, reference_mode="gap", dtype="float32"
+        directory, reference="test", tokenizer_fingerprint=fingerprint, reference_mode="gap", dtype="float32"
     ) as writer:
         for batch in batches:
             keys = batch_sample_keys(batch["input_ids"], batch["labels"], batch["attention_mask"])

@@ -17,18 +17,6 @@ def read_json(path: Path) -> Any:
         raise BenchmarkError(f"{path}: not valid JSON ({err})") from None
 
 
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise BenchmarkError(f"{path} line {number}: not valid JSON ({err})") from None
-    return records
-
-
 def require(record: dict[str, Any], name: str, where: str) -> Any:
     try:
         return record[name]

@@ -6,8 +6,9 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
+from ...core.files import read_json_lines
 from ..image import SHORT_ANSWER, BenchmarkError, ImageBenchmark, ImageQuestion, Score, flag, ratio, register_benchmark
-from ._common import read_json_lines, require
+from ._common import require
 
 CATEGORIES = ("adversarial", "popular", "random")
 RELEASES = {
@@ -63,7 +64,7 @@ class POPE(ImageBenchmark):
         return present
 
     def labels(self, category: str) -> list[dict[str, Any]]:
-        return read_json_lines(self.root / "coco" / f"coco_pope_{category}.json")
+        return read_json_lines(self.root / "coco" / f"coco_pope_{category}.json", error=BenchmarkError)
 
     def load(self) -> list[ImageQuestion]:
         image_dir = Path(self.options.get("image_dir") or self.root / "val2014")
@@ -87,7 +88,7 @@ class POPE(ImageBenchmark):
         path = self.options.get("question_file")
         if not path:
             return {}
-        return {str(r["question_id"]): r["category"] for r in read_json_lines(Path(path))}
+        return {str(r["question_id"]): r["category"] for r in read_json_lines(Path(path), error=BenchmarkError)}
 
     def record_key(self, record: dict[str, Any]) -> Hashable:
         return str(record["question_id"])

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.elision import ElisionPlan, TokenElision
+from .base import Adapter, register_adapter
 from .common import ElidedCausalLMOutput, elided_output, replace_forward, sample_keys
-from .registry import Adapter, register_adapter
 
 # Outer-forward arguments that the inner `self.model` does not take.
 _OUTER_ONLY = ("labels", "logits_to_keep", "num_items_in_batch", "use_cache", "past_key_values")

@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..core.elision import TokenElision
+from .base import ADAPTERS, Adapter
 
 
 class UnsupportedModelError(TypeError):
     """No adapter knows this model class."""
 
 
-@dataclass
-class Adapter:
-    name: str
-    class_names: tuple[str, ...]
-    install: Callable[[Any, TokenElision], Callable[[], None]]
-    """Installs elision on a model of one of `class_names`; returns the function that removes it."""
-
-
-_ADAPTERS: list[Adapter] = []
 _ENABLED_ATTR = "_regate_enabled"
-
-
-def register_adapter(adapter: Adapter) -> None:
-    _ADAPTERS.append(adapter)
 
 
 def supported_models() -> list[str]:
     _load_builtin_adapters()
-    return sorted(name for adapter in _ADAPTERS for name in adapter.class_names)
+    return sorted(name for adapter in ADAPTERS for name in adapter.class_names)
 
 
 def _unwrap(model: Any) -> Any:
@@ -54,7 +40,7 @@ def _load_builtin_adapters() -> None:
 def _find_adapter(model: Any) -> Adapter:
     _load_builtin_adapters()
     mro_names = [cls.__name__ for cls in type(model).__mro__]
-    for adapter in _ADAPTERS:
+    for adapter in ADAPTERS:
         if any(name in adapter.class_names for name in mro_names):
             return adapter
     raise UnsupportedModelError(

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from ..core.elision import TokenElision
+from .base import Adapter, register_adapter
 from .common import ElidedCausalLMOutput, elided_output, replace_forward, sample_keys
-from .registry import Adapter, register_adapter
 
 
 @dataclass

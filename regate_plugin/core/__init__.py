@@ -9,7 +9,14 @@ from .cache import (
     ReferenceLossCacheWriter,
     TokenizerMismatchError,
 )
-from .compaction import CompactionPlan, elidable_positions, plan_compaction, shift_targets, target_ordinals
+from .compaction import (
+    IGNORE_INDEX,
+    CompactionPlan,
+    elidable_positions,
+    plan_compaction,
+    shift_targets,
+    target_ordinals,
+)
 from .config import ConfigError, ReGATEConfig
 from .elision import (
     ElisionPlan,
@@ -22,15 +29,16 @@ from .elision import (
     register_token_elision,
 )
 from .ema import DifficultyEMA, EMAUpdate
-from .keys import IGNORE_INDEX, batch_sample_keys, sample_key, tokenizer_fingerprint
+from .keys import batch_sample_keys, sample_key, tokenizer_fingerprint
 from .loss import TokenLoss, next_token_loss
-from .reference import TeacherInput, build_teacher_input
+from .reference import REFERENCE_MODES, ReferenceInput, TeacherInput, build_reference_input, build_teacher_input
 from .schedule import expected_keep_fraction, is_dense_step, keep_ratio_at
 from .selection import fused_score, keep_counts, select_kept_positions
 
 __all__ = [
     "available_token_elisions",
     "batch_sample_keys",
+    "build_reference_input",
     "build_teacher_input",
     "build_token_elision",
     "CacheError",
@@ -62,6 +70,8 @@ __all__ = [
     "select_kept_positions",
     "shift_targets",
     "target_ordinals",
+    "REFERENCE_MODES",
+    "ReferenceInput",
     "TeacherInput",
     "TokenElision",
     "tokenizer_fingerprint",

@@ -2,7 +2,7 @@
 
 Layout of a cache directory::
 
-    manifest.json              teacher, tokenizer fingerprint, visual mode, dtype, counts, and every shard's sha256
+    manifest.json              reference, tokenizer fingerprint, visual mode, dtype, counts, and every shard's sha256
     shard-<prefix><n>.safetensors   keys uint8 [N, 16], offsets int64 [N + 1], losses <dtype> [T]
 
 Row i of a shard holds the losses of sample keys[i] in losses[offsets[i]:offsets[i + 1]], one value per supervised
@@ -13,10 +13,8 @@ a lookup then reads only that sample's slice through a memory map.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,12 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .dtypes import DTYPES
+from .files import file_sha256, replaced_on_success, write_bytes_atomically
 from .keys import KEY_BYTES, SampleKey, format_key
 
 MANIFEST_NAME = "manifest.json"
 CACHE_FORMAT = "regate-reference-cache"
 CACHE_VERSION = 1
-_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class CacheError(RuntimeError):
@@ -62,7 +61,7 @@ class ShardInfo:
 
 @dataclass
 class CacheManifest:
-    teacher: str
+    reference: str  # the reference LLM that scored the samples
     tokenizer_fingerprint: str
     reference_mode: str
     dtype: str = "float16"
@@ -88,6 +87,8 @@ class CacheManifest:
                 raise CacheError(
                     f"{source} has cache format version {raw.get('version')}, this plugin reads {CACHE_VERSION}"
                 )
+            if "teacher" in raw and "reference" not in raw:  # its older name, in caches written before the rename
+                raw["reference"] = raw.pop("teacher")
             raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
             return cls(**raw)
         except (json.JSONDecodeError, TypeError) as err:
@@ -97,29 +98,8 @@ class CacheManifest:
         """The fields that say what the losses mean (not how many there are)."""
         return {
             k: getattr(self, k)
-            for k in ("teacher", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens")
+            for k in ("reference", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens")
         }
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> CacheManifest:
@@ -201,8 +181,8 @@ class ReferenceLossCache:
         if losses is None:
             raise MissingReferenceError(
                 f"sample {format_key(key)} is not in reference cache {self.directory} "
-                f"({len(self)} samples from teacher {self.manifest.teacher!r}); the cache was built from other data, "
-                "another template or tokenizer, or the precompute did not finish"
+                f"({len(self)} samples from reference LLM {self.manifest.reference!r}); the cache was built from other "
+                "data, another template or tokenizer, or the precompute did not finish"
             )
         return losses
 
@@ -236,7 +216,7 @@ class ReferenceLossCacheWriter:
     """Appends samples to a cache directory shard by shard; every committed shard is immediately readable.
 
     Re-opening an existing directory with the same header continues it (its keys are skipped), which is what a
-    resumed precompute needs. A directory made for another teacher, tokenizer, mode or dtype is refused unless
+    resumed precompute needs. A directory made for another reference LLM, tokenizer, mode or dtype is refused unless
     `overwrite=True`.
     """
 
@@ -244,7 +224,7 @@ class ReferenceLossCacheWriter:
         self,
         directory: str | os.PathLike[str],
         *,
-        teacher: str,
+        reference: str,
         tokenizer_fingerprint: str,
         reference_mode: str,
         dtype: str = "float16",
@@ -254,8 +234,8 @@ class ReferenceLossCacheWriter:
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        if dtype not in _DTYPES:
-            raise CacheError(f"cache dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise CacheError(f"cache dtype {dtype!r} is not one of {list(DTYPES)}")
         if shard_samples < 1:
             raise CacheError(f"shard_samples must be >= 1, got {shard_samples}")
         self.directory = Path(directory)
@@ -263,7 +243,7 @@ class ReferenceLossCacheWriter:
         self.shard_samples = shard_samples
         self.shard_prefix = shard_prefix
         wanted = CacheManifest(
-            teacher=teacher,
+            reference=reference,
             tokenizer_fingerprint=tokenizer_fingerprint,
             reference_mode=reference_mode,
             dtype=dtype,
@@ -312,18 +292,11 @@ class ReferenceLossCacheWriter:
         keys = torch.tensor(np.frombuffer(b"".join(k for k, _ in self._pending), dtype=np.uint8).reshape(-1, KEY_BYTES))
         lengths = torch.tensor([0] + [v.numel() for _, v in self._pending], dtype=torch.int64)
         offsets = torch.cumsum(lengths, 0)
-        losses = torch.cat([v for _, v in self._pending]).to(_DTYPES[self.manifest.dtype])
+        losses = torch.cat([v for _, v in self._pending]).to(DTYPES[self.manifest.dtype])
         name = f"shard-{self.shard_prefix}{len(self.manifest.shards):05d}.safetensors"
-        path = self.directory / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        try:
-            save_file({"keys": keys, "offsets": offsets, "losses": losses}, tmp, metadata={"format": CACHE_FORMAT})
-            sha = file_sha256(Path(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replaced_on_success(self.directory / name) as staging:
+            save_file({"keys": keys, "offsets": offsets, "losses": losses}, staging, metadata={"format": CACHE_FORMAT})
+            sha = file_sha256(staging)
         empty = sum(1 for _, v in self._pending if v.numel() == 0)
         self.manifest.shards.append(ShardInfo(name, sha, len(self._pending), losses.numel(), empty))
         self.manifest.samples += len(self._pending)
@@ -364,7 +337,7 @@ class ReferenceLossCacheWriter:
             self._write_manifest()
 
     def _write_manifest(self) -> None:
-        _atomic_write_bytes(self.directory / MANIFEST_NAME, self.manifest.to_json().encode("utf-8"))
+        write_bytes_atomically(self.directory / MANIFEST_NAME, self.manifest.to_json().encode("utf-8"))
 
     def close(self) -> ReferenceLossCache:
         """Commit what is queued and open the finished cache for reading."""

@@ -13,7 +13,8 @@ from typing import Literal
 
 import torch
 
-from .keys import IGNORE_INDEX
+IGNORE_INDEX = -100
+"""The label of a position with no next-token target (the value every upstream codebase uses)."""
 
 PaddingSide = Literal["left", "right"]
 

@@ -4,48 +4,55 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
-ReferenceMode = Literal["gap", "pad"]
 ScoreNorm = Literal["none", "zscore"]
 MissingReference = Literal["error", "ema"]
 
-REFERENCE_MODES: tuple[str, ...] = ("gap", "pad")
-SCORE_NORMS: tuple[str, ...] = ("none", "zscore")
-MISSING_REFERENCE_POLICIES: tuple[str, ...] = ("error", "ema")
+SCORE_NORMS: tuple[str, ...] = get_args(ScoreNorm)
+MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
 
 
 class ConfigError(ValueError):
-    """A `ReGATEConfig` field holds a value outside its allowed range."""
+    """A `ReGATEConfig` field holds a value outside its allowed range; `field` names it."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _knob(default: Any, help: str, flag: str | None = None) -> Any:
+    """A field with its help text; `flag` names its `--regate_<flag>` command-line flag where that is not the
+    field's own name (the training flags are generated from these fields, see `training.arguments`)."""
+    metadata = {"help": help} if flag is None else {"help": help, "flag": flag}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class ReGATEConfig:
     """Hyperparameters of ReGATE; defaults are the paper's (docs/TRAINING.md, "Flags")."""
 
-    keep_ratio: float = 0.5
-    """Fraction of elidable answer tokens kept on sparse steps, in (0, 1]."""
-    lam: float = 0.5
-    """Weight of the reference loss in the fused score d = (1-lam)*m + lam*ref, in [0, 1]."""
-    ema_beta: float = 0.9
-    """Decay of the student-difficulty EMA, in [0, 1)."""
-    warmup_steps: int = 100
-    """Dense optimizer steps before the first cycle, >= 0."""
-    cycle_steps: int = 128
-    """Length C of one dense+sparse cycle in optimizer steps, >= 1."""
-    dense_steps: int = 16
-    """Dense steps F at the start of each cycle, in [0, cycle_steps]."""
-    score_norm: ScoreNorm = "none"
-    """'none' fuses raw losses; 'zscore' standardises each signal per sample first."""
-    reference_mode: ReferenceMode = "gap"
-    """How the text-only reference sees visual rows: 'gap' (skip, keep positions) or 'pad' (pad tokens)."""
-    missing_reference: MissingReference = "error"
-    """A sample absent from the reference cache: 'error' stops, 'ema' scores it by the EMA alone and counts it."""
-    seed: int = 0
-    """Seed of the `random` baseline's generator."""
-    loss_chunk_size: int = 0
-    """Rows of logits materialised at once in the loss (recomputed in backward); 0 computes them in one piece."""
+    keep_ratio: float = _knob(0.5, "Fraction of elidable answer tokens kept on sparse steps, in (0, 1].")
+    lam: float = _knob(
+        0.5, "Weight of the reference loss in the fused score d = (1-lam)*m + lam*ref, in [0, 1].", flag="lambda"
+    )
+    ema_beta: float = _knob(0.9, "Decay of the student-difficulty EMA, in [0, 1).")
+    warmup_steps: int = _knob(100, "Dense optimizer steps before the first cycle, >= 0.")
+    cycle_steps: int = _knob(128, "Length C of one dense+sparse cycle in optimizer steps, >= 1.")
+    dense_steps: int = _knob(16, "Dense steps F at the start of each cycle, in [0, cycle_steps].")
+    score_norm: ScoreNorm = _knob(
+        "none", "'none' fuses raw losses; 'zscore' standardises each signal per sample first."
+    )
+    missing_reference: MissingReference = _knob(
+        "error",
+        "A sample absent from the reference cache: 'error' stops, 'ema' scores it by the student EMA alone and "
+        "counts it.",
+    )
+    seed: int = _knob(0, "Seed of the `random` baseline's generator.")
+    loss_chunk_size: int = _knob(
+        0, "Rows of logits materialised at once in the loss (recomputed in backward); 0 computes them in one piece."
+    )
 
     def __post_init__(self) -> None:
         _check_range("keep_ratio", self.keep_ratio, "(0, 1]", lambda v: 0.0 < v <= 1.0)
@@ -63,7 +70,6 @@ class ReGATEConfig:
         )
         _check_range("loss_chunk_size", self.loss_chunk_size, "integers >= 0", lambda v: v >= 0)
         _check_choice("score_norm", self.score_norm, SCORE_NORMS)
-        _check_choice("reference_mode", self.reference_mode, REFERENCE_MODES)
         _check_choice("missing_reference", self.missing_reference, MISSING_REFERENCE_POLICIES)
 
     def replace(self, **changes: Any) -> ReGATEConfig:
@@ -84,14 +90,14 @@ class ReGATEConfig:
 
 def _check_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"ReGATEConfig.{name}={value!r} must be an integer")
+        raise ConfigError(f"ReGATEConfig.{name}={value!r} must be an integer", name)
 
 
 def _check_range(name: str, value: Any, allowed: str, ok: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
-        raise ConfigError(f"ReGATEConfig.{name}={value!r} is outside the allowed range {allowed}")
+        raise ConfigError(f"ReGATEConfig.{name}={value!r} is outside the allowed range {allowed}", name)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"ReGATEConfig.{name}={value!r} is not one of {list(choices)}")
+        raise ConfigError(f"ReGATEConfig.{name}={value!r} is not one of {list(choices)}", name)

@@ -19,6 +19,7 @@ import torch
 
 from .cache import CacheError, ReferenceLossCache
 from .compaction import (
+    IGNORE_INDEX,
     CompactionPlan,
     PaddingSide,
     elidable_positions,
@@ -29,7 +30,7 @@ from .compaction import (
 )
 from .config import ReGATEConfig
 from .ema import DifficultyEMA
-from .keys import IGNORE_INDEX, SampleKey, format_key, tokenizer_fingerprint
+from .keys import SampleKey, format_key, tokenizer_fingerprint
 from .loss import Head, TokenLoss, next_token_loss
 from .schedule import is_dense_step
 from .selection import fused_score, keep_counts, random_scores, select_kept_positions
@@ -43,6 +44,7 @@ class ElisionPlan:
     targets: torch.Tensor  # int64 [B, L] pre-shifted
     ordinals: torch.Tensor  # int64 [B, L] answer ordinal of each target, -1 where none
     candidates: torch.Tensor  # bool [B, L]
+    keep_counts: torch.Tensor  # int64 [B]: candidates the strategy says each row keeps (`TokenElision.keep_counts`)
     sample_keys: list[SampleKey] | None
     dense: bool
     keep_ratio: float
@@ -65,16 +67,19 @@ class ElisionPlan:
 
     @functools.cached_property
     def counts(self) -> dict[str, int]:
-        """Candidates, kept candidates, kept targets and decoder tokens (one host sync, computed once)."""
+        """Candidates, kept candidates, kept targets, decoder tokens, and rows whose kept candidates differ from
+        `keep_counts` (one host sync, computed once)."""
+        kept_candidates = self.candidates & self.kept_mask
         values = torch.stack(
             [
                 self.candidates.sum(),
-                (self.candidates & self.kept_mask).sum(),
+                kept_candidates.sum(),
                 ((self.targets != IGNORE_INDEX) & self.kept_mask).sum(),
                 self.compaction.slot_valid.sum(),
+                (kept_candidates.sum(dim=1) != self.keep_counts.to(kept_candidates.device)).sum(),
             ]
         ).tolist()
-        return dict(zip(("candidates", "kept", "targets", "tokens"), values))
+        return dict(zip(("candidates", "kept", "targets", "tokens", "miscounted_rows"), values))
 
     def report(self) -> dict[str, Any]:
         """What `out.token_elision` carries (docs/ARCHITECTURE.md, "One training step")."""
@@ -119,6 +124,14 @@ class TokenElision:
     def keep_ratio(self) -> float:
         return 1.0 if self.is_dense() else self.cfg.keep_ratio
 
+    def keep_counts(self, candidates: torch.Tensor) -> torch.Tensor:
+        """Int64 [B]: how many of each row's candidates (bool [B, L]) the current step keeps; `select` must keep
+        exactly these (checked on every batch), which is what lets `kept_target_counts` know the loss terms before
+        the forward. All on a dense step, else k = ceil(keep_ratio * n); a strategy that keeps another number
+        overrides this method."""
+        n_candidates = candidates.sum(dim=1)
+        return n_candidates if self.is_dense() else keep_counts(n_candidates, self.keep_ratio())
+
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a student tokenizer the strategy's reference data was not built with (no-op without one)."""
 
@@ -152,23 +165,19 @@ class TokenElision:
             targets=targets,
             ordinals=ordinals,
             candidates=candidates,
+            keep_counts=self.keep_counts(candidates),
             sample_keys=sample_keys,
             dense=dense,
             keep_ratio=keep_ratio,
         )
 
     def kept_target_counts(self, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Int64 [B]: how many loss terms `plan` keeps per row at the current step, from the labels alone.
-
-        Selection keeps exactly k = ceil(keep_ratio * n) of a row's n candidates, so the count is known before the
-        forward; the Trainer integration uses it as `num_items_in_batch` under gradient accumulation.
-        """
+        """Int64 [B]: how many loss terms `plan` keeps per row at the current step, from the labels alone: every
+        target that is not a candidate, plus `keep_counts` of the candidates. The Trainer integration uses it as
+        `num_items_in_batch` under gradient accumulation."""
         targets = shift_targets(labels, attention_mask)
-        n_targets = (targets != IGNORE_INDEX).sum(dim=1)
-        if self.is_dense():
-            return n_targets
-        n_candidates = elidable_positions(labels, targets, attention_mask).sum(dim=1)
-        return n_targets - n_candidates + keep_counts(n_candidates, self.cfg.keep_ratio)
+        candidates = elidable_positions(labels, targets, attention_mask)
+        return (targets != IGNORE_INDEX).sum(dim=1) - candidates.sum(dim=1) + self.keep_counts(candidates)
 
     def select(
         self,
@@ -191,6 +200,12 @@ class TokenElision:
         """Loss over the kept targets of a compact batch; observed per-token losses update the strategy."""
         compact_targets = plan.compact_targets()
         result = next_token_loss(hidden_states, compact_targets, head, num_items_in_batch, self.cfg.loss_chunk_size)
+        if plan.counts["miscounted_rows"]:
+            raise RuntimeError(
+                f"token elision '{self.name}': select() kept another number of candidates than keep_counts() says "
+                f"in {plan.counts['miscounted_rows']} row(s) of this batch; make {type(self).__name__}.keep_counts "
+                "return what select keeps (the loss normalisation under gradient accumulation is computed from it)"
+            )
         self.observe(plan, compact_targets, result.per_token)
         self.stats.batches += 1
         self.stats.candidates += plan.counts["candidates"]

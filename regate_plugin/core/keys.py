@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from .compaction import IGNORE_INDEX
+
 KEY_BYTES = 16
 
 SampleKey = bytes

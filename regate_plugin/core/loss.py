@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .keys import IGNORE_INDEX
+from .compaction import IGNORE_INDEX
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 

@@ -13,21 +13,25 @@ from dataclasses import dataclass
 
 import torch
 
-from .keys import IGNORE_INDEX
+from .compaction import IGNORE_INDEX
+
+REFERENCE_MODES: tuple[str, ...] = ("gap", "pad")
 
 
 @dataclass
-class TeacherInput:
+class ReferenceInput:
+    """One sample as the reference LLM sees it."""
+
     input_ids: torch.Tensor  # int64 [n]
     position_ids: torch.Tensor  # int64 [n]
     labels: torch.Tensor  # int64 [n], IGNORE_INDEX off the answers
 
-    def truncated(self, max_positions: int | None) -> TeacherInput:
+    def truncated(self, max_positions: int | None) -> ReferenceInput:
         """Drop what the student's merged sequence loses when the model cuts it at `max_positions` rows."""
         if max_positions is None or self.position_ids.numel() == 0 or int(self.position_ids[-1]) < max_positions:
             return self
         keep = self.position_ids < max_positions
-        return TeacherInput(self.input_ids[keep], self.position_ids[keep], self.labels[keep])
+        return ReferenceInput(self.input_ids[keep], self.position_ids[keep], self.labels[keep])
 
     @property
     def num_targets(self) -> int:
@@ -35,14 +39,14 @@ class TeacherInput:
         return int((self.labels[1:] != IGNORE_INDEX).sum())
 
 
-def build_teacher_input(
+def build_reference_input(
     input_ids: Sequence[int] | torch.Tensor,
     labels: Sequence[int] | torch.Tensor,
     visual_token_ids: Sequence[int],
     visual_rows: int,
     mode: str = "gap",
     pad_token_id: int | None = None,
-) -> TeacherInput:
+) -> ReferenceInput:
     """Turn one unpadded pre-merge sample into the reference LLM's input."""
     ids = torch.as_tensor(input_ids, dtype=torch.int64).reshape(-1)
     lab = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
@@ -57,12 +61,16 @@ def build_teacher_input(
     merged_pos = torch.arange(ids.numel()) + (visual.long().cumsum(0) - visual.long()) * (visual_rows - 1)
     if mode == "gap":
         text = ~visual
-        return TeacherInput(ids[text], merged_pos[text], lab[text])
+        return ReferenceInput(ids[text], merged_pos[text], lab[text])
     if mode == "pad":
         if pad_token_id is None:
             raise ValueError("reference mode 'pad' needs a pad_token_id (the tokenizer has none: set one)")
         repeats = torch.where(visual, visual_rows, 1)
         expanded_ids = torch.where(visual, pad_token_id, ids).repeat_interleave(repeats)
         expanded_labels = lab.repeat_interleave(repeats)
-        return TeacherInput(expanded_ids, torch.arange(expanded_ids.numel()), expanded_labels)
-    raise ValueError(f"reference mode {mode!r} is not one of ['gap', 'pad']")
+        return ReferenceInput(expanded_ids, torch.arange(expanded_ids.numel()), expanded_labels)
+    raise ValueError(f"reference mode {mode!r} is not one of {list(REFERENCE_MODES)}")
+
+
+TeacherInput = ReferenceInput  # older names, still importable
+build_teacher_input = build_reference_input

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..core.keys import IGNORE_INDEX
+from ..core.compaction import IGNORE_INDEX
 from .conversations import Conversation, DataError
 
 IMAGE_TOKEN_INDEX = -200

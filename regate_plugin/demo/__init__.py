@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 
 from ..adapters import enable_token_elision
 from ..core import IGNORE_INDEX, ReGATEConfig, build_token_elision
-from ..core.reference import build_teacher_input
+from ..core.reference import build_reference_input
 from ..data import expand_placeholders, get_template, iter_conversations
 from ..eval import aggregate, get_protocol, load_mvbench, predict
 from ..eval.frames import VisualSource, sample_official
 from ..eval.runners import HFRunner
-from ..precompute import PrecomputeConfig, run_precompute
-from ..teacher import ReferenceScorer
+from ..reference import ReferenceScorer
+from ..reference.precompute import PrecomputeConfig, run_precompute
 from . import data as demo_data
 from .models import PRESETS, ROWS_PER_FRAME, build_student, processor_for, smollm2_base, tiny_base, train_tokenizer
 
@@ -159,7 +159,7 @@ def train_reference(
 ) -> None:
     """Train the base LLM on what the reference sees: the samples' text, visual rows skipped, positions kept."""
     scorer = ReferenceScorer(base, "gap", (image_token_id,), 1, pad_id)
-    inputs = [build_teacher_input(s.input_ids, s.labels, (image_token_id,), 1, "gap", pad_id) for s in samples]
+    inputs = [build_reference_input(s.input_ids, s.labels, (image_token_id,), 1, "gap", pad_id) for s in samples]
     optimizer = torch.optim.AdamW(base.parameters(), lr=3e-3)
     base.train()
     for step in tqdm(range(cfg.reference_steps), desc="reference LLM (text only)", disable=not cfg.progress):
@@ -206,13 +206,13 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None) -> list[DemoResult]:
     samples = encode_train_split(splits, tokenizer, processor, image_token_id, cfg.num_frames, cfg.progress)
     if cfg.preset == "tiny":
         train_reference(base, samples, image_token_id, pad_id, cfg)
-        base.save_pretrained(out_dir / "reference")  # `regate precompute --teacher OUT/reference` uses it as it is
+        base.save_pretrained(out_dir / "reference")  # `regate precompute --reference OUT/reference` uses it as it is
         tokenizer.save_pretrained(out_dir / "reference")
 
     cache_dir = out_dir / "reference_cache"
     precompute = PrecomputeConfig(
         data=[splits.train_json],
-        teacher=f"demo-{cfg.preset}-base",
+        reference=f"demo-{cfg.preset}-base",
         template=TEMPLATE,
         out=cache_dir,
         visual_tokens=ROWS_PER_FRAME * cfg.num_frames,

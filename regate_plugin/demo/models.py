@@ -108,7 +108,7 @@ def tiny_base(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM
 def smollm2_base() -> tuple[LlamaForCausalLM, Any]:
     """SmolLM2-135M-Instruct (converted once from the packaged GGUF) and its tokenizer, with `<image>` added and
     the demo's chat template."""
-    from ..teacher import load_reference_model
+    from ..reference import load_reference_model
 
     model, tokenizer = load_reference_model("smollm2")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})

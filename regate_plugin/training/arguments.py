@@ -1,36 +1,41 @@
 """`TokenElisionArguments`: the `--token_elision` / `--regate_*` flags, for `HfArgumentParser` or a subclass of
-an upstream `TrainingArguments`."""
+an upstream `TrainingArguments`.
+
+Every `ReGATEConfig` field becomes a flag `--regate_<name>` (or `--regate_<flag>` where the field's metadata
+names one, e.g. `--regate_lambda` for `lam`) with the field's type, default and help text, so the config is the
+only place a knob is declared.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import ConfigError, ReGATEConfig
 from ..core.elision import TokenElision, available_token_elisions, build_token_elision
 
-# flag -> ReGATEConfig field
-_CONFIG_FLAGS = {
-    "regate_keep_ratio": "keep_ratio",
-    "regate_lambda": "lam",
-    "regate_ema_beta": "ema_beta",
-    "regate_warmup_steps": "warmup_steps",
-    "regate_cycle_steps": "cycle_steps",
-    "regate_dense_steps": "dense_steps",
-    "regate_score_norm": "score_norm",
-    "regate_missing_reference": "missing_reference",
-    "regate_loss_chunk_size": "loss_chunk_size",
-    "regate_seed": "seed",
-}
-_DEFAULTS = ReGATEConfig()
+
+def _flag_of(config_field: dataclasses.Field) -> str:
+    return f"regate_{config_field.metadata.get('flag', config_field.name)}"
 
 
-def _flag(config_field: str, help: str) -> Any:
-    return field(default=getattr(_DEFAULTS, config_field), metadata={"help": help})
+CONFIG_FLAGS: dict[str, str] = {f.name: _flag_of(f) for f in dataclasses.fields(ReGATEConfig)}
+"""`ReGATEConfig` field -> the `TokenElisionArguments` field (and command-line flag) that sets it."""
 
 
-@dataclass
+def _with_config_flags(cls: type) -> type:
+    """Add one defaulted field per `ReGATEConfig` field to `cls`, then make it a dataclass."""
+    types = typing.get_type_hints(ReGATEConfig)
+    for config_field in dataclasses.fields(ReGATEConfig):
+        flag = CONFIG_FLAGS[config_field.name]
+        cls.__annotations__[flag] = types[config_field.name]
+        setattr(cls, flag, field(default=config_field.default, metadata={"help": config_field.metadata["help"]}))
+    return dataclass(cls)
+
+
+@_with_config_flags
 class TokenElisionArguments:
     """Token elision for training; every field is also a command-line flag of the same name."""
 
@@ -40,18 +45,6 @@ class TokenElisionArguments:
     regate_ref_cache: str | None = field(
         default=None, metadata={"help": "Reference-loss cache directory made by `regate precompute` (regate only)."}
     )
-    regate_keep_ratio: float = _flag("keep_ratio", "Fraction of elidable answer tokens kept on sparse steps, (0, 1].")
-    regate_lambda: float = _flag("lam", "Weight of the reference loss in the fused score, [0, 1].")
-    regate_ema_beta: float = _flag("ema_beta", "Decay of the student-difficulty EMA, [0, 1).")
-    regate_warmup_steps: int = _flag("warmup_steps", "Dense optimizer steps before the first cycle.")
-    regate_cycle_steps: int = _flag("cycle_steps", "Optimizer steps per dense+sparse cycle.")
-    regate_dense_steps: int = _flag("dense_steps", "Dense steps at the start of each cycle.")
-    regate_score_norm: str = _flag("score_norm", "'none' fuses raw losses, 'zscore' standardises them per sample.")
-    regate_missing_reference: str = _flag(
-        "missing_reference", "A sample missing from the cache: 'error' stops, 'ema' scores it by the EMA alone."
-    )
-    regate_loss_chunk_size: int = _flag("loss_chunk_size", "Logit rows built at once in the loss (0: all).")
-    regate_seed: int = _flag("seed", "Seed of the random baseline.")
 
     @classmethod
     def from_object(cls, source: Any) -> TokenElisionArguments:
@@ -63,12 +56,11 @@ class TokenElisionArguments:
         return [f.name for f in dataclasses.fields(cls)]
 
     def regate_config(self) -> ReGATEConfig:
-        values = {config_field: getattr(self, flag) for flag, config_field in _CONFIG_FLAGS.items()}
+        values = {config_field: getattr(self, flag) for config_field, flag in CONFIG_FLAGS.items()}
         try:
             return ReGATEConfig(**values)
         except ConfigError as err:
-            flag = next(f for f, c in _CONFIG_FLAGS.items() if f"ReGATEConfig.{c}=" in str(err))
-            raise ConfigError(f"--{flag}: {err}") from None
+            raise ConfigError(f"--{CONFIG_FLAGS[err.field]}: {err}", err.field) from None
 
     def build(self, tokenizer: Any = None) -> TokenElision:
         """The strategy these flags describe, checked against the training tokenizer; errors name the flag."""

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from ..core.distributed import rank, world_size
 from ..core.elision import ElisionStats, TokenElision
 
 STATE_FILE = "regate_state.pt"
@@ -20,14 +21,6 @@ STATE_FILE = "regate_state.pt"
 def state_file_name(rank: int) -> str:
     """Rank 0 writes `regate_state.pt`; other ranks keep their own EMA in `regate_state-rank{N}.pt`."""
     return STATE_FILE if rank == 0 else f"regate_state-rank{rank}.pt"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def elision_metrics(elision: TokenElision, since: ElisionStats) -> dict[str, float]:
@@ -67,12 +60,12 @@ class TokenElisionCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ema = getattr(self.elision, "ema", None)
-        if ema is None or _world_size() == 1:
+        if ema is None or world_size() == 1:
             return
-        gathered: list[Any] = [None] * _world_size()
+        gathered: list[Any] = [None] * world_size()
         dist.all_gather_object(gathered, ema.drain_pending())
-        for rank, updates in enumerate(gathered):
-            if rank != _rank():
+        for sender, updates in enumerate(gathered):
+            if sender != rank():
                 ema.merge(updates)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -88,12 +81,12 @@ class TokenElisionCallback(TrainerCallback):
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         directory.mkdir(parents=True, exist_ok=True)
         self.elision.set_step(state.global_step)  # the step a resumed run computes next
-        torch.save(self.elision.state_dict(), directory / state_file_name(_rank()))
+        torch.save(self.elision.state_dict(), directory / state_file_name(rank()))
 
     def load(self, checkpoint: str | os.PathLike[str], global_step: int) -> None:
         """Restore the state saved in `checkpoint`; a checkpoint without one restarts the EMA with a warning."""
         directory = Path(checkpoint)
-        path = directory / state_file_name(_rank())
+        path = directory / state_file_name(rank())
         if not path.exists() and (directory / STATE_FILE).exists():
             path = directory / STATE_FILE  # more ranks than the run that saved it: rank 0's EMA is the best start
         if not path.exists():

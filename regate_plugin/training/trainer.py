@@ -8,20 +8,12 @@ from typing import Any
 import torch
 
 from ..adapters import enable_token_elision
-from ..core.keys import IGNORE_INDEX
 from .arguments import TokenElisionArguments
 from .callback import TokenElisionCallback
 
 
 def _text_tokenizer(processing_class: Any) -> Any:
     return getattr(processing_class, "tokenizer", processing_class)
-
-
-def _count_as_labels(counts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Labels whose supervised entries number `counts[b]` per row, none in column 0 (so a shifted count agrees)."""
-    columns = torch.arange(labels.shape[1], device=labels.device)
-    supervised = (columns >= 1) & (columns <= counts.to(labels.device).unsqueeze(1))
-    return torch.where(supervised, torch.zeros_like(labels), torch.full_like(labels, IGNORE_INDEX))
 
 
 class TokenElisionTrainerMixin:
@@ -69,19 +61,28 @@ class TokenElisionTrainerMixin:
         return super().compute_loss(model, inputs, return_outputs, **kwargs)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if num_items_in_batch is None or not hasattr(self, "_get_num_items_in_batch"):
-            return batch_samples, num_items_in_batch
+        """The Trainer's batches; where it counts the loss terms of an accumulated batch (`num_items_in_batch`,
+        transformers 4.46+), count the ones elision keeps instead of every supervised label."""
+        batch_samples, label_count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if label_count is None:  # this Trainer does not normalise by a count
+            return batch_samples, label_count
         self.token_elision.set_step(self.state.global_step)
-        kept = [
-            {
-                "labels": _count_as_labels(
-                    self.token_elision.kept_target_counts(b["labels"], b.get("attention_mask")), b["labels"]
-                )
-            }
-            for b in batch_samples
-        ]
-        return batch_samples, self._get_num_items_in_batch(kept, device)
+        kept = sum(
+            self.token_elision.kept_target_counts(b["labels"], b.get("attention_mask")).sum() for b in batch_samples
+        )
+        return batch_samples, self._spread_like_label_count(kept.to(device))
+
+    def _spread_like_label_count(self, kept: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel processes (or split over DataParallel replicas) as the Trainer does its count."""
+        args = self.args
+        if getattr(args, "average_tokens_across_devices", False):
+            if args.world_size > 1:
+                kept = self.accelerator.gather(kept).sum()
+        elif args.n_gpu > 1:
+            kept = kept // args.n_gpu
+        if args.n_gpu > 1:
+            kept = kept.unsqueeze(0).expand(args.n_gpu, -1)
+        return kept
 
 
 def with_token_elision(trainer_cls: type, elision_args: TokenElisionArguments | None = None) -> type:

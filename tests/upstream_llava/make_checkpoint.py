@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.llava_data import write_tiny_clip, write_tiny_teacher  # noqa: E402
+from tests.llava_data import write_tiny_clip, write_tiny_reference  # noqa: E402
 
 if __name__ == "__main__":
     import torch
@@ -18,7 +18,7 @@ if __name__ == "__main__":
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer_dir, work, out = map(Path, sys.argv[1:4])
-    base = write_tiny_teacher(work / "base", tokenizer_dir)
+    base = write_tiny_reference(work / "base", tokenizer_dir)
     clip = write_tiny_clip(work / "clip")
     config = LlavaConfig.from_pretrained(base)
     config.update(

@@ -10,13 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.llava_data import write_tiny_clip, write_tiny_teacher  # noqa: E402
+from tests.llava_data import write_tiny_clip, write_tiny_reference  # noqa: E402
 
 if __name__ == "__main__":
     import torch
     from transformers import AutoConfig
 
-    write_tiny_teacher(Path(sys.argv[2]), Path(sys.argv[1]))
+    write_tiny_reference(Path(sys.argv[2]), Path(sys.argv[1]))
     write_tiny_clip(Path(sys.argv[3]))
     tower, llm = (
         AutoConfig.from_pretrained(sys.argv[3]).hidden_size,

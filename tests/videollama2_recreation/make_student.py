@@ -10,10 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.llava_data import write_tiny_clip, write_tiny_teacher  # noqa: E402
+from tests.llava_data import write_tiny_clip, write_tiny_reference  # noqa: E402
 from tests.tokenizers_fixture import write_bpe_chat_tokenizer  # noqa: E402
 
 if __name__ == "__main__":
     write_bpe_chat_tokenizer(Path(sys.argv[1]), "mistral")
-    write_tiny_teacher(Path(sys.argv[2]), Path(sys.argv[1]), arch="mistral")
+    write_tiny_reference(Path(sys.argv[2]), Path(sys.argv[1]), arch="mistral")
     write_tiny_clip(Path(sys.argv[3]))

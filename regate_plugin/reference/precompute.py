@@ -2,7 +2,7 @@
 
 The data is cut into fixed windows of samples (by file order). Each window is tokenized with the upstream
 template, its samples are sorted by length and packed into batches under a token budget, and the batches run
-through the frozen teacher. Everything about a batch depends only on the data and the settings, never on what
+through the frozen reference LLM. Everything about a batch depends only on the data and the settings, never on what
 has already been done or on the number of processes, so a resumed or a data-parallel run scores every sample in
 exactly the batch an uninterrupted single-process run would, and its losses are equal value for value.
 
@@ -24,11 +24,15 @@ from typing import Any
 
 import torch
 
-from .core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
-from .core.keys import IGNORE_INDEX, SampleKey, sample_key, tokenizer_fingerprint
-from .core.reference import TeacherInput, build_teacher_input
-from .data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
-from .data.templates import ConversationTemplate
+from ..core import distributed
+from ..core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
+from ..core.compaction import IGNORE_INDEX
+from ..core.dtypes import dtype_from_name
+from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
+from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
+from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
+from ..data.templates import ConversationTemplate
+from .model import ReferenceScorer, check_reference_mode, dtype_kwarg, resolve_reference
 
 logger = logging.getLogger(__name__)
 PARTS_DIR = "parts"
@@ -38,15 +42,15 @@ SUMMARY_NAME = "precompute_summary.json"
 @dataclass
 class PrecomputeConfig:
     data: Sequence[str | os.PathLike[str]]
-    teacher: str
+    reference: str  # the reference LLM: hub id, local directory, .gguf file or 'smollm2'
     template: str
     out: str | os.PathLike[str]
-    tokenizer: str | None = None  # the student's tokenizer; default: the teacher's
+    tokenizer: str | None = None  # the student's tokenizer; default: the reference's
     visual_tokens: int | None = None  # rows per placeholder; required when the data has images or videos
     image_token_id: int | None = None  # HF-native student: placeholders are expanded into this token
     mode: str = "gap"
     max_length: int | None = None  # the training run's model_max_length; default: the tokenizer's
-    batch_tokens: int = 16384  # padded teacher tokens per forward
+    batch_tokens: int = 16384  # padded reference tokens per forward
     window: int = 2048  # samples tokenized, sorted and batched together
     cache_dtype: str = "float16"
     model_dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
@@ -57,8 +61,8 @@ class PrecomputeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in ("gap", "pad"):
-            raise ValueError(f"--mode must be 'gap' or 'pad', got {self.mode!r}")
+        if self.mode not in REFERENCE_MODES:
+            raise ValueError(f"--mode must be one of {list(REFERENCE_MODES)}, got {self.mode!r}")
         if self.batch_tokens < 1 or self.window < 1:
             raise ValueError("--batch-tokens and --window must be >= 1")
         if self.visual_tokens is not None and self.visual_tokens < 1:
@@ -70,11 +74,11 @@ class PrecomputeConfig:
 @dataclass
 class PrecomputeSummary:
     samples: int = 0  # valid samples in the data
-    scored: int = 0  # samples run through the teacher by this call
+    scored: int = 0  # samples run through the reference LLM by this call
     already_done: int = 0  # found in the cache (resume) and skipped
     duplicates: int = 0  # same sample key as an earlier sample
     answer_tokens: int = 0  # reference losses written by this call
-    teacher_tokens: int = 0  # real (unpadded) tokens the teacher ran on
+    reference_tokens: int = 0  # real (unpadded) tokens the reference LLM ran on
     padded_tokens: int = 0  # batch slots including padding
     truncated: int = 0  # samples cut at the max length
     empty: int = 0  # samples with no answer tokens (recorded with zero losses)
@@ -86,7 +90,7 @@ class PrecomputeSummary:
             setattr(self, name, getattr(self, name) + value)
 
     def format(self) -> str:
-        rate = self.teacher_tokens / self.seconds if self.seconds else 0.0
+        rate = self.reference_tokens / self.seconds if self.seconds else 0.0
         lines = [
             f"samples        {self.samples}",
             f"scored         {self.scored}  ({self.already_done} already in the cache, {self.duplicates} duplicates)",
@@ -95,7 +99,7 @@ class PrecomputeSummary:
             f"empty          {self.empty}  (no answer tokens: nothing to elide)",
             f"bad (skipped)  {len(self.bad)}",
             f"time           {self.seconds:.1f} s  ({self.scored / max(self.seconds, 1e-9):.1f} samples/s, "
-            f"{rate:.0f} teacher tokens/s)",
+            f"{rate:.0f} reference tokens/s)",
         ]
         return "\n".join(lines)
 
@@ -103,12 +107,12 @@ class PrecomputeSummary:
 @dataclass
 class PreparedSample:
     key: SampleKey
-    teacher_input: TeacherInput
+    reference_input: ReferenceInput
     truncated: bool
 
     @property
     def length(self) -> int:
-        return int(self.teacher_input.input_ids.numel())
+        return int(self.reference_input.input_ids.numel())
 
 
 def prepare_sample(
@@ -121,7 +125,7 @@ def prepare_sample(
     pad_token_id: int | None,
     image_token_id: int | None = None,
 ) -> PreparedSample:
-    """Tokenize as upstream does, truncate as its collator (and merge) do, key it, and build the teacher input.
+    """Tokenize as upstream does, truncate as its collator (and merge) do, key it, and build the reference LLM's input.
 
     With `image_token_id` (HF-native students) each placeholder is first expanded into `visual_tokens` copies of
     that token, as the model's processor does, and the sample is keyed and truncated in that expanded form."""
@@ -140,12 +144,12 @@ def prepare_sample(
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
     key = sample_key(ids, [label != IGNORE_INDEX for label in labels])
-    teacher_input = build_teacher_input(ids, labels, visual_ids, rows, mode, pad_token_id)
+    reference_input = build_reference_input(ids, labels, visual_ids, rows, mode, pad_token_id)
     if template.truncates_merged and image_token_id is None and max_length is not None:
-        cut = teacher_input.truncated(max_length)
-        truncated = truncated or cut is not teacher_input
-        teacher_input = cut
-    return PreparedSample(key, teacher_input, truncated)
+        cut = reference_input.truncated(max_length)
+        truncated = truncated or cut is not reference_input
+        reference_input = cut
+    return PreparedSample(key, reference_input, truncated)
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -165,10 +169,6 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
 def _windows(items: list[Conversation], size: int) -> Iterator[tuple[int, list[Conversation]]]:
     for number, start in enumerate(range(0, len(items), size)):
         yield number, items[start : start + size]
-
-
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _barrier(world: int) -> None:
@@ -191,7 +191,7 @@ def _resolve_device(device: str) -> torch.device:
 def _model_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return dtype_from_name(name, "--model-dtype")
 
 
 def load_data(cfg: PrecomputeConfig, summary: PrecomputeSummary) -> list[Conversation]:
@@ -241,51 +241,28 @@ def _known_keys(out: Path) -> set[SampleKey]:
     return known
 
 
-def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = None) -> PrecomputeSummary:
-    """Score every sample of `cfg.data` with the teacher and commit the losses to `cfg.out`.
+@dataclass
+class _Encoding:
+    """How a sample becomes the reference's input: the training run's template, tokenizer and length limit."""
 
-    `model` / `tokenizer` may be passed in already loaded; otherwise they load from `cfg.teacher` / `cfg.tokenizer`.
+    template: ConversationTemplate
+    tokenizer: Any
+    max_length: int | None
+    pad_id: int | None
+
+
+def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = None) -> PrecomputeSummary:
+    """Score every sample of `cfg.data` with the reference LLM and commit the losses to `cfg.out`.
+
+    `model` / `tokenizer` may be passed in already loaded; otherwise they load from `cfg.reference` / `cfg.tokenizer`.
     Under `torchrun` each rank scores every WORLD_SIZE-th window and rank 0 merges the shards at the end.
     """
-    from tqdm.auto import tqdm
-
-    from .teacher import ReferenceScorer, check_reference_mode, dtype_kwarg, resolve_reference
-
     check_reference_mode(cfg.mode)
     started = time.perf_counter()
-    rank, world = _dist_info()
+    rank, world = distributed.rank(), distributed.world_size()
     out = Path(cfg.out)
-    template = get_template(cfg.template)
-    device = _resolve_device(cfg.device)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        location = resolve_reference(cfg.tokenizer or cfg.teacher)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                location, local_files_only=Path(location).is_dir(), use_fast=template.use_fast, padding_side="right"
-            )
-        except OSError as err:  # not a directory, not in the HF cache, and no hub: say which one
-            raise FileNotFoundError(
-                f"cannot load the tokenizer of {location} (--tokenizer / --teacher): {err}"
-            ) from None
-    max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-    if cfg.mode == "pad" and pad_id is None:
-        raise ValueError(f"--mode pad needs a pad token, and the tokenizer of {cfg.tokenizer or cfg.teacher} has none")
-    header = dict(
-        teacher=str(cfg.teacher),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        reference_mode=cfg.mode,
-        dtype=cfg.cache_dtype,
-        visual_tokens=cfg.visual_tokens,
-    )
-    extra = {
-        "template": template.name,
-        "max_length": max_length,
-        "data": [str(p) for p in cfg.data],
-        "image_token_id": cfg.image_token_id,
-    }
+    encoding = _encoding(cfg, tokenizer)
+    header, extra = _cache_header(cfg, encoding)
 
     loaded = PrecomputeSummary()
     samples = load_data(cfg, loaded)
@@ -295,73 +272,14 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     _barrier(world)
     known = _known_keys(out)
     part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
-
-    if model is None:
-        from transformers import AutoModelForCausalLM
-
-        location = resolve_reference(cfg.teacher)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, local_files_only=Path(location).is_dir(), **dtype_kwarg(_model_dtype(cfg.model_dtype, device))
-        ).to(device)
+    model = model if model is not None else _load_reference_model(cfg)
     model.eval().requires_grad_(False)
-    scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, pad_id)
+    scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, encoding.pad_id)
 
-    mine = [(n, window) for n, window in _windows(samples, cfg.window) if n % world == rank]
-    bar = tqdm(
-        total=sum(len(w) for _, w in mine), unit="sample", disable=not cfg.progress or rank != 0, desc="precompute"
-    )
-    summary = PrecomputeSummary()
-    for _, window in mine:
-        # Duplicates are dropped within a window only, so a window's batches never depend on other windows.
-        seen: set[SampleKey] = set()
-        prepared = []
-        for sample in window:
-            try:
-                item = prepare_sample(
-                    sample, template, tokenizer, max_length, cfg.visual_tokens, cfg.mode, pad_id, cfg.image_token_id
-                )
-            except DataError as err:
-                if not cfg.skip_bad:
-                    raise
-                summary.bad.append(str(err))
-                bar.update(1)
-                continue
-            if item.key in seen:
-                summary.duplicates += 1
-                bar.update(1)
-                continue
-            seen.add(item.key)
-            prepared.append(item)
-        for batch in plan_batches([max(p.length, 1) for p in prepared], cfg.batch_tokens):
-            items = [prepared[i] for i in batch]
-            todo = [p for p in items if p.key not in known and p.key not in part]
-            summary.already_done += len(items) - len(todo)
-            if todo:
-                with_targets = [p for p in items if p.teacher_input.num_targets > 0]
-                losses = dict(
-                    zip((p.key for p in with_targets), scorer.score_inputs([p.teacher_input for p in with_targets]))
-                )
-                for p in todo:
-                    values = losses.get(p.key, torch.zeros(0))
-                    part.add(p.key, values)
-                    summary.scored += 1
-                    summary.answer_tokens += values.numel()
-                    summary.truncated += p.truncated
-                    summary.empty += values.numel() == 0
-                summary.teacher_tokens += sum(p.length for p in with_targets)
-                summary.padded_tokens += len(with_targets) * max((p.length for p in with_targets), default=0)
-            bar.update(len(items))
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(tok_s=f"{summary.teacher_tokens / max(elapsed, 1e-9):.0f}", refresh=False)
-        part.flush()
-    bar.close()
+    summary = _score_windows(cfg, samples, encoding, scorer, known, part, rank, world, started)
     _barrier(world)
     if rank == 0:
-        merged = ReferenceLossCacheWriter(out, **header)
-        parts = out / PARTS_DIR
-        for directory in sorted(parts.iterdir()):
-            merged.absorb(directory)
-        shutil.rmtree(parts)
+        _merge_parts(out, header)
     summary = _gather(summary, world)
     summary.samples = len(samples)
     summary.bad = loaded.bad + summary.bad
@@ -372,3 +290,154 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
         (out / SUMMARY_NAME).write_text(json.dumps(asdict(summary), indent=2))
     _barrier(world)
     return summary
+
+
+def _encoding(cfg: PrecomputeConfig, tokenizer: Any) -> _Encoding:
+    """The template, the student's tokenizer (loaded unless given), its max length and pad id."""
+    template = get_template(cfg.template)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        location = resolve_reference(cfg.tokenizer or cfg.reference)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                location, local_files_only=Path(location).is_dir(), use_fast=template.use_fast, padding_side="right"
+            )
+        except OSError as err:  # not a directory, not in the HF cache, and no hub: say which one
+            raise FileNotFoundError(
+                f"cannot load the tokenizer of {location} (--tokenizer / --reference): {err}"
+            ) from None
+    max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    if cfg.mode == "pad" and pad_id is None:
+        raise ValueError(
+            f"--mode pad needs a pad token, and the tokenizer of {cfg.tokenizer or cfg.reference} has none"
+        )
+    return _Encoding(template, tokenizer, max_length, pad_id)
+
+
+def _cache_header(cfg: PrecomputeConfig, encoding: _Encoding) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the manifest records: the header a resumed run must match, and the settings kept for reference."""
+    header = dict(
+        reference=str(cfg.reference),
+        tokenizer_fingerprint=tokenizer_fingerprint(encoding.tokenizer),
+        reference_mode=cfg.mode,
+        dtype=cfg.cache_dtype,
+        visual_tokens=cfg.visual_tokens,
+    )
+    extra = {
+        "template": encoding.template.name,
+        "max_length": encoding.max_length,
+        "data": [str(p) for p in cfg.data],
+        "image_token_id": cfg.image_token_id,
+    }
+    return header, extra
+
+
+def _load_reference_model(cfg: PrecomputeConfig) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    device = _resolve_device(cfg.device)
+    location = resolve_reference(cfg.reference)
+    return AutoModelForCausalLM.from_pretrained(
+        location, local_files_only=Path(location).is_dir(), **dtype_kwarg(_model_dtype(cfg.model_dtype, device))
+    ).to(device)
+
+
+def _score_windows(
+    cfg: PrecomputeConfig,
+    samples: list[Conversation],
+    encoding: _Encoding,
+    scorer: ReferenceScorer,
+    known: set[SampleKey],
+    part: ReferenceLossCacheWriter,
+    rank: int,
+    world: int,
+    started: float,
+) -> PrecomputeSummary:
+    """This rank's windows (every `world`-th): prepared, batched, scored and committed shard by shard."""
+    from tqdm.auto import tqdm
+
+    mine = [window for n, window in _windows(samples, cfg.window) if n % world == rank]
+    bar = tqdm(total=sum(len(w) for w in mine), unit="sample", disable=not cfg.progress or rank != 0, desc="precompute")
+    summary = PrecomputeSummary()
+    for window in mine:
+        prepared = _prepare_window(cfg, window, encoding, summary, bar)
+        for batch in plan_batches([max(p.length, 1) for p in prepared], cfg.batch_tokens):
+            _score_batch([prepared[i] for i in batch], scorer, known, part, summary)
+            bar.update(len(batch))
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(tok_s=f"{summary.reference_tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+        part.flush()
+    bar.close()
+    return summary
+
+
+def _prepare_window(
+    cfg: PrecomputeConfig, window: list[Conversation], encoding: _Encoding, summary: PrecomputeSummary, bar: Any
+) -> list[PreparedSample]:
+    """Tokenize and key a window's samples; bad ones (with --skip-bad) and repeats are counted and dropped.
+
+    Duplicates are dropped within a window only, so a window's batches never depend on other windows."""
+    seen: set[SampleKey] = set()
+    prepared = []
+    for sample in window:
+        try:
+            item = prepare_sample(
+                sample,
+                encoding.template,
+                encoding.tokenizer,
+                encoding.max_length,
+                cfg.visual_tokens,
+                cfg.mode,
+                encoding.pad_id,
+                cfg.image_token_id,
+            )
+        except DataError as err:
+            if not cfg.skip_bad:
+                raise
+            summary.bad.append(str(err))
+            bar.update(1)
+            continue
+        if item.key in seen:
+            summary.duplicates += 1
+            bar.update(1)
+            continue
+        seen.add(item.key)
+        prepared.append(item)
+    return prepared
+
+
+def _score_batch(
+    items: list[PreparedSample],
+    scorer: ReferenceScorer,
+    known: set[SampleKey],
+    part: ReferenceLossCacheWriter,
+    summary: PrecomputeSummary,
+) -> None:
+    """Run one planned batch through the reference (whole, so its losses never depend on what is already done)
+    unless every sample is committed, and queue the samples not committed yet."""
+    todo = [p for p in items if p.key not in known and p.key not in part]
+    summary.already_done += len(items) - len(todo)
+    if not todo:
+        return
+    with_targets = [p for p in items if p.reference_input.num_targets > 0]
+    losses = dict(zip((p.key for p in with_targets), scorer.score_inputs([p.reference_input for p in with_targets])))
+    for p in todo:
+        values = losses.get(p.key, torch.zeros(0))
+        part.add(p.key, values)
+        summary.scored += 1
+        summary.answer_tokens += values.numel()
+        summary.truncated += p.truncated
+        summary.empty += values.numel() == 0
+    summary.reference_tokens += sum(p.length for p in with_targets)
+    summary.padded_tokens += len(with_targets) * max((p.length for p in with_targets), default=0)
+
+
+def _merge_parts(out: Path, header: dict[str, Any]) -> None:
+    """Rank 0, after every rank is done: move each rank's committed shards into `out` and remove the parts."""
+    merged = ReferenceLossCacheWriter(out, **header)
+    parts = out / PARTS_DIR
+    for directory in sorted(parts.iterdir()):
+        merged.absorb(directory)
+    shutil.rmtree(parts)

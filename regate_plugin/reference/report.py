@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .core.cache import ReferenceLossCache
+from ..core.cache import ReferenceLossCache
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
@@ -17,7 +17,7 @@ def cache_stats(cache: ReferenceLossCache) -> dict[str, Any]:
     losses = cache.all_losses()
     manifest = cache.manifest
     stats: dict[str, Any] = {
-        "teacher": manifest.teacher,
+        "reference": manifest.reference,
         "reference_mode": manifest.reference_mode,
         "visual_tokens": manifest.visual_tokens,
         "samples": manifest.samples,
@@ -54,7 +54,7 @@ def plot_histogram(cache: ReferenceLossCache, path: Path, bins: int = 80) -> Pat
     ax.set_yscale("log")
     ax.set_xlabel("reference loss (nats per answer token)")
     ax.set_ylabel("tokens")
-    ax.set_title(f"{cache.manifest.teacher} ({cache.manifest.reference_mode}), {losses.size} tokens", fontsize=9)
+    ax.set_title(f"{cache.manifest.reference} ({cache.manifest.reference_mode}), {losses.size} tokens", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +15,10 @@ from typing import Any
 
 import torch
 
-from .core.compaction import shift_targets
-from .core.keys import IGNORE_INDEX
-from .core.loss import next_token_loss
-from .core.reference import TeacherInput, build_teacher_input
+from ..core.compaction import IGNORE_INDEX, shift_targets
+from ..core.files import replaced_on_success
+from ..core.loss import next_token_loss
+from ..core.reference import ReferenceInput, build_reference_input
 
 SMOLLM2_PRESET = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,21 +48,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
     if (out_dir / "config.json").is_file():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replaced_on_success(out_dir, directory=True) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE").write_text(f"converted from {gguf_path}\n")
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -107,7 +99,7 @@ def check_reference_mode(mode: str) -> None:
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     if mode == "gap" and (major, minor) < (4, 38):
         raise ValueError(
-            f"reference mode 'gap' gives the teacher position ids with gaps, which transformers "
+            f"reference mode 'gap' gives the reference LLM position ids with gaps, which transformers "
             f"{transformers.__version__} cannot apply (4.38+ can): use --mode pad in this environment"
         )
 
@@ -125,10 +117,10 @@ class ReferenceScorer:
     def __post_init__(self) -> None:
         check_reference_mode(self.mode)
 
-    def teacher_input(
+    def reference_input(
         self, input_ids: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor
-    ) -> TeacherInput:
-        return build_teacher_input(
+    ) -> ReferenceInput:
+        return build_reference_input(
             input_ids, labels, self.visual_token_ids, self.visual_rows, self.mode, self.pad_token_id
         )
 
@@ -136,12 +128,12 @@ class ReferenceScorer:
         self, samples: Sequence[tuple[Sequence[int] | torch.Tensor, Sequence[int] | torch.Tensor]]
     ) -> list[torch.Tensor]:
         """One float32 tensor of reference losses per (input_ids, labels) sample, in answer-ordinal order."""
-        return self.score_inputs([self.teacher_input(ids, labels) for ids, labels in samples])
+        return self.score_inputs([self.reference_input(ids, labels) for ids, labels in samples])
 
     def pad_batch(
-        self, inputs: Sequence[TeacherInput]
+        self, inputs: Sequence[ReferenceInput]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, position_ids, labels) of teacher inputs, right-padded to one batch."""
+        """(input_ids, attention_mask, position_ids, labels) of reference inputs, right-padded to one batch."""
         length = max(max(x.input_ids.numel() for x in inputs), 1)
         batch = len(inputs)
         ids = torch.full((batch, length), self.pad_token_id or 0, dtype=torch.long)
@@ -157,8 +149,8 @@ class ReferenceScorer:
         return ids, mask, positions, labels
 
     @torch.no_grad()
-    def score_inputs(self, inputs: Sequence[TeacherInput]) -> list[torch.Tensor]:
-        """Reference losses of prepared teacher inputs, as one right-padded batch."""
+    def score_inputs(self, inputs: Sequence[ReferenceInput]) -> list[torch.Tensor]:
+        """Reference losses of prepared reference inputs, as one right-padded batch."""
         if not inputs:
             return []
         device = next(self.model.parameters()).device

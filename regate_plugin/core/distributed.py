@@ -1,0 +1,20 @@
+"""Which data-parallel process this is: from `torch.distributed` once it is initialised, else from the
+environment `torchrun` sets (RANK, WORLD_SIZE), else a single process."""
+
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,76 @@
+"""File helpers shared by the cache, the reference loader, the model zoo and the eval harness."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def replaced_on_success(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
+    """A fresh temporary file (or directory) beside `path` to write into; renamed onto `path` when the block
+    succeeds and removed when it fails, so a reader never sees a half-written `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, path)
+    except BaseException:
+        if directory:
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` through a synced temporary file and a rename."""
+    with replaced_on_success(path) as staging, open(staging, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_json_lines(
+    path: str | os.PathLike[str],
+    *,
+    skip_invalid: bool = False,
+    error: Callable[[str], Exception] = ValueError,
+) -> list[Any]:
+    """The JSON value of every non-blank line of `path`.
+
+    `skip_invalid=True` drops lines that do not parse (a file a killed run was appending to, whose torn last
+    line the resumed run completes); otherwise the first such line raises `error("<path> line N: ...")`.
+    """
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if not skip_invalid:
+                raise error(f"{path} line {number}: not valid JSON ({err})") from None
+    return records
