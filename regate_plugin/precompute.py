@@ -249,9 +249,8 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     """
     from tqdm.auto import tqdm
 
-    from .teacher import ReferenceScorer, check_reference_mode, dtype_kwarg, resolve_reference
+    from .teacher import ReferenceScorer, dtype_kwarg, resolve_reference
 
-    check_reference_mode(cfg.mode)
     started = time.perf_counter()
     rank, world = _dist_info()
     out = Path(cfg.out)
@@ -291,11 +290,6 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     samples = load_data(cfg, loaded)
     if not samples:
         raise DataError(f"no valid samples in {', '.join(str(p) for p in cfg.data)}")
-    _prepare_output(cfg, header, extra, rank)
-    _barrier(world)
-    known = _known_keys(out)
-    part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
-
     if model is None:
         from transformers import AutoModelForCausalLM
 
@@ -304,7 +298,12 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
             location, local_files_only=Path(location).is_dir(), **dtype_kwarg(_model_dtype(cfg.model_dtype, device))
         ).to(device)
     model.eval().requires_grad_(False)
+    # Built before anything is written: it refuses a mode the teacher cannot run.
     scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, pad_id)
+    _prepare_output(cfg, header, extra, rank)
+    _barrier(world)
+    known = _known_keys(out)
+    part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
 
     mine = [(n, window) for n, window in _windows(samples, cfg.window) if n % world == rank]
     bar = tqdm(

@@ -24,6 +24,7 @@ from .tokenizers_fixture import write_bpe_chat_tokenizer, write_sentencepiece_ll
 
 REPO = Path(__file__).resolve().parents[1]
 LLAVA_PYTHON = REPO / ".venv-llava" / "bin" / "python"
+VIDEOLLAMA2_PYTHON = REPO / ".venv-videollama2" / "bin" / "python"  # scripts/setup_videollama2_env.sh
 
 
 @pytest.fixture(scope="module")

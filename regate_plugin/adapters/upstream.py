@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..core.elision import TokenElision
+from ..core.rotary import hook_sliced_rotary
 from .common import ElidedCausalLMOutput, elided_output, replace_forward, sample_keys
 from .registry import Adapter, register_adapter
 
@@ -86,25 +87,9 @@ def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dic
     )
 
 
-def _whole_rotary_cache(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    kwargs["seq_len"] = max(kwargs.get("seq_len") or 0, module.max_seq_len_cached)
-    return args, kwargs
-
-
-def _hook_legacy_rotary(model: Any) -> list[Any]:
-    """transformers < 4.38 (LLaVA's 4.37, VideoLLaMA2's 4.40) slices its RoPE table to the sequence length, so kept
-    tokens' original positions past the compact length would index out of it. Hand out the whole precomputed
-    table instead: `cos[position_ids]` is unchanged, in the elided forward, in eval and in a recomputed backward."""
-    return [
-        module.register_forward_pre_hook(_whole_rotary_cache, with_kwargs=True)
-        for module in model.modules()
-        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "max_seq_len_cached")
-    ]
-
-
 def _installer(merge: Merge) -> Callable[[Any, TokenElision], Callable[[], None]]:
     def install(model: Any, elision: TokenElision) -> Callable[[], None]:
-        handles = _hook_legacy_rotary(model)
+        handles = hook_sliced_rotary(model)
         restore_forward = replace_forward(model, functools.partial(_elided_forward, merge, elision))
 
         def remove() -> None:
