@@ -246,3 +246,26 @@ def test_without_the_flag_the_script_s_own_attention_request_stands(setup, tmp_p
         [*run, *_train_args(setup, tmp_path / "o", 1)], capture_output=True, text=True, env=_env(), timeout=600
     )
     assert done.returncode != 0 and "Flash Attention 2" in done.stderr
+
+
+def test_a_cache_scored_with_other_visual_rows_fails_at_the_first_batch_naming_the_sample(setup, tmp_path):
+    """The merge puts ROWS rows per placeholder; a cache scored with ROWS + 3 has the same keys but other positions."""
+    wrong = tmp_path / "wrong_rows"
+    _videollama2(
+        *("-m", "regate_plugin.cli", "precompute", "--no-progress", "--data", str(setup["data"])),
+        *("--teacher", str(setup["base"]), "--template", "videollama2", "--out", str(wrong)),
+        *("--visual-tokens", str(ROWS + 3), "--max-length", "256", "--mode", "pad"),
+    )
+    out = tmp_path / "o"
+    done = subprocess.run(
+        [str(VIDEOLLAMA2_PYTHON), *LAUNCH[:3], str(SCRIPT), *LAUNCH[3:], *_train_args(setup, out, 4)]
+        + ["--token_elision", "regate", "--regate_ref_cache", str(wrong)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert done.returncode != 0
+    message = next(line for line in done.stderr.splitlines() if line.startswith("regate_plugin.core.cache.CacheError"))
+    assert f"merged {ROWS} visual rows" in message and f"scored with {ROWS + 3} rows" in message, message
+    assert "sample " in message and not (out / "trainer_state.json").exists()

@@ -64,6 +64,22 @@ def merge_videollama2(model: Any, kwargs: dict[str, Any]) -> MergedBatch:
     return MergedBatch(_embedded(model, embeds, kwargs), attention_mask, None, labels)
 
 
+def visual_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, merged: MergedBatch, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: its visual placeholders (negative ids) before the merge, the rows the merge put in their place
+    (merged length minus text tokens), and whether the merged sample reached the merge's truncation `limit`."""
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    placeholders = (valid & (input_ids < 0)).sum(1)
+    text = (valid & (input_ids >= 0)).sum(1)
+    if merged.attention_mask is None:
+        merged_length = torch.full_like(text, merged.labels.shape[1])
+    else:
+        merged_length = merged.attention_mask.bool().sum(1)
+    cut = merged_length >= limit if limit else torch.zeros_like(text, dtype=torch.bool)
+    return placeholders, merged_length - text, cut
+
+
 def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dict[str, Any]) -> ElidedCausalLMOutput:
     input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
     keys = sample_keys(elision, input_ids, kwargs["labels"], attention_mask)
@@ -71,6 +87,9 @@ def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dic
         merged = MergedBatch(kwargs["inputs_embeds"], attention_mask, kwargs.get("position_ids"), kwargs["labels"])
     else:
         merged = merge(model, kwargs)
+        if input_ids is not None:  # LLaVA truncates the merged batch to tokenizer_model_max_length
+            limit = getattr(model.config, "tokenizer_model_max_length", None)
+            elision.check_visual_rows(keys, *visual_rows(input_ids, attention_mask, merged, limit))
     plan = elision.plan(merged.labels, merged.attention_mask, keys)
     outputs = model.get_model()(
         input_ids=None,
