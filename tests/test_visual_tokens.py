@@ -74,3 +74,19 @@ def test_videollama2_connector_counts_equal_the_connectors_outputs():
         name, frames, grid = case.split("/")
         config = {"mm_projector_type": name, "num_frames": int(frames), "mm_vision_tower": f"x-patch1-{grid}"}
         assert visual_tokens_from_config(config) == rows, case
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"},
+        {"image_aspect_ratio": "anyres_max_9", "mm_patch_merge_type": "spatial_unpad"},
+        {"image_aspect_ratio": "pad", "mm_patch_merge_type": "spatial_unpad"},
+    ],
+)
+def test_size_dependent_llava_next_counts_are_refused_not_guessed(fields):
+    """LLaVA-OneVision's config: one count per placeholder would be wrong for every image size but one."""
+    config = {"mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu", **fields}
+    with pytest.raises(DataError, match="depends on its size"):
+        visual_tokens_from_config(config)
+    assert visual_tokens_from_config({**config, "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat"}) == 729

@@ -43,6 +43,13 @@ def _stc_out(n: int, padding: int) -> int:
 
 def visual_tokens_from_config(config: dict[str, Any], source: str = "student config") -> int:
     """Visual rows per `<image>`/`<video>` placeholder for LLaVA-1.5, HF-native LLaVA and VideoLLaMA2 configs."""
+    aspect, merge = str(config.get("image_aspect_ratio", "")), str(config.get("mm_patch_merge_type", "flat"))
+    if aspect.startswith("anyres") or merge != "flat":
+        raise DataError(
+            f"{source}: image_aspect_ratio {aspect!r} / mm_patch_merge_type {merge!r} (LLaVA-NeXT anyres, "
+            "spatial_unpad) give each image a row count that depends on its size, which one --visual-tokens cannot "
+            "describe; exact per-image counts are not supported yet (train with image_aspect_ratio pad)"
+        )
     grid = _tower_grid(config, source)
     cls_row = (
         1
