@@ -42,6 +42,12 @@ def _embedded(model: Any, embeds: torch.Tensor | None, kwargs: dict[str, Any]) -
 def merge_llava(model: Any, kwargs: dict[str, Any]) -> MergedBatch:
     """`prepare_inputs_labels_for_multimodal(input_ids, position_ids, attention_mask, past_key_values, labels,
     images, [modalities,] image_sizes)` -> `(None, position_ids, attention_mask, past, inputs_embeds, labels)`."""
+    if "video" in (kwargs.get("modalities") or ()):
+        raise NotImplementedError(
+            "token elision on LLaVA-NeXT video samples (modalities contains 'video') is not supported: their "
+            "pooled frame rows are not what `regate precompute --visual-tokens` describes; train videos with "
+            "--token_elision none or keep them out of this run"
+        )
     extra = {name: kwargs[name] for name in ("modalities", "image_sizes") if kwargs.get(name) is not None}
     _, position_ids, attention_mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
         kwargs.get("input_ids"),
