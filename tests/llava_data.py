@@ -66,15 +66,15 @@ def write_json(path: Path, samples: list[dict], jsonl: bool = False) -> Path:
 def write_tiny_reference(
     directory: Path, tokenizer_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "llama"
 ) -> Path:
-    """A random tiny LlamaForCausalLM (or MistralForCausalLM) saved with the tokenizer it shares with the student."""
+    """A random tiny causal LM (`arch`: llama, mistral or qwen2) saved with the tokenizer it shares with the student."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    import transformers
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    config_cls, model_cls = (
-        (MistralConfig, MistralForCausalLM) if arch == "mistral" else (LlamaConfig, LlamaForCausalLM)
-    )
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[arch]
+    config_cls, model_cls = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
     config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

@@ -78,3 +78,50 @@ def test_a_wheel_holds_the_folders_inside_the_package_and_runs_from_them(tmp_pat
     assert Path(found["eval"]) == target / "regate_plugin" / "eval" / "__init__.py"
     assert Path(found["model_zoo"]) == target / "regate_plugin" / "model_zoo" / "__init__.py"
     assert found["entries"] == _expected_entries() and found["patches"] == [True, True]
+
+
+def _installed(python: Path) -> dict[str, str]:
+    done = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True
+    )
+    return {row["name"].lower(): row["version"] for row in json.loads(done.stdout)}
+
+
+def test_installing_with_dependencies_changes_no_pin_of_the_training_environments(tmp_path):
+    """pip's own resolution of the wheel with its dependencies (`--dry-run --report`) into the LLaVA env
+    (transformers 4.37.2) and the VideoLLaMA2-pinned env (transformers 4.40.0, numpy 1.24.4, ...): it may add
+    the plugin and nothing else, and every package already there stays at its version."""
+    from .test_templates import LLAVA_PYTHON, VIDEOLLAMA2_PYTHON
+
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheels.glob("regate_plugin-*.whl")
+    pins = {
+        LLAVA_PYTHON: {"transformers": "4.37.2", "tokenizers": "0.15.2", "accelerate": "0.26.1", "peft": "0.7.1"},
+        VIDEOLLAMA2_PYTHON: {
+            "transformers": "4.40.0",
+            "tokenizers": "0.19.1",
+            "accelerate": "0.26.1",
+            "peft": "0.4.0",
+            "einops": "0.6.1",
+            "numpy": "1.24.4",
+        },
+    }
+    for python, pinned in pins.items():
+        assert python.exists(), f"{python} is missing: run `make setup`"
+        before = _installed(python)
+        assert {name: before.get(name) for name in pinned} == pinned, python
+        done = subprocess.run(
+            [str(python), "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", str(wheel)],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = json.loads(done.stdout)
+        changes = {row["metadata"]["name"].lower(): row["metadata"]["version"] for row in report["install"]}
+        assert set(changes) == {"regate-plugin"}, (python, changes)
+        assert _installed(python) == before

@@ -24,7 +24,7 @@ from regate_plugin.data import get_template, iter_conversations
 from regate_plugin.data.templates import PLACEHOLDER_IDS
 
 from .llava_data import conversation_samples, write_json, write_tiny_reference
-from .test_templates import LLAVA_PYTHON, REPO, _images, _upstream_llava
+from .test_templates import LLAVA_PYTHON, REPO, VIDEOLLAMA2_PYTHON, _images, _upstream_llava
 from .tokenizers_fixture import write_sentencepiece_llama
 
 ROWS = 16  # visual rows per placeholder
@@ -356,3 +356,29 @@ def test_precompute_in_upstream_env_matches_upstream_keys(tmp_path):
         ]
         targets = sum(x != IGNORE_INDEX for x in merged[:MAX_LEN][1:])
         assert cache[key].numel() == targets
+
+
+@pytest.mark.parametrize(
+    "python",
+    [sys.executable, LLAVA_PYTHON, VIDEOLLAMA2_PYTHON],
+    ids=["transformers-5", "llava-4.37", "videollama2-4.40"],
+)
+def test_gap_mode_equals_an_independent_cross_entropy_on_every_pinned_transformers(setup, tmp_path, python):
+    """Llama, Mistral and Qwen2 reference LLMs on each transformers the supported codebases pin (4.37 and 4.40 slice
+    Mistral's and Qwen2's RoPE table to the sequence length; 4.37 Llama's too)."""
+    assert Path(python).exists(), f"{python} is missing: run `make setup`"
+    root, _, data = setup
+    done = subprocess.run(
+        [str(python), str(REPO / "tests" / "gap_reference_check.py"), str(root / "tok"), str(data), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    refused = errors.pop("refused_unwidenable")
+    assert sorted(errors) == ["llama", "mistral", "qwen2"]
+    assert max(errors.values()) < 1e-4, errors
+    # A table that cannot be widened is refused before anything is written (4.37 and 4.40 only: 5.x never slices).
+    assert refused is (None if python == sys.executable else True)

@@ -49,3 +49,10 @@ def test_unsupported_model_lists_supported_ones():
     with pytest.raises(TypeError, match="TokenElision"):
         rg.enable_token_elision(model, "regate")
     assert torch.is_grad_enabled()
+
+
+def test_llava_next_video_batches_are_refused_by_the_llava_merge():
+    from regate_plugin.adapters.upstream import merge_llava
+
+    with pytest.raises(NotImplementedError, match="LLaVA-NeXT video"):
+        merge_llava(object(), {"modalities": ["image", "video"], "labels": None})

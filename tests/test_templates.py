@@ -24,6 +24,7 @@ from .tokenizers_fixture import write_bpe_chat_tokenizer, write_sentencepiece_ll
 
 REPO = Path(__file__).resolve().parents[1]
 LLAVA_PYTHON = REPO / ".venv-llava" / "bin" / "python"
+VIDEOLLAMA2_PYTHON = REPO / ".venv-videollama2" / "bin" / "python"  # scripts/setup_videollama2_env.sh
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +228,20 @@ def test_conversation_files_report_file_line_and_id(tmp_path):
     broken.write_text('[{"id": "a", "conversations": [}]')
     with pytest.raises(DataError, match=r"broken.json:1: invalid JSON in sample 0"):
         list(iter_conversations(broken, skip_bad=True))
+
+
+def test_role_content_turns_read_as_the_from_value_ones(tmp_path):
+    """LLaVA-NeXT's preprocess_qwen takes `conv["role"], conv["content"]` and maps human/gpt to user/assistant."""
+    llava = {"id": "a", "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\nhi"}]}
+    llava["conversations"].append({"from": "gpt", "value": "yo"})
+    chat = {
+        **llava,
+        "conversations": [{"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "yo"}],
+    }
+    mixed = {**llava, "conversations": [llava["conversations"][0], {"role": "gpt", "content": "yo"}]}
+    path = write_json(tmp_path / "d.jsonl", [llava, chat, mixed], jsonl=True)
+    parsed = list(iter_conversations(path))
+    assert parsed[0].turns == parsed[1].turns == parsed[2].turns == [("human", "<image>\nhi"), ("gpt", "yo")]
+    bad = write_json(tmp_path / "b.json", [{"id": "z", "conversations": [{"role": "robot", "content": "?"}]}])
+    with pytest.raises(DataError, match=r"sample id 'z'\): turn 0 .*'role'"):
+        list(iter_conversations(bad))

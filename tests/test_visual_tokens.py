@@ -1,6 +1,7 @@
 """Visual rows per placeholder from a student config, against the conv/patch arithmetic done by hand."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -43,3 +44,49 @@ def test_hf_native_config_matches_the_model(tmp_path):
     with pytest.raises(DataError, match="bad/config.json"):
         visual_tokens_from_path(tmp_path / "bad")
     assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["patch_size"] == 14
+
+
+CONNECTOR_ROWS = """
+import json, sys, torch
+from types import SimpleNamespace
+sys.path.insert(0, sys.argv[1])
+from videollama2.model.videollama2_arch import CONNECTORS
+rows = {}
+for name, connector in CONNECTORS.items():
+    for frames, grid in ((8, 24), (4, 6), (5, 7), (16, 27)):
+        torch.manual_seed(0)
+        module = connector(SimpleNamespace(mm_hidden_size=4, hidden_size=8))
+        rows[f"{name}/{frames}/{grid}"] = module(torch.randn(1, frames, grid * grid, 4)).shape[1]
+print(json.dumps(rows))
+"""
+
+
+def test_videollama2_connector_counts_equal_the_connectors_outputs():
+    """STC, STC-v35 and STP connectors of the re-creation (upstream's samplers) on several frame counts and grids."""
+    from .test_templates import REPO, VIDEOLLAMA2_PYTHON
+
+    recreation = REPO / "tests" / "videollama2_recreation"
+    done = subprocess.run(
+        [str(VIDEOLLAMA2_PYTHON), "-c", CONNECTOR_ROWS, str(recreation)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for case, rows in json.loads(done.stdout.strip().splitlines()[-1]).items():
+        name, frames, grid = case.split("/")
+        config = {"mm_projector_type": name, "num_frames": int(frames), "mm_vision_tower": f"x-patch1-{grid}"}
+        assert visual_tokens_from_config(config) == rows, case
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"},
+        {"image_aspect_ratio": "anyres_max_9", "mm_patch_merge_type": "spatial_unpad"},
+        {"image_aspect_ratio": "pad", "mm_patch_merge_type": "spatial_unpad"},
+    ],
+)
+def test_size_dependent_llava_next_counts_are_refused_not_guessed(fields):
+    """LLaVA-OneVision's config: one count per placeholder would be wrong for every image size but one."""
+    config = {"mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu", **fields}
+    with pytest.raises(DataError, match="depends on its size"):
+        visual_tokens_from_config(config)
+    assert visual_tokens_from_config({**config, "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat"}) == 729

@@ -73,7 +73,19 @@ def _elided_forward(
     )
 
 
+def _require_transformers_5(model: Any) -> None:
+    """The HF-native models merge inside `self.model` and call `self.model.language_model` only from transformers 5."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise RuntimeError(
+            f"token elision on {type(model).__name__} (the HF-native adapter) needs transformers 5 or newer; this "
+            f"environment has transformers {transformers.__version__} (pip install 'regate-plugin[hf]')"
+        )
+
+
 def install_hf(model: Any, elision: TokenElision) -> Callable[[], None]:
+    _require_transformers_5(model)
     pending = _PendingPlan()
     hook = functools.partial(_compact_decoder_inputs, pending)
     handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..core.elision import TokenElision
+from ..core.rotary import hook_sliced_rotary
 from .base import Adapter, register_adapter
 from .common import ElidedCausalLMOutput, elided_output, replace_forward, sample_keys
 
@@ -41,6 +42,12 @@ def _embedded(model: Any, embeds: torch.Tensor | None, kwargs: dict[str, Any]) -
 def merge_llava(model: Any, kwargs: dict[str, Any]) -> MergedBatch:
     """`prepare_inputs_labels_for_multimodal(input_ids, position_ids, attention_mask, past_key_values, labels,
     images, [modalities,] image_sizes)` -> `(None, position_ids, attention_mask, past, inputs_embeds, labels)`."""
+    if "video" in (kwargs.get("modalities") or ()):
+        raise NotImplementedError(
+            "token elision on LLaVA-NeXT video samples (modalities contains 'video') is not supported: their "
+            "pooled frame rows are not what `regate precompute --visual-tokens` describes; train videos with "
+            "--token_elision none or keep them out of this run"
+        )
     extra = {name: kwargs[name] for name in ("modalities", "image_sizes") if kwargs.get(name) is not None}
     _, position_ids, attention_mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
         kwargs.get("input_ids"),
@@ -63,6 +70,22 @@ def merge_videollama2(model: Any, kwargs: dict[str, Any]) -> MergedBatch:
     return MergedBatch(_embedded(model, embeds, kwargs), attention_mask, None, labels)
 
 
+def visual_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, merged: MergedBatch, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: its visual placeholders (negative ids) before the merge, the rows the merge put in their place
+    (merged length minus text tokens), and whether the merged sample reached the merge's truncation `limit`."""
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    placeholders = (valid & (input_ids < 0)).sum(1)
+    text = (valid & (input_ids >= 0)).sum(1)
+    if merged.attention_mask is None:
+        merged_length = torch.full_like(text, merged.labels.shape[1])
+    else:
+        merged_length = merged.attention_mask.bool().sum(1)
+    cut = merged_length >= limit if limit else torch.zeros_like(text, dtype=torch.bool)
+    return placeholders, merged_length - text, cut
+
+
 def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dict[str, Any]) -> ElidedCausalLMOutput:
     input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
     keys = sample_keys(elision, input_ids, kwargs["labels"], attention_mask)
@@ -70,6 +93,9 @@ def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dic
         merged = MergedBatch(kwargs["inputs_embeds"], attention_mask, kwargs.get("position_ids"), kwargs["labels"])
     else:
         merged = merge(model, kwargs)
+        if input_ids is not None:  # LLaVA truncates the merged batch to tokenizer_model_max_length
+            limit = getattr(model.config, "tokenizer_model_max_length", None)
+            elision.check_visual_rows(keys, *visual_rows(input_ids, attention_mask, merged, limit))
     plan = elision.plan(merged.labels, merged.attention_mask, keys)
     outputs = model.get_model()(
         input_ids=None,
@@ -86,25 +112,9 @@ def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dic
     )
 
 
-def _whole_rotary_cache(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    kwargs["seq_len"] = max(kwargs.get("seq_len") or 0, module.max_seq_len_cached)
-    return args, kwargs
-
-
-def _hook_legacy_rotary(model: Any) -> list[Any]:
-    """transformers < 4.38 (LLaVA's 4.37, VideoLLaMA2's 4.40) slices its RoPE table to the sequence length, so kept
-    tokens' original positions past the compact length would index out of it. Hand out the whole precomputed
-    table instead: `cos[position_ids]` is unchanged, in the elided forward, in eval and in a recomputed backward."""
-    return [
-        module.register_forward_pre_hook(_whole_rotary_cache, with_kwargs=True)
-        for module in model.modules()
-        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "max_seq_len_cached")
-    ]
-
-
 def _installer(merge: Merge) -> Callable[[Any, TokenElision], Callable[[], None]]:
     def install(model: Any, elision: TokenElision) -> Callable[[], None]:
-        handles = _hook_legacy_rotary(model)
+        handles = hook_sliced_rotary(model)
         restore_forward = replace_forward(model, functools.partial(_elided_forward, merge, elision))
 
         def remove() -> None:

@@ -135,6 +135,12 @@ class TokenElision:
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a student tokenizer the strategy's reference data was not built with (no-op without one)."""
 
+    def check_visual_rows(
+        self, sample_keys: list[SampleKey] | None, placeholders: torch.Tensor, rows: torch.Tensor, cut: torch.Tensor
+    ) -> None:
+        """Refuse a merged batch whose visual rows per sample differ from those its reference losses were scored
+        with (`placeholders`, `rows`: per sample; `cut`: the merge truncated that sample). No-op without a reference."""
+
     def plan(
         self,
         labels: torch.Tensor,
@@ -272,6 +278,24 @@ class ReGATEElision(TokenElision):
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         self.reference.check_tokenizer(tokenizer_fingerprint(tokenizer))
+
+    def check_visual_rows(
+        self, sample_keys: list[SampleKey] | None, placeholders: torch.Tensor, rows: torch.Tensor, cut: torch.Tensor
+    ) -> None:
+        per_placeholder = self.reference.manifest.visual_tokens
+        if per_placeholder is None or sample_keys is None:
+            return
+        expected = placeholders * per_placeholder
+        wrong = ((rows != expected) & ~(cut & (rows < expected))).cpu()
+        if not bool(wrong.any()):
+            return
+        row = int(wrong.nonzero()[0])
+        raise CacheError(
+            f"sample {format_key(sample_keys[row])} (batch row {row}): the model merged {int(rows[row])} visual rows "
+            f"for its {int(placeholders[row])} placeholder(s), but its reference losses in {self.reference.directory} "
+            f"were scored with {per_placeholder} rows per placeholder (--visual-tokens): the positions of its answer "
+            "tokens differ, so re-run `regate precompute` with this model's visual row count"
+        )
 
     def reference_losses(self, key: SampleKey, n_targets: int) -> torch.Tensor:
         """The cached losses of one sample's first `n_targets` targets; NaN under the EMA-only fallback."""

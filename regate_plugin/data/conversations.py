@@ -3,7 +3,8 @@
     {"id": "000001", "image": "coco/1.jpg", "conversations": [
         {"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]}
 
-`video` instead of `image` marks a video sample (VideoLLaMA2); neither marks a text-only one. Every problem is
+Turns may also be `{"role": "user"|"assistant"|"system", "content": ...}`, as LLaVA-NeXT reads them. `video`
+instead of `image` marks a video sample (VideoLLaMA2); neither marks a text-only one. Every problem is
 reported with the file, the line the sample starts on, and its id.
 """
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("human", "gpt", "system")
+# LLaVA-NeXT's `preprocess_qwen` also reads {"role", "content"} turns, with chat roles or the LLaVA ones.
+CHAT_ROLES = {"user": "human", "assistant": "gpt", "system": "system", "human": "human", "gpt": "gpt"}
 
 
 class DataError(ValueError):
@@ -40,6 +43,16 @@ def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
+def _turn(turn: Any) -> tuple[Any, Any]:
+    """(role in ROLES, text) of a {"from", "value"} or a {"role", "content"} turn; (None, None) for anything else."""
+    if not isinstance(turn, dict):
+        return None, None
+    if "from" in turn or "value" in turn:
+        return turn.get("from"), turn.get("value")
+    role = turn.get("role")
+    return CHAT_ROLES.get(role) if isinstance(role, str) else None, turn.get("content")
+
+
 def parse_sample(raw: Any, index: int, source: str) -> Conversation:
     """Validate one decoded sample; `source` is "file:line"."""
     sample_id = str(raw.get("id", index)) if isinstance(raw, dict) else str(index)
@@ -51,11 +64,13 @@ def parse_sample(raw: Any, index: int, source: str) -> Conversation:
         raise DataError(f"{where}: 'conversations' must be a non-empty list of turns")
     parsed: list[tuple[str, str]] = []
     for n, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+        role, text = _turn(turn)
+        if role not in ROLES or not isinstance(text, str):
             raise DataError(
-                f"{where}: turn {n} must be {{'from': one of {list(ROLES)}, 'value': <string>}}, got {turn!r:.200}"
+                f"{where}: turn {n} must be {{'from': one of {list(ROLES)}, 'value': <string>}} or {{'role': one of "
+                f"{list(CHAT_ROLES)}, 'content': <string>}}, got {turn!r:.200}"
             )
-        parsed.append((turn["from"], turn["value"]))
+        parsed.append((role, text))
     modalities = [m for m in ("image", "video") if raw.get(m) is not None]
     if len(modalities) > 1:
         raise DataError(f"{where}: a sample has either 'image' or 'video', not both")

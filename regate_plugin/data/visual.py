@@ -37,12 +37,19 @@ def _tower_grid(config: dict[str, Any], source: str) -> int:
 
 
 def _stc_out(n: int, padding: int) -> int:
-    """Length after VideoLLaMA2's STC sampler: Conv3d with kernel 2, stride 2."""
+    """Length along one axis after VideoLLaMA2's connector samplers: kernel 2, stride 2."""
     return (n + 2 * padding - 2) // 2 + 1
 
 
 def visual_tokens_from_config(config: dict[str, Any], source: str = "student config") -> int:
     """Visual rows per `<image>`/`<video>` placeholder for LLaVA-1.5, HF-native LLaVA and VideoLLaMA2 configs."""
+    aspect, merge = str(config.get("image_aspect_ratio", "")), str(config.get("mm_patch_merge_type", "flat"))
+    if aspect.startswith("anyres") or merge != "flat":
+        raise DataError(
+            f"{source}: image_aspect_ratio {aspect!r} / mm_patch_merge_type {merge!r} (LLaVA-NeXT anyres, "
+            "spatial_unpad) give each image a row count that depends on its size, which one --visual-tokens cannot "
+            "describe; exact per-image counts are not supported yet (train with image_aspect_ratio pad)"
+        )
     grid = _tower_grid(config, source)
     cls_row = (
         1
@@ -53,10 +60,10 @@ def visual_tokens_from_config(config: dict[str, Any], source: str = "student con
     projector = str(config.get("mm_projector_type", "linear"))
     if "tc_connector" in projector or "tp_connector" in projector:
         frames = int(config.get("num_frames") or DEFAULT_FRAMES)
-        padding = 0 if projector.endswith("_v35") else 1
-        # STP connectors pool space only; STC connectors pool time too.
-        time = frames if "tp_connector" in projector else _stc_out(frames, padding)
-        return time * _stc_out(grid, padding) ** 2
+        # stc_connector: Conv3d(kernel 2, stride 2, padding 1); stc_connector_v35: padding 0; stp_connector:
+        # AvgPool3d((2, 2, 2)) without padding. Each halves time and both spatial sides.
+        padding = 1 if projector == "stc_connector" else 0
+        return _stc_out(frames, padding) * _stc_out(grid, padding) ** 2
     if projector in ("linear", "identity") or re.fullmatch(r"mlp\d+x_gelu", projector):
         return grid * grid + cls_row
     raise DataError(f"{source}: projector {projector!r} has no known token count; pass --visual-tokens")

@@ -6,9 +6,10 @@ Reference losses are per-answer-target NLLs under the reference, in the same ord
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ..core.compaction import IGNORE_INDEX, shift_targets
 from ..core.files import replaced_on_success
 from ..core.loss import next_token_loss
 from ..core.reference import ReferenceInput, build_reference_input
+from ..core.rotary import SlicedRotaryError, hook_sliced_rotary
 
 SMOLLM2_PRESET = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,16 +94,34 @@ def load_reference_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     return model, tokenizer
 
 
-def check_reference_mode(mode: str) -> None:
-    """Refuse `gap` where transformers cuts its RoPE cache at the sequence length (before 4.38), so ids past it fail."""
+@contextlib.contextmanager
+def whole_rotary_tables(model: Any) -> Iterator[None]:
+    """Within the block, RoPE tables that the model slices to the sequence length are handed out whole."""
+    handles = hook_sliced_rotary(model)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_gapped_positions(model: Any) -> None:
+    """Refuse mode `gap` (before anything is written) where the model cannot apply position ids with gaps: one
+    two-token forward at positions (0, 2), which a RoPE table sliced to the sequence length cannot index."""
     import transformers
 
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    if mode == "gap" and (major, minor) < (4, 38):
+    device = next(model.parameters()).device
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    try:
+        with whole_rotary_tables(model), torch.no_grad():
+            model.get_decoder()(
+                input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.tensor([[0, 2]], device=device)
+            )
+    except (SlicedRotaryError, IndexError, RuntimeError) as err:
         raise ValueError(
-            f"reference mode 'gap' gives the reference LLM position ids with gaps, which transformers "
-            f"{transformers.__version__} cannot apply (4.38+ can): use --mode pad in this environment"
-        )
+            f"reference mode 'gap' gives the reference LLM position ids with gaps, which {type(model).__name__} on "
+            f"transformers {transformers.__version__} cannot apply ({err}): use --mode pad with this reference LLM"
+        ) from None
 
 
 @dataclass
@@ -115,7 +135,8 @@ class ReferenceScorer:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        check_reference_mode(self.mode)
+        if self.mode == "gap":
+            check_gapped_positions(self.model)
 
     def reference_input(
         self, input_ids: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor
@@ -156,9 +177,10 @@ class ReferenceScorer:
         device = next(self.model.parameters()).device
         ids, mask, positions, labels = self.pad_batch(inputs)
         decoder = self.model.get_decoder()
-        hidden = decoder(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
-        ).last_hidden_state
+        with whole_rotary_tables(self.model):
+            hidden = decoder(
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
+            ).last_hidden_state
         targets = shift_targets(labels, mask).to(device)
         per_token = next_token_loss(hidden, targets, self.model.get_output_embeddings()).per_token.float().cpu()
         counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()

@@ -32,7 +32,7 @@ from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from ..data.templates import ConversationTemplate
-from .model import ReferenceScorer, check_reference_mode, dtype_kwarg, resolve_reference
+from .model import ReferenceScorer, dtype_kwarg, resolve_reference
 
 logger = logging.getLogger(__name__)
 PARTS_DIR = "parts"
@@ -257,7 +257,6 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     `model` / `tokenizer` may be passed in already loaded; otherwise they load from `cfg.reference` / `cfg.tokenizer`.
     Under `torchrun` each rank scores every WORLD_SIZE-th window and rank 0 merges the shards at the end.
     """
-    check_reference_mode(cfg.mode)
     started = time.perf_counter()
     rank, world = distributed.rank(), distributed.world_size()
     out = Path(cfg.out)
@@ -268,13 +267,14 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     samples = load_data(cfg, loaded)
     if not samples:
         raise DataError(f"no valid samples in {', '.join(str(p) for p in cfg.data)}")
+    model = model if model is not None else _load_reference_model(cfg)
+    model.eval().requires_grad_(False)
+    # Built before anything is written: it refuses a mode the reference LLM cannot run.
+    scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, encoding.pad_id)
     _prepare_output(cfg, header, extra, rank)
     _barrier(world)
     known = _known_keys(out)
     part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
-    model = model if model is not None else _load_reference_model(cfg)
-    model.eval().requires_grad_(False)
-    scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, encoding.pad_id)
 
     summary = _score_windows(cfg, samples, encoding, scorer, known, part, rank, world, started)
     _barrier(world)

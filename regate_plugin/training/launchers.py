@@ -8,14 +8,16 @@ on the built model, before any DeepSpeed wrapping.
 from __future__ import annotations
 
 import argparse
-import runpy
+import dataclasses
+import importlib.util
 import sys
+import types
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
 from .arguments import TokenElisionArguments, with_token_elision_arguments
-from .trainer import with_token_elision
+from .trainer import add_token_elision, with_token_elision
 
 
 def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
@@ -44,35 +46,58 @@ def split_elision_flags(argv: list[str]) -> tuple[TokenElisionArguments, list[st
 
 
 def launch_llava(argv: list[str]) -> None:
-    """haotian-liu/LLaVA (and LLaVA-NeXT): patch `llava.train.train` in place, then run its `train()`."""
-    attn_implementation, argv = _pop_option(argv, "--attn_implementation")
+    """haotian-liu/LLaVA and LLaVA-NeXT: patch `llava.train.train` in place, then run its `train()`.
+
+    `--attn_implementation` stays in argv where the upstream `TrainingArguments` has that field (LLaVA-NeXT, whose
+    `train()` reads it from there); otherwise (haotian-liu/LLaVA) it is passed to `train(attn_implementation=...)`.
+    """
     import llava.train.train as upstream
 
+    attn_implementation = None
+    if "attn_implementation" not in {f.name for f in dataclasses.fields(upstream.TrainingArguments)}:
+        attn_implementation, argv = _pop_option(argv, "--attn_implementation")
     upstream.TrainingArguments = with_token_elision_arguments(upstream.TrainingArguments)
     upstream.LLaVATrainer = with_token_elision(upstream.LLaVATrainer)
     sys.argv = [upstream.__file__, *argv]
     upstream.train(attn_implementation=attn_implementation)
 
 
+VIDEOLLAMA2_ATTENTION = "flash_attention_2"  # what videollama2/train.py's `__main__` passes to `train()`
+
+
+def _load_script(script: str) -> types.ModuleType:
+    """Import a train script as a module (its `__main__` block does not run), registered in sys.modules so the
+    Trainer can pickle the dataclasses it defines."""
+    name = f"regate_launched_{Path(script).stem}"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def launch_videollama2(argv: list[str]) -> None:
-    """DAMO-NLP-SG/VideoLLaMA2: its train.py runs as `__main__`, so its dataclasses cannot be reached from outside.
-    Strip and parse our flags, mix the integration into `VideoLLaMA2Trainer` where train.py imports it from, and
-    run the script (first argument, default `videollama2/train.py`) as `__main__`."""
+    """DAMO-NLP-SG/VideoLLaMA2: its train.py defines its dataclasses in the script and its `__main__` calls
+    `train("flash_attention_2")`. Strip and parse our flags (and `--attn_implementation`, default that same value),
+    mix the integration into `VideoLLaMA2Trainer` itself (its `_save_checkpoint` / `_save` call
+    `super(VideoLLaMA2Trainer, self)`, which a subclass put in its place would turn into a recursion), then import
+    the script (first argument, default `videollama2/train.py`) and call its `train(attn_implementation)`."""
     script = argv.pop(0) if argv and not argv[0].startswith("-") else "videollama2/train.py"
     if not Path(script).is_file():
         raise SystemExit(
             f"regate launch videollama2: {script} not found (run from the VideoLLaMA2 checkout, or pass "
             "the path of videollama2/train.py as the first argument)"
         )
+    attn_implementation, argv = _pop_option(argv, "--attn_implementation")
     elision_args, argv = split_elision_flags(argv)
     repo = str(Path(script).resolve().parents[1])
     if repo not in sys.path:
         sys.path.insert(0, repo)
     import videollama2.videollama2_trainer as trainer_module
 
-    trainer_module.VideoLLaMA2Trainer = with_token_elision(trainer_module.VideoLLaMA2Trainer, elision_args)
+    add_token_elision(trainer_module.VideoLLaMA2Trainer, elision_args)
     sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
+    _load_script(script).train(attn_implementation or VIDEOLLAMA2_ATTENTION)
 
 
 LAUNCHERS = {"llava": launch_llava, "videollama2": launch_videollama2}
@@ -84,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m regate_plugin.launch",
         description="Run an upstream train script with --token_elision / --regate_* flags added (no edits to it).",
         epilog="Everything after the codebase name goes to the upstream script, plus: --token_elision "
-        "{none,regate,random} --regate_ref_cache DIR --regate_keep_ratio ... (see README). llava also takes "
-        "--attn_implementation (train_mem.py passes flash_attention_2).",
+        "{none,regate,random} --regate_ref_cache DIR --regate_keep_ratio ... (see README), and "
+        "--attn_implementation (eager, sdpa, flash_attention_2: what train_mem.py / train.py's __main__ would pass).",
     )
     parser.add_argument("codebase", choices=sorted(LAUNCHERS))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in LAUNCHERS:

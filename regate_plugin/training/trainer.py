@@ -91,3 +91,19 @@ def with_token_elision(trainer_cls: type, elision_args: TokenElisionArguments | 
         return trainer_cls
     namespace = {"token_elision_args": elision_args, "__module__": trainer_cls.__module__}
     return type(trainer_cls.__name__, (TokenElisionTrainerMixin, trainer_cls), namespace)
+
+
+def add_token_elision(trainer_cls: type, elision_args: TokenElisionArguments | None = None) -> type:
+    """Mix token elision into `trainer_cls` itself (its bases gain the mixin), for upstream trainers whose methods
+    call `super(TheirTrainer, self)` by name from the module a subclass would have to replace them in."""
+    mixin_methods = {name for name, value in vars(TokenElisionTrainerMixin).items() if callable(value)}
+    overridden = sorted(mixin_methods & set(vars(trainer_cls)))
+    if overridden:
+        raise TypeError(
+            f"{trainer_cls.__name__} defines {', '.join(overridden)} itself; token elision cannot be mixed in "
+            "behind them (subclass it with with_token_elision instead)"
+        )
+    if not issubclass(trainer_cls, TokenElisionTrainerMixin):
+        trainer_cls.__bases__ = (TokenElisionTrainerMixin, *trainer_cls.__bases__)
+    trainer_cls.token_elision_args = elision_args
+    return trainer_cls

@@ -218,4 +218,4 @@ def train(attn_implementation=None):
 
 
 if __name__ == "__main__":
-    train("eager")  # upstream: "flash_attention_2" (CUDA only)
+    train("flash_attention_2")

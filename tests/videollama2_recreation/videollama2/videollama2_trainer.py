@@ -2,6 +2,7 @@ import os
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 
 
 def find_all_linear_names(model):
@@ -37,4 +38,28 @@ def safe_save_model_for_hf_trainer(trainer, output_dir):
 
 
 class VideoLLaMA2Trainer(Trainer):
-    """Upstream overrides the sampler, the optimizer groups and checkpoint saving; never `compute_loss`."""
+    """Upstream overrides the sampler, the optimizer groups and checkpoint saving; never `compute_loss`.
+
+    Its `_save_checkpoint` and `_save` name the class in `super(VideoLLaMA2Trainer, self)`, as these do."""
+
+    def _save_checkpoint(self, model, trial, metrics=None):
+        if getattr(self.args, "tune_mm_mlp_adapter", False):
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            output_dir = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            weights = {k: v.detach().cpu() for k, v in self.model.named_parameters() if "mm_projector" in k}
+            self.model.config.save_pretrained(output_dir)
+            torch.save(weights, os.path.join(output_dir, "mm_projector.bin"))
+            self._save_optimizer_and_scheduler(output_dir)
+            self._save_rng_state(output_dir)
+            self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
+        else:
+            super(VideoLLaMA2Trainer, self)._save_checkpoint(model, trial, metrics)  # noqa: UP008 (as upstream)
+
+    def _save(self, output_dir=None, state_dict=None):
+        if getattr(self.args, "tune_mm_mlp_adapter", False):
+            pass
+        else:
+            super(VideoLLaMA2Trainer, self)._save(output_dir, state_dict)  # noqa: UP008 (as upstream)

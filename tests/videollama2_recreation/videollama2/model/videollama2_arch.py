@@ -35,8 +35,52 @@ class CLIPVisionTower(nn.Module):
         return self.vision_tower.config.image_size
 
 
+class STCConnector(nn.Module):
+    """Upstream's STC connector, shapes only: [b, t, n, d] -> stage 1 per frame (upstream: timm RegStage, stride 1;
+    here a 1x1 conv, same spatial shape) -> `sampler` over (t, h, w) -> stage 2 per frame -> [b, t'*h'*w', hidden]
+    -> readout MLP. The sampler is upstream's: Conv3d kernel 2, stride 2, padding 1, then SiLU."""
+
+    def __init__(self, config, downsample=(2, 2, 2)):
+        super().__init__()
+        hidden = config.hidden_size
+        self.s1 = nn.Conv2d(config.mm_hidden_size, hidden, 1)
+        self.sampler = nn.Sequential(nn.Conv3d(hidden, hidden, downsample, stride=downsample, padding=1), nn.SiLU())
+        self.s2 = nn.Conv2d(hidden, hidden, 1)
+        self.readout = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x):
+        t = x.size(1)
+        hw = int(x.size(2) ** 0.5)
+        x = einops.rearrange(x, "b t (h w) d -> (b t) d h w", h=hw, w=hw)
+        x = einops.rearrange(self.s1(x), "(b t) d h w -> b d t h w", t=t)
+        x = self.sampler(x)
+        new_t = x.size(2)
+        x = self.s2(einops.rearrange(x, "b d t h w -> (b t) d h w"))
+        return self.readout(einops.rearrange(x, "(b t) d h w -> b (t h w) d", t=new_t))
+
+
+class STPConnector(STCConnector):
+    """Upstream's STP connector: the sampler is AvgPool3d((2, 2, 2)) without padding, then SiLU."""
+
+    def __init__(self, config, downsample=(2, 2, 2)):
+        super().__init__(config, downsample)
+        self.sampler = nn.Sequential(nn.AvgPool3d(downsample), nn.SiLU())
+
+
+class STCConnectorV35(STCConnector):
+    """Upstream's stc_connector_v35: the Conv3d sampler without padding."""
+
+    def __init__(self, config, downsample=(2, 2, 2)):
+        super().__init__(config, downsample)
+        hidden = config.hidden_size
+        self.sampler = nn.Sequential(nn.Conv3d(hidden, hidden, downsample, stride=downsample, padding=0), nn.SiLU())
+
+
+CONNECTORS = {"stc_connector": STCConnector, "stp_connector": STPConnector, "stc_connector_v35": STCConnectorV35}
+
+
 def build_vision_projector(config):
-    """Only the `linear` and `mlp2x_gelu` connectors (the STC/STP connectors are not re-created)."""
+    """`linear`, `mlp2x_gelu` and the STC / STP connectors (spatial_conv, spatial_pool are not re-created)."""
     if config.mm_projector_type == "linear":
         return nn.Linear(config.mm_hidden_size, config.hidden_size)
     if config.mm_projector_type == "mlp2x_gelu":
@@ -45,6 +89,8 @@ def build_vision_projector(config):
             nn.GELU(),
             nn.Linear(config.hidden_size, config.hidden_size),
         )
+    if config.mm_projector_type in CONNECTORS:
+        return CONNECTORS[config.mm_projector_type](config)
     raise ValueError(f"projector {config.mm_projector_type} is not in the re-creation")
 
 
@@ -95,6 +141,8 @@ class Videollama2MetaForCausalLM:
     def temporal_aggregator(self, frames_features):
         if self.config.mm_projector_type in ("mlp2x_gelu", "linear"):
             return self.get_model().mm_projector(frames_features.mean(1))
+        if "tc_connector" in self.config.mm_projector_type or "tp_connector" in self.config.mm_projector_type:
+            return self.get_model().mm_projector(frames_features)
         raise ValueError(f"projector {self.config.mm_projector_type} is not in the re-creation")
 
     def prepare_inputs_labels_for_multimodal(self, input_ids, attention_mask, past_key_values, labels, images):
@@ -142,11 +190,12 @@ class Videollama2MetaForCausalLM:
         return None, attention_mask, past_key_values, embeds, merged_labels
 
 
-def videollama2_classes(llm: str, config_cls, model_cls, causal_lm_cls):
+def videollama2_classes(llm: str, config_cls, model_cls, causal_lm_cls, sets_labels: bool):
     """The `Videollama2{LLM}Config / Model / ForCausalLM` triple each `videollama2_<llm>.py` defines upstream.
 
     The forward merges, then calls the HF parent forward **without** `position_ids` (upstream accepts them and
-    drops them, so the parent numbers the merged sequence 0..L-1), and sets `outputs.labels`.
+    drops them, so the parent numbers the merged sequence 0..L-1). Mistral's sets `outputs.labels` (the merged
+    labels); Qwen2's returns the parent's output as it is (`sets_labels=False`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -191,7 +240,8 @@ def videollama2_classes(llm: str, config_cls, model_cls, causal_lm_cls):
             output_hidden_states=output_hidden_states,
             return_dict=return_dict,
         )
-        outputs.labels = labels
+        if sets_labels:
+            outputs.labels = labels
         return outputs
 
     namespace = {"config_class": config, "__init__": __init__, "forward": forward, "get_model": lambda self: self.model}
