@@ -21,7 +21,7 @@ from .elision import (
     build_token_elision,
     register_token_elision,
 )
-from .ema import DifficultyEMA, EMAUpdate
+from .ema import DifficultyEMA
 from .keys import IGNORE_INDEX, batch_sample_keys, sample_key, tokenizer_fingerprint
 from .loss import TokenLoss, next_token_loss
 from .reference import TeacherInput, build_teacher_input
@@ -41,7 +41,6 @@ __all__ = [
     "DifficultyEMA",
     "elidable_positions",
     "ElisionPlan",
-    "EMAUpdate",
     "expected_keep_fraction",
     "fused_score",
     "IGNORE_INDEX",

@@ -10,10 +10,12 @@ from typing import Any, Literal
 ReferenceMode = Literal["gap", "pad"]
 ScoreNorm = Literal["none", "zscore"]
 MissingReference = Literal["error", "ema"]
+EMADtype = Literal["float32", "float16"]
 
 REFERENCE_MODES: tuple[str, ...] = ("gap", "pad")
 SCORE_NORMS: tuple[str, ...] = ("none", "zscore")
 MISSING_REFERENCE_POLICIES: tuple[str, ...] = ("error", "ema")
+EMA_DTYPES: tuple[str, ...] = ("float32", "float16")
 
 
 class ConfigError(ValueError):
@@ -46,6 +48,8 @@ class ReGATEConfig:
     """Seed of the `random` baseline's generator."""
     loss_chunk_size: int = 0
     """Rows of logits materialised at once in the loss (recomputed in backward); 0 computes them in one piece."""
+    ema_dtype: EMADtype = "float32"
+    """Storage of the per-(sample, answer token) EMA: 'float32' (4 B per answer token) or 'float16' (2 B)."""
 
     def __post_init__(self) -> None:
         _check_range("keep_ratio", self.keep_ratio, "(0, 1]", lambda v: 0.0 < v <= 1.0)
@@ -65,6 +69,7 @@ class ReGATEConfig:
         _check_choice("score_norm", self.score_norm, SCORE_NORMS)
         _check_choice("reference_mode", self.reference_mode, REFERENCE_MODES)
         _check_choice("missing_reference", self.missing_reference, MISSING_REFERENCE_POLICIES)
+        _check_choice("ema_dtype", self.ema_dtype, EMA_DTYPES)
 
     def replace(self, **changes: Any) -> ReGATEConfig:
         """A copy with some fields changed (validated again)."""

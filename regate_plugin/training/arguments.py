@@ -22,6 +22,7 @@ _CONFIG_FLAGS = {
     "regate_missing_reference": "missing_reference",
     "regate_loss_chunk_size": "loss_chunk_size",
     "regate_seed": "seed",
+    "regate_ema_dtype": "ema_dtype",
 }
 _DEFAULTS = ReGATEConfig()
 
@@ -52,6 +53,7 @@ class TokenElisionArguments:
     )
     regate_loss_chunk_size: int = _flag("loss_chunk_size", "Logit rows built at once in the loss (0: all).")
     regate_seed: int = _flag("seed", "Seed of the random baseline.")
+    regate_ema_dtype: str = _flag("ema_dtype", "Storage of the student EMA: float32 (4 B/answer token) or float16.")
 
     @classmethod
     def from_object(cls, source: Any) -> TokenElisionArguments:
