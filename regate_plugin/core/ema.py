@@ -78,10 +78,8 @@ class DifficultyEMA:
         if slots.numel() == 0:
             return
         losses = losses.detach().to(self.device, torch.float64)
-        self.values = fold_ema(self.values, self._index(slots.to(self.device), self.slots), losses, self.beta)
-        self.per_token = fold_ema(
-            self.per_token, self._index(token_ids.to(self.device), self.vocab_size), losses, self.beta
-        )
+        fold_ema(self.values, self._index(slots.to(self.device), self.slots), losses, self.beta)
+        fold_ema(self.per_token, self._index(token_ids.to(self.device), self.vocab_size), losses, self.beta)
 
     @staticmethod
     def _index(ids: torch.Tensor, size: int) -> torch.Tensor:
@@ -104,8 +102,8 @@ class DifficultyEMA:
         self.per_token = torch.cat([per_token.float(), nan]).to(self.device)
 
 
-def fold_ema(table: torch.Tensor, index: torch.Tensor, losses: torch.Tensor, beta: float) -> torch.Tensor:
-    """`table` after the sequential EMA updates table[index[i]] <- losses[i], i = 0, 1, ... (closed form).
+def fold_ema(table: torch.Tensor, index: torch.Tensor, losses: torch.Tensor, beta: float) -> None:
+    """Apply the sequential EMA updates table[index[i]] <- losses[i], i = 0, 1, ... in place (closed form).
 
     The last entry of `table` is the discard entry (reset to NaN). Sums run in float64 over a stable sort by
     entry, so the result depends only on the sequence, not on the device's scatter order.
@@ -130,10 +128,8 @@ def fold_ema(table: torch.Tensor, index: torch.Tensor, losses: torch.Tensor, bet
     prefix = torch.cumsum(weight * x, 0)
     total = prefix[last] - torch.where(first > 0, prefix[(first - 1).clamp(min=0)], torch.zeros_like(prefix))
     kept = torch.where(unseen, torch.zeros_like(old), old * beta ** count.to(torch.float64))
-    out = table.clone()
-    out[entry] = (kept + total).to(table.dtype)  # every observation of an entry writes the same value
-    out[-1] = float("nan")
-    return out
+    table[entry] = (kept + total).to(table.dtype)  # every observation of an entry writes the same value
+    table[-1] = float("nan")
 
 
 def all_gather_observations(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

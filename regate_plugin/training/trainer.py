@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..adapters import enable_token_elision
+from ..adapters.common import PLANNED_BATCH, plan_ahead
 from ..core.keys import IGNORE_INDEX
 from .arguments import TokenElisionArguments
 from .callback import TokenElisionCallback
@@ -70,6 +71,9 @@ class TokenElisionTrainerMixin:
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batch_samples:  # keys and layout read on the host here, not between forward and backward
+            if isinstance(batch, dict) and batch.get("labels") is not None:
+                batch[PLANNED_BATCH] = plan_ahead(self.token_elision, batch)
         if num_items_in_batch is None or not hasattr(self, "_get_num_items_in_batch"):
             return batch_samples, num_items_in_batch
         self.token_elision.set_step(self.state.global_step)
