@@ -132,7 +132,7 @@ def test_launcher_trains_with_regate(setup, tmp_path):
         dense = step < 2 or (step - 2) % 4 < 1
         assert (entry["regate/kept"] == entry["regate/candidates"]) == dense, entry
     saved = torch.load(out / "checkpoint-6" / STATE_FILE, weights_only=True)
-    assert saved["step"] == 6 and saved["ema"]["keys"].shape[0] > 0
+    assert saved["step"] == 6 and (~torch.isnan(saved["ema"]["values"])).sum() > 0
 
 
 def test_none_matches_the_upstream_script_at_step_one(setup, tmp_path):
