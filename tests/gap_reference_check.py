@@ -78,9 +78,8 @@ def main(tokenizer: str, data: str, work: str) -> None:
 def refuses_before_writing(reference: Path, data: Path, out: Path) -> bool | None:
     """Where a table-slicing RoPE keeps no precomputed table (no `max_seq_len_cached` to widen to), `gap` must be
     refused before the output directory exists. None where this transformers' Mistral does not slice."""
-    from regate_plugin.reference.precompute import PrecomputeConfig, run_precompute
-
     from regate_plugin.core.rotary import slices_to_sequence_length
+    from regate_plugin.reference.precompute import PrecomputeConfig, run_precompute
 
     model = AutoModelForCausalLM.from_pretrained(reference)
     sliced = [m for m in model.modules() if slices_to_sequence_length(m)]

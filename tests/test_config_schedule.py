@@ -81,6 +81,7 @@ _NON_DEFAULT = {
     "dense_steps": ("2", 2),
     "score_norm": ("zscore", "zscore"),
     "missing_reference": ("ema", "ema"),
+    "ema_dtype": ("float16", "float16"),
     "seed": ("11", 11),
     "loss_chunk_size": ("64", 64),
 }

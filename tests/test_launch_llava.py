@@ -206,7 +206,7 @@ def test_regate_trains_and_logs_the_schedule(regate_run):
             assert entry["regate/candidates"] / 2 <= entry["regate/kept"] < entry["regate/candidates"] / 2 + 4, entry
     assert 0.5 < log[-1]["regate/answer_tokens_processed"] < 1.0
     saved = torch.load(regate_run / "checkpoint-12" / STATE_FILE, weights_only=True)
-    assert saved["name"] == "regate" and saved["step"] == 12 and saved["ema"]["keys"].shape[0] > 0
+    assert saved["name"] == "regate" and saved["step"] == 12 and (~torch.isnan(saved["ema"]["values"])).sum() > 0
     assert (regate_run / "config.json").exists()  # upstream's own final save ran
 
 
@@ -220,10 +220,8 @@ def test_resumed_run_continues_schedule_and_ema(setup, regate_run, tmp_path):
     resumed = torch.load(out / "checkpoint-24" / STATE_FILE, weights_only=True)
     assert resumed["step"] == straight["step"] == 24
     assert resumed["stats"] == straight["stats"]
-    assert torch.equal(resumed["ema"]["keys"], straight["ema"]["keys"])
-    torch.testing.assert_close(
-        resumed["ema"]["values"], straight["ema"]["values"], equal_nan=True, rtol=1e-4, atol=1e-5
-    )
+    for table in ("values", "per_token"):
+        torch.testing.assert_close(resumed["ema"][table], straight["ema"][table], equal_nan=True, rtol=1e-4, atol=1e-5)
     after = [e for e in _log(out) if e["step"] > 12]
     expected = [e for e in _log(regate_run) if e["step"] > 12]
     assert [e["regate/kept"] for e in after] == [e["regate/kept"] for e in expected]

@@ -157,7 +157,7 @@ def test_launcher_trains_with_regate_and_checkpoints(regate_run):
         dense = step < 2 or (step - 2) % 4 < 1
         assert (entry["regate/kept"] == entry["regate/candidates"]) == dense, entry
     saved = torch.load(regate_run / "checkpoint-6" / STATE_FILE, weights_only=True)
-    assert saved["step"] == 6 and saved["ema"]["keys"].shape[0] > 0
+    assert saved["step"] == 6 and (~torch.isnan(saved["ema"]["values"])).sum() > 0
     assert (regate_run / "checkpoint-12" / "trainer_state.json").exists()
     assert (regate_run / "config.json").exists()  # the final save through VideoLLaMA2Trainer._save
 
@@ -172,8 +172,8 @@ def test_resumed_run_equals_the_uninterrupted_one(setup, regate_run, tmp_path):
     straight = torch.load(regate_run / "checkpoint-12" / STATE_FILE, weights_only=True)
     resumed = torch.load(out / "checkpoint-12" / STATE_FILE, weights_only=True)
     assert resumed["step"] == straight["step"] == 12 and resumed["stats"] == straight["stats"]
-    assert torch.equal(resumed["ema"]["keys"], straight["ema"]["keys"])
     torch.testing.assert_close(resumed["ema"]["values"], straight["ema"]["values"], equal_nan=True)
+    torch.testing.assert_close(resumed["ema"]["per_token"], straight["ema"]["per_token"], equal_nan=True)
     after, expected = [e for e in _log(out) if e["step"] > 6], [e for e in _log(regate_run) if e["step"] > 6]
     assert [e["regate/kept"] for e in after] == [e["regate/kept"] for e in expected]
     assert [e["loss"] for e in after] == pytest.approx([e["loss"] for e in expected], rel=1e-5)

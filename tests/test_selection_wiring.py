@@ -108,9 +108,10 @@ def _seeded_elision(setup):
     elision = build_token_elision("regate", cfg, reference=setup["cache"])
     for key, (targets, _, candidates), ema in zip(setup["keys"], setup["structure"], setup["emas"]):
         positions = sorted(candidates)
+        (start,), _ = elision.reference.spans(elision.reference.locate([key]))  # the sample's first EMA slot
+        elision.ema.ensure_vocab(VOCAB)
         elision.ema.update(
-            key,
-            torch.tensor([candidates[p] for p in positions]),
+            torch.tensor([start + candidates[p] for p in positions]),
             torch.tensor([targets[p] for p in positions]),
             torch.tensor([ema[p] for p in positions], dtype=torch.float32),
         )
@@ -155,12 +156,12 @@ def test_the_ema_learns_from_candidates_only(setup):
     for row, (key, (targets, ordinal_of, candidates)) in enumerate(zip(setup["keys"], setup["structure"])):
         others = sorted(set(ordinal_of) - set(candidates))  # targets of prompt tokens: first answer tokens
         assert others, "each row has non-candidate targets"
-        learned = elision.ema.lookup(
+        learned = elision.difficulty(
             key, torch.tensor([ordinal_of[p] for p in others]), torch.tensor([targets[p] for p in others])
         )
         assert torch.isnan(learned).all(), f"row {row}: the EMA learned non-candidate targets {learned.tolist()}"
         kept = sorted(p for p in candidates if bool(plan.kept_mask[row, p]))
-        values = elision.ema.lookup(
+        values = elision.difficulty(
             key, torch.tensor([candidates[p] for p in kept]), torch.tensor([targets[p] for p in kept])
         )
         seeded = torch.tensor([setup["emas"][row][p] for p in kept])

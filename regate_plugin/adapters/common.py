@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-from ..core.elision import ElisionPlan, TokenElision
+from ..core.elision import BatchLayout, ElisionPlan, TokenElision
 from ..core.keys import SampleKey, batch_sample_keys
 from ..core.loss import Head
 
@@ -37,12 +37,39 @@ class ElidedCausalLMOutput(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+PLANNED_BATCH = "regate_batch"
+"""Input key under which the Trainer integration hands the forward a `PlannedBatch` (popped before the model)."""
+
+
+class PlannedBatch:
+    """Host facts of one training batch derived before its forward, so the forward needs no device-to-host copy:
+    the sample keys (pre-merge) and the `BatchLayout` of its labels (valid where the model merges nothing)."""
+
+    __slots__ = ("keys", "layout")
+
+    def __init__(self, keys: list[SampleKey] | None, layout: BatchLayout) -> None:
+        self.keys, self.layout = keys, layout
+
+
+def plan_ahead(elision: TokenElision, batch: dict[str, Any]) -> PlannedBatch:
+    """The `PlannedBatch` of a collated batch (one host copy of its ids, labels and mask, outside the step)."""
+    labels, mask = batch["labels"], batch.get("attention_mask")
+    keys = sample_keys(elision, batch.get("input_ids"), labels, mask) if batch.get("input_ids") is not None else None
+    return PlannedBatch(keys, BatchLayout.of(labels, mask))
+
+
 def sample_keys(
-    elision: TokenElision, input_ids: torch.Tensor | None, labels: torch.Tensor, attention_mask: torch.Tensor | None
+    elision: TokenElision,
+    input_ids: torch.Tensor | None,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    planned: PlannedBatch | None = None,
 ) -> list[SampleKey] | None:
     """The batch's sample keys (pre-merge ids and labels), or None for strategies that do not need them."""
     if not elision.needs_sample_keys:
         return None
+    if planned is not None and planned.keys is not None:
+        return planned.keys
     if input_ids is None:
         raise ValueError(f"token elision '{elision.name}' needs input_ids (not only inputs_embeds) to key each sample")
     return batch_sample_keys(input_ids, labels, attention_mask)
@@ -76,6 +103,7 @@ def replace_forward(model: Any, elided: ElidedForward) -> Callable[[], None]:
 
     @functools.wraps(type(model).forward)
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        planned = kwargs.pop(PLANNED_BATCH, None)
         if args:  # normalise positional calls so `labels` and `input_ids` are found by name
             bound = dict(signature.bind_partial(*args, **kwargs).arguments)
             extra = bound.pop(var_keyword, {}) if var_keyword else {}
@@ -84,7 +112,7 @@ def replace_forward(model: Any, elided: ElidedForward) -> Callable[[], None]:
             if var_keyword is None:  # the Trainer passes it once elision is on; the model's own forward may not take it
                 kwargs.pop("num_items_in_batch", None)
             return original(**kwargs)
-        return elided(self, kwargs)
+        return elided(self, {**kwargs, PLANNED_BATCH: planned})
 
     model.forward = MethodType(forward, model)
     return lambda: model.__dict__.pop("forward", None)

@@ -20,7 +20,7 @@ import torch
 from ..core.elision import TokenElision
 from ..core.rotary import hook_sliced_rotary
 from .base import Adapter, register_adapter
-from .common import ElidedCausalLMOutput, elided_output, replace_forward, sample_keys
+from .common import PLANNED_BATCH, ElidedCausalLMOutput, elided_output, replace_forward, sample_keys
 
 
 @dataclass
@@ -88,7 +88,9 @@ def visual_rows(
 
 def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dict[str, Any]) -> ElidedCausalLMOutput:
     input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-    keys = sample_keys(elision, input_ids, kwargs["labels"], attention_mask)
+    # Keys from the Trainer's planned batch when it made one; the layout is the merged batch's, copied here (the
+    # upstream merge itself reads the batch on the host many times).
+    keys = sample_keys(elision, input_ids, kwargs["labels"], attention_mask, kwargs.get(PLANNED_BATCH))
     if kwargs.get("inputs_embeds") is not None:  # merged by the caller
         merged = MergedBatch(kwargs["inputs_embeds"], attention_mask, kwargs.get("position_ids"), kwargs["labels"])
     else:

@@ -28,7 +28,7 @@ from .elision import (
     build_token_elision,
     register_token_elision,
 )
-from .ema import DifficultyEMA, EMAUpdate
+from .ema import DifficultyEMA
 from .keys import batch_sample_keys, sample_key, tokenizer_fingerprint
 from .loss import TokenLoss, next_token_loss
 from .reference import REFERENCE_MODES, ReferenceInput, TeacherInput, build_reference_input, build_teacher_input
@@ -49,7 +49,6 @@ __all__ = [
     "DifficultyEMA",
     "elidable_positions",
     "ElisionPlan",
-    "EMAUpdate",
     "expected_keep_fraction",
     "fused_score",
     "IGNORE_INDEX",

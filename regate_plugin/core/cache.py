@@ -7,12 +7,14 @@ Layout of a cache directory::
 
 Row i of a shard holds the losses of sample keys[i] in losses[offsets[i]:offsets[i + 1]], one value per supervised
 target (answer-token ordinal order). Shards and the manifest are written to a temporary name and renamed, so a
-reader never sees a half-written file. Opening a cache checks every shard's sha256 once and indexes the keys;
-a lookup then reads only that sample's slice through a memory map.
+reader never sees a half-written file. Opening a cache checks every shard's sha256 once and indexes the keys in
+sorted arrays; a lookup then reads only that sample's slice through a memory map.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -122,18 +124,57 @@ def committed_keys(directory: str | os.PathLike[str], manifest: CacheManifest | 
     return [key for shard in manifest.shards for key in _shard_keys(directory / shard.file)]
 
 
+def key_halves(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [N, 16] keys -> their two 8-byte halves as big-endian signed int64 (the index's sort order)."""
+    halves = np.ascontiguousarray(keys, dtype=np.uint8).view(">i8").reshape(-1, 2).astype(np.int64)
+    return halves[:, 0].copy(), halves[:, 1].copy()
+
+
+_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16}  # bf16 read as its raw bits
+
+
+def _map_tensor(path: Path, name: str) -> np.ndarray:
+    """A 1-D tensor of a safetensors file as a read-only memory-mapped array (no copy into RAM)."""
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    info = header[name]
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    begin, end = info["data_offsets"]
+    count = (end - begin) // dtype.itemsize
+    if count == 0:
+        return np.zeros(0, dtype)
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=8 + header_size + begin, shape=(count,)))
+
+
+def _as_float32(values: np.ndarray) -> np.ndarray:
+    if values.dtype == np.uint16:  # bfloat16 bits are the top half of a float32
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)
+
+
 class ReferenceLossCache:
-    """Read-only view of a cache directory: `cache[key]` returns that sample's reference losses (float32)."""
+    """Read-only view of a cache directory: `cache[key]` returns that sample's reference losses (float32).
+
+    In memory it holds only sorted key arrays and spans, about 30 B per sample: the keys' two 8-byte halves (big
+    endian, signed int64, sorted together), each sample's start in the cache's token space (the shards' losses
+    concatenated in manifest order), its length and its shard. Lookups are `searchsorted` over the first half; the
+    losses stay in the shard files, memory-mapped. A key stored twice keeps its first occurrence in shard order.
+    """
 
     def __init__(self, directory: str | os.PathLike[str], verify: bool = True) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        self._index: dict[SampleKey, tuple[int, int, int]] = {}
-        self._handles: list[Any] = []
+        self._losses: list[np.ndarray] = []
+        self._bases: list[int] = []
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for shard in self.manifest.shards:
-            self._open_shard(shard, verify)
+            parts.append(self._open_shard(shard, verify))
+        self.tokens = sum(losses.size for losses in self._losses)  # size of the token space
+        self._index(parts)
 
-    def _open_shard(self, shard: ShardInfo, verify: bool) -> None:
+    def _open_shard(self, shard: ShardInfo, verify: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Check and map one shard; returns its (keys, starts in token space, lengths)."""
         path = self.directory / shard.file
         if not path.is_file():
             raise CorruptShardError(f"shard {path} is listed in {MANIFEST_NAME} but missing")
@@ -145,36 +186,114 @@ class ReferenceLossCache:
                     "re-run `regate precompute --resume` to rebuild it"
                 )
         try:
-            handle = safe_open(str(path), framework="pt")
-            keys = handle.get_tensor("keys").numpy()
-            offsets = handle.get_tensor("offsets").numpy()
+            with safe_open(str(path), framework="pt") as handle:
+                keys = handle.get_tensor("keys").numpy()
+                offsets = handle.get_tensor("offsets").numpy()
+            losses = _map_tensor(path, "losses")
         except Exception as err:  # safetensors raises several types on a damaged header
             raise CorruptShardError(f"shard {path} cannot be read: {err}") from err
         if keys.ndim != 2 or keys.shape[1] != KEY_BYTES or offsets.shape != (keys.shape[0] + 1,):
             raise CorruptShardError(
                 f"shard {path} has keys {keys.shape} and offsets {offsets.shape}: not a cache shard"
             )
-        shard_idx = len(self._handles)
-        self._handles.append(handle)
-        for row in range(keys.shape[0]):
-            self._index.setdefault(keys[row].tobytes(), (shard_idx, int(offsets[row]), int(offsets[row + 1])))
+        if offsets[0] != 0 or offsets[-1] != losses.size or (np.diff(offsets) < 0).any():
+            raise CorruptShardError(f"shard {path} has offsets that do not cover its {losses.size} losses")
+        base = sum(array.size for array in self._losses)
+        self._bases.append(base)
+        self._losses.append(losses)
+        return keys, offsets[:-1].astype(np.int64) + base, np.diff(offsets).astype(np.int32)
+
+    def _index(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        if len(parts) >= np.iinfo(np.uint16).max:
+            raise CacheError(f"{self.directory} has {len(parts)} shards; at most 65534 are supported")
+        keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, KEY_BYTES), np.uint8)
+        hi, lo = key_halves(keys)
+        order = np.lexsort((lo, hi))  # stable: equal keys stay in shard order, so the first one is kept
+        hi, lo = hi[order], lo[order]
+        first = np.ones(hi.size, dtype=bool)
+        first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+        order = order[first]
+        self._hi, self._lo = hi[first], lo[first]
+        self._start = np.concatenate([p[1] for p in parts])[order] if parts else np.zeros(0, np.int64)
+        self._length = np.concatenate([p[2] for p in parts])[order] if parts else np.zeros(0, np.int32)
+        shard_of = [np.full(p[0].shape[0], i, np.uint16) for i, p in enumerate(parts)]
+        self._shard = np.concatenate(shard_of)[order] if parts else np.zeros(0, np.uint16)
+
+    @functools.cached_property
+    def layout_digest(self) -> str:
+        """Identifies the token space (its shards, in order): state aligned to it is only valid for this digest."""
+        return hashlib.sha256(",".join(s.sha256 for s in self.manifest.shards).encode()).hexdigest()[:32]
+
+    def _find(self, key: SampleKey) -> int:
+        """Row of `key` in the sorted index, -1 when absent."""
+        if len(key) != KEY_BYTES:
+            return -1
+        hi = int.from_bytes(key[:8], "big", signed=True)
+        lo = int.from_bytes(key[8:], "big", signed=True)
+        row = int(self._hi.searchsorted(hi))
+        while row < self._hi.size and self._hi[row] == hi:  # more than one row only if first halves collide
+            if self._lo[row] == lo:
+                return row
+            row += 1
+        return -1
+
+    def locate(self, keys: list[SampleKey]) -> np.ndarray:
+        """Index rows of a batch of keys (int64 [B], -1 where the cache has no such sample), vectorised."""
+        if not keys:
+            return np.zeros(0, np.int64)
+        if any(len(k) != KEY_BYTES for k in keys):
+            raise CacheError(f"sample keys are {KEY_BYTES} bytes")
+        hi, lo = key_halves(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES))
+        rows = np.minimum(self._hi.searchsorted(hi), max(self._hi.size - 1, 0)).astype(np.int64)
+        if self._hi.size == 0:
+            return np.full(len(keys), -1, np.int64)
+        same_hi = self._hi[rows] == hi
+        found = same_hi & (self._lo[rows] == lo)
+        for i in np.flatnonzero(same_hi & ~found):  # first-half collisions: rare, resolved one by one
+            rows[i] = self._find(keys[i])
+            found[i] = rows[i] >= 0
+        return np.where(found, rows, -1)
+
+    def spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start in token space, number of losses) of located rows; (-1, 0) where a row is -1."""
+        found = rows >= 0
+        safe = np.where(found, rows, 0)
+        if self._start.size == 0:
+            return np.full(rows.shape, -1, np.int64), np.zeros(rows.shape, np.int64)
+        return np.where(found, self._start[safe], -1), np.where(found, self._length[safe], 0).astype(np.int64)
+
+    def losses_block(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """float32 [B, width]: each located row's first `width` losses, NaN past its length and where it is -1."""
+        out = np.full((rows.size, width), np.nan, dtype=np.float32)
+        starts, lengths = self.spans(rows)
+        lengths = np.minimum(lengths, width)
+        columns = np.arange(width)
+        for shard in np.unique(self._shard[rows[rows >= 0]]):
+            in_shard = (rows >= 0) & (self._shard[np.maximum(rows, 0)] == shard)
+            take = in_shard[:, None] & (columns[None, :] < lengths[:, None])
+            local = (starts[:, None] - self._bases[shard] + columns[None, :])[take]
+            out[take] = _as_float32(self._losses[shard][local])
+        return out
 
     def __len__(self) -> int:
-        return len(self._index)
+        return int(self._hi.size)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._index
+        return isinstance(key, bytes) and self._find(key) >= 0
 
     def keys(self) -> Iterator[SampleKey]:
-        return iter(self._index)
+        """Every sample key, in index (sorted) order."""
+        halves = np.stack([self._hi, self._lo], axis=1).astype(">i8")
+        return (halves[row].tobytes() for row in range(halves.shape[0]))
 
     def get(self, key: SampleKey) -> torch.Tensor | None:
         """The losses of `key` as float32 [n_targets], or None when the cache has no such sample."""
-        location = self._index.get(key)
-        if location is None:
+        row = self._find(key)
+        if row < 0:
             return None
-        shard_idx, start, stop = location
-        return self._handles[shard_idx].get_slice("losses")[start:stop].float()
+        shard = int(self._shard[row])
+        start = int(self._start[row]) - self._bases[shard]
+        return torch.from_numpy(_as_float32(self._losses[shard][start : start + int(self._length[row])]))
 
     def __getitem__(self, key: SampleKey) -> torch.Tensor:
         losses = self.get(key)
@@ -188,8 +307,7 @@ class ReferenceLossCache:
 
     def all_losses(self) -> torch.Tensor:
         """Every stored loss of every shard, float32, in shard order (for statistics)."""
-        parts = [handle.get_tensor("losses").float() for handle in self._handles]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        return torch.from_numpy(_as_float32(np.concatenate(self._losses))) if self._losses else torch.zeros(0)
 
     def check_tokenizer(self, fingerprint: str) -> None:
         """Refuse a student whose tokenizer differs from the one the cache was built with."""

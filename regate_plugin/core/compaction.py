@@ -111,16 +111,26 @@ class CompactionPlan:
 
 
 def plan_compaction(
-    kept_mask: torch.Tensor, padding_side: PaddingSide = "right", attention_mask: torch.Tensor | None = None
+    kept_mask: torch.Tensor,
+    padding_side: PaddingSide = "right",
+    attention_mask: torch.Tensor | None = None,
+    compact_length: int | None = None,
+    identity: bool | None = None,
 ) -> CompactionPlan:
-    """Gather indices for the kept positions of each row, in order, re-padded on `padding_side`."""
+    """Gather indices for the kept positions of each row, in order, re-padded on `padding_side`.
+
+    `compact_length` (the most kept positions of any row) and `identity` (nothing moves) are read from the device
+    when not given; a caller that knows them on the host (`BatchLayout`) passes them and the plan needs no sync.
+    """
     if kept_mask.ndim != 2:
         raise ValueError(f"kept_mask must be [batch, length], got {tuple(kept_mask.shape)}")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     batch, length = kept_mask.shape
     counts = kept_mask.sum(dim=1)
-    compact_length = max(int(counts.max()) if batch else 0, 1)
+    if compact_length is None:
+        compact_length = int(counts.max()) if batch else 0
+    compact_length = max(compact_length, 1)
     order = torch.sort((~kept_mask).to(torch.int8), dim=1, stable=True).indices[:, :compact_length]
     slots = torch.arange(compact_length, device=kept_mask.device).expand(batch, compact_length)
     if padding_side == "right":
@@ -130,6 +140,9 @@ def plan_compaction(
         offset = (compact_length - counts).unsqueeze(1)
         slot_valid = slots >= offset
         index = torch.where(slot_valid, order.gather(1, (slots - offset).clamp(min=0)), torch.zeros_like(order))
-    valid = torch.ones_like(kept_mask) if attention_mask is None else attention_mask.bool()
-    identity = compact_length == length and torch.equal(slot_valid, valid) and bool((index == slots)[slot_valid].all())
+    if identity is None:
+        valid = torch.ones_like(kept_mask) if attention_mask is None else attention_mask.bool()
+        identity = (
+            compact_length == length and torch.equal(slot_valid, valid) and bool((index == slots)[slot_valid].all())
+        )
     return CompactionPlan(kept_mask, index, slot_valid, padding_side, identity)

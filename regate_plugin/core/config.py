@@ -9,9 +9,11 @@ from typing import Any, Literal, get_args
 
 ScoreNorm = Literal["none", "zscore"]
 MissingReference = Literal["error", "ema"]
+EMADtype = Literal["float32", "float16"]
 
 SCORE_NORMS: tuple[str, ...] = get_args(ScoreNorm)
 MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
+EMA_DTYPES: tuple[str, ...] = get_args(EMADtype)
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,9 @@ class ReGATEConfig:
     loss_chunk_size: int = _knob(
         0, "Rows of logits materialised at once in the loss (recomputed in backward); 0 computes them in one piece."
     )
+    ema_dtype: EMADtype = _knob(
+        "float32", "Storage of the per-(sample, answer token) EMA: 'float32' (4 B per answer token) or 'float16' (2 B)."
+    )
 
     def __post_init__(self) -> None:
         _check_range("keep_ratio", self.keep_ratio, "(0, 1]", lambda v: 0.0 < v <= 1.0)
@@ -71,6 +76,7 @@ class ReGATEConfig:
         _check_range("loss_chunk_size", self.loss_chunk_size, "integers >= 0", lambda v: v >= 0)
         _check_choice("score_norm", self.score_norm, SCORE_NORMS)
         _check_choice("missing_reference", self.missing_reference, MISSING_REFERENCE_POLICIES)
+        _check_choice("ema_dtype", self.ema_dtype, EMA_DTYPES)
 
     def replace(self, **changes: Any) -> ReGATEConfig:
         """A copy with some fields changed (validated again)."""

@@ -18,3 +18,8 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def process_group_size() -> int:
+    """Processes in the initialised default group (1 without one): how many ranks a collective reaches."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

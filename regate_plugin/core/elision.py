@@ -15,8 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from . import distributed
 from .cache import CacheError, ReferenceLossCache
 from .compaction import (
     IGNORE_INDEX,
@@ -29,11 +31,56 @@ from .compaction import (
     target_ordinals,
 )
 from .config import ReGATEConfig
-from .ema import DifficultyEMA
+from .ema import DifficultyEMA, all_gather_observations
 from .keys import SampleKey, format_key, tokenizer_fingerprint
 from .loss import Head, TokenLoss, next_token_loss
 from .schedule import is_dense_step
 from .selection import fused_score, keep_counts, random_scores, select_kept_positions
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Host-side counts of a merged batch, from its labels and mask alone (one device-to-host copy, or none when
+    the Trainer integration derives them before the forward): they size the compact batch without a device sync."""
+
+    valid: np.ndarray  # int64 [B] unpadded length of each row
+    targets: np.ndarray  # int64 [B] supervised next-token targets per row
+    candidates: np.ndarray  # int64 [B] elidable positions per row
+    length: int  # L
+    padding_side: PaddingSide
+    contiguous: bool  # every row's valid positions form one block on `padding_side`
+    max_target_id: int  # -1 when the batch has no target
+
+    @classmethod
+    def of(
+        cls, labels: torch.Tensor, attention_mask: torch.Tensor | None = None, padding_side: PaddingSide | None = None
+    ) -> BatchLayout:
+        labels = labels.detach().cpu()
+        mask = attention_mask.detach().cpu() if attention_mask is not None else None
+        targets = shift_targets(labels, mask)
+        supervised = targets != IGNORE_INDEX
+        valid = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
+        side = padding_side or infer_padding_side(mask)
+        counts = valid.sum(dim=1)
+        columns = torch.arange(labels.shape[1])
+        block = columns < counts[:, None] if side == "right" else columns >= labels.shape[1] - counts[:, None]
+        return cls(
+            valid=counts.numpy(),
+            targets=supervised.sum(dim=1).numpy(),
+            candidates=elidable_positions(labels, targets, mask).sum(dim=1).numpy(),
+            length=labels.shape[1],
+            padding_side=side,
+            contiguous=bool(torch.equal(block, valid)),
+            max_target_id=int(targets[supervised].max()) if bool(supervised.any()) else -1,
+        )
+
+
+@dataclass(frozen=True)
+class SampleRows:
+    """What a batch's sample keys located in the reference cache, on the model's device."""
+
+    starts: torch.Tensor  # int64 [B]: each row's first EMA slot (its start in the cache's token space), -1 if absent
+    reference: torch.Tensor  # float32 [B, W]: each row's reference losses by answer ordinal, NaN past its end
 
 
 @dataclass
@@ -44,10 +91,12 @@ class ElisionPlan:
     targets: torch.Tensor  # int64 [B, L] pre-shifted
     ordinals: torch.Tensor  # int64 [B, L] answer ordinal of each target, -1 where none
     candidates: torch.Tensor  # bool [B, L]
-    keep_counts: torch.Tensor  # int64 [B]: candidates the strategy says each row keeps (`TokenElision.keep_counts`)
     sample_keys: list[SampleKey] | None
     dense: bool
     keep_ratio: float
+    layout: BatchLayout
+    keep_counts: np.ndarray  # int64 [B]: candidates each row keeps (`TokenElision.keep_counts`)
+    rows: SampleRows | None = None
 
     @property
     def kept_mask(self) -> torch.Tensor:
@@ -67,22 +116,18 @@ class ElisionPlan:
 
     @functools.cached_property
     def counts(self) -> dict[str, int]:
-        """Candidates, kept candidates, kept targets, decoder tokens, and rows whose kept candidates differ from
-        `keep_counts` (one host sync, computed once)."""
-        kept_candidates = self.candidates & self.kept_mask
-        values = torch.stack(
-            [
-                self.candidates.sum(),
-                kept_candidates.sum(),
-                ((self.targets != IGNORE_INDEX) & self.kept_mask).sum(),
-                self.compaction.slot_valid.sum(),
-                (kept_candidates.sum(dim=1) != self.keep_counts.to(kept_candidates.device)).sum(),
-            ]
-        ).tolist()
-        return dict(zip(("candidates", "kept", "targets", "tokens", "miscounted_rows"), values))
+        """Candidates, kept candidates, kept targets and decoder tokens, from the host layout (no device sync)."""
+        kept = self.keep_counts
+        candidates = self.layout.candidates
+        return {
+            "candidates": int(candidates.sum()),
+            "kept": int(kept.sum()),
+            "targets": int((self.layout.targets - candidates + kept).sum()),
+            "tokens": int((self.layout.valid - candidates + kept).sum()),
+        }
 
     def report(self) -> dict[str, Any]:
-        """What `out.token_elision` carries (docs/ARCHITECTURE.md, "One training step")."""
+        """What `out.token_elision` carries (DESIGN.md §4)."""
         return {"kept_mask": self.kept_mask, "dense": self.dense, "keep_ratio": self.keep_ratio, **self.counts}
 
 
@@ -106,6 +151,8 @@ class TokenElision:
 
     name = ""
     needs_sample_keys = False
+    selects_exact_counts = False
+    """True where `select` keeps exactly `keep` per row by construction; otherwise `plan` checks it (one sync)."""
 
     def __init__(self, cfg: ReGATEConfig | None = None) -> None:
         self.cfg = cfg if cfg is not None else ReGATEConfig()
@@ -124,13 +171,16 @@ class TokenElision:
     def keep_ratio(self) -> float:
         return 1.0 if self.is_dense() else self.cfg.keep_ratio
 
-    def keep_counts(self, candidates: torch.Tensor) -> torch.Tensor:
-        """Int64 [B]: how many of each row's candidates (bool [B, L]) the current step keeps; `select` must keep
-        exactly these (checked on every batch), which is what lets `kept_target_counts` know the loss terms before
-        the forward. All on a dense step, else k = ceil(keep_ratio * n); a strategy that keeps another number
-        overrides this method."""
-        n_candidates = candidates.sum(dim=1)
-        return n_candidates if self.is_dense() else keep_counts(n_candidates, self.keep_ratio())
+    def keep_counts(self, n_candidates: np.ndarray) -> np.ndarray:
+        """Int64 [B]: how many of each row's `n_candidates` the current step keeps, on the host.
+
+        The one place that says it: `select` receives these counts and must keep exactly them, the compact batch is
+        sized from them, and `kept_target_counts` (the Trainer's `num_items_in_batch`) derives from them. All on a
+        dense step, else k = ceil(keep_ratio * n); a strategy that keeps another number overrides this method.
+        """
+        if self.is_dense():
+            return n_candidates
+        return keep_counts(torch.from_numpy(n_candidates), self.cfg.keep_ratio).numpy()
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a student tokenizer the strategy's reference data was not built with (no-op without one)."""
@@ -147,8 +197,13 @@ class TokenElision:
         attention_mask: torch.Tensor | None = None,
         sample_keys: list[SampleKey] | None = None,
         padding_side: PaddingSide | None = None,
+        layout: BatchLayout | None = None,
     ) -> ElisionPlan:
-        """Decide the kept positions of a merged [B, L] batch from its post-merge labels."""
+        """Decide the kept positions of a merged [B, L] batch from its post-merge labels.
+
+        Everything runs on the labels' device; the only host data are `layout` (computed here by one copy of the
+        labels when not given) and the sample keys.
+        """
         if labels.ndim != 2:
             raise ValueError(f"labels must be [batch, length], got {tuple(labels.shape)}")
         if attention_mask is not None and attention_mask.shape != labels.shape:
@@ -157,43 +212,79 @@ class TokenElision:
             )
         if self.needs_sample_keys and (sample_keys is None or len(sample_keys) != labels.shape[0]):
             raise ValueError(f"token elision '{self.name}' needs one sample key per row of the batch")
+        layout = layout if layout is not None else BatchLayout.of(labels, attention_mask, padding_side)
+        if layout.valid.shape[0] != labels.shape[0] or layout.length != labels.shape[1]:
+            raise ValueError(
+                f"batch layout is for {layout.valid.shape[0]} x {layout.length}, labels are {tuple(labels.shape)}"
+            )
         targets = shift_targets(labels, attention_mask)
         candidates = elidable_positions(labels, targets, attention_mask)
         ordinals = target_ordinals(targets)
         dense = self.is_dense()
         keep_ratio = self.keep_ratio()
-        kept_candidates = candidates if dense else self.select(targets, candidates, ordinals, sample_keys, keep_ratio)
+        rows = self.locate_samples(sample_keys, layout, labels.device)
+        keep = self.keep_counts(layout.candidates)
+        if dense:
+            kept_candidates = candidates
+        else:
+            keep_on_device = torch.from_numpy(keep).to(labels.device, non_blocking=True)
+            kept_candidates = self.select(targets, candidates, ordinals, rows, keep_on_device)
+            if not self.selects_exact_counts:
+                self._check_kept_counts(kept_candidates, keep_on_device)
         valid = torch.ones_like(candidates) if attention_mask is None else attention_mask.bool()
         kept_mask = valid & (~candidates | kept_candidates)
-        side = padding_side or infer_padding_side(attention_mask)
+        kept_per_row = layout.valid - layout.candidates + keep
+        identity = bool((kept_per_row == layout.valid).all()) and layout.contiguous
         return ElisionPlan(
-            compaction=plan_compaction(kept_mask, side, attention_mask),
+            compaction=plan_compaction(
+                kept_mask,
+                layout.padding_side,
+                attention_mask,
+                compact_length=int(kept_per_row.max()) if kept_per_row.size else 0,
+                identity=identity and int(layout.valid.max(initial=0)) == layout.length,
+            ),
             targets=targets,
             ordinals=ordinals,
             candidates=candidates,
-            keep_counts=self.keep_counts(candidates),
             sample_keys=sample_keys,
             dense=dense,
             keep_ratio=keep_ratio,
+            layout=layout,
+            keep_counts=keep,
+            rows=rows,
         )
 
-    def kept_target_counts(self, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Int64 [B]: how many loss terms `plan` keeps per row at the current step, from the labels alone: every
-        target that is not a candidate, plus `keep_counts` of the candidates. The Trainer integration uses it as
-        `num_items_in_batch` under gradient accumulation."""
-        targets = shift_targets(labels, attention_mask)
-        candidates = elidable_positions(labels, targets, attention_mask)
-        return (targets != IGNORE_INDEX).sum(dim=1) - candidates.sum(dim=1) + self.keep_counts(candidates)
+    def _check_kept_counts(self, kept_candidates: torch.Tensor, keep: torch.Tensor) -> None:
+        miscounted = int((kept_candidates.sum(dim=1) != keep).sum())
+        if miscounted:
+            raise RuntimeError(
+                f"token elision '{self.name}': select() kept another number of candidates than keep_counts() says "
+                f"in {miscounted} row(s) of this batch; make {type(self).__name__}.keep_counts return what select "
+                "keeps (the compact batch and the loss normalisation under gradient accumulation are sized by it)"
+            )
+
+    def locate_samples(
+        self, sample_keys: list[SampleKey] | None, layout: BatchLayout, device: torch.device
+    ) -> SampleRows | None:
+        """Per-row data a strategy looks up by sample key before selecting (none for the plain strategies)."""
+        return None
+
+    def kept_target_counts(self, layout: BatchLayout) -> torch.Tensor:
+        """Int64 [B]: how many loss terms `plan` keeps per row at the current step, from the batch layout alone:
+        every target that is not a candidate, plus `keep_counts` of the candidates. The Trainer integration uses
+        it as `num_items_in_batch` under gradient accumulation."""
+        return torch.from_numpy(layout.targets - layout.candidates + self.keep_counts(layout.candidates))
 
     def select(
         self,
         targets: torch.Tensor,
         candidates: torch.Tensor,
         ordinals: torch.Tensor,
-        sample_keys: list[SampleKey] | None,
-        keep_ratio: float,
+        rows: SampleRows | None,
+        keep: torch.Tensor,
     ) -> torch.Tensor:
-        """Bool [B, L]: the candidates kept on a sparse step."""
+        """Bool [B, L]: the candidates kept on a sparse step, exactly `keep[b]` (int64 [B], from `keep_counts`) of
+        them in row b; on the labels' device, without a host sync."""
         raise NotImplementedError
 
     def loss(
@@ -205,22 +296,26 @@ class TokenElision:
     ) -> TokenLoss:
         """Loss over the kept targets of a compact batch; observed per-token losses update the strategy."""
         compact_targets = plan.compact_targets()
-        result = next_token_loss(hidden_states, compact_targets, head, num_items_in_batch, self.cfg.loss_chunk_size)
-        if plan.counts["miscounted_rows"]:
-            raise RuntimeError(
-                f"token elision '{self.name}': select() kept another number of candidates than keep_counts() says "
-                f"in {plan.counts['miscounted_rows']} row(s) of this batch; make {type(self).__name__}.keep_counts "
-                "return what select keeps (the loss normalisation under gradient accumulation is computed from it)"
-            )
-        self.observe(plan, compact_targets, result.per_token)
+        result = next_token_loss(
+            hidden_states,
+            compact_targets,
+            head,
+            num_items_in_batch,
+            self.cfg.loss_chunk_size,
+            num_targets=plan.counts["targets"],
+        )
+        self.observe(plan, compact_targets, result)
         self.stats.batches += 1
         self.stats.candidates += plan.counts["candidates"]
         self.stats.kept += plan.counts["kept"]
         self.stats.targets += result.num_targets
         return result
 
-    def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, per_token: torch.Tensor) -> None:
-        """Hook for strategies that learn from the student's losses."""
+    def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, result: TokenLoss) -> None:
+        """Hook for strategies that learn from the student's losses (runs before backward: keep it sync-free)."""
+
+    def sync(self) -> None:
+        """Bring state that depends on other ranks' batches up to date (collective; no-op for stateless ones)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "step": self.step, "stats": vars(self.stats).copy(), "config": self.cfg.to_dict()}
@@ -245,14 +340,15 @@ class RandomElision(TokenElision):
     """The baseline: a uniformly random k of the candidates, from a generator seeded by (seed, step, batch)."""
 
     name = "random"
+    selects_exact_counts = True
 
-    def select(self, targets, candidates, ordinals, sample_keys, keep_ratio):  # type: ignore[override]
+    def select(self, targets, candidates, ordinals, rows, keep):  # type: ignore[override]
         stream = f"{self.cfg.seed}:{self.step}:{self.stats.batches}".encode()
         generator = torch.Generator().manual_seed(
             int.from_bytes(hashlib.blake2b(stream, digest_size=8).digest(), "little") >> 1
         )
         scores = random_scores(tuple(candidates.shape), generator).to(candidates.device)
-        return select_kept_positions(scores, candidates, keep_ratio)
+        return select_kept_positions(scores, candidates, keep)
 
 
 class ReGATEElision(TokenElision):
@@ -260,6 +356,7 @@ class ReGATEElision(TokenElision):
 
     name = "regate"
     needs_sample_keys = True
+    selects_exact_counts = True
 
     def __init__(
         self,
@@ -274,7 +371,8 @@ class ReGATEElision(TokenElision):
                 "(--regate_ref_cache), made by `regate precompute`"
             )
         self.reference = reference if isinstance(reference, ReferenceLossCache) else ReferenceLossCache(reference)
-        self.ema = DifficultyEMA(self.cfg.ema_beta, vocab_size)
+        self.ema = DifficultyEMA(self.cfg.ema_beta, self.reference.tokens, vocab_size, self.cfg.ema_dtype)
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         self.reference.check_tokenizer(tokenizer_fingerprint(tokenizer))
@@ -297,63 +395,123 @@ class ReGATEElision(TokenElision):
             "tokens differ, so re-run `regate precompute` with this model's visual row count"
         )
 
-    def reference_losses(self, key: SampleKey, n_targets: int) -> torch.Tensor:
-        """The cached losses of one sample's first `n_targets` targets; NaN under the EMA-only fallback."""
-        losses = self.reference.get(key)
-        if losses is None:
-            if self.cfg.missing_reference == "error":
-                return self.reference[key]  # raises MissingReferenceError with the full message
-            self.stats.missing_reference += 1
-            if self.stats.missing_reference == 1:
-                warnings.warn(
-                    f"sample {format_key(key)} is not in reference cache {self.reference.directory}; scoring it by the "
-                    "student EMA alone (missing_reference='ema'); later misses are counted in stats.missing_reference",
-                    stacklevel=3,
-                )
-            return torch.full((n_targets,), float("nan"))
-        if losses.numel() < n_targets:
-            raise CacheError(
-                f"sample {format_key(key)} has {n_targets} answer targets in the batch but {losses.numel()} reference "
-                f"losses in {self.reference.directory}: the cache was built with another template or max length"
-            )
-        return losses[:n_targets]
-
-    def select(self, targets, candidates, ordinals, sample_keys, keep_ratio):  # type: ignore[override]
+    def locate_samples(
+        self, sample_keys: list[SampleKey] | None, layout: BatchLayout, device: torch.device
+    ) -> SampleRows:
+        """Locate the batch in the cache (host, vectorised), check it, and stage its reference losses on `device`."""
         assert sample_keys is not None
-        scores = torch.zeros(candidates.shape, dtype=torch.float32)
-        candidates_cpu, ordinals_cpu, targets_cpu = candidates.cpu(), ordinals.cpu(), targets.cpu()
-        for row, key in enumerate(sample_keys):
-            positions = candidates_cpu[row].nonzero().squeeze(1)
-            if positions.numel() == 0:
-                continue
-            n_targets = int((targets_cpu[row] != IGNORE_INDEX).sum())
-            reference = self.reference_losses(key, n_targets)
-            row_ordinals = ordinals_cpu[row, positions]
-            difficulty = self.ema.lookup(key, row_ordinals, targets_cpu[row, positions])
-            scores[row, positions] = fused_score(
-                difficulty, reference[row_ordinals], self.cfg.lam, zscore=self.cfg.score_norm == "zscore"
+        self.sync()  # the previous micro-batch's observations from every rank, before this selection
+        if self.ema.device != device:
+            self.ema.to(device)
+        rows = self.reference.locate(sample_keys)
+        missing = np.flatnonzero((rows < 0) & (layout.candidates > 0))
+        if missing.size:
+            if self.cfg.missing_reference == "error":
+                self.reference[sample_keys[missing[0]]]  # raises MissingReferenceError with the full message
+            self.stats.missing_reference += int(missing.size)
+            if self.stats.missing_reference == missing.size:
+                warnings.warn(
+                    f"sample {format_key(sample_keys[missing[0]])} is not in reference cache "
+                    f"{self.reference.directory}; scoring it by the student EMA alone (missing_reference='ema'); "
+                    "later misses are counted in stats.missing_reference",
+                    stacklevel=4,
+                )
+        starts, lengths = self.reference.spans(rows)
+        short = np.flatnonzero((rows >= 0) & (lengths < layout.targets))
+        if short.size:
+            b = short[0]
+            raise CacheError(
+                f"sample {format_key(sample_keys[b])} has {layout.targets[b]} answer targets in the batch but "
+                f"{lengths[b]} reference losses in {self.reference.directory}: the cache was built with another "
+                "template or max length"
             )
-        return select_kept_positions(scores, candidates_cpu, keep_ratio).to(candidates.device)
+        width = max(int(layout.targets.max(initial=0)), 1)
+        return SampleRows(
+            starts=torch.from_numpy(starts).to(device, non_blocking=True),
+            reference=torch.from_numpy(self.reference.losses_block(rows, width)).to(device, non_blocking=True),
+        )
 
-    def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, per_token: torch.Tensor) -> None:
-        assert plan.sample_keys is not None
-        supervised = compact_targets != IGNORE_INDEX
-        rows = supervised.nonzero()[:, 0].cpu()
-        is_candidate = plan.compaction.gather(plan.candidates, fill=False)[supervised].cpu()
-        ordinals = plan.compaction.gather(plan.ordinals, fill=-1)[supervised].cpu()
-        token_ids = compact_targets[supervised].cpu()
-        losses = per_token.cpu()
-        for row, key in enumerate(plan.sample_keys):
-            take = (rows == row) & is_candidate
-            if take.any():
-                self.ema.update(key, ordinals[take], token_ids[take], losses[take])
+    def select(self, targets, candidates, ordinals, rows, keep):  # type: ignore[override]
+        assert rows is not None
+        reference = rows.reference.gather(1, ordinals.clamp(0, rows.reference.shape[1] - 1))
+        difficulty = self.ema.lookup(self._slots(rows.starts, ordinals, candidates), targets)
+        scores = fused_score(
+            difficulty, reference, self.cfg.lam, zscore=self.cfg.score_norm == "zscore", mask=candidates
+        )
+        return select_kept_positions(scores, candidates, keep)
+
+    def difficulty(self, key: SampleKey, ordinals: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The EMA's difficulty of one sample's answer tokens (by ordinal and target id), float32; NaN if unknown."""
+        self.sync()
+        (start,), _ = self.reference.spans(self.reference.locate([key]))
+        device = self.ema.device
+        starts = torch.tensor([start], device=device)
+        ordinals = ordinals.to(device).reshape(1, -1)
+        slots = self._slots(starts, ordinals, torch.ones_like(ordinals, dtype=torch.bool))
+        return self.ema.lookup(slots[0], token_ids.to(device).reshape(-1))
+
+    @staticmethod
+    def _slots(starts: torch.Tensor, ordinals: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """EMA slot of each candidate (its sample's start + its answer ordinal), -1 elsewhere or without a sample."""
+        slots = starts.unsqueeze(1) + ordinals
+        return torch.where(candidates & (starts.unsqueeze(1) >= 0), slots, torch.full_like(slots, -1))
+
+    def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, result: TokenLoss) -> None:
+        """The kept candidates' losses, in row-major order of the compact batch: folded now in one process, or
+        held (one micro-batch at most) for `sync` to fold every rank's in rank order."""
+        assert plan.rows is not None
+        ordinals = plan.compaction.gather(plan.ordinals, fill=-1)
+        is_candidate = plan.compaction.gather(plan.candidates, fill=False)
+        slots = self._slots(plan.rows.starts, ordinals, is_candidate).flatten()[result.positions]
+        token_ids = torch.where(is_candidate, compact_targets, -1).flatten()[result.positions]
+        self.sync()
+        if distributed.process_group_size() == 1:
+            self.ema.ensure_vocab(plan.layout.max_target_id + 1)  # a host bound on the observed ids
+            self.ema.update(slots, token_ids, result.per_token)
+        else:
+            self._pending = (slots, token_ids, result.per_token.float())
+
+    def sync(self) -> None:
+        """Fold the held micro-batch of every rank into the EMA, in rank order (a collective on every rank)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            slots, token_ids, losses = all_gather_observations(*pending)
+            if token_ids.numel():  # every rank grows the per-token table alike, from the same gathered ids
+                self.ema.ensure_vocab(int(token_ids.max()) + 1)
+            self.ema.update(slots, token_ids, losses)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "ema": self.ema.state_dict()}
+        if self._pending is not None:
+            raise RuntimeError("the EMA holds observations not yet exchanged: call sync() on every rank first")
+        return {
+            **super().state_dict(),
+            "ema": self.ema.state_dict(),
+            "reference_layout": self.reference.layout_digest,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.ema.load_state_dict(state["ema"])
+        ema = state["ema"]
+        if "keys" in ema:  # saved before the EMA was aligned to the cache: place each sample's row at its slots
+            ema = self._aligned_legacy_ema(ema)
+        elif state.get("reference_layout") != self.reference.layout_digest:
+            raise ValueError(
+                f"the saved EMA is aligned to another reference cache (layout {state.get('reference_layout')}), "
+                f"not {self.reference.directory} ({self.reference.layout_digest})"
+            )
+        self.ema.load_state_dict(ema)
+        self._pending = None
+
+    def _aligned_legacy_ema(self, ema: dict[str, Any]) -> dict[str, Any]:
+        keys = [bytes(row) for row in ema["keys"].to(torch.uint8).numpy()]
+        starts, lengths = self.reference.spans(self.reference.locate(keys))
+        saved = torch.split(ema["values"].float(), ema["lengths"].tolist()) if keys else []
+        values = torch.full((self.reference.tokens,), float("nan"))
+        for start, length, row in zip(starts.tolist(), lengths.tolist(), saved):
+            if start >= 0:
+                n = min(length, row.numel())
+                values[start : start + n] = row[:n]
+        return {"beta": ema["beta"], "values": values, "per_token": ema["per_token"]}
 
 
 ElisionFactory = Callable[..., TokenElision]

@@ -1,139 +1,151 @@
 """`DifficultyEMA`: the student's running per-token loss, m <- beta*m + (1-beta)*loss (docs/METHOD.md).
 
-Values are kept per (sample key, answer ordinal). A sample never seen before (the common case in one-epoch
-fine-tuning) falls back to an EMA kept per target token id; a token id never seen either has no value (NaN), and
-the score then uses the reference loss alone. The first observation initialises an entry (no bias towards 0).
+Values live in two flat arrays on the model's device. `values` has one slot per stored reference loss, aligned to
+the reference cache's token space (slot = the sample's start + the target's answer ordinal), so the EMA costs
+4 bytes per answer token in float32 (2 in float16) and is looked up by the same gather as the reference losses.
+`per_token` is the fallback kept per target token id, [vocab]: a sample never seen before (the common case in
+one-epoch fine-tuning) is scored by it; a token id never seen either has no value (NaN), and the score then uses
+the reference loss alone. The first observation initialises an entry (no bias towards 0).
+
+Order: `update` folds a sequence of observations in its order. When an entry occurs k times with losses
+x_0 .. x_{k-1} (a token id repeats within a batch), the k sequential updates fold in closed form,
+beta^k * m + sum_i (1 - beta) * beta^(k-1-i) * x_i (an unseen entry starts from x_0: beta^(k-1) * x_0 + ...),
+as one sort, one float64 prefix sum and one scatter, the same numbers on every device and in every process.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
-from .keys import KEY_BYTES, SampleKey
-
-
-@dataclass
-class EMAUpdate:
-    """Student losses observed for one sample: what one rank sends the others."""
-
-    key: SampleKey
-    ordinals: torch.Tensor  # int64 [n]
-    token_ids: torch.Tensor  # int64 [n]
-    losses: torch.Tensor  # float32 [n]
+_TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 
 
 class DifficultyEMA:
-    def __init__(self, beta: float = 0.9, vocab_size: int = 0) -> None:
+    """Per-slot and per-token-id EMA tables; index -1 (or out of range) means "no entry"."""
+
+    def __init__(self, beta: float = 0.9, slots: int = 0, vocab_size: int = 0, dtype: str = "float32") -> None:
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"ema beta={beta!r} is outside the allowed range [0, 1)")
+        if dtype not in _TORCH_DTYPES:
+            raise ValueError(f"ema dtype {dtype!r} is not one of {sorted(_TORCH_DTYPES)}")
         self.beta = beta
-        self._per_sample: dict[SampleKey, torch.Tensor] = {}
-        self._per_token = torch.full((vocab_size,), float("nan"))
-        self._pending: list[EMAUpdate] = []
+        # One extra trailing entry in each table absorbs updates that have no entry (index -1); it is reset to NaN
+        # after every update, so looking it up always reads "unknown".
+        self.values = torch.full((slots + 1,), float("nan"), dtype=_TORCH_DTYPES[dtype])
+        self.per_token = torch.full((vocab_size + 1,), float("nan"))
 
-    def __len__(self) -> int:
-        """Number of samples with at least one observed token."""
-        return len(self._per_sample)
+    @property
+    def slots(self) -> int:
+        return self.values.numel() - 1
 
-    def lookup(self, key: SampleKey, ordinals: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Difficulty of each (ordinal, token id) of one sample, float32; NaN where nothing is known."""
-        ordinals = ordinals.to(torch.int64).cpu()
-        token_ids = token_ids.to(torch.int64).cpu()
-        out = torch.full((ordinals.numel(),), float("nan"))
-        row = self._per_sample.get(key)
-        if row is not None:
-            inside = ordinals < row.numel()
-            out[inside] = row[ordinals[inside]]
-        missing = torch.isnan(out)
-        if missing.any() and self._per_token.numel():
-            ids = token_ids[missing]
-            known = (ids >= 0) & (ids < self._per_token.numel())
-            fallback = torch.full((ids.numel(),), float("nan"))
-            fallback[known] = self._per_token[ids[known]]
-            out[missing] = fallback
-        return out
+    @property
+    def vocab_size(self) -> int:
+        return self.per_token.numel() - 1
 
-    def update(self, key: SampleKey, ordinals: torch.Tensor, token_ids: torch.Tensor, losses: torch.Tensor) -> None:
-        """Fold this rank's observed losses in and queue them for `drain_pending` (cross-rank exchange)."""
-        update = EMAUpdate(
-            key=key,
-            ordinals=ordinals.detach().to(torch.int64).cpu(),
-            token_ids=token_ids.detach().to(torch.int64).cpu(),
-            losses=losses.detach().to(torch.float32).cpu(),
-        )
-        self._apply(update)
-        self._pending.append(update)
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
 
-    def drain_pending(self) -> list[EMAUpdate]:
-        """Updates made by `update` since the last drain, to send to the other ranks."""
-        pending, self._pending = self._pending, []
-        return pending
+    def to(self, device: torch.device | str) -> DifficultyEMA:
+        """Move both tables (once, to the model's device); returns self."""
+        self.values, self.per_token = self.values.to(device), self.per_token.to(device)
+        return self
 
-    def merge(self, updates: list[EMAUpdate]) -> None:
-        """Apply updates that another rank made (they are not queued again)."""
-        for update in updates:
-            self._apply(update)
+    def ensure_vocab(self, size: int) -> None:
+        """Grow `per_token` to cover token ids below `size` (a host-known bound: no device sync)."""
+        if size > self.vocab_size:
+            grown = torch.full((size + 1,), float("nan"), device=self.device)
+            grown[: self.vocab_size] = self.per_token[:-1]
+            self.per_token = grown
 
-    def _apply(self, update: EMAUpdate) -> None:
-        if not (update.ordinals.numel() == update.token_ids.numel() == update.losses.numel()):
-            raise ValueError("EMA update: ordinals, token_ids and losses must have the same length")
-        if update.ordinals.numel() == 0:
+    def observed(self) -> int:
+        """Number of (sample, ordinal) slots with a value (a host sync; for tests and reports)."""
+        return int((~torch.isnan(self.values[:-1])).sum())
+
+    def lookup(self, slots: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Difficulty (float32, same shape) of each (slot, token id); the per-token value where the slot has none."""
+        per_sample = self.values[self._index(slots, self.slots)].float()
+        per_token = self.per_token[self._index(token_ids, self.vocab_size)]
+        return torch.where(torch.isnan(per_sample), per_token, per_sample)
+
+    def update(self, slots: torch.Tensor, token_ids: torch.Tensor, losses: torch.Tensor) -> None:
+        """Fold observations (1-D, in order) into both tables; entries -1 are skipped in that table only."""
+        if not (slots.shape == token_ids.shape == losses.shape) or slots.ndim != 1:
+            raise ValueError("EMA update: slots, token_ids and losses must be 1-D and of the same length")
+        if slots.numel() == 0:
             return
-        if len(update.key) != KEY_BYTES:
-            raise ValueError(f"sample keys are {KEY_BYTES} bytes, got {len(update.key)}")
-        needed = int(update.ordinals.max()) + 1
-        row = self._per_sample.get(update.key)
-        if row is None or row.numel() < needed:
-            grown = torch.full((needed,), float("nan"))
-            if row is not None:
-                grown[: row.numel()] = row
-            row = grown
-            self._per_sample[update.key] = row
-        row[update.ordinals] = self._blend(row[update.ordinals], update.losses)
-        ids = update.token_ids
-        if self._per_token.numel() <= int(ids.max()):
-            grown = torch.full((int(ids.max()) + 1,), float("nan"))
-            grown[: self._per_token.numel()] = self._per_token
-            self._per_token = grown
-        # A token id can occur several times in one update: fold its k-th occurrences in round k, in order.
-        for round_ids, round_losses in _occurrence_rounds(ids, update.losses):
-            self._per_token[round_ids] = self._blend(self._per_token[round_ids], round_losses)
+        losses = losses.detach().to(self.device, torch.float64)
+        fold_ema(self.values, self._index(slots.to(self.device), self.slots), losses, self.beta)
+        fold_ema(self.per_token, self._index(token_ids.to(self.device), self.vocab_size), losses, self.beta)
 
-    def _blend(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.isnan(old), new, self.beta * old + (1.0 - self.beta) * new)
+    @staticmethod
+    def _index(ids: torch.Tensor, size: int) -> torch.Tensor:
+        return torch.where((ids >= 0) & (ids < size), ids, size)
 
     def state_dict(self) -> dict[str, Any]:
-        keys = list(self._per_sample)
-        rows = [self._per_sample[k] for k in keys]
         return {
             "beta": self.beta,
-            "keys": torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).copy()).reshape(-1, KEY_BYTES),
-            "lengths": torch.tensor([r.numel() for r in rows], dtype=torch.int64),
-            "values": torch.cat(rows) if rows else torch.zeros(0),
-            "per_token": self._per_token.clone(),
+            "values": self.values[:-1].detach().cpu().clone(),
+            "per_token": self.per_token[:-1].detach().cpu().clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        values, per_token = state["values"], state["per_token"]
+        if values.numel() != self.slots:
+            raise ValueError(f"EMA state has {values.numel()} slots, this table has {self.slots}")
+        nan = torch.full((1,), float("nan"))
         self.beta = float(state["beta"])
-        keys = state["keys"].to(torch.uint8).numpy()
-        rows = torch.split(state["values"].float(), state["lengths"].tolist()) if len(keys) else []
-        self._per_sample = {keys[i].tobytes(): rows[i].clone() for i in range(len(keys))}
-        self._per_token = state["per_token"].float().clone()
-        self._pending = []
+        self.values = torch.cat([values.to(self.values.dtype), nan.to(self.values.dtype)]).to(self.device)
+        self.per_token = torch.cat([per_token.float(), nan]).to(self.device)
 
 
-def _occurrence_rounds(ids: torch.Tensor, values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Split (ids, values) into rounds in which each id occurs once; round k holds every id's k-th occurrence."""
-    order = torch.sort(ids, stable=True).indices
-    sorted_ids = ids[order]
-    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
-    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    position = torch.arange(ids.numel())
-    group_start = torch.cummax(torch.where(starts, position, torch.zeros_like(position)), 0).values
-    rank = torch.empty_like(position)
-    rank[order] = position - group_start
-    return [(ids[rank == k], values[rank == k]) for k in range(int(rank.max()) + 1)]
+def fold_ema(table: torch.Tensor, index: torch.Tensor, losses: torch.Tensor, beta: float) -> None:
+    """Apply the sequential EMA updates table[index[i]] <- losses[i], i = 0, 1, ... in place (closed form).
+
+    The last entry of `table` is the discard entry (reset to NaN). Sums run in float64 over a stable sort by
+    entry, so the result depends only on the sequence, not on the device's scatter order.
+    """
+    n = index.numel()
+    order = torch.sort(index, stable=True).indices
+    entry, x = index[order], losses[order].to(torch.float64)
+    position = torch.arange(n, device=index.device)
+    starts = torch.ones(n, dtype=torch.bool, device=index.device)
+    starts[1:] = entry[1:] != entry[:-1]
+    ends = torch.ones_like(starts)
+    ends[:-1] = starts[1:]
+    first = torch.cummax(torch.where(starts, position, torch.zeros_like(position)), 0).values
+    last = torch.flip(
+        torch.cummin(torch.flip(torch.where(ends, position, torch.full_like(position, n)), [0]), 0).values, [0]
+    )
+    rank, count = position - first, last - first + 1  # i and k of each observation within its entry
+    old = table[entry].to(torch.float64)
+    unseen = torch.isnan(old)
+    decay = torch.pow(torch.full_like(x, beta), (count - 1 - rank).to(torch.float64))
+    weight = torch.where(unseen & (rank == 0), decay, (1.0 - beta) * decay)
+    prefix = torch.cumsum(weight * x, 0)
+    total = prefix[last] - torch.where(first > 0, prefix[(first - 1).clamp(min=0)], torch.zeros_like(prefix))
+    kept = torch.where(unseen, torch.zeros_like(old), old * beta ** count.to(torch.float64))
+    table[entry] = (kept + total).to(table.dtype)  # every observation of an entry writes the same value
+    table[-1] = float("nan")
+
+
+def all_gather_observations(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each 1-D tensor concatenated over the ranks in rank order (lengths may differ between ranks)."""
+    world = dist.get_world_size()
+    device = tensors[0].device
+    size = torch.tensor([tensors[0].numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    lengths = torch.cat(sizes).tolist()
+    longest = max(lengths)
+    gathered = []
+    for tensor in tensors:
+        padded = torch.zeros(longest, dtype=tensor.dtype, device=device)
+        padded[: tensor.numel()] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:length] for part, length in zip(parts, lengths)]))
+    return tuple(gathered)

@@ -19,6 +19,19 @@ class TokenLoss:
     loss: torch.Tensor  # scalar, differentiable
     per_token: torch.Tensor  # float32 [n_targets], detached, row-major order of `targets != IGNORE_INDEX`
     num_targets: int
+    positions: torch.Tensor  # int64 [n_targets]: flat index into targets [B * L] of each per-token loss
+
+
+def supervised_positions(targets: torch.Tensor, num_targets: int | None = None) -> torch.Tensor:
+    """Flat row-major indices of the targets that are not IGNORE_INDEX.
+
+    With `num_targets` known on the host, a stable sort finds them on an accelerator without a device-to-host
+    sync; on CPU (or when it is not known) `nonzero` does.
+    """
+    supervised = (targets != IGNORE_INDEX).flatten()
+    if num_targets is None or targets.device.type == "cpu":
+        return supervised.nonzero().squeeze(1)
+    return torch.sort((~supervised).to(torch.int8), stable=True).indices[:num_targets]
 
 
 def _token_nll(hidden: torch.Tensor, targets: torch.Tensor, head: Head) -> torch.Tensor:
@@ -31,19 +44,21 @@ def next_token_loss(
     head: Head,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 0,
+    num_targets: int | None = None,
 ) -> TokenLoss:
     """Sum of per-target NLLs divided by `num_items_in_batch` (the Trainer's count under gradient accumulation)
     or, when it is None, by the number of targets here.
 
     `targets` are pre-shifted ([B, L], IGNORE_INDEX where none), so hidden_states[b, p] predicts targets[b, p].
     With `chunk_size` > 0 the logits are built `chunk_size` rows at a time and rebuilt in backward, so at most
-    one chunk of [chunk_size, vocab] fp32 logits is alive.
+    one chunk of [chunk_size, vocab] fp32 logits is alive. `num_targets`, when the caller knows it on the host,
+    spares the device sync of finding the targets.
     """
     if hidden_states.shape[:2] != targets.shape:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and targets {tuple(targets.shape)} do not align")
-    supervised = targets != IGNORE_INDEX
-    hidden = hidden_states[supervised]
-    flat_targets = targets[supervised]
+    positions = supervised_positions(targets, num_targets)
+    hidden = hidden_states.flatten(0, 1).index_select(0, positions)
+    flat_targets = targets.flatten().index_select(0, positions)
     if chunk_size and hidden.shape[0] > chunk_size:
         pieces = [
             checkpoint(
@@ -57,8 +72,8 @@ def next_token_loss(
     count = nll.numel()
     if count == 0:
         # Keep the graph connected so every rank runs the same backward (ZeRO / DDP) with a zero loss.
-        return TokenLoss(hidden_states.sum() * 0.0, nll.detach(), 0)
+        return TokenLoss(hidden_states.sum() * 0.0, nll.detach(), 0, positions)
     denominator = num_items_in_batch if num_items_in_batch is not None else count
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(nll.device)
-    return TokenLoss(nll.sum() / denominator, nll.detach(), count)
+    return TokenLoss(nll.sum() / denominator, nll.detach(), count, positions)

@@ -7,28 +7,37 @@ import math
 import torch
 
 
-def fused_score(difficulty: torch.Tensor, reference: torch.Tensor, lam: float, zscore: bool = False) -> torch.Tensor:
-    """d = (1 - lam) * m + lam * ref over one sample's candidates; a NaN signal is left out.
+def fused_score(
+    difficulty: torch.Tensor,
+    reference: torch.Tensor,
+    lam: float,
+    zscore: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d = (1 - lam) * m + lam * ref along the last dimension (one sample per row); a NaN signal is left out.
 
     Where the student difficulty m is unknown the score is ref alone; where ref is unknown (EMA-only fallback)
-    it is m alone; where both are unknown it is 0. With `zscore`, each signal is standardised over the sample
-    first so that neither dominates by scale.
+    it is m alone; where both are unknown it is 0. With `zscore`, each signal is standardised over the row's
+    `mask` positions (its candidates; all when None) first so that neither dominates by scale.
     """
     if difficulty.shape != reference.shape:
         raise ValueError(f"difficulty {tuple(difficulty.shape)} and reference {tuple(reference.shape)} differ")
     m, ref = difficulty.float(), reference.float()
     if zscore:
-        m, ref = _zscore(m), _zscore(ref)
+        m, ref = _zscore(m, mask), _zscore(ref, mask)
     has_m, has_ref = ~torch.isnan(m), ~torch.isnan(ref)
     both = (1.0 - lam) * torch.nan_to_num(m) + lam * torch.nan_to_num(ref)
     return torch.where(has_m & has_ref, both, torch.where(has_m, m, torch.where(has_ref, ref, torch.zeros_like(m))))
 
 
-def _zscore(values: torch.Tensor) -> torch.Tensor:
-    known = values[~torch.isnan(values)]
-    if known.numel() < 2:
-        return values - (known.mean() if known.numel() else 0.0)
-    return (values - known.mean()) / known.std().clamp_min(1e-6)
+def _zscore(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(x - mean) / std over each row's known masked values (unbiased std, at least 1e-6); x - mean below 2."""
+    known = ~torch.isnan(values) if mask is None else mask & ~torch.isnan(values)
+    n = known.sum(dim=-1, keepdim=True)
+    zero = torch.zeros_like(values)
+    mean = torch.where(known, values, zero).sum(dim=-1, keepdim=True) / n.clamp(min=1)
+    variance = torch.where(known, (values - mean) ** 2, zero).sum(dim=-1, keepdim=True) / (n - 1).clamp(min=1)
+    return torch.where(n >= 2, (values - mean) / variance.sqrt().clamp_min(1e-6), values - mean)
 
 
 def keep_counts(n_candidates: torch.Tensor, keep_ratio: float) -> torch.Tensor:
@@ -40,19 +49,24 @@ def keep_counts(n_candidates: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return torch.where(n_candidates > 0, k.clamp(min=1), torch.zeros_like(k)).clamp(max=n_candidates)
 
 
-def select_kept_positions(scores: torch.Tensor, candidates: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """Per row, keep the top k = ceil(keep_ratio * n_candidates) candidates by score, ties to the earlier position.
+def select_kept_positions(scores: torch.Tensor, candidates: torch.Tensor, keep: float | torch.Tensor) -> torch.Tensor:
+    """Per row, keep the top k candidates by score, ties to the earlier position.
 
-    `scores` is float [B, L] (values off the candidates are ignored), `candidates` bool [B, L]. Returns a bool
-    [B, L] mask that is True on the kept candidates only; non-candidates are not this function's business.
+    `keep` is either a keep ratio (k = ceil(keep * n_candidates), `keep_counts`) or the counts themselves, int64 [B]
+    on the scores' device. `scores` is float [B, L] (values off the candidates are ignored), `candidates` bool
+    [B, L]. Returns a bool [B, L] mask that is True on the kept candidates only; non-candidates are not this
+    function's business.
     """
     if scores.shape != candidates.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and candidates {tuple(candidates.shape)} differ in shape")
     if scores.ndim != 2:
         raise ValueError(f"scores must be [batch, length], got {tuple(scores.shape)}")
-    if keep_ratio >= 1.0:
+    if isinstance(keep, torch.Tensor):
+        k = keep
+    elif keep >= 1.0:
         return candidates.clone()
-    k = keep_counts(candidates.sum(dim=1), keep_ratio)
+    else:
+        k = keep_counts(candidates.sum(dim=1), keep)
     values = scores.float()
     values = torch.where(torch.isnan(values), torch.full_like(values, -math.inf), values)
     # Stable sorts: by score (descending, equal scores stay in position order, so ties go to the earlier

@@ -12,35 +12,49 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from ..core.distributed import rank, world_size
+from ..core import distributed
 from ..core.elision import ElisionStats, TokenElision
 
 STATE_FILE = "regate_state.pt"
+# Counts a checkpoint holds as sums over the ranks (`batches` is the same on every rank and stays as it is).
+_SUMMED_STATS = ("candidates", "kept", "targets", "missing_reference")
 
 
-def state_file_name(rank: int) -> str:
-    """Rank 0 writes `regate_state.pt`; other ranks keep their own EMA in `regate_state-rank{N}.pt`."""
-    return STATE_FILE if rank == 0 else f"regate_state-rank{rank}.pt"
+def _global_sum(values: list[int]) -> list[int]:
+    """Element-wise sum over the ranks (identity in one process)."""
+    if distributed.process_group_size() == 1:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def elision_metrics(elision: TokenElision, since: ElisionStats) -> dict[str, float]:
-    """What was elided since `since` (kept share of candidates) and over the whole run (share of answer tokens)."""
+    """What was elided since `since` (kept share of candidates) and over the whole run (share of answer tokens),
+    summed over every rank (a collective: call it on all of them)."""
     now = elision.stats
-    candidates, kept = now.candidates - since.candidates, now.kept - since.kept
-    answer_tokens = now.targets + now.candidates - now.kept  # every elided candidate is one dropped loss term
+    candidates, kept, targets, all_candidates, all_kept = _global_sum(
+        [now.candidates - since.candidates, now.kept - since.kept, now.targets, now.candidates, now.kept]
+    )
+    answer_tokens = targets + all_candidates - all_kept  # every elided candidate is one dropped loss term
     return {
         "regate/candidates": candidates,
         "regate/kept": kept,
         "regate/kept_fraction": kept / candidates if candidates else 1.0,
-        "regate/answer_tokens_processed": now.targets / answer_tokens if answer_tokens else 1.0,
+        "regate/answer_tokens_processed": targets / answer_tokens if answer_tokens else 1.0,
         "regate/dense": float(elision.is_dense()),
     }
 
 
 class TokenElisionCallback(TrainerCallback):
     """Drives a `TokenElision` from the Trainer: the dual-cycle schedule follows `state.global_step` (optimizer
-    steps), training logs gain `regate/*` metrics, and `checkpoint-N/regate_state.pt` saves and restores the
-    step, running counts and student EMA. Under data parallelism the ranks exchange their EMA updates each step.
+    steps), training logs gain `regate/*` metrics summed over the ranks, and `checkpoint-N/regate_state.pt` saves
+    and restores the step, running counts and student EMA.
+
+    Under data parallelism every rank folds every rank's observations after each micro-batch (`sync`, see
+    docs/DISTRIBUTED.md), so all ranks hold the same EMA; rank 0 writes the one state file, with the counts summed
+    over the ranks, and every rank reads it back.
     """
 
     def __init__(self, elision: TokenElision, resume_from_checkpoint: str | os.PathLike[str] | None = None) -> None:
@@ -58,15 +72,11 @@ class TokenElisionCallback(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.elision.set_step(state.global_step)
 
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.elision.sync()
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        ema = getattr(self.elision, "ema", None)
-        if ema is None or world_size() == 1:
-            return
-        gathered: list[Any] = [None] * world_size()
-        dist.all_gather_object(gathered, ema.drain_pending())
-        for sender, updates in enumerate(gathered):
-            if sender != rank():
-                ema.merge(updates)
+        self.elision.sync()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs is None or "loss" not in logs:  # training logs only (not eval, not the end-of-run summary)
@@ -78,25 +88,31 @@ class TokenElisionCallback(TrainerCallback):
             state.log_history[-1].update(metrics)  # the Trainer appended this log before calling callbacks
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        directory.mkdir(parents=True, exist_ok=True)
+        self.elision.sync()
         self.elision.set_step(state.global_step)  # the step a resumed run computes next
-        torch.save(self.elision.state_dict(), directory / state_file_name(rank()))
+        saved = self.elision.state_dict()
+        totals = _global_sum([getattr(self.elision.stats, name) for name in _SUMMED_STATS])
+        saved["stats"] = {**saved["stats"], **dict(zip(_SUMMED_STATS, totals))}
+        if distributed.rank() == 0:
+            directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(saved, directory / STATE_FILE)
 
     def load(self, checkpoint: str | os.PathLike[str], global_step: int) -> None:
-        """Restore the state saved in `checkpoint`; a checkpoint without one restarts the EMA with a warning."""
-        directory = Path(checkpoint)
-        path = directory / state_file_name(rank())
-        if not path.exists() and (directory / STATE_FILE).exists():
-            path = directory / STATE_FILE  # more ranks than the run that saved it: rank 0's EMA is the best start
+        """Restore the state saved in `checkpoint` on every rank (rank 0 carries the summed counts, the others
+        restart theirs at 0); a checkpoint without one restarts the EMA with a warning."""
+        path = Path(checkpoint) / STATE_FILE
         if not path.exists():
             warnings.warn(
-                f"resuming at step {global_step} from {directory}, which holds no {STATE_FILE}: token elision "
-                "continues the schedule from this step with an empty student EMA",
+                f"resuming at step {global_step} from {Path(checkpoint)}, which holds no {STATE_FILE}: token "
+                "elision continues the schedule from this step with an empty student EMA",
                 stacklevel=2,
             )
             return
-        self.elision.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if distributed.rank() != 0:
+            state["stats"] = {**state["stats"], **dict.fromkeys(_SUMMED_STATS, 0)}
+        self.elision.load_state_dict(state)
         if self.elision.step != global_step:
             raise ValueError(
                 f"{path} was saved at step {self.elision.step}, but the Trainer resumes at step {global_step}"

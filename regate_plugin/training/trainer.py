@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..adapters import enable_token_elision
+from ..adapters.common import PLANNED_BATCH, plan_ahead
 from .arguments import TokenElisionArguments
 from .callback import TokenElisionCallback
 
@@ -61,16 +62,18 @@ class TokenElisionTrainerMixin:
         return super().compute_loss(model, inputs, return_outputs, **kwargs)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
-        """The Trainer's batches; where it counts the loss terms of an accumulated batch (`num_items_in_batch`,
+        """The Trainer's batches, each with its sample keys and layout read on the host here (not between forward
+        and backward); where the Trainer counts the loss terms of an accumulated batch (`num_items_in_batch`,
         transformers 4.46+), count the ones elision keeps instead of every supervised label."""
         batch_samples, label_count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        labelled = [batch for batch in batch_samples if isinstance(batch, dict) and batch.get("labels") is not None]
+        for batch in labelled:
+            batch[PLANNED_BATCH] = plan_ahead(self.token_elision, batch)
         if label_count is None:  # this Trainer does not normalise by a count
             return batch_samples, label_count
         self.token_elision.set_step(self.state.global_step)
-        kept = sum(
-            self.token_elision.kept_target_counts(b["labels"], b.get("attention_mask")).sum() for b in batch_samples
-        )
-        return batch_samples, self._spread_like_label_count(kept.to(device))
+        kept = sum(int(self.token_elision.kept_target_counts(batch[PLANNED_BATCH].layout).sum()) for batch in labelled)
+        return batch_samples, self._spread_like_label_count(torch.tensor(kept, device=device))
 
     def _spread_like_label_count(self, kept: torch.Tensor) -> torch.Tensor:
         """Sum over data-parallel processes (or split over DataParallel replicas) as the Trainer does its count."""

@@ -1,0 +1,121 @@
+"""Two processes (torchrun, gloo, CPU) through the real HF Trainer: DDP, DeepSpeed ZeRO-2 and ZeRO-3.
+
+The reference is one process fed the same global batches: per-device batch 2 x 2 ranks against batch 4 in one
+process. The data order is the same because the Trainer's sampler is seeded by `args.seed` (the same permutation
+in every process), and the ranks take its consecutive batches in rank order, so one process's batch of 4 is rank
+0's 2 rows followed by rank 1's: the global order in which the ranks fold the EMA (docs/DISTRIBUTED.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import distributed_worker as worker
+from .tiny import tiny_llava
+from .trainer_helpers import make_trainer, samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(out: Path, mode: str, phase: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tests.distributed_worker",
+        str(out),
+        mode,
+        phase,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_DEEPSPEED": "false", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ranks(out: Path, phase: str) -> list[dict]:
+    return [torch.load(out / f"{phase}-rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The single-process run over the same global batches (batch 4), recorded like a rank."""
+    root = tmp_path_factory.mktemp("one")
+    torch.set_num_threads(1)  # as each rank runs: CPU sums depend on the thread count
+    try:
+        args = {**worker.training_args("ddp"), "per_device_train_batch_size": 2 * worker.PER_RANK_BATCH}
+        trainer = make_trainer(root, samples(worker.SAMPLES), worker.elision_flags(root), model=tiny_llava(), **args)
+        trainer.train()
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    return worker.record(trainer)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    done = _torchrun(out, "ddp", "train")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def _assert_same_tables(got: dict, want: dict, atol: float) -> None:
+    for table in ("values", "per_token"):
+        torch.testing.assert_close(got["ema"][table], want["ema"][table], atol=atol, rtol=0, equal_nan=True)
+
+
+def _assert_one_process(ranks: list[dict], one: dict) -> None:
+    rank0, rank1 = ranks
+    for table in ("values", "per_token"):  # bit for bit on every rank
+        assert torch.equal(rank0["state"]["ema"][table].nan_to_num(-7), rank1["state"]["ema"][table].nan_to_num(-7))
+    _assert_same_tables(rank0["state"], one["state"], atol=1e-5)
+    assert (~torch.isnan(rank0["state"]["ema"]["values"])).sum() > 0
+    for name in ("regate/candidates", "regate/kept"):  # global sums: every rank logs the one-process count
+        want = [entry[name] for entry in one["logs"]]
+        assert [entry[name] for entry in rank0["logs"]] == [entry[name] for entry in rank1["logs"]] == want
+    assert [e["loss"] for e in rank0["logs"]] == pytest.approx([e["loss"] for e in one["logs"]], rel=1e-4)
+    sparse = [e for e in one["logs"] if not e["regate/dense"]]
+    assert len(sparse) >= 8 and all(e["regate/kept"] < e["regate/candidates"] for e in sparse)
+
+
+def test_ddp_ranks_hold_the_one_process_ema_and_log_global_counts(ddp_run, one_process):
+    _assert_one_process(_ranks(ddp_run, "train"), one_process)
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_deepspeed_ranks_hold_the_one_process_ema_and_log_global_counts(tmp_path, one_process, mode):
+    done = _torchrun(tmp_path, mode, "train")
+    assert done.returncode == 0, done.stderr[-4000:]
+    _assert_one_process(_ranks(tmp_path, "train"), one_process)
+
+
+def test_resuming_inside_the_sparse_phase_continues_identically(ddp_run, tmp_path):
+    done = _torchrun(tmp_path, "ddp", "resume")
+    assert done.returncode == 0, done.stderr[-4000:]
+    straight, resumed = _ranks(ddp_run, "train"), _ranks(tmp_path, "resume")
+    for rank in (0, 1):
+        assert resumed[rank]["state"]["step"] == straight[rank]["state"]["step"] == worker.STEPS - 1  # last computed
+        _assert_same_tables(resumed[rank]["state"], straight[rank]["state"], atol=1e-6)
+        after = [e for e in resumed[rank]["logs"] if e["step"] > worker.SAVE_AT]
+        want = [e for e in straight[rank]["logs"] if e["step"] > worker.SAVE_AT]
+        assert [e["regate/kept"] for e in after] == [e["regate/kept"] for e in want]
+        assert [e["loss"] for e in after] == pytest.approx([e["loss"] for e in want], rel=1e-5)
+    assert not any(e["regate/dense"] for e in straight[0]["logs"] if e["step"] > worker.SAVE_AT)
+
+
+def test_a_killed_rank_ends_the_job_with_an_error(tmp_path):
+    started = time.monotonic()
+    done = _torchrun(tmp_path, "ddp", "kill", timeout=180)
+    assert done.returncode != 0
+    assert "SIGKILL" in done.stderr or "Signal 9" in done.stderr, done.stderr[-3000:]
+    assert time.monotonic() - started < 120
+    assert not (tmp_path / "kill-rank0.pt").exists()
