@@ -19,21 +19,27 @@ KNOWN_TOWERS = {
 DEFAULT_FRAMES = 8  # VideoLLaMA2's NUM_FRAMES
 
 
-def _tower_grid(config: dict[str, Any], source: str) -> int:
-    """Patches per side of the vision tower's feature map."""
+def tower_geometry(config: dict[str, Any], source: str) -> tuple[int, int]:
+    """The vision tower's input side and patch size, in pixels."""
     vision = config.get("vision_config")
     if isinstance(vision, dict) and vision.get("image_size") and vision.get("patch_size"):
-        return int(vision["image_size"]) // int(vision["patch_size"])
+        return int(vision["image_size"]), int(vision["patch_size"])
     tower = str(config.get("mm_vision_tower") or config.get("vision_tower") or "")
     for name, (size, patch) in KNOWN_TOWERS.items():
         if tower.rstrip("/").endswith(name):
-            return size // patch
+            return size, patch
     match = re.search(r"patch(\d+)-(\d+)", tower)
     if match:
-        return int(match.group(2)) // int(match.group(1))
+        return int(match.group(2)), int(match.group(1))
     raise DataError(
         f"{source}: cannot tell the vision tower's patch grid from {tower or 'the config'}; pass --visual-tokens"
     )
+
+
+def _tower_grid(config: dict[str, Any], source: str) -> int:
+    """Patches per side of the vision tower's feature map."""
+    size, patch = tower_geometry(config, source)
+    return size // patch
 
 
 def _stc_out(n: int, padding: int) -> int:
