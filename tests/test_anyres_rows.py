@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from regate_plugin.data import DataError
-from regate_plugin.data.anyres import anyres_layout, image_size
+from regate_plugin.data.anyres import anyres_layout, read_image_size
 from regate_plugin.data.visual import tower_geometry
 
 from .test_templates import REPO
@@ -102,7 +102,7 @@ def test_counts_from_the_header_equal_the_merged_rows(next_llava, tmp_path, aspe
         with Image.open(path) as image:
             images.append(mm_utils.process_anyres_image(image.convert("RGB"), _Processor(), pinpoints))
         sizes.append(image.size)
-        counted.append(layout.rows(image_size(path)))
+        counted.append(layout.rows(read_image_size(path)))
     ids = torch.tensor([[1, -200, 2]] * len(images))
     _, _, mask, _, embeds, _ = _tiny_model(llava_arch, aspect, merge, pinpoints).prepare_inputs_labels_for_multimodal(
         ids,
@@ -122,10 +122,10 @@ def test_counts_from_the_header_equal_the_merged_rows(next_llava, tmp_path, aspe
 def test_header_read_and_bad_input(tmp_path):
     path = tmp_path / "a.jpg"
     Image.new("RGB", (321, 123)).save(path)
-    assert image_size(path) == (321, 123)
+    assert read_image_size(path) == (321, 123)
     (tmp_path / "b.jpg").write_bytes(b"not an image")
     with pytest.raises(DataError, match="b.jpg"):
-        image_size(tmp_path / "b.jpg")
+        read_image_size(tmp_path / "b.jpg")
     base = {"mm_vision_tower": "x-patch4-32", "image_aspect_ratio": "anyres", "image_grid_pinpoints": OV_PINPOINTS}
     with pytest.raises(DataError, match="maxpool2x2"):
         anyres_layout({**base, "mm_patch_merge_type": "spatial_unpad_maxpool2x2"}, 32, 4, "cfg")

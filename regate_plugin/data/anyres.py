@@ -113,7 +113,7 @@ def anyres_layout(config: dict[str, Any], tile: int, patch: int, source: str) ->
     return AnyresLayout(resolutions, tile, tile // patch, merge, max_tiles)
 
 
-def image_size(path: str | os.PathLike[str]) -> Size:
+def read_image_size(path: str | os.PathLike[str]) -> Size:
     """(width, height) of an image file from its header, without decoding the pixels."""
     from PIL import Image, UnidentifiedImageError
 
