@@ -10,7 +10,7 @@ from PIL import Image
 
 from regate_plugin.data import DataError
 from regate_plugin.data.anyres import anyres_layout, read_image_size
-from regate_plugin.data.visual import tower_geometry
+from regate_plugin.data.visual import tower_geometry, visual_tokens_from_config
 
 from .test_templates import REPO
 
@@ -117,6 +117,20 @@ def test_counts_from_the_header_equal_the_merged_rows(next_llava, tmp_path, aspe
     merged = (mask.sum(1) - 2).tolist()
     assert dict(zip(SIZES, counted)) == dict(zip(SIZES, merged))
     assert len(set(merged)) > 1  # the sizes really give different counts
+
+
+@pytest.mark.parametrize("merge", ["spatial", "spatial_unpad"])
+def test_single_crop_count_equals_the_merged_rows(next_llava, merge):
+    """image_aspect_ratio pad: one crop per image, so one count (grid^2, plus a newline row under unpad) fits all."""
+    _, llava_arch = next_llava
+    config = {"mm_vision_tower": f"tiny-patch{PATCH}-{TILE}", "mm_projector_type": "mlp2x_gelu"}
+    config |= {"image_aspect_ratio": "pad", "mm_patch_merge_type": merge}
+    ids = torch.tensor([[1, -200, 2]] * 2)
+    images = [torch.rand(3, TILE, TILE), torch.rand(3, TILE, TILE)]
+    _, _, mask, _, _, _ = _tiny_model(llava_arch, "pad", merge, None).prepare_inputs_labels_for_multimodal(
+        ids, None, torch.ones_like(ids, dtype=torch.bool), None, ids.clamp(min=-100), images, ["image"] * 2, None
+    )
+    assert (mask.sum(1) - 2).tolist() == [visual_tokens_from_config(config)] * 2
 
 
 def test_header_read_and_bad_input(tmp_path):

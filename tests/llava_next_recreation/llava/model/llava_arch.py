@@ -30,8 +30,9 @@ class LlavaMetaForCausalLM:
     def encode_images(self, images):
         return self.get_model().mm_projector(self.get_model().get_vision_tower()(images))
 
-    def _merge_tiles(self, image_feature, image_size):
-        """[1 + tiles, grid*grid, D] features of one image -> its rows, as the `spatial*` branch upstream."""
+    def _merge_tiles(self, image_feature, image_sizes, image_idx):
+        """[1 + tiles, grid*grid, D] features of image `image_idx` -> its rows, as the `spatial*` branch upstream
+        (which reads `image_sizes` only for a tiled image)."""
         config, newline = self.config, self.get_model().image_newline
         merge = getattr(config, "mm_patch_merge_type", "flat")
         aspect = getattr(config, "image_aspect_ratio", "square")
@@ -44,7 +45,7 @@ class LlavaMetaForCausalLM:
         max_match = re.match(r"anyres_max_(\d+)", aspect) if "anyres_max" in aspect else None
         if aspect == "anyres" or "anyres_max" in aspect:
             cols, rows_ = get_anyres_image_grid_shape(
-                image_size, config.image_grid_pinpoints, self.get_vision_tower().image_size
+                image_sizes[image_idx], config.image_grid_pinpoints, self.get_vision_tower().image_size
             )
             tiles = tiles.view(rows_, cols, side, side, -1)
         else:
@@ -52,7 +53,7 @@ class LlavaMetaForCausalLM:
         if "unpad" in merge:
             # [rows, cols, side, side, D] -> [D, rows*side, cols*side]: tiles laid out as the canvas they came from
             canvas = tiles.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
-            canvas = unpad_image(canvas, image_size)
+            canvas = unpad_image(canvas, image_sizes[image_idx])
             if max_match:
                 _, h, w = canvas.shape
                 times = math.sqrt(h * w / (int(max_match.group(1)) * side**2))
@@ -90,7 +91,7 @@ class LlavaMetaForCausalLM:
             if getattr(self.config, "mm_patch_merge_type", "flat") == "flat":
                 image_features = [x.flatten(0, 1) for x in features]
             else:
-                image_features = [self._merge_tiles(f, image_sizes[i]) for i, f in enumerate(features)]
+                image_features = [self._merge_tiles(f, image_sizes, i) for i, f in enumerate(features)]
         else:
             image_features = self.encode_images(images)
 
