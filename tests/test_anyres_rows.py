@@ -1,6 +1,5 @@
 """LLaVA-NeXT anyres row counts from an image's header, against the re-created merge run on real tiles."""
 
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +11,7 @@ from regate_plugin.data import DataError
 from regate_plugin.data.anyres import anyres_layout, read_image_size
 from regate_plugin.data.visual import tower_geometry, visual_tokens_from_config
 
-from .test_templates import REPO
+from .llava_next import llava_next_on_path
 
 TILE, PATCH = 32, 4  # a tiny tower: 32-pixel input, 8x8 feature grid
 OV_PINPOINTS = [[c * TILE, r * TILE] for c in range(1, 7) for r in range(1, 7)]  # OneVision's (1x1)..(6x6)
@@ -39,17 +38,12 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def next_llava():
-    """The re-creation's `llava` package, imported from tests/llava_next_recreation and dropped afterwards."""
-    sys.path.insert(0, str(REPO / "tests" / "llava_next_recreation"))
-    try:
+    """The re-creation's `llava.mm_utils` and `llava.model.llava_arch`."""
+    with llava_next_on_path():
         from llava import mm_utils
         from llava.model import llava_arch
 
         yield mm_utils, llava_arch
-    finally:
-        sys.path.pop(0)
-        for name in [n for n in sys.modules if n == "llava" or n.startswith("llava.")]:
-            del sys.modules[name]
 
 
 class _Processor:

@@ -13,24 +13,17 @@ from transformers import AutoTokenizer
 from regate_plugin.data import get_template, parse_sample
 
 from .llava_data import conversation_samples, write_json
-from .test_templates import REPO
+from .llava_next import RECREATION, llava_next_on_path
 from .tokenizers_fixture import write_bpe_chat_tokenizer
-
-RECREATION = REPO / "tests" / "llava_next_recreation"
 
 
 @pytest.fixture(scope="module")
 def next_train():
-    """The re-creation's `llava.train.train`, imported from tests/llava_next_recreation and dropped afterwards."""
-    sys.path.insert(0, str(RECREATION))
-    try:
+    """The re-creation's `llava.train.train`."""
+    with llava_next_on_path():
         from llava.train import train
 
         yield train
-    finally:
-        sys.path.pop(0)
-        for name in [n for n in sys.modules if n == "llava" or n.startswith("llava.")]:
-            del sys.modules[name]
 
 
 def _upstream(train, raw, tokenizer):
