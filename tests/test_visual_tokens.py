@@ -81,7 +81,7 @@ def test_videollama2_connector_counts_equal_the_connectors_outputs():
     [
         {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"},
         {"image_aspect_ratio": "anyres_max_9", "mm_patch_merge_type": "spatial_unpad"},
-        {"image_aspect_ratio": "pad", "mm_patch_merge_type": "spatial_unpad"},
+        {"image_aspect_ratio": "highres", "mm_patch_merge_type": "spatial_unpad"},
     ],
 )
 def test_size_dependent_llava_next_counts_are_refused_not_guessed(fields):

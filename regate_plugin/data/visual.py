@@ -17,23 +17,30 @@ KNOWN_TOWERS = {
     "siglip-so400m-patch14-384": (384, 14),
 }
 DEFAULT_FRAMES = 8  # VideoLLaMA2's NUM_FRAMES
+SINGLE_CROP_MERGES = {"spatial": 0, "spatial_unpad": 1}  # LLaVA-NeXT rows added to a lone crop: one newline
+
+
+def tower_geometry(config: dict[str, Any], source: str) -> tuple[int, int]:
+    """The vision tower's input side and patch size, in pixels."""
+    vision = config.get("vision_config")
+    if isinstance(vision, dict) and vision.get("image_size") and vision.get("patch_size"):
+        return int(vision["image_size"]), int(vision["patch_size"])
+    tower = str(config.get("mm_vision_tower") or config.get("vision_tower") or "")
+    for name, (size, patch) in KNOWN_TOWERS.items():
+        if tower.rstrip("/").endswith(name):
+            return size, patch
+    match = re.search(r"patch(\d+)-(\d+)", tower)
+    if match:
+        return int(match.group(2)), int(match.group(1))
+    raise DataError(
+        f"{source}: cannot tell the vision tower's patch grid from {tower or 'the config'}; pass --visual-tokens"
+    )
 
 
 def _tower_grid(config: dict[str, Any], source: str) -> int:
     """Patches per side of the vision tower's feature map."""
-    vision = config.get("vision_config")
-    if isinstance(vision, dict) and vision.get("image_size") and vision.get("patch_size"):
-        return int(vision["image_size"]) // int(vision["patch_size"])
-    tower = str(config.get("mm_vision_tower") or config.get("vision_tower") or "")
-    for name, (size, patch) in KNOWN_TOWERS.items():
-        if tower.rstrip("/").endswith(name):
-            return size // patch
-    match = re.search(r"patch(\d+)-(\d+)", tower)
-    if match:
-        return int(match.group(2)) // int(match.group(1))
-    raise DataError(
-        f"{source}: cannot tell the vision tower's patch grid from {tower or 'the config'}; pass --visual-tokens"
-    )
+    size, patch = tower_geometry(config, source)
+    return size // patch
 
 
 def _stc_out(n: int, padding: int) -> int:
@@ -44,11 +51,13 @@ def _stc_out(n: int, padding: int) -> int:
 def visual_tokens_from_config(config: dict[str, Any], source: str = "student config") -> int:
     """Visual rows per `<image>`/`<video>` placeholder for LLaVA-1.5, HF-native LLaVA and VideoLLaMA2 configs."""
     aspect, merge = str(config.get("image_aspect_ratio", "")), str(config.get("mm_patch_merge_type", "flat"))
-    if aspect.startswith("anyres") or merge != "flat":
+    single_crop = aspect in ("", "square", "pad")  # one tower crop per image: LLaVA-NeXT's merge adds no tiles
+    size_dependent = aspect.startswith("anyres") or (merge != "flat" and not single_crop)
+    if size_dependent or merge not in ("flat", *SINGLE_CROP_MERGES):
         raise DataError(
             f"{source}: image_aspect_ratio {aspect!r} / mm_patch_merge_type {merge!r} (LLaVA-NeXT anyres, "
             "spatial_unpad) give each image a row count that depends on its size, which one --visual-tokens cannot "
-            "describe; exact per-image counts are not supported yet (train with image_aspect_ratio pad)"
+            "describe; precompute does not use per-image counts yet (train with image_aspect_ratio pad)"
         )
     grid = _tower_grid(config, source)
     cls_row = (
@@ -65,7 +74,7 @@ def visual_tokens_from_config(config: dict[str, Any], source: str = "student con
         padding = 1 if projector == "stc_connector" else 0
         return _stc_out(frames, padding) * _stc_out(grid, padding) ** 2
     if projector in ("linear", "identity") or re.fullmatch(r"mlp\d+x_gelu", projector):
-        return grid * grid + cls_row
+        return grid * grid + cls_row + SINGLE_CROP_MERGES.get(merge, 0)
     raise DataError(f"{source}: projector {projector!r} has no known token count; pass --visual-tokens")
 
 

@@ -1,0 +1,167 @@
+"""Upstream llava/train/train.py, reduced to what the plugin meets: the argument dataclasses (with
+`TrainingArguments.attn_implementation`), `preprocess_multimodal`, `preprocess_qwen`, the collator's `image_sizes` /
+`modalities`, and a `train()` that reads the attention implementation from `TrainingArguments` and builds
+`LlavaQwenForCausalLM` (no vision tower: the re-creation trains text samples; the merge is in llava/model)."""
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from torch.utils.data import Dataset
+
+from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+from llava.train.llava_trainer import LLaVATrainer
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None)
+    mm_patch_merge_type: str | None = field(default="flat")
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None)
+    image_folder: str | None = field(default=None)
+    is_multimodal: bool = False
+    image_aspect_ratio: str = "square"
+    image_grid_pinpoints: str | None = field(default=None)
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=512)
+    attn_implementation: str = field(default="flash_attention_2")
+
+
+def preprocess_multimodal(sources, data_args):
+    """A lone `<image>` is moved to the front of its turn; every turn is read by its "value"."""
+    if not data_args.is_multimodal:
+        return sources
+    for source in sources:
+        for sentence in source:
+            if len(re.findall(DEFAULT_IMAGE_TOKEN, sentence["value"])) == 1 and not sentence["value"].startswith(
+                DEFAULT_IMAGE_TOKEN
+            ):
+                rest = sentence["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+                sentence["value"] = (DEFAULT_IMAGE_TOKEN + "\n" + rest).strip()
+    return sources
+
+
+QWEN_TURN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def preprocess_qwen(sources, tokenizer, has_image=False, max_len=2048, system_message="You are a helpful assistant."):
+    """ChatML one turn at a time on a copy of the tokenizer; user/system turns masked, assistant turns supervised,
+    <|im_start|>, <|im_end|> and id 198 always supervised, `<image>` replaced by -200. The first turn is read by its
+    "from" key; later turns by "role"/"content", else "from"/"value"."""
+    roles = {"human": "user", "gpt": "assistant"}
+    tokenizer = copy.deepcopy(tokenizer)
+    if has_image:
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    # upstream unpacks `tokenizer.additional_special_tokens_ids` (transformers 4.x); these are its two entries
+    im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    unmask = [198, im_start, im_end]
+    tokenizer.chat_template = QWEN_TURN_TEMPLATE
+
+    def encode(messages):
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+
+    input_ids, targets = [], []
+    for source in sources:
+        if roles[source[0]["from"]] != roles["human"]:
+            source = source[1:]
+        ids = encode([{"role": "system", "content": system_message}])
+        labels = [IGNORE_INDEX] * len(ids)
+        for turn in source:
+            try:
+                role, content = turn["role"], turn["content"]
+            except KeyError:
+                role, content = turn["from"], turn["value"]
+            role = roles.get(role, role)
+            piece = encode([{"role": role, "content": content}])
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece) if role in ["user", "system"] else piece
+        for n, token in enumerate(ids):
+            if token in unmask:
+                labels[n] = token
+            if token == image_token_index:
+                ids[n] = IMAGE_TOKEN_INDEX
+        input_ids.append(ids)
+        targets.append(labels)
+    return dict(input_ids=torch.tensor(input_ids, dtype=torch.long), labels=torch.tensor(targets, dtype=torch.long))
+
+
+class LazySupervisedDataset(Dataset):
+    """Text samples of a JSON list, tokenised with `preprocess_qwen` (images are not loaded by the re-creation)."""
+
+    def __init__(self, data_path, tokenizer, data_args):
+        with open(data_path) as handle:
+            self.samples = json.load(handle)
+        self.tokenizer, self.data_args = tokenizer, data_args
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        encoded = preprocess_qwen([copy.deepcopy(self.samples[i]["conversations"])], self.tokenizer)
+        return dict(input_ids=encoded["input_ids"][0], labels=encoded["labels"][0])
+
+
+@dataclass
+class DataCollatorForSupervisedDataset:
+    """Right padding, truncation to model_max_length; with images, `image_sizes` and `modalities` per image."""
+
+    tokenizer: transformers.PreTrainedTokenizer
+
+    def __call__(self, instances):
+        limit = self.tokenizer.model_max_length
+        ids = [x["input_ids"][:limit] for x in instances]
+        labels = [x["labels"][:limit] for x in instances]
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token_id = 0
+        ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+        labels = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
+        batch = dict(input_ids=ids, labels=labels, attention_mask=ids.ne(self.tokenizer.pad_token_id))
+        if "image" in instances[0]:
+            images = [im for x in instances for im in x["image"]]  # (tensor, (width, height), "image"|"video")
+            batch["image_sizes"] = [im[1] for im in images]
+            batch["modalities"] = [im[2] for im in images]
+            batch["images"] = [im[0] for im in images]
+        return batch
+
+
+def train(attn_implementation=None):
+    """The `attn_implementation` argument is ignored, as upstream: the model is built with the dataclass field."""
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    assert training_args.attn_implementation
+    model = LlavaQwenForCausalLM.from_pretrained(
+        model_args.model_name_or_path, attn_implementation=training_args.attn_implementation
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, model_max_length=training_args.model_max_length, padding_side="right"
+    )
+    dataset = LazySupervisedDataset(data_args.data_path, tokenizer, data_args)
+    trainer = LLaVATrainer(
+        model=model,
+        processing_class=tokenizer,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSupervisedDataset(tokenizer),
+    )
+    trainer.train()
+    trainer.save_state()
+
+
+if __name__ == "__main__":
+    train()
