@@ -335,25 +335,22 @@ def _dense_two_rank(step: int) -> bool:
     return step < 2 or (step - 2) % 4 < 1
 
 
-def test_two_ranks_through_torchrun(setup, tmp_path):
-    out = tmp_path / "llava-tiny-ddp"
-    torchrun = LLAVA_PYTHON.parent / "torchrun"
-    _llava_command(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29611", "-m", "regate_plugin.launch", "llava"],
-        _two_rank_flags(setup, out),
-        tmp_path / "rank_states",
-    )
-    _assert_ranks_hold_one_state(out, tmp_path / "rank_states")
+TWO_RANK_LAUNCHERS = {  # how each starts `regate_plugin.launch llava` on two ranks
+    "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", "29611", "-m"],
+    # the README's command: each rank starts as `python -u -m regate_plugin.launch --local_rank=N llava ...`
+    "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", "29612", "--module"],
+}
 
 
-def test_two_ranks_through_the_readme_deepspeed_command(setup, tmp_path):
-    """`deepspeed --module regate_plugin.launch llava ...` starts each rank as `python -u -m regate_plugin.launch
-    --local_rank=N llava ...`. The ranks train with DDP on gloo: with a ZeRO config, accelerate 0.26 (this env)
-    opens DeepSpeed's process group on nccl, which a CPU build of torch does not have."""
-    out = tmp_path / "llava-tiny-deepspeed-launcher"
-    deepspeed = LLAVA_PYTHON.parent / "deepspeed"
+@pytest.mark.parametrize("launcher", sorted(TWO_RANK_LAUNCHERS))
+def test_two_ranks_end_with_one_ema(setup, tmp_path, launcher):
+    """Upstream LLaVA on two ranks (DDP, gloo) through torchrun and through `deepspeed --module
+    regate_plugin.launch llava`. Without a ZeRO config: accelerate 0.26 (this env) opens DeepSpeed's process group
+    on nccl, which a CPU build of torch does not have."""
+    out = tmp_path / f"llava-tiny-{launcher}"
+    program, *options = TWO_RANK_LAUNCHERS[launcher]
     _llava_command(
-        [str(deepspeed), "--num_gpus", "2", "--master_port", "29612", "--module", "regate_plugin.launch", "llava"],
+        [str(LLAVA_PYTHON.parent / program), *options, "regate_plugin.launch", "llava"],
         _two_rank_flags(setup, out),
         tmp_path / "rank_states",
     )
