@@ -15,5 +15,7 @@ fi
   pillow shortuuid sentencepiece protobuf einops safetensors tqdm numpy av
 # llava-torch declares torch==2.1.2 and friends; its code runs on the versions above.
 "${pip[@]}" install --no-deps llava-torch==1.2.2.post1
+# the `deepspeed` launcher of the README command for upstream LLaVA (tests/test_launch_llava.py starts it on two ranks)
+"${pip[@]}" install deepspeed==0.19.8
 "${pip[@]}" install --no-deps -e .
 echo "setup: upstream-LLaVA env ready ($("$venv/bin/python" -c 'import transformers, llava; print("transformers", transformers.__version__)'))"

@@ -46,6 +46,22 @@ def _llava(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return done
 
 
+def _llava_command(launcher: list[str], args: list[str], rank_states: Path) -> None:
+    """A launcher of the upstream-LLaVA env (torchrun, deepspeed) starting `regate_plugin.launch` on two CPU ranks;
+    each rank leaves the elision state it ends with in `rank_states` (tests/upstream_llava/rank_state)."""
+    rank_states.mkdir()
+    env = {
+        **_env(),
+        "PYTHONPATH": f"{REPO / 'tests/upstream_llava/rank_state'}:{REPO}",
+        "REGATE_RANK_STATE_DIR": str(rank_states),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    done = subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-6000:])
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("llava_e2e")
@@ -278,3 +294,62 @@ def test_bad_flags_fail_before_training(setup, tmp_path):
     zero = launch("--token_elision", "regate", "--regate_ref_cache", str(setup["cache"]), "--regate_keep_ratio", "0")
     assert zero.returncode != 0 and "--regate_keep_ratio" in zero.stderr
     assert not (tmp_path / "llava-tiny-bad" / "trainer_state.json").exists()
+
+
+TWO_RANK_STEPS = 6  # warmup 2, then a cycle of 4 with 1 dense step: steps 3-5 (1-based 4-6) are sparse
+
+
+def _two_rank_flags(setup: dict[str, Path], out: Path) -> list[str]:
+    flags = _train_args(setup, out, TWO_RANK_STEPS, save_steps=TWO_RANK_STEPS) + _regate_flags(setup)
+    schedule = {"--regate_warmup_steps": "2", "--regate_cycle_steps": "4", "--regate_dense_steps": "1"}
+    for flag, value in schedule.items():
+        flags[flags.index(flag) + 1] = value
+    return [*flags, "--ddp_backend", "gloo", "--per_device_train_batch_size", "2"]
+
+
+def _assert_ranks_hold_one_state(out: Path, rank_states: Path) -> None:
+    """Both ranks end with the same elision state (EMA, step), and the run logged the schedule."""
+    first, second = (torch.load(rank_states / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert first["step"] == second["step"] == TWO_RANK_STEPS
+    assert bool((~first["ema"]["values"].isnan()).any())
+    torch.testing.assert_close(_ema_by_key(second["ema"]), _ema_by_key(first["ema"]), rtol=0, atol=0, equal_nan=True)
+    assert (out / f"checkpoint-{TWO_RANK_STEPS}" / STATE_FILE).exists()
+    log = _log(out)
+    assert [e["step"] for e in log] == list(range(1, TWO_RANK_STEPS + 1))
+    assert all(e["regate/kept"] < e["regate/candidates"] for e in log if not _dense_two_rank(e["step"] - 1)), log
+
+
+def _ema_by_key(ema: dict) -> dict:
+    """A saved EMA with its per-sample rows keyed by sample key, so that the order ranks first met them in is moot."""
+    if "lengths" not in ema:  # flat arrays in a fixed layout: compared as they are
+        return ema
+    rows = torch.split(ema["values"], ema["lengths"].tolist())
+    by_key = {bytes(key.tolist()): row for key, row in zip(ema["keys"], rows)}
+    rest = {name: value for name, value in ema.items() if name not in ("keys", "lengths", "values")}
+    return {**rest, "per_sample": dict(sorted(by_key.items()))}
+
+
+def _dense_two_rank(step: int) -> bool:
+    return step < 2 or (step - 2) % 4 < 1
+
+
+TWO_RANK_LAUNCHERS = {  # how each starts `regate_plugin.launch llava` on two ranks
+    "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", "29611", "-m"],
+    # the README's command: each rank starts as `python -u -m regate_plugin.launch --local_rank=N llava ...`
+    "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", "29612", "--module"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(TWO_RANK_LAUNCHERS))
+def test_two_ranks_end_with_one_ema(setup, tmp_path, launcher):
+    """Upstream LLaVA on two ranks (DDP, gloo) through torchrun and through `deepspeed --module
+    regate_plugin.launch llava`. Without a ZeRO config: accelerate 0.26 (this env) opens DeepSpeed's process group
+    on nccl, which a CPU build of torch does not have."""
+    out = tmp_path / f"llava-tiny-{launcher}"
+    program, *options = TWO_RANK_LAUNCHERS[launcher]
+    _llava_command(
+        [str(LLAVA_PYTHON.parent / program), *options, "regate_plugin.launch", "llava"],
+        _two_rank_flags(setup, out),
+        tmp_path / "rank_states",
+    )
+    _assert_ranks_hold_one_state(out, tmp_path / "rank_states")

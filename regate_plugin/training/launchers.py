@@ -104,6 +104,9 @@ LAUNCHERS = {"llava": launch_llava, "videollama2": launch_videollama2}
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`[--local_rank=N] {llava,videollama2} <upstream arguments>`: the DeepSpeed launcher puts `--local_rank=N`
+    before the codebase (`deepspeed --module regate_plugin.launch llava ...` starts each rank as `python -u -m
+    regate_plugin.launch --local_rank=N llava ...`); it is handed on to the upstream script, which takes it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m regate_plugin.launch",
@@ -111,8 +114,15 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Everything after the codebase name goes to the upstream script, plus: --token_elision "
         "{none,regate,random} --regate_ref_cache DIR --regate_keep_ratio ... (see README), and "
         "--attn_implementation (eager, sdpa, flash_attention_2: what train_mem.py / train.py's __main__ would pass).",
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--local_rank", type=int, help="set by the deepspeed launcher; passed on to the upstream script"
     )
     parser.add_argument("codebase", choices=sorted(LAUNCHERS))
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in LAUNCHERS:
-        parser.parse_args(argv[:1] or ["--help"])
-    LAUNCHERS[argv[0]](argv[1:])
+    at = next((i for i, arg in enumerate(argv) if arg in LAUNCHERS), len(argv))
+    ours = parser.parse_args(argv[: at + 1])  # exits with the usage when the codebase is missing or unknown
+    upstream = argv[at + 1 :]
+    if ours.local_rank is not None:
+        upstream.append(f"--local_rank={ours.local_rank}")
+    LAUNCHERS[ours.codebase](upstream)
