@@ -127,7 +127,7 @@ class ElisionPlan:
         }
 
     def report(self) -> dict[str, Any]:
-        """What `out.token_elision` carries (DESIGN.md §4)."""
+        """What `out.token_elision` carries (docs/ARCHITECTURE.md, "One training step")."""
         return {"kept_mask": self.kept_mask, "dense": self.dense, "keep_ratio": self.keep_ratio, **self.counts}
 
 
