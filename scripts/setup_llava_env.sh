@@ -5,12 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${REGATE_LLAVA_VENV:-.venv-llava}"
-python="${PYTHON:-python3}"
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-  "${pip[@]}" install "${REGATE_TORCH:-torch==2.13.0}"
-fi
+. scripts/venv.sh
+make_venv "$venv"
 "${pip[@]}" install transformers==4.37.2 tokenizers==0.15.2 accelerate==0.26.1 peft==0.7.1 \
   pillow shortuuid sentencepiece protobuf einops safetensors tqdm numpy av
 # llava-torch declares torch==2.1.2 and friends; its code runs on the versions above.

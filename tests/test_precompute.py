@@ -123,24 +123,7 @@ def _uninterrupted(setup, tmp_path_factory) -> dict[bytes, torch.Tensor]:
     out = root / "reference_cache"
     if not (out / MANIFEST_NAME).exists():  # one thread, as each torchrun rank has: CPU sums depend on it
         subprocess.run(
-            _cli(
-                "--data",
-                data,
-                "--reference",
-                reference,
-                "--template",
-                "v1",
-                "--out",
-                out,
-                "--visual-tokens",
-                ROWS,
-                "--max-length",
-                MAX_LEN,
-                "--window",
-                4,
-                "--batch-tokens",
-                400,
-            ),
+            _cli(*_windowed_args(data, reference, out)),
             env={**os.environ, "OMP_NUM_THREADS": "1"},
             check=True,
             timeout=600,
@@ -148,16 +131,18 @@ def _uninterrupted(setup, tmp_path_factory) -> dict[bytes, torch.Tensor]:
     return _cache_dict(out)
 
 
+PRECOMPUTE = ["precompute", "--no-progress", "--dtype", "float32"]
+
+
 def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "regate_plugin.cli", *PRECOMPUTE, *map(str, args)]
+
+
+def _windowed_args(data, reference, out) -> list:
+    """The small-window, small-batch run that the uninterrupted and the torchrun caches are both built with."""
     return [
-        sys.executable,
-        "-m",
-        "regate_plugin.cli",
-        "precompute",
-        "--no-progress",
-        "--dtype",
-        "float32",
-        *map(str, args),
+        *("--data", data, "--reference", reference, "--template", "v1", "--out", out),
+        *("--visual-tokens", ROWS, "--max-length", MAX_LEN, "--window", 4, "--batch-tokens", 400),
     ]
 
 
@@ -222,28 +207,7 @@ def test_two_processes_equal_one(setup, tmp_path, tmp_path_factory):
         "-m",
         "regate_plugin.cli",
     ]
-    args = [
-        "precompute",
-        "--no-progress",
-        "--dtype",
-        "float32",
-        "--data",
-        data,
-        "--reference",
-        reference,
-        "--template",
-        "v1",
-        "--out",
-        out,
-        "--visual-tokens",
-        ROWS,
-        "--max-length",
-        MAX_LEN,
-        "--window",
-        4,
-        "--batch-tokens",
-        400,
-    ]
+    args = [*PRECOMPUTE, *_windowed_args(data, reference, out)]
     done = subprocess.run(
         [*torchrun, *map(str, args)],
         capture_output=True,
