@@ -40,7 +40,7 @@ def build_cache(directory: Path, samples: int, tokens: int, seed: int = 0) -> li
     losses = torch.from_numpy(rng.random((samples, tokens), dtype=np.float32) * 5)
     with ReferenceLossCacheWriter(
         directory,
-        teacher="bench",
+        reference="bench",
         tokenizer_fingerprint="bench",
         reference_mode="gap",
         dtype="float16",

@@ -69,10 +69,11 @@ def _zoo_load(args: argparse.Namespace) -> int:
 
 
 def _precompute(args: argparse.Namespace) -> int:
-    from .data.visual import visual_tokens_from_path
+    from .data.anyres import AnyresLayout
+    from .data.visual import visual_rows_from_path
     from .reference.precompute import PrecomputeConfig, run_precompute
 
-    visual_tokens = args.visual_tokens
+    visual_tokens, anyres = args.visual_tokens, None
     if args.student:
         from .model_zoo import get_entry, reference_for
 
@@ -85,8 +86,13 @@ def _precompute(args: argparse.Namespace) -> int:
             "pass --reference and --template, or --student NAME (a model_zoo entry) to take them from its entry"
         )
     if args.student_config:
-        visual_tokens = visual_tokens_from_path(args.student_config)
-        print(f"visual rows per placeholder, from {args.student_config}: {visual_tokens}")
+        rows = visual_rows_from_path(args.student_config)
+        if isinstance(rows, AnyresLayout):
+            anyres = rows
+            print(f"visual rows per image, from {args.student_config}: from each image's size ({rows.merge} merge)")
+        else:
+            visual_tokens = rows
+            print(f"visual rows per placeholder, from {args.student_config}: {visual_tokens}")
     cfg = PrecomputeConfig(
         data=args.data,
         reference=args.reference,
@@ -94,6 +100,8 @@ def _precompute(args: argparse.Namespace) -> int:
         out=args.out,
         tokenizer=args.tokenizer,
         visual_tokens=visual_tokens,
+        anyres=anyres,
+        image_folder=args.image_folder,
         image_token_id=args.image_token_id,
         mode=args.mode,
         max_length=args.max_length,
@@ -349,7 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     visual.add_argument(
         "--visual-tokens", type=int, help="visual rows per <image>/<video> placeholder (LLaVA-1.5: 576)"
     )
-    visual.add_argument("--student-config", help="derive --visual-tokens from the student's config.json")
+    visual.add_argument(
+        "--student-config",
+        help="read the visual rows off the student's config.json (LLaVA-NeXT anyres: counted per image from its size)",
+    )
+    pre.add_argument(
+        "--image-folder",
+        help="the training run's --image_folder / --data_folder: image and video paths are relative to it, and every "
+        "sample's files must exist (needed for an anyres student, whose rows depend on each image's size)",
+    )
     pre.add_argument(
         "--image-token-id",
         type=int,

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,11 +62,19 @@ def one_process(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
-    done = _torchrun(out, "ddp", "train")
-    assert done.returncode == 0, done.stderr[-4000:]
-    return out
+def straight_runs(tmp_path_factory) -> Callable[[str], Path]:
+    """Uninterrupted two-rank runs, made once per mode when a test first asks for one."""
+    made: dict[str, Path] = {}
+
+    def run(mode: str) -> Path:
+        if mode not in made:
+            out = tmp_path_factory.mktemp(mode)
+            done = _torchrun(out, mode, "train")
+            assert done.returncode == 0, done.stderr[-4000:]
+            made[mode] = out
+        return made[mode]
+
+    return run
 
 
 def _assert_same_tables(got: dict, want: dict, atol: float) -> None:
@@ -87,21 +96,16 @@ def _assert_one_process(ranks: list[dict], one: dict) -> None:
     assert len(sparse) >= 8 and all(e["regate/kept"] < e["regate/candidates"] for e in sparse)
 
 
-def test_ddp_ranks_hold_the_one_process_ema_and_log_global_counts(ddp_run, one_process):
-    _assert_one_process(_ranks(ddp_run, "train"), one_process)
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
+def test_ranks_hold_the_one_process_ema_and_log_global_counts(straight_runs, one_process, mode):
+    _assert_one_process(_ranks(straight_runs(mode), "train"), one_process)
 
 
-@pytest.mark.parametrize("mode", ["zero2", "zero3"])
-def test_deepspeed_ranks_hold_the_one_process_ema_and_log_global_counts(tmp_path, one_process, mode):
-    done = _torchrun(tmp_path, mode, "train")
+@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+def test_resuming_inside_the_sparse_phase_continues_identically(straight_runs, tmp_path, mode):
+    done = _torchrun(tmp_path, mode, "resume")
     assert done.returncode == 0, done.stderr[-4000:]
-    _assert_one_process(_ranks(tmp_path, "train"), one_process)
-
-
-def test_resuming_inside_the_sparse_phase_continues_identically(ddp_run, tmp_path):
-    done = _torchrun(tmp_path, "ddp", "resume")
-    assert done.returncode == 0, done.stderr[-4000:]
-    straight, resumed = _ranks(ddp_run, "train"), _ranks(tmp_path, "resume")
+    straight, resumed = _ranks(straight_runs(mode), "train"), _ranks(tmp_path, "resume")
     for rank in (0, 1):
         assert resumed[rank]["state"]["step"] == straight[rank]["state"]["step"] == worker.STEPS - 1  # last computed
         _assert_same_tables(resumed[rank]["state"], straight[rank]["state"], atol=1e-6)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -184,3 +185,58 @@ def test_not_a_cache_directory(tmp_path):
     (tmp_path / "manifest.json").write_text("{nope")
     with pytest.raises(CacheError, match="not a valid cache manifest"):
         ReferenceLossCache(tmp_path)
+
+
+def test_a_version_1_cache_still_opens(tmp_path):
+    """Caches written before per-sample visual rows: version 1, no `visual_layout`, shards without `visual_rows`."""
+    samples = _samples()
+    _write(tmp_path, samples, visual_tokens=16)
+    manifest = tmp_path / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["version"] = 1
+    del raw["visual_layout"]
+    manifest.write_text(json.dumps(raw))
+    cache = ReferenceLossCache(tmp_path)
+    assert all(torch.equal(cache[key], losses) for key, losses in samples.items())
+    rows = cache.locate(list(samples))
+    assert cache.expected_visual_rows(rows, np.full(len(rows), 2)).tolist() == [32] * len(rows)
+    raw["version"] = 3
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(CacheError, match="upgrade regate-plugin"):
+        ReferenceLossCache(tmp_path)
+
+
+def test_per_sample_visual_rows_round_trip_and_are_required(tmp_path):
+    samples = _samples()
+    layout = {"resolutions": [[64, 32]], "tile": 32, "grid": 8, "merge": "spatial_unpad", "max_tiles": None}
+    with ReferenceLossCacheWriter(
+        tmp_path, reference="t", tokenizer_fingerprint="fp", reference_mode="gap", visual_layout=layout, shard_samples=2
+    ) as writer:
+        for n, (key, losses) in enumerate(samples.items()):
+            writer.add(key, losses, visual_rows=100 + n)
+        with pytest.raises(CacheError, match="visual rows"):
+            writer.add(sample_key([9, 9], [False, True]), torch.ones(1))
+    cache = ReferenceLossCache(tmp_path)
+    rows = cache.locate([*samples, sample_key([7], [True])])
+    assert cache.expected_visual_rows(rows, np.zeros(len(rows), np.int64)).tolist() == [100, 101, 102, 103, 104, -1]
+
+
+@pytest.mark.parametrize("n", [1, 3, 200])
+def test_lookups_equal_a_dict_of_the_keys_with_colliding_first_halves(tmp_path, n):
+    """`get`, `in` and `locate` against a plain dict; a third of the keys share their first 8 bytes with another."""
+    rng = np.random.default_rng(n)
+    raw = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    raw[2::3, :8] = raw[1::3, :8][: raw[2::3].shape[0]]
+    samples = {row.tobytes(): torch.rand(int(rng.integers(0, 4))) for row in raw}
+    _write(tmp_path, samples)
+    cache = ReferenceLossCache(tmp_path)
+    absent = [k[:8] + bytes(8) for k in samples] + [
+        rng.integers(0, 256, 16, dtype=np.uint8).tobytes() for _ in range(50)
+    ]
+    absent = [k for k in absent if k not in samples]
+    for key, losses in samples.items():
+        assert key in cache and torch.equal(cache.get(key), losses)
+    assert all(cache.get(key) is None and key not in cache for key in absent)
+    rows = cache.locate([*samples, *absent])
+    assert (rows[: len(samples)] >= 0).all() and (rows[len(samples) :] == -1).all()
+    assert sorted(cache.keys()) == sorted(samples)

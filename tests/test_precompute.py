@@ -4,6 +4,7 @@ and each kind of bad input."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -49,20 +50,27 @@ def _cache_dict(path: Path) -> dict[bytes, torch.Tensor]:
     return {key: cache[key] for key in cache.keys()}
 
 
-def _brute_force(reference: Path, data: Path, mode: str) -> dict[bytes, torch.Tensor]:
-    """Each sample alone through the reference's own forward: expanded ids (pad) or text ids at merged positions
-    (gap)."""
-    model = AutoModelForCausalLM.from_pretrained(reference).eval()
+def encoded_samples(reference: Path, data: Path):
+    """(sample, key, ids, labels) of each sample: the `v1` template, truncated at MAX_LEN, keyed."""
     tokenizer = AutoTokenizer.from_pretrained(reference)
     template = get_template("v1")
-    expected = {}
     for sample in iter_conversations(data):
         encoded = template.encode(sample, tokenizer, MAX_LEN)
         ids, labels = encoded.input_ids[:MAX_LEN], encoded.labels[:MAX_LEN]
-        key = sample_key(ids, [x != IGNORE_INDEX for x in labels])
+        yield sample, sample_key(ids, [x != IGNORE_INDEX for x in labels]), ids, labels
+
+
+def _brute_force(reference: Path, data: Path, mode: str, image_rows=None) -> dict[bytes, torch.Tensor]:
+    """Each sample alone through the reference's own forward: expanded ids (pad) or text ids at merged positions
+    (gap). `image_rows(sample)`: the rows of each of its placeholders, in order (default: ROWS each)."""
+    model = AutoModelForCausalLM.from_pretrained(reference).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    expected = {}
+    for sample, key, ids, labels in encoded_samples(reference, data):
         merged_ids, merged_labels, positions = [], [], []
+        per_placeholder = iter(image_rows(sample)) if image_rows else itertools.repeat(ROWS)
         for token, label in zip(ids, labels):
-            rows = ROWS if token in PLACEHOLDER_IDS else 1
+            rows = next(per_placeholder) if token in PLACEHOLDER_IDS else 1
             start = len(positions)
             positions += range(start, start + rows)
             merged_ids += [token] * rows

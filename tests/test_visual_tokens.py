@@ -6,7 +6,8 @@ import subprocess
 import pytest
 
 from regate_plugin.data import DataError
-from regate_plugin.data.visual import visual_tokens_from_config, visual_tokens_from_path
+from regate_plugin.data.anyres import AnyresLayout
+from regate_plugin.data.visual import visual_rows_from_config, visual_rows_from_path, visual_tokens_from_config
 
 from .tiny import IMAGE_ROWS, tiny_llava
 
@@ -38,11 +39,11 @@ def test_upstream_configs():
 def test_hf_native_config_matches_the_model(tmp_path):
     model = tiny_llava()
     model.config.save_pretrained(tmp_path)
-    assert visual_tokens_from_path(tmp_path) == IMAGE_ROWS
+    assert visual_rows_from_path(tmp_path) == IMAGE_ROWS
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{")
     with pytest.raises(DataError, match="bad/config.json"):
-        visual_tokens_from_path(tmp_path / "bad")
+        visual_rows_from_path(tmp_path / "bad")
     assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["patch_size"] == 14
 
 
@@ -89,4 +90,10 @@ def test_size_dependent_llava_next_counts_are_refused_not_guessed(fields):
     config = {"mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu", **fields}
     with pytest.raises(DataError, match="depends on its size"):
         visual_tokens_from_config(config)
+    if config["image_aspect_ratio"].startswith("anyres"):  # counted per image instead (tests/test_anyres_rows.py)
+        pinpoints = {"image_grid_pinpoints": [[384, 768], [768, 384]]}
+        assert isinstance(visual_rows_from_config({**config, **pinpoints}), AnyresLayout)
+    else:
+        with pytest.raises(DataError, match="depends on its size"):
+            visual_rows_from_config(config)
     assert visual_tokens_from_config({**config, "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat"}) == 729

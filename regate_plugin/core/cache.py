@@ -3,7 +3,8 @@
 Layout of a cache directory::
 
     manifest.json              reference, tokenizer fingerprint, visual mode, dtype, counts, and every shard's sha256
-    shard-<prefix><n>.safetensors   keys uint8 [N, 16], offsets int64 [N + 1], losses <dtype> [T]
+    shard-<prefix><n>.safetensors   keys uint8 [N, 16], offsets int64 [N + 1], losses <dtype> [T],
+                                    and, in a cache with per-sample visual rows, visual_rows int32 [N]
 
 Row i of a shard holds the losses of sample keys[i] in losses[offsets[i]:offsets[i + 1]], one value per supervised
 target (answer-token ordinal order). Shards and the manifest are written to a temporary name and renamed, so a
@@ -32,8 +33,10 @@ from .files import file_sha256, replaced_on_success, write_bytes_atomically
 from .keys import KEY_BYTES, SampleKey, format_key
 
 MANIFEST_NAME = "manifest.json"
+VISUAL_ROWS = "visual_rows"  # the shard tensor of per-sample visual rows
 CACHE_FORMAT = "regate-reference-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2 added per-sample visual rows (`visual_layout`); version 1 caches read as before
+READABLE_VERSIONS = (1, 2)
 
 
 class CacheError(RuntimeError):
@@ -67,7 +70,8 @@ class CacheManifest:
     tokenizer_fingerprint: str
     reference_mode: str
     dtype: str = "float16"
-    visual_tokens: int | None = None
+    visual_tokens: int | None = None  # rows per placeholder, when every placeholder has the same count
+    visual_layout: dict[str, Any] | None = None  # the rule of per-sample counts (LLaVA-NeXT anyres), stored per sample
     samples: int = 0
     tokens: int = 0
     empty_samples: int = 0
@@ -85,9 +89,10 @@ class CacheManifest:
             raw = json.loads(text)
             if raw.get("format") != CACHE_FORMAT:
                 raise CacheError(f"{source} is not a ReGATE reference cache manifest (format={raw.get('format')!r})")
-            if raw.get("version") != CACHE_VERSION:
+            if raw.get("version") not in READABLE_VERSIONS:
                 raise CacheError(
-                    f"{source} has cache format version {raw.get('version')}, this plugin reads {CACHE_VERSION}"
+                    f"{source} has cache format version {raw.get('version')}, this plugin reads versions "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade regate-plugin"
                 )
             if "teacher" in raw and "reference" not in raw:  # its older name, in caches written before the rename
                 raw["reference"] = raw.pop("teacher")
@@ -100,7 +105,7 @@ class CacheManifest:
         """The fields that say what the losses mean (not how many there are)."""
         return {
             k: getattr(self, k)
-            for k in ("reference", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens")
+            for k in ("reference", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens", "visual_layout")
         }
 
 
@@ -130,6 +135,7 @@ def key_halves(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return halves[:, 0].copy(), halves[:, 1].copy()
 
 
+_SIGN = 1 << 63  # flipping it maps signed int64 order onto unsigned order
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16}  # bf16 read as its raw bits
 
 
@@ -153,13 +159,25 @@ def _as_float32(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32)
 
 
+@dataclass
+class _ShardIndex:
+    """One shard's part of the index: keys uint8 [N, 16], starts in token space, lengths, visual rows (or None)."""
+
+    keys: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    visual: np.ndarray | None
+
+
 class ReferenceLossCache:
     """Read-only view of a cache directory: `cache[key]` returns that sample's reference losses (float32).
 
     In memory it holds only sorted key arrays and spans, about 30 B per sample: the keys' two 8-byte halves (big
     endian, signed int64, sorted together), each sample's start in the cache's token space (the shards' losses
-    concatenated in manifest order), its length and its shard. Lookups are `searchsorted` over the first half; the
-    losses stay in the shard files, memory-mapped. A key stored twice keeps its first occurrence in shard order.
+    concatenated in manifest order), its length and its shard; 4 B more in a cache with per-sample visual rows.
+    Batch lookups are `searchsorted` over the first half, single-key lookups a scan of one bucket of a table over the
+    keys' top bits (1 B per sample, built at the first one); the losses stay in the shard files, memory-mapped. A key stored
+    twice keeps its first occurrence in shard order.
     """
 
     def __init__(self, directory: str | os.PathLike[str], verify: bool = True) -> None:
@@ -167,14 +185,14 @@ class ReferenceLossCache:
         self.manifest = read_manifest(self.directory)
         self._losses: list[np.ndarray] = []
         self._bases: list[int] = []
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        parts: list[_ShardIndex] = []
         for shard in self.manifest.shards:
             parts.append(self._open_shard(shard, verify))
         self.tokens = sum(losses.size for losses in self._losses)  # size of the token space
         self._index(parts)
 
-    def _open_shard(self, shard: ShardInfo, verify: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Check and map one shard; returns its (keys, starts in token space, lengths)."""
+    def _open_shard(self, shard: ShardInfo, verify: bool) -> _ShardIndex:
+        """Check and map one shard; returns its keys, starts in token space, lengths and visual rows."""
         path = self.directory / shard.file
         if not path.is_file():
             raise CorruptShardError(f"shard {path} is listed in {MANIFEST_NAME} but missing")
@@ -189,6 +207,8 @@ class ReferenceLossCache:
             with safe_open(str(path), framework="pt") as handle:
                 keys = handle.get_tensor("keys").numpy()
                 offsets = handle.get_tensor("offsets").numpy()
+                per_sample = self.manifest.visual_layout is not None
+                visual = handle.get_tensor(VISUAL_ROWS).numpy() if per_sample else None
             losses = _map_tensor(path, "losses")
         except Exception as err:  # safetensors raises several types on a damaged header
             raise CorruptShardError(f"shard {path} cannot be read: {err}") from err
@@ -198,15 +218,18 @@ class ReferenceLossCache:
             )
         if offsets[0] != 0 or offsets[-1] != losses.size or (np.diff(offsets) < 0).any():
             raise CorruptShardError(f"shard {path} has offsets that do not cover its {losses.size} losses")
+        if visual is not None and visual.shape != (keys.shape[0],):
+            raise CorruptShardError(f"shard {path} has {visual.shape} visual row counts for {keys.shape[0]} samples")
         base = sum(array.size for array in self._losses)
         self._bases.append(base)
         self._losses.append(losses)
-        return keys, offsets[:-1].astype(np.int64) + base, np.diff(offsets).astype(np.int32)
+        starts, lengths = offsets[:-1].astype(np.int64) + base, np.diff(offsets).astype(np.int32)
+        return _ShardIndex(keys, starts, lengths, visual)
 
-    def _index(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    def _index(self, parts: list[_ShardIndex]) -> None:
         if len(parts) >= np.iinfo(np.uint16).max:
             raise CacheError(f"{self.directory} has {len(parts)} shards; at most 65534 are supported")
-        keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, KEY_BYTES), np.uint8)
+        keys = np.concatenate([p.keys for p in parts]) if parts else np.zeros((0, KEY_BYTES), np.uint8)
         hi, lo = key_halves(keys)
         order = np.lexsort((lo, hi))  # stable: equal keys stay in shard order, so the first one is kept
         hi, lo = hi[order], lo[order]
@@ -214,10 +237,20 @@ class ReferenceLossCache:
         first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
         order = order[first]
         self._hi, self._lo = hi[first], lo[first]
-        self._start = np.concatenate([p[1] for p in parts])[order] if parts else np.zeros(0, np.int64)
-        self._length = np.concatenate([p[2] for p in parts])[order] if parts else np.zeros(0, np.int32)
-        shard_of = [np.full(p[0].shape[0], i, np.uint16) for i, p in enumerate(parts)]
+        self._start = np.concatenate([p.starts for p in parts])[order] if parts else np.zeros(0, np.int64)
+        self._length = np.concatenate([p.lengths for p in parts])[order] if parts else np.zeros(0, np.int32)
+        shard_of = [np.full(p.keys.shape[0], i, np.uint16) for i, p in enumerate(parts)]
         self._shard = np.concatenate(shard_of)[order] if parts else np.zeros(0, np.uint16)
+        # Rows of the keys whose first half has each top-`bits` prefix, about 4 keys a bucket (1 B a sample): a
+        # single-key lookup scans one bucket instead of bisecting.
+        bits = max(int(self._hi.size).bit_length() - 2, 1)
+        self._bucket_shift = 64 - bits
+        top = (self._hi.view(np.uint64) ^ np.uint64(_SIGN)) >> np.uint64(self._bucket_shift)
+        bucket = np.searchsorted(top, np.arange((1 << bits) + 1, dtype=np.uint64))
+        self._bucket = bucket.astype(np.int32 if self._hi.size < 2**31 else np.int64)
+        self._visual = None  # per-sample visual rows, in index order, when the cache records them
+        if self.manifest.visual_layout is not None:
+            self._visual = np.concatenate([p.visual for p in parts])[order] if parts else np.zeros(0, np.int32)
 
     @functools.cached_property
     def layout_digest(self) -> str:
@@ -230,12 +263,20 @@ class ReferenceLossCache:
             return -1
         hi = int.from_bytes(key[:8], "big", signed=True)
         lo = int.from_bytes(key[8:], "big", signed=True)
-        row = int(self._hi.searchsorted(hi))
-        while row < self._hi.size and self._hi[row] == hi:  # more than one row only if first halves collide
-            if self._lo[row] == lo:
+        index = self._scalar
+        bucket = (int.from_bytes(key[:8], "big") ^ _SIGN) >> self._bucket_shift
+        his, los = index["hi"], index["lo"]
+        for row in range(index["bucket"][bucket], index["bucket"][bucket + 1]):
+            if his[row] == hi and los[row] == lo:
                 return row
-            row += 1
         return -1
+
+    @functools.cached_property
+    def _scalar(self) -> dict[str, memoryview]:
+        """The index arrays as memoryviews: one key at a time they index as Python ints, several times faster than
+        numpy scalars."""
+        names = ("hi", "lo", "start", "length", "shard", "bucket")
+        return {name: memoryview(getattr(self, f"_{name}")) for name in names}
 
     def locate(self, keys: list[SampleKey]) -> np.ndarray:
         """Index rows of a batch of keys (int64 [B], -1 where the cache has no such sample), vectorised."""
@@ -261,6 +302,18 @@ class ReferenceLossCache:
         if self._start.size == 0:
             return np.full(rows.shape, -1, np.int64), np.zeros(rows.shape, np.int64)
         return np.where(found, self._start[safe], -1), np.where(found, self._length[safe], 0).astype(np.int64)
+
+    def expected_visual_rows(self, rows: np.ndarray, placeholders: np.ndarray) -> np.ndarray:
+        """Int64 [B]: the visual rows each located sample was scored with (its own count, or `placeholders` x the
+        cache's rows per placeholder); -1 where a row is -1 or the cache records no count."""
+        found = rows >= 0
+        if self._visual is not None:
+            counts = self._visual[np.where(found, rows, 0)] if self._visual.size else np.zeros(rows.shape, np.int32)
+        elif self.manifest.visual_tokens is not None:
+            counts = placeholders * self.manifest.visual_tokens
+        else:
+            counts = np.full(rows.shape, -1)
+        return np.where(found, counts, -1).astype(np.int64)
 
     def losses_block(self, rows: np.ndarray, width: int) -> np.ndarray:
         """float32 [B, width]: each located row's first `width` losses, NaN past its length and where it is -1."""
@@ -291,9 +344,10 @@ class ReferenceLossCache:
         row = self._find(key)
         if row < 0:
             return None
-        shard = int(self._shard[row])
-        start = int(self._start[row]) - self._bases[shard]
-        return torch.from_numpy(_as_float32(self._losses[shard][start : start + int(self._length[row])]))
+        index = self._scalar
+        shard = index["shard"][row]
+        start = index["start"][row] - self._bases[shard]
+        return torch.from_numpy(_as_float32(self._losses[shard][start : start + index["length"][row]]))
 
     def __getitem__(self, key: SampleKey) -> torch.Tensor:
         losses = self.get(key)
@@ -347,6 +401,7 @@ class ReferenceLossCacheWriter:
         reference_mode: str,
         dtype: str = "float16",
         visual_tokens: int | None = None,
+        visual_layout: dict[str, Any] | None = None,
         shard_samples: int = 4096,
         shard_prefix: str = "",
         overwrite: bool = False,
@@ -366,6 +421,7 @@ class ReferenceLossCacheWriter:
             reference_mode=reference_mode,
             dtype=dtype,
             visual_tokens=visual_tokens,
+            visual_layout=visual_layout,
             extra=dict(extra or {}),
         )
         manifest_path = self.directory / MANIFEST_NAME
@@ -384,13 +440,14 @@ class ReferenceLossCacheWriter:
             self.manifest = wanted
             self._write_manifest()
         self._known: set[SampleKey] = set(committed_keys(self.directory, self.manifest))
-        self._pending: list[tuple[SampleKey, torch.Tensor]] = []
+        self._pending: list[tuple[SampleKey, torch.Tensor, int]] = []
 
     def __contains__(self, key: object) -> bool:
         return key in self._known
 
-    def add(self, key: SampleKey, losses: torch.Tensor | np.ndarray) -> None:
-        """Queue one sample's per-target losses; a shard is committed every `shard_samples` samples."""
+    def add(self, key: SampleKey, losses: torch.Tensor | np.ndarray, visual_rows: int | None = None) -> None:
+        """Queue one sample's per-target losses (and, in a cache with per-sample visual rows, the rows the student
+        splices into it); a shard is committed every `shard_samples` samples."""
         if len(key) != KEY_BYTES:
             raise CacheError(f"sample keys are {KEY_BYTES} bytes, got {len(key)}")
         if key in self._known:
@@ -398,8 +455,12 @@ class ReferenceLossCacheWriter:
         values = torch.as_tensor(losses, dtype=torch.float32).reshape(-1)
         if not torch.isfinite(values).all():
             raise CacheError(f"sample {format_key(key)} has non-finite reference losses")
+        per_sample = self.manifest.visual_layout is not None
+        if per_sample != (visual_rows is not None) or (visual_rows is not None and visual_rows < 0):
+            want = "its visual rows (>= 0)" if per_sample else "no visual rows (the cache has one count for all)"
+            raise CacheError(f"sample {format_key(key)}: this cache records {want}, got {visual_rows!r}")
         self._known.add(key)
-        self._pending.append((key, values))
+        self._pending.append((key, values, visual_rows or 0))
         if len(self._pending) >= self.shard_samples:
             self.flush()
 
@@ -407,15 +468,21 @@ class ReferenceLossCacheWriter:
         """Commit queued samples as one shard, then the manifest that lists it."""
         if not self._pending:
             return
-        keys = torch.tensor(np.frombuffer(b"".join(k for k, _ in self._pending), dtype=np.uint8).reshape(-1, KEY_BYTES))
-        lengths = torch.tensor([0] + [v.numel() for _, v in self._pending], dtype=torch.int64)
-        offsets = torch.cumsum(lengths, 0)
-        losses = torch.cat([v for _, v in self._pending]).to(DTYPES[self.manifest.dtype])
+        keys = np.frombuffer(b"".join(k for k, _, _ in self._pending), dtype=np.uint8).reshape(-1, KEY_BYTES)
+        lengths = torch.tensor([0] + [v.numel() for _, v, _ in self._pending], dtype=torch.int64)
+        tensors = {
+            "keys": torch.tensor(keys),
+            "offsets": torch.cumsum(lengths, 0),
+            "losses": torch.cat([v for _, v, _ in self._pending]).to(DTYPES[self.manifest.dtype]),
+        }
+        if self.manifest.visual_layout is not None:
+            tensors[VISUAL_ROWS] = torch.tensor([rows for _, _, rows in self._pending], dtype=torch.int32)
+        losses = tensors["losses"]
         name = f"shard-{self.shard_prefix}{len(self.manifest.shards):05d}.safetensors"
         with replaced_on_success(self.directory / name) as staging:
-            save_file({"keys": keys, "offsets": offsets, "losses": losses}, staging, metadata={"format": CACHE_FORMAT})
+            save_file(tensors, staging, metadata={"format": CACHE_FORMAT})
             sha = file_sha256(staging)
-        empty = sum(1 for _, v in self._pending if v.numel() == 0)
+        empty = sum(1 for _, v, _ in self._pending if v.numel() == 0)
         self.manifest.shards.append(ShardInfo(name, sha, len(self._pending), losses.numel(), empty))
         self.manifest.samples += len(self._pending)
         self.manifest.tokens += losses.numel()

@@ -380,19 +380,25 @@ class ReGATEElision(TokenElision):
     def check_visual_rows(
         self, sample_keys: list[SampleKey] | None, placeholders: torch.Tensor, rows: torch.Tensor, cut: torch.Tensor
     ) -> None:
-        per_placeholder = self.reference.manifest.visual_tokens
-        if per_placeholder is None or sample_keys is None:
+        if sample_keys is None:
             return
-        expected = placeholders * per_placeholder
-        wrong = ((rows != expected) & ~(cut & (rows < expected))).cpu()
-        if not bool(wrong.any()):
+        placeholders, rows, cut = placeholders.cpu().numpy(), rows.cpu().numpy(), cut.cpu().numpy()
+        expected = self.reference.expected_visual_rows(self.reference.locate(sample_keys), placeholders)
+        wrong = np.flatnonzero((expected >= 0) & (rows != expected) & ~(cut & (rows < expected)))
+        if not wrong.size:
             return
-        row = int(wrong.nonzero()[0])
+        row = int(wrong[0])
+        manifest = self.reference.manifest
+        how = (
+            "its own count, from its image sizes"
+            if manifest.visual_layout is not None
+            else f"{manifest.visual_tokens} per placeholder, --visual-tokens"
+        )
         raise CacheError(
             f"sample {format_key(sample_keys[row])} (batch row {row}): the model merged {int(rows[row])} visual rows "
             f"for its {int(placeholders[row])} placeholder(s), but its reference losses in {self.reference.directory} "
-            f"were scored with {per_placeholder} rows per placeholder (--visual-tokens): the positions of its answer "
-            "tokens differ, so re-run `regate precompute` with this model's visual row count"
+            f"were scored with {int(expected[row])} ({how}): the positions of its answer tokens differ, so re-run "
+            "`regate precompute` with this model's visual rows"
         )
 
     def locate_samples(

@@ -79,6 +79,17 @@ class AnyresLayout:
     merge: str  # mm_patch_merge_type
     max_tiles: int | None = None  # N of anyres_max_N
 
+    def describe(self) -> dict[str, Any]:
+        """The layout as plain JSON values (how a cache manifest records it)."""
+        resolutions = [list(r) for r in self.resolutions]
+        return {
+            "resolutions": resolutions,
+            "tile": self.tile,
+            "grid": self.grid,
+            "merge": self.merge,
+            "max_tiles": self.max_tiles,
+        }
+
     def rows(self, size: Size) -> int:
         """Visual rows the merge puts in for one image of `size` (width, height)."""
         if size[0] <= 0 or size[1] <= 0:

@@ -34,6 +34,7 @@ class Conversation:
     turns: list[tuple[str, str]]
     modality: str | None  # "image", "video", or None for text-only
     source: str = ""  # "file:line", for error messages
+    visual_files: tuple[str, ...] = ()  # the sample's image or video paths, as the data file gives them
 
     def where(self) -> str:
         return f"{self.source} (sample id {self.sample_id!r})"
@@ -74,7 +75,13 @@ def parse_sample(raw: Any, index: int, source: str) -> Conversation:
     modalities = [m for m in ("image", "video") if raw.get(m) is not None]
     if len(modalities) > 1:
         raise DataError(f"{where}: a sample has either 'image' or 'video', not both")
-    return Conversation(sample_id, parsed, modalities[0] if modalities else None, source)
+    if not modalities:
+        return Conversation(sample_id, parsed, None, source)
+    files = raw[modalities[0]]
+    files = [files] if isinstance(files, str) else files
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
+        raise DataError(f"{where}: {modalities[0]!r} must be a path or a non-empty list of paths, got {files!r:.200}")
+    return Conversation(sample_id, parsed, modalities[0], source, tuple(files))
 
 
 def iter_conversations(

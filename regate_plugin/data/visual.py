@@ -8,7 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .anyres import AnyresLayout, anyres_layout, is_anyres
 from .conversations import DataError
+
+VisualRows = int | AnyresLayout  # rows per placeholder: one count for all, or LLaVA-NeXT's rule from each image's size
 
 # Towers the upstream configs name by hub id: (image size, patch size).
 KNOWN_TOWERS = {
@@ -57,7 +60,7 @@ def visual_tokens_from_config(config: dict[str, Any], source: str = "student con
         raise DataError(
             f"{source}: image_aspect_ratio {aspect!r} / mm_patch_merge_type {merge!r} (LLaVA-NeXT anyres, "
             "spatial_unpad) give each image a row count that depends on its size, which one --visual-tokens cannot "
-            "describe; precompute does not use per-image counts yet (train with image_aspect_ratio pad)"
+            "describe; pass --student-config, which counts each image's rows from its size"
         )
     grid = _tower_grid(config, source)
     cls_row = (
@@ -78,8 +81,15 @@ def visual_tokens_from_config(config: dict[str, Any], source: str = "student con
     raise DataError(f"{source}: projector {projector!r} has no known token count; pass --visual-tokens")
 
 
-def visual_tokens_from_path(path: str | os.PathLike[str]) -> int:
-    """`visual_tokens_from_config` of a `config.json` file or a directory holding one."""
+def visual_rows_from_config(config: dict[str, Any], source: str = "student config") -> VisualRows:
+    """The anyres layout of a LLaVA-NeXT anyres / anyres_max_N config, else `visual_tokens_from_config`."""
+    if is_anyres(str(config.get("image_aspect_ratio", ""))):
+        return anyres_layout(config, *tower_geometry(config, source), source)
+    return visual_tokens_from_config(config, source)
+
+
+def visual_rows_from_path(path: str | os.PathLike[str]) -> VisualRows:
+    """`visual_rows_from_config` of a `config.json` file or a directory holding one."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -87,4 +97,4 @@ def visual_tokens_from_path(path: str | os.PathLike[str]) -> int:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: cannot read the student config: {err}") from err
-    return visual_tokens_from_config(config, str(path))
+    return visual_rows_from_config(config, str(path))

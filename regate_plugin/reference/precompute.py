@@ -31,6 +31,7 @@ from ..core.dtypes import dtype_from_name
 from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
+from ..data.anyres import AnyresLayout, read_image_size
 from ..data.templates import ConversationTemplate
 from .model import ReferenceScorer, dtype_kwarg, resolve_reference
 
@@ -47,6 +48,8 @@ class PrecomputeConfig:
     out: str | os.PathLike[str]
     tokenizer: str | None = None  # the student's tokenizer; default: the reference's
     visual_tokens: int | None = None  # rows per placeholder; required when the data has images or videos
+    anyres: AnyresLayout | None = None  # instead: LLaVA-NeXT anyres, rows counted per image from its size
+    image_folder: str | os.PathLike[str] | None = None  # the training run's --image_folder (or data folder)
     image_token_id: int | None = None  # HF-native student: placeholders are expanded into this token
     mode: str = "gap"
     max_length: int | None = None  # the training run's model_max_length; default: the tokenizer's
@@ -67,6 +70,10 @@ class PrecomputeConfig:
             raise ValueError("--batch-tokens and --window must be >= 1")
         if self.visual_tokens is not None and self.visual_tokens < 1:
             raise ValueError(f"--visual-tokens must be >= 1, got {self.visual_tokens}")
+        if self.anyres is not None and (self.visual_tokens is not None or self.image_token_id is not None):
+            raise ValueError(
+                "an anyres student counts its visual rows per image: pass neither --visual-tokens nor --image-token-id"
+            )
         if self.resume and self.overwrite:
             raise ValueError("--resume continues a cache and --overwrite replaces it: pass one of them")
 
@@ -109,6 +116,7 @@ class PreparedSample:
     key: SampleKey
     reference_input: ReferenceInput
     truncated: bool
+    visual_rows: int  # the rows the student splices in for all of the sample's placeholders
 
     @property
     def length(self) -> int:
@@ -120,22 +128,29 @@ def prepare_sample(
     template: ConversationTemplate,
     tokenizer: Any,
     max_length: int | None,
-    visual_tokens: int | None,
+    visual_tokens: int | Sequence[int] | None,
     mode: str,
     pad_token_id: int | None,
     image_token_id: int | None = None,
 ) -> PreparedSample:
     """Tokenize as upstream does, truncate as its collator (and merge) do, key it, and build the reference LLM's input.
 
-    With `image_token_id` (HF-native students) each placeholder is first expanded into `visual_tokens` copies of
-    that token, as the model's processor does, and the sample is keyed and truncated in that expanded form."""
+    `visual_tokens`: rows per placeholder, one count or one per placeholder in order. With `image_token_id`
+    (HF-native students) each placeholder is first expanded into that many copies of that token, as the model's
+    processor does, and the sample is keyed and truncated in that expanded form."""
     encoded = template.encode(sample, tokenizer, max_length)
-    has_visual = any(token in PLACEHOLDER_IDS for token in encoded.input_ids)
-    if has_visual and visual_tokens is None:
+    placeholders = sum(token in PLACEHOLDER_IDS for token in encoded.input_ids)
+    if placeholders and visual_tokens is None:
         raise DataError(
             f"{sample.where()}: the sample has a visual placeholder; pass --visual-tokens or --student-config"
         )
     visual_ids, rows = PLACEHOLDER_IDS, visual_tokens or 1
+    if not isinstance(rows, int) and len(rows) != placeholders:
+        raise DataError(
+            f"{sample.where()}: {len(rows)} {sample.modality or 'image'} file(s) for {placeholders} placeholder(s); "
+            "the model pairs them in order, so the counts must match"
+        )
+    total_rows = placeholders * rows if isinstance(rows, int) else sum(rows)
     if image_token_id is not None:  # HF-native: the processor expands placeholders before anything else
         encoded = expand_placeholders(encoded, image_token_id, rows)
         visual_ids, rows = (image_token_id,), 1
@@ -149,7 +164,25 @@ def prepare_sample(
         cut = reference_input.truncated(max_length)
         truncated = truncated or cut is not reference_input
         reference_input = cut
-    return PreparedSample(key, reference_input, truncated)
+    return PreparedSample(key, reference_input, truncated, total_rows)
+
+
+def visual_paths(cfg: PrecomputeConfig, sample: Conversation) -> list[Path]:
+    """The sample's image or video files, under `--image-folder` when given."""
+    return [Path(cfg.image_folder or "") / name for name in sample.visual_files]
+
+
+def placeholder_rows(cfg: PrecomputeConfig, sample: Conversation) -> int | list[int] | None:
+    """The rows the student splices in per placeholder of `sample`: `--visual-tokens`, or one count per image from
+    its size (read from the file's header) for an anyres student."""
+    if cfg.anyres is None:
+        return cfg.visual_tokens
+    if sample.modality == "video":
+        raise DataError(f"{sample.where()}: video samples of an anyres (LLaVA-NeXT) student are not supported")
+    try:
+        return [cfg.anyres.rows(read_image_size(path)) for path in visual_paths(cfg, sample)]
+    except DataError as err:
+        raise DataError(f"{sample.where()}: {err}") from None
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -195,10 +228,24 @@ def _model_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_data(cfg: PrecomputeConfig, summary: PrecomputeSummary) -> list[Conversation]:
+    """Every valid sample of the data files, in order. With `--image-folder` (or an anyres student, whose rows need
+    the images) a sample whose image or video file does not exist is bad, found here before anything is written."""
     samples: list[Conversation] = []
     for path in cfg.data:
         samples.extend(iter_conversations(path, skip_bad=cfg.skip_bad, bad=summary.bad))
-    return samples
+    if cfg.image_folder is None and cfg.anyres is None:
+        return samples
+    present = []
+    for sample in samples:
+        missing = [path for path in visual_paths(cfg, sample) if not path.is_file()]
+        if not missing:
+            present.append(sample)
+            continue
+        problem = f"{sample.where()}: its {sample.modality} {missing[0]} does not exist (--image-folder)"
+        if not cfg.skip_bad:
+            raise DataError(problem)
+        summary.bad.append(problem)
+    return present
 
 
 def _prepare_output(cfg: PrecomputeConfig, header: dict[str, Any], extra: dict[str, Any], rank: int) -> None:
@@ -324,12 +371,14 @@ def _cache_header(cfg: PrecomputeConfig, encoding: _Encoding) -> tuple[dict[str,
         reference_mode=cfg.mode,
         dtype=cfg.cache_dtype,
         visual_tokens=cfg.visual_tokens,
+        visual_layout=cfg.anyres.describe() if cfg.anyres is not None else None,
     )
     extra = {
         "template": encoding.template.name,
         "max_length": encoding.max_length,
         "data": [str(p) for p in cfg.data],
         "image_token_id": cfg.image_token_id,
+        "image_folder": None if cfg.image_folder is None else str(cfg.image_folder),
     }
     return header, extra
 
@@ -388,7 +437,7 @@ def _prepare_window(
                 encoding.template,
                 encoding.tokenizer,
                 encoding.max_length,
-                cfg.visual_tokens,
+                placeholder_rows(cfg, sample),
                 cfg.mode,
                 encoding.pad_id,
                 cfg.image_token_id,
@@ -423,9 +472,10 @@ def _score_batch(
         return
     with_targets = [p for p in items if p.reference_input.num_targets > 0]
     losses = dict(zip((p.key for p in with_targets), scorer.score_inputs([p.reference_input for p in with_targets])))
+    per_sample = part.manifest.visual_layout is not None
     for p in todo:
         values = losses.get(p.key, torch.zeros(0))
-        part.add(p.key, values)
+        part.add(p.key, values, p.visual_rows if per_sample else None)
         summary.scored += 1
         summary.answer_tokens += values.numel()
         summary.truncated += p.truncated
