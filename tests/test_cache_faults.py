@@ -96,6 +96,10 @@ def test_a_lost_manifest_is_refused_without_resume_and_rebuilt_with_it(setup, tm
     assert regate(["cache", "verify", str(out)]) == 2
     assert "rebuilds the manifest" in capsys.readouterr().err
 
+    other = write_tiny_reference(tmp_path / "other", Path(reference), seed=1)
+    assert _run(data, other, out, "--resume") == 2, "shards made with another reference LLM are not adopted"
+    assert "made differently" in capsys.readouterr().err and _shard_bytes(out) == shards
+
     assert _run(data, reference, out, "--resume") == 0
     assert _shard_bytes(out) == shards and _summary(out)["scored"] == 0, "the shards are adopted, not rescored"
     _assert_equal(_cache_dict(out), fresh)

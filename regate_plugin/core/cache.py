@@ -253,6 +253,16 @@ def set_aside(path: Path) -> Path:
 _LOSS_DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32", np.dtype(np.uint16): "bfloat16"}
 
 
+def _refuse_made_differently(what: str, made: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Raise when the header a cache or a shard was made with (`made`) disagrees with the requested one."""
+    diff = {k: (v, wanted.get(k)) for k, v in made.items() if wanted.get(k) != v}
+    if diff:
+        raise CacheError(
+            f"{what} made differently ({diff}, as existing -> requested); pass overwrite=True (--overwrite) to "
+            "replace it"
+        )
+
+
 def _made_with(path: Path, losses: np.ndarray) -> dict[str, Any]:
     """The header a shard records it was made with; for a shard written before shards recorded it, its dtype."""
     with safe_open(str(path), framework="pt") as handle:
@@ -271,6 +281,7 @@ def repair_cache(directory: str | os.PathLike[str], wanted: CacheManifest) -> li
     if not (directory / MANIFEST_NAME).is_file():
         return _rebuild_manifest(directory, wanted) if shard_files(directory) else []
     manifest = read_manifest(directory)
+    _refuse_made_differently(f"{directory} already holds a cache", manifest.header(), wanted.header())
     kept, notes = [], []
     for shard in manifest.shards:
         problem = _shard_problem(directory, shard)
@@ -298,13 +309,7 @@ def _rebuild_manifest(directory: Path, wanted: CacheManifest) -> list[str]:
         except CorruptShardError as err:
             notes.append(f"{err}, moved to {set_aside(path).name}: its samples are scored again")
             continue
-        made = _made_with(path, losses)
-        differs = {k: (v, wanted.header()[k]) for k, v in made.items() if wanted.header().get(k) != v}
-        if differs:
-            raise CacheError(
-                f"{path} was made differently ({differs}, as the shard -> requested): resume with the settings it was "
-                "made with, or pass --overwrite to replace it"
-            )
+        _refuse_made_differently(f"shard {path} was", _made_with(path, losses), wanted.header())
         empty = int((np.diff(offsets) == 0).sum())
         manifest.add_shard(ShardInfo(path.name, file_sha256(path), int(keys.shape[0]), int(losses.size), empty))
     _write_manifest(directory, manifest)
@@ -531,12 +536,7 @@ class ReferenceLossCacheWriter:
         manifest_path = self.directory / MANIFEST_NAME
         if manifest_path.exists() and not overwrite:
             existing = read_manifest(self.directory)
-            if existing.header() != wanted.header():
-                diff = {k: (existing.header()[k], v) for k, v in wanted.header().items() if existing.header()[k] != v}
-                raise CacheError(
-                    f"{self.directory} already holds a cache made differently ({diff}, as existing -> requested); "
-                    "pass overwrite=True (--overwrite) to replace it"
-                )
+            _refuse_made_differently(f"{self.directory} already holds a cache", existing.header(), wanted.header())
             self.manifest = existing
         else:
             if overwrite:
