@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="inspect a reference cache")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
-    verify = cache_commands.add_parser("verify", help="re-hash every shard against the manifest")
+    verify = cache_commands.add_parser("verify", help="re-hash and parse every shard against the manifest")
     verify.add_argument("cache")
     verify.set_defaults(run=_cache_verify)
     stats = cache_commands.add_parser("stats", help="loss distribution and a histogram PNG")
