@@ -125,17 +125,25 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def _cache_verify(args: argparse.Namespace) -> int:
-    from .core.cache import ReferenceLossCache
+    from .core.cache import read_manifest, verify_cache
 
-    cache = ReferenceLossCache(args.cache, verify=False)
-    problems = cache.verify()
+    manifest = read_manifest(args.cache)
+    problems = verify_cache(args.cache, manifest)
     for problem in problems:
         print(f"BAD  {problem}")
-    print(
-        f"{args.cache}: {len(cache.manifest.shards)} shards, {len(cache)} samples, "
-        + ("all hashes match" if not problems else f"{len(problems)} bad")
-    )
-    return 1 if problems else 0
+    if problems:
+        print(
+            f"{args.cache}: {len(problems)} of {len(manifest.shards)} shards bad; `regate precompute --resume` sets "
+            "them aside and scores their samples again"
+        )
+    elif not manifest.shards:
+        print(
+            f"{args.cache}: holds no samples (no shard committed: the precompute stopped before its first shard or "
+            "has not merged its parts); run the precompute again, with --resume to keep what its parts hold"
+        )
+    else:
+        print(f"{args.cache}: {len(manifest.shards)} shards, {manifest.samples} samples, all hashes match")
+    return 1 if problems or not manifest.shards else 0
 
 
 def _cache_stats(args: argparse.Namespace) -> int:
@@ -144,8 +152,13 @@ def _cache_stats(args: argparse.Namespace) -> int:
 
     cache = ReferenceLossCache(args.cache)
     print(format_stats(cache_stats(cache)))
-    plot = Path(args.plot) if args.plot else Path(args.cache) / "reference_losses.png"
-    print(f"histogram: {plot_histogram(cache, plot)}")
+    plot = Path(args.plot or "reference_losses.png")
+    try:
+        print(f"histogram: {plot_histogram(cache, plot)}")
+    except ImportError:
+        print('warning: no histogram: it needs matplotlib (pip install "regate-plugin[plots]")', file=sys.stderr)
+    except OSError as err:
+        print(f"warning: no histogram: cannot write {plot} ({err}); choose another path with --plot", file=sys.stderr)
     return 0
 
 
@@ -406,12 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="inspect a reference cache")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
-    verify = cache_commands.add_parser("verify", help="re-hash every shard against the manifest")
+    verify = cache_commands.add_parser("verify", help="re-hash and parse every shard against the manifest")
     verify.add_argument("cache")
     verify.set_defaults(run=_cache_verify)
     stats = cache_commands.add_parser("stats", help="loss distribution and a histogram PNG")
     stats.add_argument("cache")
-    stats.add_argument("--plot", help="histogram path (default: CACHE/reference_losses.png)")
+    stats.add_argument(
+        "--plot", help="histogram PNG path (default: reference_losses.png in the current directory, never the cache)"
+    )
     stats.set_defaults(run=_cache_stats)
 
     _add_eval_commands(commands)

@@ -10,22 +10,28 @@ Row i of a shard holds the losses of sample keys[i] in losses[offsets[i]:offsets
 target (answer-token ordinal order). Shards and the manifest are written to a temporary name and renamed, so a
 reader never sees a half-written file. Opening a cache checks every shard's sha256 once and indexes the keys in
 sorted arrays; a lookup then reads only that sample's slice through a memory map.
+
+Nothing here deletes a shard it did not write unless told to overwrite: a shard that fails its check on repair is
+renamed to `<name>.corrupt`, and a directory whose shards lost their manifest is refused, or rebuilt by
+`repair_cache`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .dtypes import DTYPES
@@ -37,6 +43,8 @@ VISUAL_ROWS = "visual_rows"  # the shard tensor of per-sample visual rows
 CACHE_FORMAT = "regate-reference-cache"
 CACHE_VERSION = 2  # 2 added per-sample visual rows (`visual_layout`); version 1 caches read as before
 READABLE_VERSIONS = (1, 2)
+SHARD_GLOB = "shard-*.safetensors"
+SET_ASIDE_SUFFIX = ".corrupt"  # a shard that failed its check on repair, kept under this suffix
 
 
 class CacheError(RuntimeError):
@@ -53,6 +61,10 @@ class TokenizerMismatchError(CacheError):
 
 class MissingReferenceError(CacheError, LookupError):
     """A sample has no entry in the cache."""
+
+
+class CacheWriteError(CacheError):
+    """A shard or the manifest could not be written (a full disk, a read-only mount); what is committed is intact."""
 
 
 @dataclass
@@ -108,17 +120,50 @@ class CacheManifest:
             for k in ("reference", "tokenizer_fingerprint", "reference_mode", "dtype", "visual_tokens", "visual_layout")
         }
 
+    def add_shard(self, shard: ShardInfo) -> None:
+        """List a committed shard and count its samples and losses."""
+        self.shards.append(shard)
+        self.samples += shard.samples
+        self.tokens += shard.tokens
+        self.empty_samples += shard.empty
+
+
+def shard_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Every shard file in a cache directory, listed in its manifest or not, by name."""
+    return sorted(Path(directory).glob(SHARD_GLOB))
+
+
+def _names(paths: list[Path], most: int = 5) -> str:
+    shown = ", ".join(p.name for p in paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
 
 def read_manifest(directory: str | os.PathLike[str]) -> CacheManifest:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
-        raise CacheError(f"{Path(directory)} is not a ReGATE reference cache: {MANIFEST_NAME} is missing")
+        found = shard_files(directory)
+        rebuild = (
+            f"; it holds {len(found)} shard files ({_names(found)}): `regate precompute --resume` rebuilds the "
+            "manifest from them"
+            if found
+            else ""
+        )
+        raise CacheError(f"{Path(directory)} is not a ReGATE reference cache: {MANIFEST_NAME} is missing{rebuild}")
     return CacheManifest.from_json(path.read_text(encoding="utf-8"), path)
 
 
+def check_not_orphaned(directory: str | os.PathLike[str]) -> None:
+    """Refuse a directory that holds shard files but no manifest (the manifest was lost: its shards are work)."""
+    found = shard_files(directory)
+    if found and not (Path(directory) / MANIFEST_NAME).is_file():
+        raise CacheError(
+            f"{Path(directory)} holds {len(found)} shard files ({_names(found)}) but no {MANIFEST_NAME}: "
+            "`regate precompute --resume` rebuilds the manifest from them and continues; `--overwrite` replaces them"
+        )
+
+
 def _shard_keys(path: Path) -> list[SampleKey]:
-    with safe_open(str(path), framework="pt") as handle:
-        keys = handle.get_tensor("keys").numpy()
+    keys = _read_shard(path)[0]
     return [keys[row].tobytes() for row in range(keys.shape[0])]
 
 
@@ -169,6 +214,149 @@ class _ShardIndex:
     visual: np.ndarray | None
 
 
+def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """A shard's keys, offsets, memory-mapped losses and per-sample visual rows (None when it has none), checked
+    against each other (CorruptShardError if not)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = handle.get_tensor("keys").numpy()
+            offsets = handle.get_tensor("offsets").numpy()
+            visual = handle.get_tensor(VISUAL_ROWS).numpy() if VISUAL_ROWS in handle.keys() else None
+        losses = _map_tensor(path, "losses")
+    except Exception as err:  # safetensors raises several types on a damaged header, numpy on a truncated body
+        raise CorruptShardError(f"shard {path} cannot be read: {err}") from err
+    if keys.ndim != 2 or keys.shape[1] != KEY_BYTES or offsets.shape != (keys.shape[0] + 1,):
+        raise CorruptShardError(f"shard {path} has keys {keys.shape} and offsets {offsets.shape}: not a cache shard")
+    if offsets[0] != 0 or offsets[-1] != losses.size or (np.diff(offsets) < 0).any():
+        raise CorruptShardError(f"shard {path} has offsets that do not cover its {losses.size} losses")
+    if visual is not None and visual.shape != (keys.shape[0],):
+        raise CorruptShardError(f"shard {path} has {visual.shape} visual row counts for {keys.shape[0]} samples")
+    return keys, offsets, losses, visual
+
+
+def _shard_problem(directory: Path, shard: ShardInfo) -> str | None:
+    """What is wrong with a shard the manifest lists (missing, other bytes, unreadable, other counts), or None."""
+    path = directory / shard.file
+    if not path.is_file():
+        return f"{path}: missing"
+    if (actual := file_sha256(path)) != shard.sha256:
+        return f"{path}: sha256 {actual} != {shard.sha256} recorded in {MANIFEST_NAME}"
+    try:
+        keys, offsets, _, _ = _read_shard(path)
+    except CorruptShardError as err:
+        return str(err)
+    if keys.shape[0] != shard.samples or int(offsets[-1]) != shard.tokens:
+        return (
+            f"{path}: holds {keys.shape[0]} samples and {int(offsets[-1])} losses, {MANIFEST_NAME} lists "
+            f"{shard.samples} and {shard.tokens}"
+        )
+    return None
+
+
+def verify_cache(directory: str | os.PathLike[str], manifest: CacheManifest | None = None) -> list[str]:
+    """Re-hash and parse every shard the manifest lists; a message per problem (empty when all is well)."""
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    return [problem for shard in manifest.shards if (problem := _shard_problem(directory, shard))]
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a shard that cannot be trusted to `<name>.corrupt` (`.corrupt.N` if taken): out of the cache, not lost."""
+    target, n = path.with_name(path.name + SET_ASIDE_SUFFIX), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{SET_ASIDE_SUFFIX}.{n}")
+    os.replace(path, target)
+    return target
+
+
+_LOSS_DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32", np.dtype(np.uint16): "bfloat16"}
+
+
+def _refuse_made_differently(what: str, made: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Raise when the header a cache or a shard was made with (`made`) disagrees with the requested one."""
+    diff = {k: (v, wanted.get(k)) for k, v in made.items() if wanted.get(k) != v}
+    if diff:
+        raise CacheError(
+            f"{what} made differently ({diff}, as existing -> requested); pass overwrite=True (--overwrite) to "
+            "replace it"
+        )
+
+
+def _made_with(path: Path, losses: np.ndarray) -> dict[str, Any]:
+    """The header a shard records it was made with; for a shard written before shards recorded it, its dtype."""
+    with safe_open(str(path), framework="pt") as handle:
+        recorded = (handle.metadata() or {}).get("header")
+    return json.loads(recorded) if recorded else {"dtype": _LOSS_DTYPE_NAMES[losses.dtype]}
+
+
+def repair_cache(directory: str | os.PathLike[str], wanted: CacheManifest) -> list[str]:
+    """Make a cache directory safe to resume into; returns a message per change.
+
+    Every shard the manifest lists is re-hashed and parsed; one that is missing, altered, truncated or unreadable
+    is dropped from the manifest and its file set aside (`set_aside`), so its samples are scored again. A missing
+    manifest is rebuilt from the shard files that parse (sha256 recomputed), for the header of `wanted`; a shard
+    made differently is refused, not adopted."""
+    directory = Path(directory)
+    if not (directory / MANIFEST_NAME).is_file():
+        return _rebuild_manifest(directory, wanted) if shard_files(directory) else []
+    manifest = read_manifest(directory)
+    _refuse_made_differently(f"{directory} already holds a cache", manifest.header(), wanted.header())
+    kept, notes = [], []
+    for shard in manifest.shards:
+        problem = _shard_problem(directory, shard)
+        if problem is None:
+            kept.append(shard)
+            continue
+        path = directory / shard.file
+        moved = f", moved to {set_aside(path).name}" if path.exists() else ""
+        notes.append(f"{problem}{moved}: its {shard.samples} samples are scored again")
+    if notes:
+        manifest = dataclasses.replace(manifest, shards=[], samples=0, tokens=0, empty_samples=0)
+        for shard in kept:
+            manifest.add_shard(shard)
+        _write_manifest(directory, manifest)
+    return notes
+
+
+def _rebuild_manifest(directory: Path, wanted: CacheManifest) -> list[str]:
+    """A new manifest for the shard files of a directory that lost its own (see `repair_cache`)."""
+    manifest = dataclasses.replace(wanted, shards=[], samples=0, tokens=0, empty_samples=0)
+    notes = []
+    for path in shard_files(directory):
+        try:
+            keys, offsets, losses, _ = _read_shard(path)
+        except CorruptShardError as err:
+            notes.append(f"{err}, moved to {set_aside(path).name}: its samples are scored again")
+            continue
+        _refuse_made_differently(f"shard {path} was", _made_with(path, losses), wanted.header())
+        empty = int((np.diff(offsets) == 0).sum())
+        manifest.add_shard(ShardInfo(path.name, file_sha256(path), int(keys.shape[0]), int(losses.size), empty))
+    _write_manifest(directory, manifest)
+    return [
+        f"{directory / MANIFEST_NAME} was missing: rebuilt from {len(manifest.shards)} shard files "
+        f"({manifest.samples} samples)",
+        *notes,
+    ]
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (a full disk, a read-only mount) into a CacheWriteError that says what to do."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        raise CacheWriteError(
+            f"cannot write {path}: {err}. What was committed before it is intact and the cache can be resumed: "
+            "free space (or make the directory writable) and re-run `regate precompute` with `--resume`"
+        ) from err
+
+
+def _write_manifest(directory: Path, manifest: CacheManifest) -> None:
+    with _writing(directory / MANIFEST_NAME):
+        write_bytes_atomically(directory / MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+
+
 class ReferenceLossCache:
     """Read-only view of a cache directory: `cache[key]` returns that sample's reference losses (float32).
 
@@ -176,8 +364,8 @@ class ReferenceLossCache:
     endian, signed int64, sorted together), each sample's start in the cache's token space (the shards' losses
     concatenated in manifest order), its length and its shard; 4 B more in a cache with per-sample visual rows.
     Batch lookups are `searchsorted` over the first half, single-key lookups a scan of one bucket of a table over the
-    keys' top bits (1 B per sample, built at the first one); the losses stay in the shard files, memory-mapped. A key stored
-    twice keeps its first occurrence in shard order.
+    keys' top bits (1 B per sample); the losses stay in the shard files, memory-mapped. A key stored twice keeps its
+    first occurrence in shard order.
     """
 
     def __init__(self, directory: str | os.PathLike[str], verify: bool = True) -> None:
@@ -203,23 +391,12 @@ class ReferenceLossCache:
                     f"shard {path} is corrupted: sha256 {actual} != {shard.sha256} recorded in {MANIFEST_NAME}; "
                     "re-run `regate precompute --resume` to rebuild it"
                 )
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                keys = handle.get_tensor("keys").numpy()
-                offsets = handle.get_tensor("offsets").numpy()
-                per_sample = self.manifest.visual_layout is not None
-                visual = handle.get_tensor(VISUAL_ROWS).numpy() if per_sample else None
-            losses = _map_tensor(path, "losses")
-        except Exception as err:  # safetensors raises several types on a damaged header
-            raise CorruptShardError(f"shard {path} cannot be read: {err}") from err
-        if keys.ndim != 2 or keys.shape[1] != KEY_BYTES or offsets.shape != (keys.shape[0] + 1,):
+        keys, offsets, losses, visual = _read_shard(path)
+        if (visual is None) != (self.manifest.visual_layout is None):
             raise CorruptShardError(
-                f"shard {path} has keys {keys.shape} and offsets {offsets.shape}: not a cache shard"
+                f"shard {path} {'lacks' if visual is None else 'has'} per-sample visual rows, its manifest says "
+                f"{'it has them' if visual is None else 'it has none'}"
             )
-        if offsets[0] != 0 or offsets[-1] != losses.size or (np.diff(offsets) < 0).any():
-            raise CorruptShardError(f"shard {path} has offsets that do not cover its {losses.size} losses")
-        if visual is not None and visual.shape != (keys.shape[0],):
-            raise CorruptShardError(f"shard {path} has {visual.shape} visual row counts for {keys.shape[0]} samples")
         base = sum(array.size for array in self._losses)
         self._bases.append(base)
         self._losses.append(losses)
@@ -373,23 +550,16 @@ class ReferenceLossCache:
             )
 
     def verify(self) -> list[str]:
-        """Re-hash every shard; return a message per problem (empty when all is well)."""
-        problems = []
-        for shard in self.manifest.shards:
-            path = self.directory / shard.file
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-            elif (actual := file_sha256(path)) != shard.sha256:
-                problems.append(f"{path}: sha256 {actual} != {shard.sha256}")
-        return problems
+        """Re-hash and parse every shard (`verify_cache`); a message per problem (empty when all is well)."""
+        return verify_cache(self.directory, self.manifest)
 
 
 class ReferenceLossCacheWriter:
     """Appends samples to a cache directory shard by shard; every committed shard is immediately readable.
 
     Re-opening an existing directory with the same header continues it (its keys are skipped), which is what a
-    resumed precompute needs. A directory made for another reference LLM, tokenizer, mode or dtype is refused unless
-    `overwrite=True`.
+    resumed precompute needs. A directory made for another reference LLM, tokenizer, mode or dtype, or one whose
+    shards have lost their manifest (see `repair_cache`), is refused unless `overwrite=True`.
     """
 
     def __init__(
@@ -427,16 +597,13 @@ class ReferenceLossCacheWriter:
         manifest_path = self.directory / MANIFEST_NAME
         if manifest_path.exists() and not overwrite:
             existing = read_manifest(self.directory)
-            if existing.header() != wanted.header():
-                diff = {k: (existing.header()[k], v) for k, v in wanted.header().items() if existing.header()[k] != v}
-                raise CacheError(
-                    f"{self.directory} already holds a cache made differently ({diff}, as existing -> requested); "
-                    "pass overwrite=True (--overwrite) to replace it"
-                )
+            _refuse_made_differently(f"{self.directory} already holds a cache", existing.header(), wanted.header())
             self.manifest = existing
         else:
-            for stale in self.directory.glob("shard-*.safetensors"):
-                stale.unlink()
+            if overwrite:
+                for stale in shard_files(self.directory):
+                    stale.unlink()
+            check_not_orphaned(self.directory)
             self.manifest = wanted
             self._write_manifest()
         self._known: set[SampleKey] = set(committed_keys(self.directory, self.manifest))
@@ -478,15 +645,13 @@ class ReferenceLossCacheWriter:
         if self.manifest.visual_layout is not None:
             tensors[VISUAL_ROWS] = torch.tensor([rows for _, _, rows in self._pending], dtype=torch.int32)
         losses = tensors["losses"]
-        name = f"shard-{self.shard_prefix}{len(self.manifest.shards):05d}.safetensors"
-        with replaced_on_success(self.directory / name) as staging:
-            save_file(tensors, staging, metadata={"format": CACHE_FORMAT})
+        name = self._next_shard_name()
+        metadata = {"format": CACHE_FORMAT, "header": json.dumps(self.manifest.header(), sort_keys=True)}
+        with _writing(self.directory / name), replaced_on_success(self.directory / name) as staging:
+            save_file(tensors, staging, metadata=metadata)
             sha = file_sha256(staging)
         empty = sum(1 for _, v, _ in self._pending if v.numel() == 0)
-        self.manifest.shards.append(ShardInfo(name, sha, len(self._pending), losses.numel(), empty))
-        self.manifest.samples += len(self._pending)
-        self.manifest.tokens += losses.numel()
-        self.manifest.empty_samples += empty
+        self.manifest.add_shard(ShardInfo(name, sha, len(self._pending), losses.numel(), empty))
         self._pending = []
         self._write_manifest()
 
@@ -508,21 +673,27 @@ class ReferenceLossCacheWriter:
             source = part / shard.file
             if not source.is_file():
                 raise CacheError(f"{source} is listed in {part / MANIFEST_NAME} but missing")
-            name = f"shard-{self.shard_prefix}{len(self.manifest.shards):05d}.safetensors"
+            name = self._next_shard_name()
             staging = self.directory / f".{name}.tmp"
-            staging.unlink(missing_ok=True)
-            os.link(source, staging)
-            os.replace(staging, self.directory / name)
+            with _writing(self.directory / name):
+                staging.unlink(missing_ok=True)
+                os.link(source, staging)
+                os.replace(staging, self.directory / name)
             self._known.update(_shard_keys(self.directory / name))
-            self.manifest.shards.append(ShardInfo(name, shard.sha256, shard.samples, shard.tokens, shard.empty))
-            self.manifest.samples += shard.samples
-            self.manifest.tokens += shard.tokens
-            self.manifest.empty_samples += shard.empty
+            self.manifest.add_shard(ShardInfo(name, shard.sha256, shard.samples, shard.tokens, shard.empty))
             merged.add(shard.sha256)
             self._write_manifest()
 
+    def _next_shard_name(self) -> str:
+        """The first shard name, counting on from the number of listed shards, that the manifest does not list."""
+        listed = {shard.file for shard in self.manifest.shards}
+        number = len(self.manifest.shards)
+        while (name := f"shard-{self.shard_prefix}{number:05d}.safetensors") in listed:
+            number += 1
+        return name
+
     def _write_manifest(self) -> None:
-        write_bytes_atomically(self.directory / MANIFEST_NAME, self.manifest.to_json().encode("utf-8"))
+        _write_manifest(self.directory, self.manifest)
 
     def close(self) -> ReferenceLossCache:
         """Commit what is queued and open the finished cache for reading."""

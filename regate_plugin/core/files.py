@@ -22,10 +22,20 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def replaced_on_success(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
     """A fresh temporary file (or directory) beside `path` to write into; renamed onto `path` when the block
-    succeeds and removed when it fails, so a reader never sees a half-written `path`."""
+    succeeds and removed when it fails, so a reader never sees a half-written `path`.
+
+    The result gets the mode a plain `open` (or `mkdir`) would give it under the umask, not the temporary's 0600
+    (0700), so a cache or a converted model is as readable by others as any file its owner writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
@@ -36,6 +46,7 @@ def replaced_on_success(path: str | os.PathLike[str], *, directory: bool = False
         staging = Path(name)
     try:
         yield staging
+        os.chmod(staging, (0o777 if directory else 0o666) & ~_umask())
         os.replace(staging, path)
     except BaseException:
         if directory:

@@ -25,9 +25,20 @@ from typing import Any
 import torch
 
 from ..core import distributed
-from ..core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
+from ..core.cache import (
+    MANIFEST_NAME,
+    CacheError,
+    CacheManifest,
+    ReferenceLossCacheWriter,
+    check_not_orphaned,
+    committed_keys,
+    read_manifest,
+    repair_cache,
+    shard_files,
+)
 from ..core.compaction import IGNORE_INDEX
 from ..core.dtypes import dtype_from_name
+from ..core.files import write_bytes_atomically
 from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
@@ -248,19 +259,40 @@ def load_data(cfg: PrecomputeConfig, summary: PrecomputeSummary) -> list[Convers
     return present
 
 
+def _part_dirs(out: Path) -> list[Path]:
+    """Every rank's part directory under `out/parts` (of any earlier world size)."""
+    parts = out / PARTS_DIR
+    return sorted(p for p in parts.iterdir() if p.is_dir()) if parts.is_dir() else []
+
+
 def _prepare_output(cfg: PrecomputeConfig, header: dict[str, Any], extra: dict[str, Any], rank: int) -> None:
-    """Rank 0: refuse an existing cache unless resuming or overwriting; create or check the manifest."""
+    """Rank 0: make `cfg.out` ready to write into, and create or check its manifest.
+
+    --overwrite replaces whatever cache is there. A directory holding no shard file (a run that failed or was killed
+    before its first shard) counts as absent. Otherwise the cache is refused unless resuming, and a resumed one is
+    repaired first (`repair_cache`, in `out` and in every part): shards it cannot trust are set aside and scored
+    again, a lost manifest is rebuilt."""
     out = Path(cfg.out)
     if rank != 0:
         return
-    exists = (out / MANIFEST_NAME).exists() or (out / PARTS_DIR).exists()
-    if exists and not (cfg.resume or cfg.overwrite):
-        raise CacheError(
-            f"{out} already holds a reference cache: pass --resume to continue it or --overwrite to replace it"
-        )
-    if cfg.overwrite:
+    directories = [out, *_part_dirs(out)]
+    if cfg.overwrite or not any(shard_files(directory) for directory in directories):
         shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
-    ReferenceLossCacheWriter(out, overwrite=cfg.overwrite, extra=extra, **header)
+        ReferenceLossCacheWriter(out, overwrite=True, extra=extra, **header)
+        return
+    if not cfg.resume:
+        for directory in directories:
+            check_not_orphaned(directory)
+        committed = sum(read_manifest(d).samples for d in directories if (d / MANIFEST_NAME).is_file())
+        raise CacheError(
+            f"{out} already holds a reference cache ({committed} samples committed): pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    wanted = CacheManifest(**header, extra=extra)
+    for directory in directories:
+        for note in repair_cache(directory, wanted):
+            logger.warning(note)
+    ReferenceLossCacheWriter(out, extra=extra, **header)
 
 
 def _gather(summary: PrecomputeSummary, world: int) -> PrecomputeSummary:
@@ -280,11 +312,9 @@ def _gather(summary: PrecomputeSummary, world: int) -> PrecomputeSummary:
 def _known_keys(out: Path) -> set[SampleKey]:
     """Keys already committed: in the merged cache and in every rank's parts (any earlier world size)."""
     known: set[SampleKey] = set(committed_keys(out))
-    parts = out / PARTS_DIR
-    if parts.is_dir():
-        for part in sorted(parts.iterdir()):
-            if (part / MANIFEST_NAME).is_file():
-                known.update(committed_keys(part))
+    for part in _part_dirs(out):
+        if (part / MANIFEST_NAME).is_file():
+            known.update(committed_keys(part))
     return known
 
 
@@ -334,7 +364,10 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     if summary.empty:
         logger.warning("%d samples have no answer tokens (check the template and --max-length)", summary.empty)
     if rank == 0:
-        (out / SUMMARY_NAME).write_text(json.dumps(asdict(summary), indent=2))
+        try:
+            write_bytes_atomically(out / SUMMARY_NAME, json.dumps(asdict(summary), indent=2).encode())
+        except OSError as err:  # the cache is complete: only the record of this run is missing
+            logger.warning("cannot write %s (%s); the reference cache itself is complete", out / SUMMARY_NAME, err)
     _barrier(world)
     return summary
 
@@ -487,7 +520,6 @@ def _score_batch(
 def _merge_parts(out: Path, header: dict[str, Any]) -> None:
     """Rank 0, after every rank is done: move each rank's committed shards into `out` and remove the parts."""
     merged = ReferenceLossCacheWriter(out, **header)
-    parts = out / PARTS_DIR
-    for directory in sorted(parts.iterdir()):
+    for directory in _part_dirs(out):
         merged.absorb(directory)
-    shutil.rmtree(parts)
+    shutil.rmtree(out / PARTS_DIR)

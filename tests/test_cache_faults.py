@@ -1,0 +1,267 @@
+"""Faults of the reference cache and `regate precompute`: a lost manifest, corrupt and truncated shards, a run that
+stopped before its first shard, a full disk, file modes, and `cache stats` on a cache it must not write into. Every
+repaired cache is compared, value for value, with a fresh uninterrupted run of the same settings."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from regate_plugin.cli import main as regate
+from regate_plugin.core import CorruptShardError, ReferenceLossCache, ReferenceLossCacheWriter
+from regate_plugin.core.cache import MANIFEST_NAME, SET_ASIDE_SUFFIX
+from regate_plugin.core.keys import KEY_BYTES
+
+from .llava_data import conversation_samples, write_json, write_tiny_reference
+from .tokenizers_fixture import write_sentencepiece_llama
+
+SAMPLES = 24
+WINDOW = 4  # one shard per window: six shards
+
+
+def _text_only(samples: list[dict]) -> list[dict]:
+    """The samples without their image, so the runs need no image files."""
+    for sample in samples:
+        sample.pop("image", None)
+        for turn in sample["conversations"]:
+            turn["value"] = turn["value"].replace("<image>", "").strip()
+    return samples
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache_faults")
+    tokenizer = write_sentencepiece_llama(root / "tok")
+    reference = write_tiny_reference(root / "reference", tokenizer)
+    data = write_json(root / "train.json", _text_only(conversation_samples(SAMPLES, seed=3, long_every=7)))
+    fresh = root / "fresh"
+    assert _run(data, reference, fresh) == 0
+    return data, reference, _cache_dict(fresh)
+
+
+def _args(data: Path, reference: Path, out: Path, *extra: object) -> list[str]:
+    return [
+        *("precompute", "--no-progress", "--dtype", "float32", "--data", data, "--reference", reference),
+        *("--template", "v1", "--max-length", 160, "--window", WINDOW, "--batch-tokens", 300, "--out", out),
+        *extra,
+    ]
+
+
+def _run(data: Path, reference: Path, out: Path, *extra: object) -> int:
+    return regate([str(a) for a in _args(data, reference, out, *extra)])
+
+
+def _cache_dict(path: Path) -> dict[bytes, torch.Tensor]:
+    cache = ReferenceLossCache(path)
+    return {key: cache[key] for key in cache.keys()}
+
+
+def _assert_equal(got: dict[bytes, torch.Tensor], want: dict[bytes, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "precompute_summary.json").read_text())
+
+
+def _shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard-*.safetensors"))}
+
+
+def _samples_of(shard: Path) -> int:
+    return safetensors.torch.load_file(shard)["keys"].shape[0]
+
+
+def test_a_lost_manifest_is_refused_without_resume_and_rebuilt_with_it(setup, tmp_path, capsys):
+    data, reference, fresh = setup
+    out = tmp_path / "cache"
+    assert _run(data, reference, out) == 0
+    (out / MANIFEST_NAME).unlink()
+    shards = _shard_bytes(out)
+    assert len(shards) == SAMPLES // WINDOW
+
+    assert _run(data, reference, out) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "shard-00000.safetensors" in err and "--resume" in err and "--overwrite" in err
+    assert _shard_bytes(out) == shards, "a refused run must leave every shard as it was"
+    assert regate(["cache", "verify", str(out)]) == 2
+    assert "rebuilds the manifest" in capsys.readouterr().err
+
+    other = write_tiny_reference(tmp_path / "other", Path(reference), seed=1)
+    assert _run(data, other, out, "--resume") == 2, "shards made with another reference LLM are not adopted"
+    assert "made differently" in capsys.readouterr().err and _shard_bytes(out) == shards
+
+    assert _run(data, reference, out, "--resume") == 0
+    assert _shard_bytes(out) == shards and _summary(out)["scored"] == 0, "the shards are adopted, not rescored"
+    _assert_equal(_cache_dict(out), fresh)
+    assert regate(["cache", "verify", str(out)]) == 0
+
+
+def test_a_lost_manifest_with_a_truncated_shard_keeps_the_rest(setup, tmp_path):
+    data, reference, fresh = setup
+    out = tmp_path / "cache"
+    assert _run(data, reference, out) == 0
+    (out / MANIFEST_NAME).unlink()
+    broken = out / "shard-00002.safetensors"
+    truncated = broken.read_bytes()[:-40]
+    samples = _samples_of(out / "shard-00001.safetensors")  # every window holds the same number of samples
+    broken.write_bytes(truncated)
+
+    assert _run(data, reference, out, "--resume") == 0
+    assert (out / (broken.name + SET_ASIDE_SUFFIX)).read_bytes() == truncated, "set aside, not deleted"
+    assert _summary(out)["scored"] == samples
+    _assert_equal(_cache_dict(out), fresh)
+    assert regate(["cache", "verify", str(out)]) == 0
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_resume_sets_aside_a_damaged_shard_and_scores_its_samples_again(setup, tmp_path, capsys, damage):
+    data, reference, fresh = setup
+    out = tmp_path / "cache"
+    assert _run(data, reference, out) == 0
+    shard = out / "shard-00001.safetensors"
+    samples = _samples_of(shard)
+    content = bytearray(shard.read_bytes())
+    if damage == "flipped":
+        content[-3] ^= 0xFF
+    else:
+        content = content[: len(content) // 2]
+    shard.write_bytes(bytes(content))
+
+    with pytest.raises(CorruptShardError, match="--resume"):  # what training says
+        ReferenceLossCache(out)
+    assert regate(["cache", "verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert f"BAD  {shard}" in printed
+
+    assert _run(data, reference, out) == 2, "without --resume a cache with work in it is refused"
+    assert _run(data, reference, out, "--resume") == 0
+    assert (out / (shard.name + SET_ASIDE_SUFFIX)).read_bytes() == bytes(content), "set aside, not deleted"
+    summary = _summary(out)
+    assert summary["scored"] == samples and summary["already_done"] == SAMPLES - samples
+    assert regate(["cache", "verify", str(out)]) == 0
+    _assert_equal(_cache_dict(out), fresh)
+
+
+@pytest.mark.parametrize("how", ["failed", "killed"])
+def test_a_run_that_stopped_before_its_first_shard_leaves_nothing_that_counts(setup, tmp_path, capsys, how):
+    data, reference, fresh = setup
+    out = tmp_path / "cache"
+    if how == "failed":
+        samples = json.loads(data.read_text())
+        samples[1]["image"] = "0001.jpg"  # and no --visual-tokens: found as the sample is prepared
+        samples[1]["conversations"][0]["value"] = "<image>\n" + samples[1]["conversations"][0]["value"]
+        assert _run(write_json(tmp_path / "bad.json", samples), reference, out) == 2  # fails on its second sample
+        assert "--visual-tokens" in capsys.readouterr().err
+    else:  # what a SIGKILL before the first shard leaves: both manifests written, a shard being written
+        for directory in (out, out / "parts" / "rank-00000"):
+            ReferenceLossCacheWriter(directory, reference="killed", tokenizer_fingerprint="f", reference_mode="gap")
+        (out / "parts" / "rank-00000" / ".shard-00000.safetensors.abc.tmp").write_bytes(b"\0" * 10)
+    assert (out / MANIFEST_NAME).is_file() and (out / "parts").is_dir() and not list(out.rglob("shard-*"))
+
+    assert regate(["cache", "verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "holds no samples" in printed and "all hashes match" not in printed
+
+    other = write_tiny_reference(tmp_path / "other", Path(reference), seed=1)  # any settings: nothing is kept
+    assert _run(data, other, out) == 0
+    assert "already holds" not in capsys.readouterr().err
+    assert _run(data, reference, out, "--overwrite") == 0
+    _assert_equal(_cache_dict(out), fresh)
+
+
+def _full_after(calls: int, error: Exception, write, tear):
+    """`write` on a disk that fills up: the first `calls` calls succeed, the next ones keep half (`tear`) and fail."""
+    count = 0
+
+    def wrapped(*args, **kwargs):
+        nonlocal count
+        count += 1
+        result = write(*args, **kwargs)
+        if count > calls:
+            tear(*args)
+            raise error
+        return result
+
+    return wrapped
+
+
+def _halve_file(tensors, filename):
+    os.truncate(filename, os.path.getsize(filename) // 2)
+
+
+def _halve_fd(fd):
+    os.ftruncate(fd, os.fstat(fd).st_size // 2)
+
+
+@pytest.mark.parametrize("where", ["shard", "shard-safetensors", "manifest"])
+def test_a_full_disk_is_named_and_the_run_resumes_to_an_equal_cache(setup, tmp_path, capsys, monkeypatch, where):
+    data, reference, fresh = setup
+    out = tmp_path / "cache"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if where == "manifest":  # the fifth manifest write: the part's, after its third shard
+        name = "rank-00000/" + MANIFEST_NAME
+        monkeypatch.setattr(os, "fsync", _full_after(4, full, os.fsync, _halve_fd))
+    else:  # the part's third shard
+        name = "rank-00000/shard-00002.safetensors"
+        if where == "shard-safetensors":
+            full = safetensors.SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)}")
+        write = _full_after(2, full, safetensors.torch.serialize_file, _halve_file)
+        monkeypatch.setattr(safetensors.torch, "serialize_file", write)
+    assert _run(data, reference, out) == 2
+    err = capsys.readouterr().err
+    assert name in err and "--resume" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert not list(out.rglob("*.tmp")), "no half-written file is left"
+    part = out / "parts" / "rank-00000"
+    assert regate(["cache", "verify", str(part)]) == 0, "what was committed is intact"
+    committed = ReferenceLossCache(part).manifest.samples
+    assert committed > 0
+
+    assert _run(data, reference, out, "--resume") == 0
+    assert _summary(out)["already_done"] == committed
+    _assert_equal(_cache_dict(out), fresh)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_shards_and_manifest_get_the_mode_the_umask_gives(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        writer = ReferenceLossCacheWriter(tmp_path, reference="r", tokenizer_fingerprint="f", reference_mode="gap")
+        writer.add(b"k" * KEY_BYTES, torch.ones(3))
+        writer.close()
+    finally:
+        os.umask(previous)
+    written = [tmp_path / MANIFEST_NAME, *tmp_path.glob("shard-*.safetensors")]
+    assert len(written) == 2
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o666 & ~umask}
+
+
+def test_cache_stats_writes_its_plot_where_asked_and_never_into_the_cache(setup, tmp_path, capsys, monkeypatch):
+    data, reference, _ = setup
+    out = tmp_path / "cache"
+    assert _run(data, reference, out) == 0
+    before = sorted(p.name for p in out.iterdir())
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert regate(["cache", "stats", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (work / "reference_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "histogram: reference_losses.png" in capsys.readouterr().out
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert regate(["cache", "stats", str(out), "--plot", str(blocked / "h.png")]) == 0
+    captured = capsys.readouterr()
+    assert "loss p50" in captured.out and f"cannot write {blocked / 'h.png'}" in captured.err
+    shutil.rmtree(work)
