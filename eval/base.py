@@ -11,6 +11,15 @@ from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
+from ..core.errors import UserError
+from ..core.files import read_json_lines
+
+SHOWN_UNREADABLE = 5  # unreadable lines a results table lists by name; metrics.json keeps them all
+
+
+class BenchmarkError(UserError, ValueError):
+    """Malformed or missing benchmark data or predictions: the message names the file and the record."""
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -37,6 +46,47 @@ class ModelRunner(Protocol):
     def generate(self, requests: Sequence[Request]) -> list[str]:
         """Greedy continuations after each `prompt.prefill`, cut at the prompt's stop strings."""
         ...
+
+
+@dataclass
+class PredictionFile:
+    """A JSON-lines prediction (answer) file: its records in file order, and the lines that do not parse.
+
+    A line that does not parse (the torn line of a killed run, a damaged file) is never guessed at or re-paired:
+    the question it held has no answer in this file, so it counts as unanswered under the benchmark's rule, and
+    the line is reported by file and number (`unreadable`). Rerunning the eval command answers such questions
+    again."""
+
+    path: Path
+    records: list[dict[str, Any]]
+    unreadable: list[str]
+
+    @classmethod
+    def read(cls, path: str | Path, missing_ok: bool = False) -> PredictionFile:
+        """The file at `path`; with `missing_ok`, one that does not exist yet has no records."""
+        path = Path(path)
+        unreadable: list[str] = []
+        if missing_ok and not path.exists():
+            return cls(path, [], unreadable)
+        return cls(path, read_json_lines(path, skip_invalid=True, skipped=unreadable), unreadable)
+
+    def require(self, *fields: str, kind: str) -> PredictionFile:
+        """Itself, once every record is checked to be a JSON object with `fields` (else an error naming it)."""
+        for n, record in enumerate(self.records, start=1):
+            if not isinstance(record, dict) or not set(fields) <= set(record):
+                raise BenchmarkError(f"{self.path} record {n}: not {kind} (needs {', '.join(fields)})")
+        return self
+
+
+def unreadable_lines(unreadable: list[str]) -> list[str]:
+    """Results-table lines naming a prediction file's unreadable lines (the first few, then how many more)."""
+    if not unreadable:
+        return []
+    lines = [f"unreadable: {len(unreadable)} line(s) skipped; a question answered only there counts as unanswered"]
+    lines += [f"  {problem}" for problem in unreadable[:SHOWN_UNREADABLE]]
+    if len(unreadable) > SHOWN_UNREADABLE:
+        lines.append(f"  ... and {len(unreadable) - SHOWN_UNREADABLE} more (all in metrics.json)")
+    return lines
 
 
 T = TypeVar("T")

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .dtypes import DTYPES
+from .errors import UserError
 from .files import file_sha256, replaced_on_success, write_bytes_atomically
 from .keys import KEY_BYTES, SampleKey, format_key
 
@@ -36,7 +37,7 @@ CACHE_FORMAT = "regate-reference-cache"
 CACHE_VERSION = 1
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The reference cache cannot be used as asked."""
 
 

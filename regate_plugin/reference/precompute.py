@@ -27,6 +27,7 @@ import torch
 from ..core import distributed
 from ..core.cache import MANIFEST_NAME, CacheError, ReferenceLossCacheWriter, committed_keys
 from ..core.compaction import IGNORE_INDEX
+from ..core.config import ConfigError
 from ..core.dtypes import dtype_from_name
 from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
@@ -62,13 +63,13 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in REFERENCE_MODES:
-            raise ValueError(f"--mode must be one of {list(REFERENCE_MODES)}, got {self.mode!r}")
+            raise ConfigError(f"--mode must be one of {list(REFERENCE_MODES)}, got {self.mode!r}")
         if self.batch_tokens < 1 or self.window < 1:
-            raise ValueError("--batch-tokens and --window must be >= 1")
+            raise ConfigError("--batch-tokens and --window must be >= 1")
         if self.visual_tokens is not None and self.visual_tokens < 1:
-            raise ValueError(f"--visual-tokens must be >= 1, got {self.visual_tokens}")
+            raise ConfigError(f"--visual-tokens must be >= 1, got {self.visual_tokens}")
         if self.resume and self.overwrite:
-            raise ValueError("--resume continues a cache and --overwrite replaces it: pass one of them")
+            raise ConfigError("--resume continues a cache and --overwrite replaces it: pass one of them")
 
 
 @dataclass
@@ -310,7 +311,7 @@ def _encoding(cfg: PrecomputeConfig, tokenizer: Any) -> _Encoding:
     max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     if cfg.mode == "pad" and pad_id is None:
-        raise ValueError(
+        raise ConfigError(
             f"--mode pad needs a pad token, and the tokenizer of {cfg.tokenizer or cfg.reference} has none"
         )
     return _Encoding(template, tokenizer, max_length, pad_id)
