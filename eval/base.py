@@ -92,6 +92,23 @@ def unreadable_lines(unreadable: list[str]) -> list[str]:
 T = TypeVar("T")
 
 
+def _end_cleanly(path: Path) -> None:
+    """A killed run can leave its last line half written: cut it off when it does not parse (that question was
+    not done, so it is asked again), or end it with a newline when it does, so the next record starts clean."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+    except ValueError:  # JSONDecodeError, or bytes cut inside a UTF-8 character
+        with path.open("r+b") as f:
+            f.truncate(start)
+        return
+    with path.open("ab") as f:
+        f.write(b"\n")
+
+
 def run_resumable(
     items: Sequence[T],
     key: Callable[[T], Hashable],
@@ -111,9 +128,8 @@ def run_resumable(
     finished = set(done)
     todo = [item for item in items if key(item) not in finished]
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and out.read_bytes()[-1:] not in (b"", b"\n"):
-        with out.open("a") as f:  # a killed run can leave half a line: end it so the next record starts clean
-            f.write("\n")
+    if out.exists():
+        _end_cleanly(out)
     with (
         out.open("a") as f,
         tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress) as bar,
