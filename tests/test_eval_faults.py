@@ -250,3 +250,35 @@ def test_mvbench_videollama2_file_with_a_torn_line(tmp_path, capsys):
     assert regate(["eval", "score", "mvbench", "--pred", str(pred), "--out", str(tmp_path / "b")]) == 0
     assert "line 3: not valid JSON" in _metrics(tmp_path / "b")["unreadable"][0]
     assert "pass --data-root" in capsys.readouterr().out
+
+
+class _EchoRunner:
+    """A runner that answers each request with its prompt's user text (a real `ModelRunner`, no model)."""
+
+    def generate(self, requests):
+        return [r.prompt.user for r in requests]
+
+
+def _resume(out: Path, items: list[str]) -> list[dict]:
+    from regate_plugin.eval.base import PredictionFile, Prompt, Request, run_resumable
+
+    done = [r["id"] for r in PredictionFile.read(out, missing_ok=True).records]
+    request = lambda item: Request((), Prompt(item))  # noqa: E731
+    return list(
+        run_resumable(
+            items, str, done, request, lambda i, o: {"id": i, "out": o}, _EchoRunner(), out, 2, progress=False
+        )
+    )
+
+
+def test_resume_cuts_a_torn_last_line_off_and_answers_its_question_again(tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    items = [f"q{i}" for i in range(5)]
+    _resume(out, items)
+    complete = out.read_text()
+    out.write_text(complete[: complete.index('{"id": "q3"') + 12])  # killed while writing q3
+    assert [r["id"] for r in _resume(out, items)] == ["q3", "q4"]
+    assert out.read_text() == complete  # nothing torn is left behind, nothing is answered twice
+
+    out.write_text(complete.rstrip("\n"))  # killed after the last record, before its newline: kept
+    assert _resume(out, items) == [] and out.read_text() == complete
