@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .dtypes import DTYPES
+from .errors import UserError
 from .files import file_sha256, replaced_on_success, write_bytes_atomically
 from .keys import KEY_BYTES, SampleKey, format_key
 
@@ -47,7 +48,7 @@ SHARD_GLOB = "shard-*.safetensors"
 SET_ASIDE_SUFFIX = ".corrupt"  # a shard that failed its check on repair, kept under this suffix
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The reference cache cannot be used as asked."""
 
 

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from .errors import UserError
+
 ScoreNorm = Literal["none", "zscore"]
 MissingReference = Literal["error", "ema"]
 EMADtype = Literal["float32", "float16"]
@@ -16,8 +18,9 @@ MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
 EMA_DTYPES: tuple[str, ...] = get_args(EMADtype)
 
 
-class ConfigError(ValueError):
-    """A `ReGATEConfig` field holds a value outside its allowed range; `field` names it."""
+class ConfigError(UserError, ValueError):
+    """A setting (a `ReGATEConfig` field, a command-line flag) holds a value outside its allowed range; `field`
+    names the config field where there is one."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)

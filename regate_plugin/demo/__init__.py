@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import enable_token_elision
 from ..core import IGNORE_INDEX, ReGATEConfig, build_token_elision
+from ..core.config import ConfigError
 from ..core.reference import build_reference_input
 from ..data import expand_placeholders, get_template, iter_conversations
 from ..eval import aggregate, get_protocol, load_mvbench, predict
@@ -58,9 +59,9 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
+            raise ConfigError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         if min(self.steps, self.batch_size, self.train_size, self.test_per_task, self.num_frames, self.eval_every) < 1:
-            raise ValueError(
+            raise ConfigError(
                 "--steps, --batch-size, --train-size, --test-per-task, --num-frames and --eval-every must be >= 1"
             )
 
