@@ -40,7 +40,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lam0": {"elision_unit": "target", "lam": 0.0},
     "lam1": {"elision_unit": "target", "lam": 1.0},
 }
-SETTINGS = ("steps", "eval_every", "batch_size", "train_size", "test_per_task", "learning_rate")
+SETTINGS = (
+    "steps",
+    "eval_every",
+    "batch_size",
+    "train_size",
+    "test_per_task",
+    "learning_rate",
+    "warmup_steps",
+    "cycle_steps",
+    "dense_steps",
+)
 
 
 def run_key(record: dict[str, Any]) -> tuple:
@@ -194,6 +204,11 @@ def first_reaching(curve: list[dict[str, Any]], target: float) -> dict[str, Any]
     return next((point for point in curve if point["accuracy"] >= target - 1e-9), None)
 
 
+def _share(value: float, of: float) -> float:
+    """value / of, where a peak at the start (of = 0) is reached at once (0.0)."""
+    return value / of if of else 0.0
+
+
 def label(run: tuple) -> str:
     mode, variant, keep = run
     return "none" if mode == "none" else f"{mode} {variant} {keep:g}"
@@ -228,8 +243,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 None
                 if point is None
                 else {
-                    "tokens": point["answer_tokens"] / peak["answer_tokens"],
-                    "seconds": point["train_seconds"] / peak["train_seconds"],
+                    "tokens": _share(point["answer_tokens"], peak["answer_tokens"]),
+                    "seconds": _share(point["train_seconds"], peak["train_seconds"]),
                 }
             )
         row = {

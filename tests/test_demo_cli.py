@@ -47,11 +47,11 @@ def test_shortened_demo_runs_all_three_modes(short_demo):
     none, regate, random = results
     # Same batches, fewer answer tokens under elision, and both elided modes spend the same budget.
     assert regate.answer_tokens == random.answer_tokens < none.answer_tokens
-    # `regate` found every training sample in the cache (a miss is an error); every clip has a text of its own, so
-    # the content-addressed cache has one entry per clip.
+    # `regate` found every training sample in the cache (a miss is an error); the cache is content-addressed, one
+    # entry per distinct text.
     train = json.loads((tmp_path / "data" / "train.json").read_text())
-    assert len({tuple(turn["value"] for turn in row["conversations"]) for row in train}) == len(train)
-    assert len(ReferenceLossCache(tmp_path / "reference_cache")) == len(train)
+    texts = {tuple(turn["value"] for turn in row["conversations"]) for row in train}
+    assert len(ReferenceLossCache(tmp_path / "reference_cache")) == len(texts)
     # Learning curves: every mode starts from the same model and is evaluated at steps 5, 10 and 12.
     for r in results:
         assert [p.step for p in r.curve] == [0, 5, 10, 12] and r.curve[0] == none.curve[0]
@@ -172,14 +172,17 @@ def test_cli_help_lists_demo():
     assert "--preset" in out.stdout and "smollm2" in out.stdout
 
 
-def test_every_clip_has_its_own_text_and_the_visual_tokens_are_the_facts(tmp_path):
-    """Each training clip's (question, answer) text is unique, so sample keys name clips; the answer tokens marked
-    as needing the video decode to the letter, the candidate and the three facts, and nothing else."""
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_texts_tell_clips_apart_and_the_visual_tokens_are_the_facts(tmp_path, shuffle):
+    """Two training clips share a text only when their facts agree (never with shuffled options); the answer tokens
+    marked as needing the video decode to the letter, the candidate and the three facts, and nothing else."""
     from regate_plugin.demo import encode_split
 
-    splits = demo_data.generate(tmp_path, train_size=30, test_per_task=4, seed=3, progress=False)
+    splits = demo_data.generate(tmp_path, 30, 4, seed=3, progress=False, shuffle_options=shuffle)
     train = json.loads(splits.train_json.read_text())
-    assert len({tuple(turn["value"] for turn in row["conversations"]) for row in train}) == 30
+    texts = {tuple(turn["value"] for turn in row["conversations"]) for row in train}
+    facts = {(row["conversations"][0]["value"], row["conversations"][1]["value"].split(". ", 1)[1]) for row in train}
+    assert len(texts) == len(facts) and (len(texts) == 30 or not shuffle)
     test = json.loads(splits.test_json.read_text())
     tokenizer = train_tokenizer([turn["value"] for row in train + test for turn in row["conversations"]])
     processor = processor_for(tokenizer)

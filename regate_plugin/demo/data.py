@@ -11,8 +11,10 @@ on the test split unchanged; the answer states all three:
 - `Object Shuffle`: in which corner is the moving object at the end?
 - `Moving Count`: how many objects are in the video?
 
-Options come in a shuffled order per question, and every training clip has its own (task, option order, facts),
-so no two training samples share a text: a sample key (a hash of the text) names one clip.
+The answer states every fact, so two clips share a text (and a sample key) only when their facts are the same.
+With `shuffle_options`, options come in a shuffled order per question and every training clip gets a text of its
+own; the letter then needs a second hop (fact, then the option that names it), and the demo's 2-layer student does
+not learn that within its budget (docs/BENCHMARKS.md), so the default keeps the candidates' order.
 
 Files: `train.json` (LLaVA conversation format, one `<video>` per sample); the test split in the MVBench layout
 (`mvbench/json/<task>.json`, `mvbench/video/<prefix>/*.mp4`), and the same questions with their whole answers in
@@ -159,9 +161,9 @@ class DemoSplits:
     test_size: int
 
 
-def _combinations(task: DemoTask) -> list[tuple[tuple[str, ...], Facts]]:
+def _combinations(task: DemoTask, shuffle_options: bool) -> list[tuple[tuple[str, ...], Facts]]:
     """Every (option order, facts) a question of `task` can have."""
-    orders = list(itertools.permutations(task.candidates))
+    orders = list(itertools.permutations(task.candidates)) if shuffle_options else [task.candidates]
     facts = [Facts(*f) for f in itertools.product(COLOURS, CORNERS, COUNTS)]
     return list(itertools.product(orders, facts))
 
@@ -173,19 +175,22 @@ def _conversation(question: Question, facts: Facts) -> list[dict[str, str]]:
     ]
 
 
-def generate(root: Path, train_size: int, test_per_task: int, seed: int = 0, progress: bool = True) -> DemoSplits:
-    """Write both splits under `root`; tasks are balanced, each training clip has a text of its own, test clips
-    are drawn independently; everything from `seed`."""
+def generate(
+    root: Path, train_size: int, test_per_task: int, seed: int = 0, progress: bool = True, shuffle_options: bool = False
+) -> DemoSplits:
+    """Write both splits under `root`; tasks are balanced, test clips are drawn independently, everything from
+    `seed`. With `shuffle_options`, each training clip has a text of its own."""
     rng = random.Random(seed)
-    pools = {task.name: _combinations(task) for task in DEMO_TASKS}
+    pools = {task.name: _combinations(task, shuffle_options) for task in DEMO_TASKS}
     per_task = -(-train_size // len(DEMO_TASKS))
     smallest = min(len(pool) for pool in pools.values())
-    if per_task > smallest:
+    if shuffle_options and per_task > smallest:
         raise ValueError(
             f"--train-size {train_size} asks for {per_task} clips per task, but a task has only {smallest} distinct "
             f"texts; use --train-size {smallest * len(DEMO_TASKS)} or less"
         )
-    drawn = {name: rng.sample(pool, per_task) for name, pool in pools.items()}
+    draw = rng.sample if shuffle_options else lambda pool, n: [rng.choice(pool) for _ in range(n)]
+    drawn = {name: draw(pool, per_task) for name, pool in pools.items()}
     root.mkdir(parents=True, exist_ok=True)
     mvbench = root / "mvbench"
     bar = tqdm(total=train_size + test_per_task * len(DEMO_TASKS), desc="draw video clips", disable=not progress)
