@@ -134,3 +134,28 @@ def test_rows_other_than_scored_fail_naming_the_sample(anyres_setup, anyres_cach
     keys, counts = _batch(anyres_setup, [scored[0], scored[1] + 1])
     with pytest.raises(CacheError, match=format_key(keys[1])):
         elision.check_visual_rows(keys, *counts)
+
+
+def test_a_sample_with_several_images_counts_one_padded_crop_each(anyres_setup, tmp_path):
+    """LLaVA-NeXT's dataset pads every image of a multi-image sample to one crop (`process_image(f, "pad")`); the
+    re-created merge of such crops gives the rows precompute counts for them."""
+    from regate_plugin.data import parse_sample
+    from regate_plugin.data.visual import visual_rows_from_path
+    from regate_plugin.reference.precompute import PrecomputeConfig, placeholder_rows
+
+    root = anyres_setup[0]
+    raw = {"image": ["0000.jpg", "0001.jpg"], "conversations": [{"from": "human", "value": "<image>\n<image>\nSame?"}]}
+    cfg = PrecomputeConfig(
+        data=[], reference="r", template="qwen_1_5", out=tmp_path, anyres=visual_rows_from_path(root / "student"),
+        image_folder=root / "images",
+    )  # fmt: skip
+    counted = placeholder_rows(cfg, parse_sample(raw, 0, "mem"))
+    with llava_next_on_path():
+        from llava.model import llava_arch
+
+        crops = [torch.rand(3, TILE, TILE) for _ in raw["image"]]  # what the pad path hands the model: one crop each
+        ids = torch.tensor([[1, -200, -200, 2]])
+        merge = _tiny_model(llava_arch, ASPECT, MERGE, OV_PINPOINTS).prepare_inputs_labels_for_multimodal
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        _, _, mask, _, _, _ = merge(ids, None, mask, None, ids.clamp(min=-100), crops, ["image"] * 2, [(32, 32)] * 2)
+    assert sum(counted) == int(mask.sum()) - 2 and len(counted) == 2

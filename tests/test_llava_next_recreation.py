@@ -42,13 +42,19 @@ def _chat_turns(raw):
     return {**raw, "conversations": [first] + [{"role": t["from"], "content": t["value"]} for t in rest]}
 
 
+def _with_noise_marker(raw):
+    """The sample with the marker upstream deletes from image samples (and keeps in text-only ones) in its turns."""
+    turns = [{**t, "value": t["value"] + " QA_GT_caption_based_noisy"} for t in raw["conversations"]]
+    return {**raw, "conversations": turns}
+
+
 def test_qwen_template_equals_preprocess_qwen(next_train, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(write_bpe_chat_tokenizer(tmp_path / "chatml", "chatml"))
     template = get_template("qwen_1_5")
     samples = conversation_samples(24, seed=7)
     assert any("image" in s for s in samples) and any("image" not in s for s in samples)
     for n, raw in enumerate(samples):
-        variants = [raw] if "image" in raw else [raw, _chat_turns(raw)]
+        variants = [raw, _with_noise_marker(raw)] + ([] if "image" in raw else [_chat_turns(raw)])
         for variant in variants:
             encoded = template.encode(parse_sample(variant, n, "mem"), tokenizer)
             assert (encoded.input_ids, encoded.labels) == _upstream(next_train, variant, tokenizer), n

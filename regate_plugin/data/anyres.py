@@ -90,6 +90,11 @@ class AnyresLayout:
             "max_tiles": self.max_tiles,
         }
 
+    def padded_rows(self) -> int:
+        """Rows of an image processed as one padded crop, as LLaVA-NeXT's dataset does every image of a sample that
+        has more than one (`process_image(f, "pad")`): the grid, and one newline row under `spatial_unpad`."""
+        return self.grid * self.grid + (self.merge == "spatial_unpad")
+
     def rows(self, size: Size) -> int:
         """Visual rows the merge puts in for one image of `size` (width, height)."""
         if size[0] <= 0 or size[1] <= 0:

@@ -250,6 +250,9 @@ class VideoLlama2PlainTemplate(ConversationTemplate):
         return TokenizedSample(ids, [IGNORE_INDEX if t == index else t for t in ids])
 
 
+QWEN_NOISE_MARKER = "QA_GT_caption_based_noisy"
+
+
 class LlavaQwenTemplate(ConversationTemplate):
     name = "qwen_1_5"
     codebase = "llava-next"
@@ -270,7 +273,10 @@ class LlavaQwenTemplate(ConversationTemplate):
 
     def encode(self, sample: Conversation, tokenizer: Any, max_length: int | None = None) -> TokenizedSample:
         has_image = sample.modality is not None
-        turns = move_placeholder_first(sample.turns, "<image>", only_single=True) if has_image else sample.turns
+        turns = sample.turns
+        if has_image:  # upstream preprocess_multimodal, which also deletes one dataset's noise marker
+            turns = move_placeholder_first(turns, "<image>", only_single=True)
+            turns = [(role, text.replace(QWEN_NOISE_MARKER, "")) for role, text in turns]
         turns = drop_leading_non_human(turns)
         tok = self._tokenizer(tokenizer, has_image)
         encode = lambda role, text: list(  # noqa: E731

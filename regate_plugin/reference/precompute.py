@@ -185,14 +185,18 @@ def visual_paths(cfg: PrecomputeConfig, sample: Conversation) -> list[Path]:
 
 
 def placeholder_rows(cfg: PrecomputeConfig, sample: Conversation) -> int | list[int] | None:
-    """The rows the student splices in per placeholder of `sample`: `--visual-tokens`, or one count per image from
-    its size (read from the file's header) for an anyres student."""
+    """The rows the student splices in per placeholder of `sample`: `--visual-tokens`, or for an anyres student one
+    count per image, from its size (read from the file's header) or, in a sample with several images, of one padded
+    crop each."""
     if cfg.anyres is None:
         return cfg.visual_tokens
     if sample.modality == "video":
         raise DataError(f"{sample.where()}: video samples of an anyres (LLaVA-NeXT) student are not supported")
+    paths = visual_paths(cfg, sample)
+    if len(paths) > 1:  # upstream pads every image of a multi-image sample to one crop
+        return [cfg.anyres.padded_rows()] * len(paths)
     try:
-        return [cfg.anyres.rows(read_image_size(path)) for path in visual_paths(cfg, sample)]
+        return [cfg.anyres.rows(read_image_size(path)) for path in paths]
     except DataError as err:
         raise DataError(f"{sample.where()}: {err}") from None
 

@@ -39,7 +39,8 @@ class TrainingArguments(transformers.TrainingArguments):
 
 
 def preprocess_multimodal(sources, data_args):
-    """A lone `<image>` is moved to the front of its turn; every turn is read by its "value"."""
+    """A lone `<image>` is moved to the front of its turn, then one dataset's noise marker is deleted; every turn is
+    read by its "value"."""
     if not data_args.is_multimodal:
         return sources
     for source in sources:
@@ -49,6 +50,7 @@ def preprocess_multimodal(sources, data_args):
             ):
                 rest = sentence["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
                 sentence["value"] = (DEFAULT_IMAGE_TOKEN + "\n" + rest).strip()
+            sentence["value"] = sentence["value"].replace("QA_GT_caption_based_noisy", "")
     return sources
 
 
