@@ -1,95 +1,407 @@
-"""Sample efficiency on the demo task: MVBench-format accuracy (official protocol) against answer tokens processed
-for `none`, `regate` and `random`, over several seeds, and the answer tokens each mode needs to reach the `none`
-run's best accuracy.
+"""Sample efficiency on the demo task, as evidence: per seed and run the learning curve (answer tokens, training
+seconds, MVBench-format accuracy, whole-answer exact match), then mean ± sd over seeds, paired differences with a
+paired t-test and a sign test, and the answer tokens and seconds each run needs to reach `none`'s peak.
 
-    python benchmarks/sample_efficiency.py [--seeds 0 1 2] [--steps 1500] [--eval-every 125] [--out docs/benchmarks]
+    python benchmarks/sample_efficiency.py                       # the default grid: 5 seeds, keep 0.35 and 0.5
+    python benchmarks/sample_efficiency.py --variants pair loss_only ema_dense lam0 lam1 --keep-ratios 0.35
+    python benchmarks/sample_efficiency.py --report              # tables and plots from the records alone
 
-Each seed regenerates the data, the reference LLM and the student start; the three modes of a seed share them and
-see the same batches (`regate_plugin.demo.run_demo`). The task is the demo's as it is; nothing is tuned to the method.
+Each seed regenerates the data, the reference LLM and the student start (`regate_plugin.demo.prepare`); every run
+of a seed starts from that start and sees the same batches. One record per completed run is appended to
+`--out/evidence.json` (written atomically), so a killed invocation continues where it stopped: runs already
+recorded with the same settings are skipped. Records made with other settings stay in the file and are left out of
+the summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import statistics
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from regate_plugin.demo import DemoConfig, DemoResult, format_results, plot_curves, run_demo
+import torch
+
+from regate_plugin.demo import DemoConfig, DemoResult, prepare, train_mode
+
+TASK = "demo-video-squares"
+# Elision options of a run other than the demo's defaults (`ReGATEConfig` fields), by variant name.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "target": {"elision_unit": "target"},
+    "pair": {"elision_unit": "pair"},
+    "loss_only": {"elision_unit": "loss_only"},
+    "ema_dense": {"elision_unit": "target", "ema_observe": "dense"},
+    "lam0": {"elision_unit": "target", "lam": 0.0},
+    "lam1": {"elision_unit": "target", "lam": 1.0},
+}
+SETTINGS = (
+    "steps",
+    "eval_every",
+    "batch_size",
+    "train_size",
+    "test_per_task",
+    "learning_rate",
+    "warmup_steps",
+    "cycle_steps",
+    "dense_steps",
+)
 
 
-def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    """Answer tokens at the first evaluation whose accuracy reaches `target`, or None."""
-    return next((tokens for tokens, accuracy in curve if accuracy >= target), None)
+def run_key(record: dict[str, Any]) -> tuple:
+    return (record["task"], record["mode"], record["variant"], record["keep_ratio"], record["seed"])
 
 
-def accuracy_at(curve: list[tuple[int, float]], tokens: int) -> float:
-    """Accuracy of the last evaluation at or before `tokens` answer tokens."""
-    return [a for t, a in curve if t <= tokens][-1]
+def load_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(
+            f"{path} is not valid JSON ({error}); it is written atomically, so it was edited by hand: fix or move "
+            "it away, then run again"
+        ) from None
+    if not isinstance(records, list):
+        raise SystemExit(f"{path} holds {type(records).__name__}, not a list of run records; move it away")
+    return records
 
 
-def summarize(runs: dict[int, list[DemoResult]]) -> dict:
+def write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(records, handle, indent=1)
+    os.replace(handle.name, path)
+
+
+def record_of(result: DemoResult, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    curve = [asdict(point) for point in result.curve]
+    best = max(curve, key=lambda point: point["accuracy"])
+    return {
+        "task": TASK,
+        "mode": result.mode,
+        "variant": result.variant,
+        "keep_ratio": result.keep_ratio,
+        "seed": seed,
+        "curve": curve,
+        "final": curve[-1],
+        "best": best,
+        "kept_fraction": result.kept_fraction,
+        "activation_mib": result.activation_mib,
+        "settings": settings,
+    }
+
+
+def planned_runs(modes: Iterable[str], keep_ratios: Iterable[float], variants: Iterable[str]) -> list[tuple]:
+    """(mode, variant, keep ratio) of every run per seed: `none` once, each elided mode per keep ratio; `random`
+    only with the default unit (its control), `regate` with each variant."""
+    runs = []
+    for mode in modes:
+        if mode == "none":
+            runs.append(("none", "", 1.0))
+            continue
+        for keep in keep_ratios:
+            for variant in variants if mode == "regate" else ["target"]:
+                runs.append((mode, variant, keep))
+    return runs
+
+
+def run_grid(args: argparse.Namespace, settings: dict[str, Any], path: Path) -> None:
+    torch.set_num_threads(args.threads)
+    records = load_records(path)
+    done = {run_key(r) for r in records if r.get("settings") == settings}
+    for seed in args.seeds:
+        pending = [
+            run for run in planned_runs(args.modes, args.keep_ratios, args.variants) if (TASK, *run, seed) not in done
+        ]
+        if not pending:
+            continue
+        cfg = DemoConfig(
+            **{k: settings[k] for k in SETTINGS}, keep_ratio=args.keep_ratios[0], seed=seed, progress=False
+        )
+        work = Path(tempfile.mkdtemp(prefix=f"sample-efficiency-{seed}-", dir=args.work))
+        setup = prepare(work, cfg)
+        for mode, variant, keep in pending:
+            schedule = cfg.schedule(keep_ratio=keep, **VARIANTS.get(variant, {}))
+            result = train_mode(setup, mode, schedule, variant, save=False)
+            records = load_records(path)  # another invocation may have appended meanwhile
+            records.append(record_of(result, seed, settings))
+            write_records(path, records)
+            final = result.final
+            print(
+                f"seed {seed} {mode:<6} {variant:<9} keep {keep:<4} tokens {result.answer_tokens:>7} "
+                f"{result.seconds:6.1f} s  accuracy {final.accuracy:5.1f} best {result.best_accuracy:5.1f} "
+                f"exact {final.exact_match:5.1f} visual {final.visual_accuracy:5.1f}",
+                flush=True,
+            )
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (Lentz's method)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), None):
+            if numerator is None:
+                numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-12:
+            break
+    return h
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def paired_t_test(differences: list[float]) -> tuple[float, float]:
+    """(t, two-sided p) of the paired differences' mean against 0 (Student's t with n - 1 degrees of freedom)."""
+    n = len(differences)
+    if n < 2:
+        return math.nan, math.nan
+    sd = statistics.stdev(differences)
+    mean = statistics.fmean(differences)
+    if sd == 0.0:
+        return (math.inf if mean else math.nan), (0.0 if mean else 1.0)
+    t = mean / (sd / math.sqrt(n))
+    dof = n - 1
+    return t, _incomplete_beta(dof / 2.0, 0.5, dof / (dof + t * t))
+
+
+def sign_test(differences: list[float]) -> float:
+    """Two-sided exact sign test p (ties dropped)."""
+    wins, losses = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2.0 * tail)
+
+
+# --- summary ---------------------------------------------------------------------------------------------------
+
+
+def first_reaching(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first evaluation whose accuracy reaches `target`, or None."""
+    return next((point for point in curve if point["accuracy"] >= target - 1e-9), None)
+
+
+def _share(value: float, of: float) -> float:
+    """value / of, where a peak at the start (of = 0) is reached at once (0.0)."""
+    return value / of if of else 0.0
+
+
+def label(run: tuple) -> str:
+    mode, variant, keep = run
+    return "none" if mode == "none" else f"{mode} {variant} {keep:g}"
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per run: mean ± sd of final / best accuracy, final exact match and visual accuracy; the share of `none`'s
+    answer tokens and seconds (at its peak) needed to reach `none`'s peak, per seed; paired differences against
+    `random` at the same keep ratio (equal tokens) and against `none`."""
+    by_run: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        by_run.setdefault((r["mode"], r["variant"], r["keep_ratio"]), {})[r["seed"]] = r
+    none = by_run.get(("none", "", 1.0), {})
     rows = {}
-    for seed, results in runs.items():
-        by_mode = {r.mode: r for r in results}
-        best = max(a for _, a in by_mode["none"].curve)
-        needed = {mode: tokens_to_reach(r.curve, best) for mode, r in by_mode.items()}
-        budget = by_mode["random"].answer_tokens  # regate and random process the same number of answer tokens
-        rows[seed] = {
-            "none_best_accuracy": best,
-            "tokens_to_none_best": needed,
-            "regate_tokens_over_none": None if needed["regate"] is None else needed["regate"] / needed["none"],
-            "final_accuracy": {mode: r.accuracy for mode, r in by_mode.items()},
-            # mean over the evaluations after step 0 (same steps for every mode): less noisy than one point
-            "mean_accuracy": {mode: sum(a for _, a in r.curve[1:]) / len(r.curve[1:]) for mode, r in by_mode.items()},
-            "accuracy_at_equal_tokens": {
-                mode: accuracy_at(by_mode[mode].curve, budget) for mode in ("regate", "random")
-            },
-            "answer_tokens": {mode: r.answer_tokens for mode, r in by_mode.items()},
-            "curves": {mode: r.curve for mode, r in by_mode.items()},
+    for run, seeds in sorted(
+        by_run.items(), key=lambda item: (item[0][0] != "none", item[0][2], item[0][0], item[0][1])
+    ):
+        reach = {}
+        for seed, r in seeds.items():
+            if seed not in none:
+                continue
+            peak = none[seed]["best"]
+            point = first_reaching(r["curve"], peak["accuracy"])
+            reach[seed] = (
+                None
+                if point is None
+                else {
+                    "tokens": _share(point["answer_tokens"], peak["answer_tokens"]),
+                    "seconds": _share(point["train_seconds"], peak["train_seconds"]),
+                }
+            )
+        row = {
+            "seeds": sorted(seeds),
+            "final_accuracy": [seeds[s]["final"]["accuracy"] for s in sorted(seeds)],
+            "best_accuracy": [seeds[s]["best"]["accuracy"] for s in sorted(seeds)],
+            "final_exact_match": [seeds[s]["final"]["exact_match"] for s in sorted(seeds)],
+            "final_visual_accuracy": [seeds[s]["final"]["visual_accuracy"] for s in sorted(seeds)],
+            "answer_tokens": [seeds[s]["final"]["answer_tokens"] for s in sorted(seeds)],
+            "train_seconds": [seeds[s]["final"]["train_seconds"] for s in sorted(seeds)],
+            "reach_none_peak": reach,
         }
+        control = by_run.get(("random", "target", run[2]), {})
+        if run[0] != "random" and run[0] != "none" and control:
+            row["vs_random"] = _paired(seeds, control)
+        if run[0] != "none" and none:
+            row["vs_none"] = _paired(seeds, none)
+        rows[label(run)] = row
     return rows
 
 
-def table(rows: dict) -> str:
+def _paired(runs: dict[int, dict[str, Any]], others: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Paired differences (this run minus the other) over the seeds both have, for final accuracy, exact match and
+    visual accuracy, with a paired t-test and a sign test each."""
+    seeds = sorted(set(runs) & set(others))
+    out: dict[str, Any] = {"seeds": seeds}
+    for metric in ("accuracy", "exact_match", "visual_accuracy"):
+        differences = [runs[s]["final"][metric] - others[s]["final"][metric] for s in seeds]
+        t, p = paired_t_test(differences)
+        out[metric] = {
+            "differences": differences,
+            "wins": sum(d > 0 for d in differences),
+            "t": t,
+            "p": p,
+            "sign_p": sign_test(differences),
+        }
+    return out
+
+
+def _reached(row: dict[str, Any], at_most: float) -> str:
+    reach = row["reach_none_peak"]
+    if not reach:
+        return "n/a"
+    hits = sum(1 for value in reach.values() if value is not None and value["tokens"] <= at_most + 1e-9)
+    return f"{hits}/{len(reach)}"
+
+
+def _shares(row: dict[str, Any], key: str) -> str:
+    return " ".join("–" if v is None else f"{v[key]:.2f}" for _, v in sorted(row["reach_none_peak"].items()))
+
+
+def table(rows: dict[str, Any]) -> str:
     lines = [
-        "| seed | none best acc | tokens to reach it: none | regate | random | regate / none "
-        "| acc at equal tokens: regate | random |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | seeds | final acc | best acc | final exact match | final visual acc | answer tokens | train s "
+        "| tokens to none's peak / none's (per seed) | seconds to it / none's | ≤ 60% tokens | ≤ 35% tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
     ]
-    for seed, r in rows.items():
-        need = r["tokens_to_none_best"]
-        ratio = "not reached" if r["regate_tokens_over_none"] is None else f"{r['regate_tokens_over_none']:.2f}"
-        fmt = {m: "not reached" if need[m] is None else str(need[m]) for m in need}
-        eq = r["accuracy_at_equal_tokens"]
+    for name, row in rows.items():
         lines.append(
-            f"| {seed} | {r['none_best_accuracy']:.1f} | {fmt['none']} | {fmt['regate']} | {fmt['random']} | {ratio} | "
-            f"{eq['regate']:.1f} | {eq['random']:.1f} |"
+            f"| {name} | {len(row['seeds'])} | {_mean_sd(row['final_accuracy'])} | {_mean_sd(row['best_accuracy'])} "
+            f"| {_mean_sd(row['final_exact_match'])} | {_mean_sd(row['final_visual_accuracy'])} "
+            f"| {statistics.fmean(row['answer_tokens']):,.0f} | {_mean_sd(row['train_seconds'])} "
+            f"| {_shares(row, 'tokens')} | {_shares(row, 'seconds')} | {_reached(row, 0.6)} | {_reached(row, 0.35)} |"
         )
+    lines += [
+        "",
+        "| run | against | seeds | Δ final acc (wins, t-test p, sign p) | Δ exact match (wins, p) "
+        "| Δ visual acc (wins, p) |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for name, row in rows.items():
+        for against in ("vs_random", "vs_none"):
+            if against not in row:
+                continue
+            paired = row[against]
+            cells = []
+            for metric in ("accuracy", "exact_match", "visual_accuracy"):
+                m = paired[metric]
+                mean = statistics.fmean(m["differences"]) if m["differences"] else math.nan
+                p = "n/a" if math.isnan(m["p"]) else f"{m['p']:.3f}"
+                extra = f", sign p {m['sign_p']:.3f}" if metric == "accuracy" else ""
+                cells.append(f"{mean:+.1f} ({m['wins']}/{len(paired['seeds'])}, p {p}{extra})")
+            lines.append(f"| {name} | {against[3:]} | {len(paired['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], keep: float, variants: list[str], path: Path) -> Path:
+    """Accuracy against answer tokens and against training seconds: mean over seeds, band ± one sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r["mode"] == "none" or (r["keep_ratio"] == keep and (r["mode"] == "random" or r["variant"] in variants)):
+            runs.setdefault((r["mode"], r["variant"], r["keep_ratio"]), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run, seeds in sorted(runs.items()):
+        length = min(len(r["curve"]) for r in seeds)
+        for ax, x_key in zip(axes, ("answer_tokens", "train_seconds")):
+            xs = [statistics.fmean(r["curve"][i][x_key] for r in seeds) for i in range(length)]
+            values = [[r["curve"][i]["accuracy"] for r in seeds] for i in range(length)]
+            mean = [statistics.fmean(v) for v in values]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=f"{label(run)} ({len(seeds)} seeds)")
+            ax.fill_between(
+                xs,
+                [m - s for m, s in zip(mean, sd)],
+                [m + s for m, s in zip(mean, sd)],
+                alpha=0.15,
+                color=line.get_color(),
+            )
+    axes[0].set_xlabel("answer tokens processed (loss terms)")
+    axes[1].set_xlabel("training seconds (2 shared CPU cores, one thread)")
+    for ax in axes:
+        ax.set_ylabel("MVBench-format accuracy (%), mean ± sd over seeds")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{TASK}, keep ratio {keep:g} on sparse steps")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--eval-every", type=int, default=125)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--modes", nargs="+", default=["none", "regate", "random"])
+    parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.35, 0.5])
+    parser.add_argument("--variants", nargs="+", default=["target"], choices=sorted(VARIANTS))
+    defaults = DemoConfig()
+    for name in SETTINGS:
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)), default=getattr(defaults, name)
+        )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--work", type=Path, default=None, help="where each seed's data and cache go (default: tmp)")
+    parser.add_argument("--report", action="store_true", help="only summarize the records already in --out")
     args = parser.parse_args()
-    runs = {}
-    for seed in args.seeds:
-        cfg = DemoConfig(steps=args.steps, eval_every=args.eval_every, seed=seed)
-        runs[seed] = run_demo(Path(tempfile.mkdtemp(prefix=f"sample-eff-{seed}-")), cfg)
-        print(f"seed {seed}\n{format_results(runs[seed])}", flush=True)
-    rows = summarize(runs)
-    for seed, results in runs.items():
-        rows[seed]["runs"] = [{k: v for k, v in asdict(r).items() if k not in ("curve", "checkpoint")} for r in results]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sample_efficiency.json").write_text(json.dumps(rows, indent=2))
-    for seed, results in runs.items():
-        plot_curves(results, args.out / f"sample_efficiency_seed{seed}.png", f"demo task, seed {seed}")
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    path = args.out / "evidence.json"
+    if not args.report:
+        run_grid(args, settings, path)
+    records = [r for r in load_records(path) if r.get("settings") == settings]
+    rows = summarize(records)
+    (args.out / "evidence_summary.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
+    keeps = sorted({r["keep_ratio"] for r in records if r["mode"] != "none"})
+    for keep in keeps:
+        print(plot(records, keep, ["target"], args.out / f"evidence_keep{keep:g}.png"))
+    variants = {(r["variant"], r["keep_ratio"]) for r in records if r["mode"] == "regate" and r["variant"] != "target"}
+    for keep in sorted({keep for _, keep in variants}):
+        names = sorted(name for name, at in variants if at == keep)
+        print(plot(records, keep, ["target", *names], args.out / f"evidence_variants_keep{keep:g}.png"))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,15 @@ from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
+from ..core.errors import UserError
+from ..core.files import read_json_lines
+
+SHOWN_UNREADABLE = 5  # unreadable lines a results table lists by name; metrics.json keeps them all
+
+
+class BenchmarkError(UserError, ValueError):
+    """Malformed or missing benchmark data or predictions: the message names the file and the record."""
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -39,7 +48,65 @@ class ModelRunner(Protocol):
         ...
 
 
+@dataclass
+class PredictionFile:
+    """A JSON-lines prediction (answer) file: its records in file order, and the lines that do not parse.
+
+    A line that does not parse (the torn line of a killed run, a damaged file) is never guessed at or re-paired:
+    the question it held has no answer in this file, so it counts as unanswered under the benchmark's rule, and
+    the line is reported by file and number (`unreadable`). Rerunning the eval command answers such questions
+    again."""
+
+    path: Path
+    records: list[dict[str, Any]]
+    unreadable: list[str]
+
+    @classmethod
+    def read(cls, path: str | Path, missing_ok: bool = False) -> PredictionFile:
+        """The file at `path`; with `missing_ok`, one that does not exist yet has no records."""
+        path = Path(path)
+        unreadable: list[str] = []
+        if missing_ok and not path.exists():
+            return cls(path, [], unreadable)
+        return cls(path, read_json_lines(path, skip_invalid=True, skipped=unreadable), unreadable)
+
+    def require(self, *fields: str, kind: str) -> PredictionFile:
+        """Itself, once every record is checked to be a JSON object with `fields` (else an error naming it)."""
+        for n, record in enumerate(self.records, start=1):
+            if not isinstance(record, dict) or not set(fields) <= set(record):
+                raise BenchmarkError(f"{self.path} record {n}: not {kind} (needs {', '.join(fields)})")
+        return self
+
+
+def unreadable_lines(unreadable: list[str]) -> list[str]:
+    """Results-table lines naming a prediction file's unreadable lines (the first few, then how many more)."""
+    if not unreadable:
+        return []
+    lines = [f"unreadable: {len(unreadable)} line(s) skipped; a question answered only there counts as unanswered"]
+    lines += [f"  {problem}" for problem in unreadable[:SHOWN_UNREADABLE]]
+    if len(unreadable) > SHOWN_UNREADABLE:
+        lines.append(f"  ... and {len(unreadable) - SHOWN_UNREADABLE} more (all in metrics.json)")
+    return lines
+
+
 T = TypeVar("T")
+
+
+def _end_cleanly(path: Path) -> None:
+    """A killed run can leave its last line half written: cut it off when it does not parse (that question was
+    not done, so it is asked again), or end it with a newline when it does, so the next record starts clean."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+    except ValueError:  # JSONDecodeError, or bytes cut inside a UTF-8 character
+        with path.open("r+b") as f:
+            f.truncate(start)
+        return
+    with path.open("ab") as f:
+        f.write(b"\n")
 
 
 def run_resumable(
@@ -61,9 +128,8 @@ def run_resumable(
     finished = set(done)
     todo = [item for item in items if key(item) not in finished]
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and out.read_bytes()[-1:] not in (b"", b"\n"):
-        with out.open("a") as f:  # a killed run can leave half a line: end it so the next record starts clean
-            f.write("\n")
+    if out.exists():
+        _end_cleanly(out)
     with (
         out.open("a") as f,
         tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress) as bar,

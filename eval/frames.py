@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .base import BenchmarkError
+
 Bound = tuple[float, float]
 GIF_FPS = 25.0
 FRAME_FOLDER_FPS = 3.0
@@ -101,7 +103,7 @@ class VisualSource:
                         break
         missing = sorted(wanted - set(found))
         if missing:
-            raise ValueError(f"{self.path}: frame(s) {missing[:5]} are past the end ({self.kind})")
+            raise BenchmarkError(f"{self.path}: frame(s) {missing[:5]} are past the end ({self.kind})")
         return [found[i] for i in indices]
 
 

@@ -17,15 +17,10 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from ..core.files import read_json_lines
-from .base import ModelRunner, Prompt, Request, run_resumable
+from .base import BenchmarkError, ModelRunner, PredictionFile, Prompt, Request, run_resumable, unreadable_lines
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
-
-
-class BenchmarkError(ValueError):
-    """Malformed or missing benchmark data: the message names the file and the record."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,8 @@ class ImageQuestion:
 
 @dataclass
 class Score:
-    """Headline metrics, a breakdown (per split, category or type), and how many questions had no answer."""
+    """Headline metrics, a breakdown (per split, category or type), how many questions had no answer, and the
+    answer-file lines that could not be read."""
 
     benchmark: str
     metrics: dict[str, float]
@@ -64,6 +60,7 @@ class Score:
     counts: dict[str, int] = field(default_factory=dict)
     unanswered: int = 0
     notes: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +70,7 @@ class Score:
             "counts": self.counts,
             "unanswered": self.unanswered,
             "notes": self.notes,
+            "unreadable": self.unreadable,
         }
 
     def table(self) -> str:
@@ -87,7 +85,7 @@ class Score:
         lines += [f"{self.benchmark} {name}: {value:.2f}" for name, value in self.metrics.items()]
         if self.unanswered:
             lines.append(f"unanswered: {self.unanswered} (scored as the official script does)")
-        lines += self.notes
+        lines += self.notes + unreadable_lines(self.unreadable)
         return "\n".join(lines)
 
 
@@ -126,10 +124,13 @@ class ImageBenchmark:
         image = question.open_image()
         return Request(() if image is None else (image,), Prompt(question.text, max_new_tokens=self.max_new_tokens))
 
-    def answers_by_question(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> dict[Hashable, str]:
-        """Each question's answer text (the last record wins); records for unknown questions are an error."""
+    def answers_by_question(
+        self, questions: list[ImageQuestion], records: list[dict[str, Any]]
+    ) -> dict[Hashable, dict[str, Any]]:
+        """Each question's answer record, paired by question id, never by position (the last record wins);
+        a record for a question the data does not have is an error."""
         known = {self.question_key(q) for q in questions}
-        texts: dict[Hashable, str] = {}
+        answers: dict[Hashable, dict[str, Any]] = {}
         for record in records:
             key = self.record_key(record)
             if key not in known:
@@ -137,8 +138,13 @@ class ImageBenchmark:
                     f"{self.name}: an answer for question {record['question_id']!r} that the data under {self.root} "
                     "does not have"
                 )
-            texts[key] = record["text"]
-        return texts
+            answers[key] = record
+        return answers
+
+    def answer_texts(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> list[str | None]:
+        """Each question's answer text, in question order (None: unanswered)."""
+        answers = self.answers_by_question(questions, records)
+        return [answers[k]["text"] if (k := self.question_key(q)) in answers else None for q in questions]
 
     def _path(self, *parts: str) -> Path:
         path = self.root.joinpath(*parts)
@@ -183,7 +189,7 @@ def predict(
     progress: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Answer every question not yet in `out` (LLaVA answer jsonl, appended and flushed per line)."""
-    done = [benchmark.record_key(r) for r in read_json_lines(out, skip_invalid=True)] if out.exists() else []
+    done = [benchmark.record_key(r) for r in read_answers(out, missing_ok=True).records]
     return run_resumable(
         questions,
         benchmark.question_key,
@@ -198,13 +204,23 @@ def predict(
     )
 
 
-def read_answers(path: Path) -> list[dict[str, Any]]:
-    """LLaVA-format answer records in file order; each must have question_id and text."""
-    records = read_json_lines(path, skip_invalid=True)
-    for i, record in enumerate(records):
-        if "question_id" not in record or "text" not in record:
-            raise BenchmarkError(f"{path} line {i + 1}: not a LLaVA answer record (needs question_id and text)")
-    return records
+def read_answers(path: Path, missing_ok: bool = False) -> PredictionFile:
+    """LLaVA-format answer records in file order (each with question_id and text), and the unreadable lines."""
+    return PredictionFile.read(path, missing_ok).require("question_id", "text", kind="a LLaVA answer record")
+
+
+def score_answers(
+    benchmark: ImageBenchmark, questions: list[ImageQuestion], answers: PredictionFile, asked_only: bool = False
+) -> Score:
+    """Score an answer file on `questions`, its unreadable lines reported; `asked_only` leaves out answers to
+    other questions of the data (a `--limit` run over an answer file of a longer one)."""
+    records = answers.records
+    if asked_only:
+        asked = {benchmark.question_key(q) for q in questions}
+        records = [r for r in records if benchmark.record_key(r) in asked]
+    score = benchmark.score(questions, records)
+    score.unreadable = answers.unreadable
+    return score
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,8 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..core.files import read_json_lines
-from .base import ModelRunner, Prompt, Request, run_resumable
+from .base import BenchmarkError, ModelRunner, PredictionFile, Prompt, Request, run_resumable, unreadable_lines
 from .frames import Bound, VisualSource, sample_official, sample_videollama2
 
 
@@ -58,8 +58,8 @@ TASKS: tuple[Task, ...] = tuple(
 TASKS_PER_FULL_RUN = 200
 
 
-class MVBenchError(ValueError):
-    """Malformed MVBench data: the message names the file and the record."""
+class MVBenchError(BenchmarkError):
+    """Malformed MVBench data or predictions: the message names the file and the record."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,12 @@ def load_mvbench(root: str | Path, tasks: list[str] | None = None, allow_missing
         if not path.exists():
             missing.append(task.name)
             continue
-        records = json.loads(path.read_text())
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise MVBenchError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(records, list):
+            raise MVBenchError(f"{path}: expected a JSON list of questions, got {type(records).__name__}")
         media = _media_root(root, task.prefix)
         loaded = []
         for i, record in enumerate(records):
@@ -119,14 +124,15 @@ def load_mvbench(root: str | Path, tasks: list[str] | None = None, allow_missing
                 candidates = tuple(record["candidates"])
                 answer = record["answer"]
                 video = record["video"]
+                question = record["question"]
+                bound = (float(record["start"]), float(record["end"])) if task.bounded else None
             except KeyError as err:
                 raise MVBenchError(f"{where}: missing field {err}") from None
+            except (TypeError, ValueError) as err:
+                raise MVBenchError(f"{where}: {err}") from None
             if answer not in candidates:
                 raise MVBenchError(f"{where}: answer {answer!r} is not one of its candidates {list(candidates)}")
-            bound = (float(record["start"]), float(record["end"])) if task.bounded else None
-            loaded.append(
-                Question(task.name, i, media / video, record["question"], candidates, candidates.index(answer), bound)
-            )
+            loaded.append(Question(task.name, i, media / video, question, candidates, candidates.index(answer), bound))
         if loaded and not loaded[0].video.exists():
             missing.append(task.name)
             continue
@@ -273,9 +279,14 @@ def prediction_record(question: Question, protocol: MVBenchProtocol, output: str
     }
 
 
-def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
-    """Records already written, by uid."""
-    return {record["uid"]: record for record in read_json_lines(path, skip_invalid=True)} if path.exists() else {}
+def read_predictions(path: Path, missing_ok: bool = True) -> PredictionFile:
+    """Our prediction file (records with uid, task and correct, in file order) and its unreadable lines."""
+    return PredictionFile.read(path, missing_ok).require("uid", "task", "correct", kind="an MVBench prediction")
+
+
+def latest_by_uid(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One record per question: the last one written."""
+    return {record["uid"]: record for record in records}
 
 
 def predict(
@@ -290,7 +301,7 @@ def predict(
     return run_resumable(
         data.questions,
         lambda q: q.uid,
-        read_predictions(out),
+        latest_by_uid(read_predictions(out).records),
         lambda q: Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True),
         lambda q, output: prediction_record(q, protocol, output),
         runner,
@@ -309,6 +320,8 @@ class MVBenchResult:
     total: int
     missing: list[str] = field(default_factory=list)
     fallbacks: dict[str, int] = field(default_factory=dict)
+    unanswered: int = 0  # questions without a prediction, counted as wrong
+    unreadable: list[str] = field(default_factory=list)  # prediction-file lines that did not parse
 
     @property
     def average(self) -> float:
@@ -337,6 +350,8 @@ class MVBenchResult:
             "total": self.total,
             "missing": self.missing,
             "fallbacks": self.fallbacks,
+            "unanswered": self.unanswered,
+            "unreadable": self.unreadable,
         }
 
     def table(self) -> str:
@@ -347,38 +362,60 @@ class MVBenchResult:
             lines.append(f"missing: {', '.join(self.missing)}")
         if any(self.fallbacks.values()):
             lines.append("fallbacks: " + ", ".join(f"{k} {v}" for k, v in self.fallbacks.items() if v))
-        return "\n".join(lines)
+        if self.unanswered:
+            lines.append(f"unanswered: {self.unanswered} (counted as wrong, as the reference scoring does)")
+        return "\n".join(lines + unreadable_lines(self.unreadable))
 
 
-def aggregate(records: list[dict[str, Any]], missing: list[str] | None = None) -> MVBenchResult:
-    """Per-task accuracy and the sample-weighted average, in task-table order; fallback counts."""
+def aggregate(
+    records: list[dict[str, Any]],
+    missing: list[str] | None = None,
+    asked: dict[str, int] | None = None,
+    unreadable: list[str] | None = None,
+) -> MVBenchResult:
+    """Per-task accuracy and the sample-weighted average, in task-table order; fallback counts.
+
+    `asked`: the questions per task the records answer (one record per question). In a task with predictions,
+    each asked question without one is wrong and counted as unanswered; a task without any is missing."""
     order = [t.name for t in TASKS]
     tasks = sorted({r["task"] for r in records}, key=lambda t: order.index(t) if t in order else len(order))
-    per_task, counts = {}, {}
+    per_task, counts, correct, unanswered = {}, {}, 0, 0
     for task in tasks:
         flags = [bool(r["correct"]) for r in records if r["task"] == task]
-        per_task[task], counts[task] = 100.0 * sum(flags) / len(flags), len(flags)
+        total = max(len(flags), (asked or {}).get(task, 0))
+        per_task[task], counts[task] = 100.0 * sum(flags) / total, total
+        correct, unanswered = correct + sum(flags), unanswered + total - len(flags)
     fallbacks: dict[str, int] = {}
     for r in records:
         if r.get("fallback"):
             fallbacks[r["fallback"]] = fallbacks.get(r["fallback"], 0) + 1
     absent = list(missing or []) + [t for t in order if t not in per_task and t not in (missing or [])]
-    return MVBenchResult(per_task, counts, sum(bool(r["correct"]) for r in records), len(records), absent, fallbacks)
+    return MVBenchResult(
+        per_task, counts, correct, sum(counts.values()), absent, fallbacks, unanswered, list(unreadable or [])
+    )
 
 
-def load_prediction_file(
-    path: Path, protocol: MVBenchProtocol | None, data: MVBenchData | None
-) -> list[dict[str, Any]]:
-    """Our jsonl (re-parsed from raw outputs with `protocol` when data is given), or VideoLLaMA2's
-    `{vid, task_type, pred, gt}` lines (indices, scored as its eval script does)."""
-    lines = read_json_lines(path, skip_invalid=True)
-    if lines and "task_type" in lines[0]:
-        return [{"task": r["task_type"], "correct": r["pred"] == r["gt"], "fallback": ""} for r in lines]
-    lines = list(read_predictions(path).values())  # one record per question, the last written
-    if protocol is None or data is None:
-        return lines
-    by_uid = {q.uid: q for q in data.questions}
-    unknown = [r["uid"] for r in lines if r["uid"] not in by_uid]
-    if unknown:
-        raise MVBenchError(f"{path}: {len(unknown)} prediction(s) for questions not in the data, e.g. {unknown[0]}")
-    return [prediction_record(by_uid[r["uid"]], protocol, r["output"]) for r in lines]
+def questions_per_task(questions: list[Question]) -> dict[str, int]:
+    """How many questions each task asks (the `asked` of `aggregate`)."""
+    return dict(Counter(q.task for q in questions))
+
+
+def load_prediction_file(path: Path, protocol: MVBenchProtocol | None, data: MVBenchData | None) -> PredictionFile:
+    """Our jsonl (one record per question, the last written; re-parsed from raw outputs with `protocol` when data
+    is given), or VideoLLaMA2's `{vid, task_type, pred, gt}` lines (indices, scored as its eval script does);
+    the unreadable lines kept."""
+    lines = PredictionFile.read(path)
+    if lines.records and isinstance(lines.records[0], dict) and "task_type" in lines.records[0]:
+        lines.require("task_type", "pred", "gt", kind="a VideoLLaMA2 MVBench answer")
+        records = [{"task": r["task_type"], "correct": r["pred"] == r["gt"], "fallback": ""} for r in lines.records]
+        return PredictionFile(path, records, lines.unreadable)
+    reparse = protocol is not None and data is not None
+    fields = ("uid", "task", "correct", "output") if reparse else ("uid", "task", "correct")
+    records = list(latest_by_uid(lines.require(*fields, kind="an MVBench prediction").records).values())
+    if reparse:
+        by_uid = {q.uid: q for q in data.questions}
+        unknown = [r["uid"] for r in records if r["uid"] not in by_uid]
+        if unknown:
+            raise MVBenchError(f"{path}: {len(unknown)} prediction(s) for questions not in the data, e.g. {unknown[0]}")
+        records = [prediction_record(by_uid[r["uid"]], protocol, r["output"]) for r in records]
+    return PredictionFile(path, records, lines.unreadable)

@@ -143,13 +143,13 @@ def load_runner(
     dtype: str = "auto",
 ) -> HFRunner | UpstreamLlavaRunner:
     """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment).
-    `model` is a directory, a hub id, or a model_zoo entry name (resolved, and verified when shipped)."""
-    if not Path(model).expanduser().is_dir():
-        from ..model_zoo import entries, resolve
+    `model` is a directory, a hub id, or a model_zoo entry name (resolved, and verified when shipped): see
+    `model_zoo.locate`, which refuses anything else before a model loads."""
+    from ..model_zoo import locate
 
-        if model in entries():
-            model_base = model_base or entries()[model].model_base
-            model = str(resolve(entries()[model]))
+    model, entry = locate(model)
+    if entry is not None:
+        model_base = model_base or entry.model_base
     if kind == "llava":
         return UpstreamLlavaRunner(model, model_base, conv_mode, device)
     if kind != "hf":

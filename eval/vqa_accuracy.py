@@ -20,6 +20,7 @@ NUMBERS = {
     "nine": "9",
     "ten": "10",
 }
+ANNOTATORS = 10  # answers per question in VQA-style data
 ARTICLES = frozenset({"a", "an", "the"})
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 DIGIT_COMMA = re.compile(r"(?<=\d)(\,)+(?=\d)")
@@ -68,15 +69,15 @@ def vqa_scores(gt_answers: list[str]) -> dict[str, float]:
     """Score of each distinct normalised answer: the mean over the 10 leave-one-out subsets of
     min(1, matches among the other 9 / 3)."""
     answers = [normalize_answer(a) for a in gt_answers]
-    if len(answers) != 10:
-        raise ValueError(f"VQA accuracy needs 10 annotator answers, got {len(answers)}")
+    if len(answers) != ANNOTATORS:
+        raise ValueError(f"VQA accuracy needs {ANNOTATORS} annotator answers, got {len(answers)}")
     scores = {}
     for candidate in set(answers):
         total = 0.0  # summed in the reference's order, so the floats agree to the last bit
-        for left_out in range(10):
+        for left_out in range(ANNOTATORS):
             matches = sum(1 for i, a in enumerate(answers) if i != left_out and a == candidate)
             total += min(1, float(matches) / 3)
-        scores[candidate] = total / 10
+        scores[candidate] = total / ANNOTATORS
     return scores
 
 

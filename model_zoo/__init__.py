@@ -17,13 +17,16 @@ upstream environments (transformers 4.37 / 4.40).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import UserError
 from ..core.files import file_sha256
 
 ZOO_DIR = Path(__file__).parent
@@ -33,7 +36,7 @@ FORMATS = ("hf-llava", "hf-qwen2-vl", "llava", "llava-lora", "videollama2")
 AVAILABILITY = ("shipped", "hub", "announced")
 
 
-class ZooError(ValueError):
+class ZooError(UserError, ValueError):
     """A bad entry, an unknown name, a file that fails its hash, or a checkpoint that cannot be had here."""
 
 
@@ -140,15 +143,29 @@ def parse_entry(raw: Any, source: Path) -> ZooEntry:
     return ZooEntry(**{**raw, "eval": tuple(results), "files": files, "card": card})
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ZooError(f"{path}: not valid JSON ({err})") from None
+
+
 @cache
 def entries() -> dict[str, ZooEntry]:
     """Every registered entry, by name."""
-    return {path.stem: parse_entry(json.loads(path.read_text()), path) for path in sorted(ENTRIES_DIR.glob("*.json"))}
+    return {path.stem: parse_entry(_read_json(path), path) for path in sorted(ENTRIES_DIR.glob("*.json"))}
+
+
+def closest_entries(name: str) -> list[str]:
+    """The entry names closest to a misspelled one (difflib), best first."""
+    return difflib.get_close_matches(name, list(entries()), n=3, cutoff=0.6)
 
 
 def get_entry(name: str) -> ZooEntry:
     if name not in entries():
-        raise ZooError(f"no model_zoo entry {name!r}; known: {sorted(entries())}")
+        close = closest_entries(name)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ZooError(f"no model_zoo entry {name!r}; {hint}known: {sorted(entries())} (`regate zoo list`)")
     return entries()[name]
 
 
@@ -174,10 +191,34 @@ def reference_for(entry: ZooEntry) -> str:
     return entry.reference_llm
 
 
+# A hub model id: owner/name, each of letters, digits, '-', '_' and '.' (what the hub accepts, less the legacy
+# owner-less names, which no multimodal checkpoint uses).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
         "TRANSFORMERS_OFFLINE", "0"
     ).lower() in ("1", "true", "yes")
+
+
+def _local_snapshot(repo_id: str) -> Path | None:
+    """The local HF cache's snapshot of `repo_id`, or None when it holds none (the hub is never asked)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means: not in the local cache
+        return None
+
+
+def _not_cached(what: str, repo_id: str, reason: str) -> ZooError:
+    cache_dir = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+    return ZooError(
+        f"{what}: {repo_id} is not in the local HF cache ({cache_dir}) and {reason}. "
+        f"Download it where the hub is reachable: `huggingface-cli download {repo_id}`, then copy "
+        "the cache, or pass the downloaded directory instead of the name"
+    )
 
 
 def resolve(entry: ZooEntry) -> Path:
@@ -189,23 +230,41 @@ def resolve(entry: ZooEntry) -> Path:
         )
     if entry.availability == "shipped":
         return verify_files(entry)
+    cached = _local_snapshot(entry.location)
+    if cached is not None:
+        return cached
+    if _hub_offline():
+        raise _not_cached(entry.name, entry.location, "the hub is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(entry.location, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not in the local cache: try the hub unless told not to
-        if _hub_offline():
-            reason = "the hub is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
-        else:
-            try:
-                return Path(snapshot_download(entry.location))
-            except Exception as err:  # noqa: BLE001
-                reason = f"the hub cannot be reached ({type(err).__name__})"
-    cache_dir = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+        return Path(snapshot_download(entry.location))
+    except Exception as err:  # noqa: BLE001
+        raise _not_cached(entry.name, entry.location, f"the hub cannot be reached ({type(err).__name__})") from None
+
+
+def locate(model: str, what: str = "--model") -> tuple[str, ZooEntry | None]:
+    """What a `--model` names, decided before anything loads: a local directory; a model_zoo entry (resolved,
+    hash-checked when shipped); or a hub id (owner/name), which with the hub switched off must be in the local
+    HF cache. Anything else is an error naming the closest zoo entries. Returns the path or hub id to load, and
+    the entry."""
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser()), None
+    if model in entries():
+        return str(resolve(entries()[model])), entries()[model]
+    if HUB_ID.fullmatch(model) and ".." not in model:
+        if _hub_offline() and _local_snapshot(model) is None:
+            raise _not_cached(
+                f"{what} {model}",
+                model,
+                "the hub is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE); it is no local directory either",
+            )
+        return model, None
+    close = closest_entries(model)
+    hint = f"; did you mean the model_zoo entry {' or '.join(close)}?" if close else ""
     raise ZooError(
-        f"{entry.name}: {entry.location} is not in the local HF cache ({cache_dir}) and {reason}. "
-        f"Download it where the hub is reachable: `huggingface-cli download {entry.location}`, then copy "
-        f"the cache, or pass the downloaded directory to load() instead of the name"
+        f"{what} {model!r} is not a checkpoint directory, a model_zoo entry (`regate zoo list`), or a hub id "
+        f"(owner/name){hint}"
     )
 
 
@@ -213,7 +272,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     config = path / "config.json"
     if not config.is_file():
         raise ZooError(f"{path}: no config.json, so it is not a checkpoint directory this loader knows")
-    return json.loads(config.read_text())
+    return _read_json(config)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -341,6 +400,7 @@ __all__ = [
     "format_table",
     "get_entry",
     "load",
+    "locate",
     "parse_entry",
     "reference_for",
     "resolve",

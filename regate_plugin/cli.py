@@ -8,13 +8,17 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .core import CacheError, ConfigError, distributed
+from .core import distributed
 from .core.dtypes import DTYPE_NAMES
+from .core.errors import UserError
 from .core.reference import REFERENCE_MODES
 from .data import DataError
-from .eval.image import BenchmarkError
-from .eval.mvbench import PROTOCOLS, MVBenchError
-from .patching import PATCHES, PatchError, apply_patch
+from .eval.mvbench import PROTOCOLS
+from .patching import PATCHES, apply_patch
+
+# What the command reports on one line (exit 2): the plugin's own errors for bad input, and a file the user
+# named that does not exist (its message names it). Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -181,6 +185,7 @@ def _runner(args: argparse.Namespace):
 
 def _eval_mvbench(args: argparse.Namespace) -> int:
     from .eval import aggregate, get_protocol, load_mvbench, predict, read_predictions
+    from .eval.mvbench import latest_by_uid, questions_per_task
 
     data = load_mvbench(args.data_root, args.tasks, args.allow_missing)
     if args.limit:
@@ -192,7 +197,9 @@ def _eval_mvbench(args: argparse.Namespace) -> int:
     for _ in predict(data, protocol, runner, predictions, not args.no_progress, args.batch_size):
         pass
     wanted = {q.uid for q in data.questions}
-    result = aggregate([r for uid, r in read_predictions(predictions).items() if uid in wanted], data.missing)
+    written = read_predictions(predictions)
+    records = [r for uid, r in latest_by_uid(written.records).items() if uid in wanted]
+    result = aggregate(records, data.missing, questions_per_task(data.questions), written.unreadable)
     print(result.table())
     _write_json(out, metrics=result.to_dict(), upload_leaderboard=result.leaderboard())
     return 0
@@ -200,11 +207,20 @@ def _eval_mvbench(args: argparse.Namespace) -> int:
 
 def _eval_score_mvbench(args: argparse.Namespace) -> int:
     from .eval import aggregate, get_protocol, load_mvbench, load_prediction_file
+    from .eval.mvbench import questions_per_task
 
     data = load_mvbench(args.data_root, allow_missing=True) if args.data_root else None
     protocol = get_protocol(args.protocol) if data is not None else None
-    result = aggregate(load_prediction_file(Path(args.pred), protocol, data), data.missing if data else None)
+    predictions = load_prediction_file(Path(args.pred), protocol, data)
+    result = aggregate(
+        predictions.records,
+        data.missing if data else None,
+        questions_per_task(data.questions) if data else None,
+        predictions.unreadable,
+    )
     print(result.table())
+    if predictions.unreadable and data is None:
+        print("pass --data-root to count the questions of the unreadable lines as unanswered")
     _write_json(Path(args.out) if args.out else None, metrics=result.to_dict(), upload_leaderboard=result.leaderboard())
     return 0
 
@@ -217,7 +233,7 @@ def _benchmark(args: argparse.Namespace):
 
 
 def _eval_image(args: argparse.Namespace) -> int:
-    from .eval.image import predict, read_answers
+    from .eval.image import predict, read_answers, score_answers
 
     benchmark = _benchmark(args)
     questions = benchmark.load()
@@ -230,19 +246,17 @@ def _eval_image(args: argparse.Namespace) -> int:
         benchmark, questions, _runner(args), answers, Path(args.model).name, args.batch_size, not args.no_progress
     ):
         pass
-    wanted = {benchmark.question_key(q) for q in questions}
-    records = [r for r in read_answers(answers) if benchmark.record_key(r) in wanted]
-    score = benchmark.score(questions, records)
+    score = score_answers(benchmark, questions, read_answers(answers), asked_only=True)
     print(score.table())
     _write_json(out, metrics=score.to_dict())
     return 0
 
 
 def _eval_score_image(args: argparse.Namespace) -> int:
-    from .eval.image import read_answers
+    from .eval.image import read_answers, score_answers
 
     benchmark = _benchmark(args)
-    score = benchmark.score(benchmark.load(), read_answers(Path(args.pred)))
+    score = score_answers(benchmark, benchmark.load(), read_answers(Path(args.pred)))
     print(score.table())
     _write_json(Path(args.out) if args.out else None, metrics=score.to_dict())
     return 0
@@ -444,16 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (
-        CacheError,
-        DataError,
-        ConfigError,
-        MVBenchError,
-        BenchmarkError,
-        PatchError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:
+    except USER_ERRORS as err:
         print(f"regate {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from .core.errors import UserError
 
-class PatchError(RuntimeError):
+
+class PatchError(UserError, RuntimeError):
     """The target file is missing or does not match the commit the diff was written against."""
 
 

@@ -84,6 +84,8 @@ _NON_DEFAULT = {
     "ema_dtype": ("float16", "float16"),
     "seed": ("11", 11),
     "loss_chunk_size": ("64", 64),
+    "elision_unit": ("loss_only", "loss_only"),
+    "ema_observe": ("dense", "dense"),
 }
 _OLD_FLAG_NAMES = {"lam": "--regate_lambda"}  # the names users have been passing; they must keep working
 

@@ -47,15 +47,16 @@ def test_shortened_demo_runs_all_three_modes(short_demo):
     none, regate, random = results
     # Same batches, fewer answer tokens under elision, and both elided modes spend the same budget.
     assert regate.answer_tokens == random.answer_tokens < none.answer_tokens
-    # `regate` found every training sample in the cache (a miss is an error); the cache is content-addressed over
-    # the tokens, so text-identical samples (same task, same answer) share one entry.
+    # `regate` found every training sample in the cache (a miss is an error); the cache is content-addressed, one
+    # entry per distinct text.
     train = json.loads((tmp_path / "data" / "train.json").read_text())
-    distinct_texts = {tuple(turn["value"] for turn in row["conversations"]) for row in train}
-    assert len(ReferenceLossCache(tmp_path / "reference_cache")) == len(distinct_texts)
+    texts = {tuple(turn["value"] for turn in row["conversations"]) for row in train}
+    assert len(ReferenceLossCache(tmp_path / "reference_cache")) == len(texts)
     # Learning curves: every mode starts from the same model and is evaluated at steps 5, 10 and 12.
     for r in results:
-        assert len(r.curve) == 4 and r.curve[0] == none.curve[0] and r.curve[-1] == (r.answer_tokens, r.accuracy)
-        assert [t for t, _ in r.curve] == sorted(t for t, _ in r.curve)
+        assert [p.step for p in r.curve] == [0, 5, 10, 12] and r.curve[0] == none.curve[0]
+        assert r.curve[-1].answer_tokens == r.answer_tokens and r.curve[-1].train_seconds == r.seconds
+        assert [p.answer_tokens for p in r.curve] == sorted(p.answer_tokens for p in r.curve)
     # The reported accuracy is the official rule applied to the written predictions.
     for r in results:
         lines = (tmp_path / "eval" / r.mode / "step-00012" / "predictions-official.jsonl").read_text().splitlines()
@@ -67,6 +68,8 @@ def test_shortened_demo_runs_all_three_modes(short_demo):
             q = data[rec["uid"]]
             correct += official_correct(rec["output"], f"({q.letters[q.answer_index]}) {q.candidates[q.answer_index]}")
         assert abs(100 * correct / len(records) - r.accuracy) < 1e-9
+        metrics = json.loads((tmp_path / "eval" / r.mode / "step-00012" / "metrics.json").read_text())
+        assert metrics["exact_match"] == r.final.exact_match and metrics["visual_accuracy"] == r.final.visual_accuracy
     assert plot_curves(results, tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -74,7 +77,7 @@ def test_saved_checkpoint_reproduces_its_recorded_accuracy(short_demo):
     tmp_path, results = short_demo
     regate = results[1]
     recorded = json.loads((tmp_path / "checkpoints" / "regate" / "demo_result.json").read_text())
-    assert recorded["accuracy"] == regate.accuracy
+    assert recorded["curve"][-1]["accuracy"] == regate.accuracy
     runner = HFRunner.from_pretrained(tmp_path / "checkpoints" / "regate")  # a plain local HF directory, offline
     data = load_mvbench(tmp_path / "data" / "mvbench", tasks=demo_data.TASK_NAMES)
     protocol = get_protocol("official", SHORT.num_frames)
@@ -82,7 +85,7 @@ def test_saved_checkpoint_reproduces_its_recorded_accuracy(short_demo):
         [Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True) for q in data.questions]
     )
     correct = [protocol.parse(q, out)[1] for q, out in zip(data.questions, outputs)]
-    assert 100 * sum(correct) / len(correct) == recorded["accuracy"]
+    assert 100 * sum(correct) / len(correct) == recorded["curve"][-1]["accuracy"]
 
 
 def test_training_tokens_equal_what_evaluation_feeds_the_model(tmp_path):
@@ -99,9 +102,9 @@ def test_training_tokens_equal_what_evaluation_feeds_the_model(tmp_path):
         task = next(t for t in demo_data.DEMO_TASKS if t.question in row["conversations"][0]["value"])
         answer = row["conversations"][1]["value"]
         index = ord(answer[len("Best option:(")]) - ord("A")
-        question = demo_data.Question(
-            task.name, 0, splits.root / row["video"], task.question, task.candidates, index, None
-        )
+        user = row["conversations"][0]["value"]
+        order = tuple(line.split(") ", 1)[1] for line in user.splitlines() if line[:1] == "(" and line[2:4] == ") ")
+        question = demo_data.Question(task.name, 0, splits.root / row["video"], task.question, order, index, None)
         request = Request(tuple(protocol.frames(question)), protocol.prompt(question), video=True)
         text = HFRunner(torch.nn.Module(), processor)._text(request)
         prompt_ids = processor(text=[text], images=list(request.images), return_tensors="pt")["input_ids"][0].tolist()
@@ -167,3 +170,58 @@ def test_cli_help_lists_demo():
         [sys.executable, "-m", "regate_plugin.cli", "demo", "--help"], capture_output=True, text=True, check=True
     )
     assert "--preset" in out.stdout and "smollm2" in out.stdout
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_texts_tell_clips_apart_and_the_visual_tokens_are_the_facts(tmp_path, shuffle):
+    """Two training clips share a text only when their facts agree (never with shuffled options); the answer tokens
+    marked as needing the video decode to the letter, the candidate and the three facts, and nothing else."""
+    from regate_plugin.demo import encode_split
+
+    splits = demo_data.generate(tmp_path, 30, 4, seed=3, progress=False, shuffle_options=shuffle)
+    train = json.loads(splits.train_json.read_text())
+    texts = {tuple(turn["value"] for turn in row["conversations"]) for row in train}
+    facts = {(row["conversations"][0]["value"], row["conversations"][1]["value"].split(". ", 1)[1]) for row in train}
+    assert len(texts) == len(facts) and (len(texts) == 30 or not shuffle)
+    test = json.loads(splits.test_json.read_text())
+    tokenizer = train_tokenizer([turn["value"] for row in train + test for turn in row["conversations"]])
+    processor = processor_for(tokenizer)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    samples = encode_split(splits.test_json, splits.root, tokenizer, processor, image_token, 4, False)
+    data = {q.uid: q for q in load_mvbench(splits.mvbench_root, tasks=demo_data.TASK_NAMES).questions}
+    assert sorted(data) == sorted(row["id"] for row in test)
+    for row, sample in zip(test, samples):
+        question, answer = data[row["id"]], row["conversations"][1]["value"]
+        assert answer.startswith(f"Best option:({question.letters[question.answer_index]}) ")
+        ids = [label for label in sample.labels if label != -100]
+        visual = "".join(tokenizer.decode([i]) for i, v in zip(ids, sample.visual) if v)
+        facts = [answer[a:b] for a, b in row["visual_spans"]]
+        assert facts[1] == question.candidates[question.answer_index]
+        assert visual.replace(" ", "") == "".join(facts).replace(" ", "")
+
+
+def test_exact_match_is_what_greedy_decoding_writes(short_demo):
+    """Teacher-forced argmax and greedy decoding agree token by token up to the first miss, so "every argmax right"
+    is "greedy decoding writes the answer": the first wrong argmax is where the generated answer leaves it."""
+    from regate_plugin.demo import encode_split
+
+    tmp_path, _ = short_demo
+    runner = HFRunner.from_pretrained(tmp_path / "checkpoints" / "none")
+    model, tokenizer = runner.model, runner.processor.tokenizer
+    splits_root = tmp_path / "data"
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    samples = encode_split(splits_root / "test.json", splits_root, tokenizer, runner.processor, image_token, 4, False)
+    for sample in samples[:4]:
+        first = next(i for i, label in enumerate(sample.labels) if label != -100)
+        ids = torch.tensor([sample.input_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=sample.pixel_values).logits[0]
+            answer = sample.input_ids[first:]
+            right = (logits[first - 1 : -1].argmax(-1) == torch.tensor(answer)).tolist()
+            generated = model.generate(
+                input_ids=ids[:, :first], pixel_values=sample.pixel_values, max_new_tokens=len(answer), do_sample=False
+            )[0, first:].tolist()
+        agreed = next((i for i, ok in enumerate(right) if not ok), len(answer))
+        assert generated[:agreed] == answer[:agreed]
+        if agreed < len(answer) and agreed < len(generated):
+            assert generated[agreed] != answer[agreed]

@@ -279,3 +279,109 @@ def _keys(batch):
     from regate_plugin.core import batch_sample_keys
 
     return batch_sample_keys(batch["input_ids"], batch["labels"], batch["attention_mask"])
+
+
+UNITS = ("target", "pair", "loss_only")
+
+
+@pytest.mark.parametrize("mode", ["regate", "random"])
+@pytest.mark.parametrize("unit", UNITS)
+def test_keep_ratio_one_equals_the_models_own_forward_for_each_unit(tmp_path, unit, mode):
+    """A sparse step that keeps every candidate is the dense forward, whatever the elision unit."""
+    batch = make_batch(batch=3, seed=2, padding_side="right")
+    reference_model = tiny_llava(seed=2)
+    reference_model.train()
+    expected = reference_model(**batch)
+    expected.loss.backward()
+    model = copy.deepcopy(reference_model)
+    model.zero_grad(set_to_none=True)
+    cfg = rg.ReGATEConfig(keep_ratio=1.0, warmup_steps=0, dense_steps=0, elision_unit=unit)
+    kwargs = {"reference": write_cache_for(tmp_path / "cache", [batch])} if mode == "regate" else {}
+    rg.enable_token_elision(model, rg.build_token_elision(mode, cfg, **kwargs))
+    out = model(**batch)
+    out.loss.backward()
+    assert not out.token_elision["dense"] and out.token_elision["kept"] == out.token_elision["candidates"] > 0
+    torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
+    _assert_same_grads(_grads(model), _grads(reference_model))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("mode", ["regate", "random"])
+def test_loss_only_equals_the_models_own_forward_with_the_elided_targets_unsupervised(tmp_path, mode, padding_side):
+    """`loss_only` at keep 0.5: every token runs through the decoder, and the loss and gradients are the model's own
+    forward with the label of each elided candidate's target set to IGNORE_INDEX."""
+    batch = make_batch(batch=3, seed=3, padding_side=padding_side)
+    cfg = rg.ReGATEConfig(keep_ratio=0.5, warmup_steps=0, dense_steps=0, elision_unit="loss_only")
+    kwargs = {"reference": write_cache_for(tmp_path / "cache", [batch])} if mode == "regate" else {}
+    model = tiny_llava(seed=3)
+    model.train()
+    reference_model = copy.deepcopy(model)
+    rg.enable_token_elision(model, rg.build_token_elision(mode, cfg, **kwargs))
+    out = model(**batch)
+    out.loss.backward()
+    report = out.token_elision
+    targets = torch.full_like(batch["labels"], IGNORE_INDEX)
+    targets[:, :-1] = batch["labels"][:, 1:]
+    candidates = (batch["labels"] != IGNORE_INDEX) & (targets != IGNORE_INDEX)
+    kept = report["kept_candidates"]
+    assert not report["dense"] and 0 < report["kept"] < report["candidates"]
+    assert torch.equal(kept & ~candidates, torch.zeros_like(kept))
+    assert torch.equal(kept.sum(1), torch.ceil(candidates.sum(1) / 2).long())
+    assert torch.equal(report["kept_mask"], batch["attention_mask"].bool())  # nothing leaves the forward
+    assert report["tokens"] == int(batch["attention_mask"].sum())
+    labels = batch["labels"].clone()
+    elided = (candidates & ~kept).nonzero()
+    labels[elided[:, 0], elided[:, 1] + 1] = IGNORE_INDEX
+    expected = reference_model(**{**batch, "labels": labels})
+    expected.loss.backward()
+    assert report["targets"] == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
+    _assert_same_grads(_grads(model), _grads(reference_model))
+
+
+def test_pair_keeps_each_kept_target_token_as_an_input_too(tmp_path):
+    """`pair` at keep 0.5: the kept set is the top-k of the pair scores (an independent loop over the fused score),
+    and the forward is the kept tokens alone, as for `target`."""
+    batch = make_batch(batch=3, seed=4)
+    cache = write_cache_for(tmp_path / "cache", [batch])
+    cfg = rg.ReGATEConfig(keep_ratio=0.5, warmup_steps=0, dense_steps=0, lam=1.0, elision_unit="pair")
+    model = tiny_llava(seed=4)
+    model.train()
+    reference_model = copy.deepcopy(model)
+    rg.enable_token_elision(model, rg.build_token_elision("regate", cfg, reference=cache))
+    out = model(**batch)
+    report = out.token_elision
+    targets = torch.full_like(batch["labels"], IGNORE_INDEX)
+    targets[:, :-1] = batch["labels"][:, 1:]
+    candidates = (batch["labels"] != IGNORE_INDEX) & (targets != IGNORE_INDEX)
+    reference = rg.ReferenceLossCache(cache)
+    for row, key in enumerate(_keys(batch)):
+        losses = reference[key].float().tolist()  # by answer ordinal; lam = 1: the score is the reference loss
+        ordinal = ((targets[row] != IGNORE_INDEX).cumsum(0) - 1).tolist()
+        positions = candidates[row].nonzero().squeeze(1).tolist()
+        score = {p: losses[ordinal[p]] for p in positions}
+        paired = {p: max(score[p], score.get(p - 1, -float("inf"))) for p in positions}
+        k = -(-len(positions) // 2)
+        expected = sorted(positions, key=lambda p: (-paired[p], p))[:k]
+        assert report["kept_candidates"][row].nonzero().squeeze(1).tolist() == sorted(expected)
+    expected_loss = _kept_tokens_alone_loss(reference_model, batch, report["kept_mask"])
+    torch.testing.assert_close(out.loss, expected_loss, atol=1e-5, rtol=0)
+
+
+def test_ema_observing_dense_steps_only_skips_sparse_steps(tmp_path):
+    batch = make_batch(batch=2, seed=5)
+    cache = write_cache_for(tmp_path / "cache", [batch])
+    model = tiny_llava(seed=5)
+    model.train()
+    observed = {}
+    for observe in ("all", "dense"):
+        cfg = rg.ReGATEConfig(keep_ratio=0.5, warmup_steps=1, dense_steps=0, ema_observe=observe)
+        elision = rg.build_token_elision("regate", cfg, reference=cache)
+        rg.enable_token_elision(model, elision)
+        model(**batch)  # step 0: dense
+        first = elision.ema.values.clone()
+        elision.set_step(1)  # sparse
+        assert not model(**batch).token_elision["dense"]
+        observed[observe] = not torch.equal(elision.ema.values.nan_to_num(-1), first.nan_to_num(-1))
+        rg.disable_token_elision(model)
+    assert observed == {"all": True, "dense": False}

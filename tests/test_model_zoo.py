@@ -82,7 +82,7 @@ def test_shipped_checkpoint_loads_offline_verifies_and_reproduces_its_result(ent
     loaded = load(entry.name)
     assert loaded.entry is entry and loaded.format == "hf-llava" == detect_format(loaded.path)
     [result] = entry.eval
-    data = load_mvbench(SHIPPED_DIR / result.data, tasks=demo_data.TASK_NAMES)
+    data = load_mvbench(SHIPPED_DIR / result.data, allow_missing=True)  # the tasks of the demo it was trained on
     protocol = get_protocol(result.protocol, 4)
     runner = HFRunner(loaded.model, loaded.processor)
     outputs = runner.generate(

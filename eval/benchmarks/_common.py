@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..image import BenchmarkError, ImageBenchmark, ImageQuestion, Score, ratio
-from ..vqa_accuracy import vqa_accuracy
+from ..vqa_accuracy import ANNOTATORS, vqa_accuracy
 
 
 def read_json(path: Path) -> Any:
@@ -24,6 +24,15 @@ def require(record: dict[str, Any], name: str, where: str) -> Any:
         raise BenchmarkError(f"{where}: missing field {name!r}") from None
 
 
+def annotator_answers(record: dict[str, Any], where: str, field: str = "answers") -> list[Any]:
+    """The record's VQA annotator answers: exactly 10, as VQA accuracy needs them."""
+    answers = require(record, field, where)
+    if not isinstance(answers, list) or len(answers) != ANNOTATORS:
+        count = len(answers) if isinstance(answers, list) else type(answers).__name__
+        raise BenchmarkError(f"{where}: {field!r} must list {ANNOTATORS} annotator answers, it has {count}")
+    return answers
+
+
 def vqa_score(
     benchmark: ImageBenchmark,
     questions: list[ImageQuestion],
@@ -32,8 +41,7 @@ def vqa_score(
     notes: list[str],
 ) -> Score:
     """Mean VQA accuracy x100 overall and per `meta[group]`; an unanswered question scores 0."""
-    answers = benchmark.answers_by_question(questions, records)
-    texts = [answers.get(benchmark.question_key(q)) for q in questions]
+    texts = benchmark.answer_texts(questions, records)
     scores = [0.0 if t is None else vqa_accuracy(t, q.answer) for t, q in zip(texts, questions)]
     by_group: dict[str, list[float]] = {}
     for q, s in zip(questions, scores):

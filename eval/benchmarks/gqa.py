@@ -40,8 +40,7 @@ class GQA(ImageBenchmark):
         return questions
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
-        answers = self.answers_by_question(questions, records)
-        texts = [answers.get(self.question_key(q)) for q in questions]
+        texts = self.answer_texts(questions, records)
         correct = [t is not None and t.rstrip(".").lower() == q.answer for t, q in zip(texts, questions)]
         groups, counts = accuracy_groups([(q.meta["structural"], c) for q, c in zip(questions, correct)], order=str)
         notes = []

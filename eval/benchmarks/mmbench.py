@@ -7,9 +7,10 @@ from __future__ import annotations
 import base64
 import csv
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-from ..image import LETTER_ANSWER, ImageBenchmark, ImageQuestion, Score, flag, ratio, register_benchmark
+from ..image import LETTER_ANSWER, BenchmarkError, ImageBenchmark, ImageQuestion, Score, flag, ratio, register_benchmark
 
 LETTERS = ("A", "B", "C", "D")
 CN_ANSWER = "\n请直接回答选项字母。"
@@ -73,19 +74,21 @@ class MMBench(ImageBenchmark):
         ),
     )
 
-    def _rows(self) -> list[dict[str, str]]:
+    def _rows(self) -> Iterator[tuple[str, dict[str, str]]]:
+        """(where, row) for each data row of the TSV; `where` names the file and the line."""
         csv.field_size_limit(sys.maxsize)
         path = self._path(self.options.get("tsv") or "mmbench_dev_20230712.tsv")
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         if rows and not {"index", "question", "answer", "image", "A", "B"} <= set(rows[0]):
-            raise ValueError(f"{path}: not an MMBench TSV (columns {sorted(rows[0])})")
-        return rows
+            raise BenchmarkError(f"{path}: not an MMBench TSV (columns {sorted(rows[0])})")
+        for line, row in enumerate(rows, start=2):
+            yield f"{path} line {line}", row
 
     def load(self) -> list[ImageQuestion]:
         lang = self.options.get("lang") or ("cn" if "_cn" in (self.options.get("tsv") or "") else "en")
         questions = []
-        for row in self._rows():
+        for where, row in self._rows():
             options = {}
             for letter in LETTERS:
                 if is_missing(row.get(letter)):
@@ -93,11 +96,17 @@ class MMBench(ImageBenchmark):
                 options[letter] = row[letter]
             prompt = row["question"] if is_missing(row.get("hint")) else row["hint"] + "\n" + row["question"]
             prompt += "".join(f"\n{letter}. {option}" for letter, option in options.items())
+            try:
+                index, image = int(row["index"]), base64.b64decode(row["image"])
+            except (TypeError, ValueError) as err:  # binascii.Error is a ValueError
+                raise BenchmarkError(
+                    f"{where}: the index is not an integer or the image is not base64 ({err})"
+                ) from None
             questions.append(
                 ImageQuestion(
-                    int(row["index"]),
+                    index,
                     prompt + (CN_ANSWER if lang == "cn" else LETTER_ANSWER),
-                    base64.b64decode(row["image"]),
+                    image,
                     row["answer"],
                     {"options": options, "category": row.get("category", ""), "l2": row.get("l2-category", "")},
                     prompt,
@@ -107,7 +116,7 @@ class MMBench(ImageBenchmark):
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
         """A base question (index mod 1e6) counts only if every rotation of it is answered with its letter."""
-        answers = self.answers_by_question(questions, records)
+        texts = dict(zip((q.question_id for q in questions), self.answer_texts(questions, records)))
         rounds: dict[int, list[ImageQuestion]] = {}
         for q in questions:
             rounds.setdefault(q.question_id % CIRCULAR_STRIDE, []).append(q)
@@ -116,7 +125,7 @@ class MMBench(ImageBenchmark):
         for base, group in rounds.items():
             letters = []
             for q in group:
-                text = answers.get(self.question_key(q))
+                text = texts[q.question_id]
                 unanswered += text is None
                 letter = None if text is None else mmbench_letter(text, q.meta["options"])
                 unreadable += text is not None and letter is None

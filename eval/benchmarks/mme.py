@@ -86,11 +86,9 @@ class MME(ImageBenchmark):
         return questions
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
-        answers = self.answers_by_question(questions, records)
         per_image: dict[tuple[str, str], list[bool]] = {}
         unanswered = 0
-        for q in questions:
-            text = answers.get(self.question_key(q))
+        for q, text in zip(questions, self.answer_texts(questions, records)):
             unanswered += text is None
             correct = text is not None and mme_answer(text) == q.answer.lower()
             per_image.setdefault((q.meta["subtask"], q.meta["image"]), []).append(correct)

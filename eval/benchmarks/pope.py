@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,14 @@ def pope_answer(text: str) -> str:
     return "no" if "No" in words or "not" in words or "no" in words else "yes"
 
 
+def pope_id(category: str, question_id: Any) -> str:
+    """Our id of a POPE question: its label file's category and question_id."""
+    return f"{category}/{question_id}"
+
+
 def pope_metrics(predictions: list[str], labels: list[str]) -> dict[str, float]:
-    """Yes is the positive class; predictions and labels are paired by position; yes-ratio is over predictions."""
+    """Yes is the positive class; `predictions[i]` answers the question of `labels[i]`; yes-ratio is over
+    predictions."""
     pairs = list(zip(predictions, labels))
     tp = sum(p == "yes" and g != "no" for p, g in pairs)
     fp = sum(p == "yes" and g == "no" for p, g in pairs)
@@ -75,7 +82,7 @@ class POPE(ImageBenchmark):
                 where = f"{path} line {i + 1}"
                 questions.append(
                     ImageQuestion(
-                        f"{category}/{require(record, 'question_id', where)}",
+                        pope_id(category, require(record, "question_id", where)),
                         require(record, "text", where) + SHORT_ANSWER,
                         image_dir / require(record, "image", where),
                         require(record, "label", where),
@@ -84,36 +91,72 @@ class POPE(ImageBenchmark):
                 )
         return questions
 
-    def _category_of(self) -> dict[str, str]:
+    @cached_property
+    def _own_ids(self) -> frozenset[str]:
+        return frozenset(pope_id(c, r.get("question_id")) for c in self.categories() for r in self.labels(c))
+
+    @cached_property
+    def _question_file_ids(self) -> dict[str, str]:
+        """LLaVA's question_id -> ours, from --question-file: a category's k-th question there is line k of the
+        category's label file, as `eval_pope.py` pairs them; an image that differs is an error, not a silent
+        misalignment (a question file of another POPE release)."""
         path = self.options.get("question_file")
         if not path:
             return {}
-        return {str(r["question_id"]): r["category"] for r in read_json_lines(Path(path), error=BenchmarkError)}
+        labels = {c: self.labels(c) for c in self.categories()}
+        seen: dict[str, int] = {}
+        ids = {}
+        for number, record in enumerate(read_json_lines(Path(path), error=BenchmarkError), start=1):
+            where = f"{path} line {number}"
+            category = require(record, "category", where)
+            if category not in labels:
+                raise BenchmarkError(f"{where}: category {category!r} has no coco/coco_pope_{category}.json")
+            k = seen[category] = seen.get(category, -1) + 1
+            if k >= len(labels[category]):
+                raise BenchmarkError(
+                    f"{where}: more {category} questions than coco_pope_{category}.json has labels "
+                    f"({len(labels[category])}): the question file is from another POPE release"
+                )
+            label = labels[category][k]
+            if "image" in record and record["image"] != label.get("image"):
+                raise BenchmarkError(
+                    f"{where}: the image {record['image']!r} is not that of line {k + 1} of coco_pope_{category}.json "
+                    f"({label.get('image')!r}): the question file is from another POPE release"
+                )
+            ids[str(require(record, "question_id", where))] = pope_id(category, label.get("question_id"))
+        return ids
 
     def record_key(self, record: dict[str, Any]) -> Hashable:
-        return str(record["question_id"])
+        """Our own answer files carry our ids ("<category>/<id>"); a LLaVA answer file's ids go through
+        --question-file."""
+        qid = str(record["question_id"])
+        if qid in self._own_ids:
+            return qid
+        if qid in self._question_file_ids:
+            return self._question_file_ids[qid]
+        hint = (
+            f"it is not in --question-file {self.options['question_file']}"
+            if self.options.get("question_file")
+            else "a LLaVA answer file needs --question-file llava_pope_test.jsonl"
+        )
+        raise BenchmarkError(f"pope: answer {qid!r} has no category ({hint})")
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
-        """Per category, the answers in file order are paired by position with the label-file lines."""
-        mapped = self._category_of()
-        by_category: dict[str, list[str]] = {c: [] for c in self.categories()}
-        for record in records:
-            qid = str(record["question_id"])
-            category = mapped.get(qid) or qid.split("/")[0]
-            if category not in by_category:
-                hint = "" if mapped else " (a LLaVA answer file needs --question-file llava_pope_test.jsonl)"
-                raise BenchmarkError(f"pope: answer {qid!r} has no category{hint}")
-            by_category[category].append(pope_answer(record["text"]))
-        groups, counts, unanswered, notes = {}, {}, 0, []
-        for category, predictions in by_category.items():
-            labels = [r["label"] for r in self.labels(category)]
-            if predictions:
-                groups[category], counts[category] = (
-                    pope_metrics(predictions, labels),
-                    min(len(predictions), len(labels)),
-                )
-            unanswered += max(len(labels) - len(predictions), 0)
-            if category == "random":
-                notes.append(f"POPE release: {RELEASES.get(len(labels), f'{len(labels)} random-split questions')}")
+        """Per category, each answered question's prediction against its own label (paired by question id:
+        `eval_pope.py` pairs by position, the same for a complete answer file in question order); the metrics are
+        over the answered questions, as `eval_pope.py`'s, and the unanswered ones are counted."""
+        texts = self.answer_texts(questions, records)
+        groups, counts, unanswered = {}, {}, 0
+        for category in self.categories():
+            asked = [(t, q.answer) for t, q in zip(texts, questions) if q.meta["category"] == category]
+            paired = [(pope_answer(t), label) for t, label in asked if t is not None]
+            unanswered += len(asked) - len(paired)
+            if paired:
+                predictions, labels = (list(side) for side in zip(*paired))
+                groups[category], counts[category] = pope_metrics(predictions, labels), len(paired)
+        notes = []
+        if "random" in self.categories():
+            n = len(self.labels("random"))
+            notes.append(f"POPE release: {RELEASES.get(n, f'{n} random-split questions')}")
         means = {f"{m}_mean": sum(g[m] for g in groups.values()) / len(groups) for m in ("f1", "acc")} if groups else {}
         return Score(self.name, means, groups, counts, unanswered, notes)

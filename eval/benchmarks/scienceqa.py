@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..image import LETTER_ANSWER, ImageBenchmark, ImageQuestion, Score, flag, ratio, register_benchmark
+from ..image import LETTER_ANSWER, BenchmarkError, ImageBenchmark, ImageQuestion, Score, flag, ratio, register_benchmark
 from ._common import read_json, require
 
 OPTIONS = ("A", "B", "C", "D", "E")
@@ -51,7 +51,9 @@ class ScienceQA(ImageBenchmark):
         split = self.options.get("split") or "test"
         splits = read_json(self._path("pid_splits.json"))
         if split not in splits:
-            raise ValueError(f"--split {split!r}: pid_splits.json has {sorted(splits)}")
+            raise BenchmarkError(
+                f"scienceqa: --split {split!r} is not in {self.root / 'pid_splits.json'}, which has {sorted(splits)}"
+            )
         return [str(pid) for pid in splits[split]], read_json(self._path("problems.json"))
 
     def load(self) -> list[ImageQuestion]:

@@ -50,8 +50,7 @@ class SEEDBench(ImageBenchmark):
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
         """A question is right only if its stripped output equals the letter; unanswered ones count as wrong."""
-        answers = self.answers_by_question(questions, records)
-        texts = [answers.get(self.question_key(q)) for q in questions]
+        texts = self.answer_texts(questions, records)
         exact = [t is not None and t == q.answer for t, q in zip(texts, questions)]
         first = [t is not None and t.strip()[:1] == q.answer for t, q in zip(texts, questions)]
         groups, counts = accuracy_groups([(q.meta["type"], c) for q, c in zip(questions, exact)])

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..image import SHORT_ANSWER, BenchmarkError, ImageBenchmark, ImageQuestion, Score, flag, register_benchmark
-from ._common import read_json, require, vqa_score
+from ._common import annotator_answers, read_json, require, vqa_score
 
 OCR_FILE = "TextVQA_Rosetta_OCR_v0.2_val.json"
 
@@ -67,7 +67,7 @@ class TextVQA(ImageBenchmark):
                     image_id,
                     require(record, "question", where) + reference + SHORT_ANSWER,
                     image_dir / f"{image_id}.jpg",
-                    require(record, "answers", where),
+                    annotator_answers(record, where),
                     {"question": record["question"]},
                 )
             )

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..image import SHORT_ANSWER, ImageBenchmark, ImageQuestion, Score, flag, register_benchmark
-from ._common import read_json, require, vqa_score
+from ._common import annotator_answers, read_json, require, vqa_score
 
 UNANSWERABLE = "\nWhen the provided information is insufficient, respond with 'Unanswerable'."
 
@@ -26,7 +26,7 @@ class VizWiz(ImageBenchmark):
         for i, record in enumerate(read_json(path)):
             where = f"{path} record {i}"
             image = require(record, "image", where)
-            answers = [require(a, "answer", where) for a in require(record, "answers", where)]
+            answers = [require(a, "answer", where) for a in annotator_answers(record, where)]
             questions.append(
                 ImageQuestion(
                     image,

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .dtypes import DTYPES
+from .errors import UserError
 from .files import file_sha256, replaced_on_success, write_bytes_atomically
 from .keys import KEY_BYTES, SampleKey, format_key
 
@@ -47,7 +48,7 @@ SHARD_GLOB = "shard-*.safetensors"
 SET_ASIDE_SUFFIX = ".corrupt"  # a shard that failed its check on repair, kept under this suffix
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The reference cache cannot be used as asked."""
 
 
@@ -180,7 +181,7 @@ def key_halves(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return halves[:, 0].copy(), halves[:, 1].copy()
 
 
-_SIGN = 1 << 63  # flipping it maps signed int64 order onto unsigned order
+_SIGN = 1 << 63  # adding it maps signed int64 order onto unsigned order
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16}  # bf16 read as its raw bits
 
 
@@ -422,7 +423,7 @@ class ReferenceLossCache:
         # single-key lookup scans one bucket instead of bisecting.
         bits = max(int(self._hi.size).bit_length() - 2, 1)
         self._bucket_shift = 64 - bits
-        top = (self._hi.view(np.uint64) ^ np.uint64(_SIGN)) >> np.uint64(self._bucket_shift)
+        top = (self._hi.view(np.uint64) ^ np.uint64(_SIGN)) >> np.uint64(self._bucket_shift)  # (hi + _SIGN) >> shift
         bucket = np.searchsorted(top, np.arange((1 << bits) + 1, dtype=np.uint64))
         self._bucket = bucket.astype(np.int32 if self._hi.size < 2**31 else np.int64)
         self._visual = None  # per-sample visual rows, in index order, when the cache records them
@@ -440,20 +441,20 @@ class ReferenceLossCache:
             return -1
         hi = int.from_bytes(key[:8], "big", signed=True)
         lo = int.from_bytes(key[8:], "big", signed=True)
-        index = self._scalar
-        bucket = (int.from_bytes(key[:8], "big") ^ _SIGN) >> self._bucket_shift
-        his, los = index["hi"], index["lo"]
-        for row in range(index["bucket"][bucket], index["bucket"][bucket + 1]):
+        his, los, buckets = self._scalar[:3]
+        bucket = (hi + _SIGN) >> self._bucket_shift
+        for row in range(buckets[bucket], buckets[bucket + 1]):
             if his[row] == hi and los[row] == lo:
                 return row
         return -1
 
     @functools.cached_property
-    def _scalar(self) -> dict[str, memoryview]:
-        """The index arrays as memoryviews: one key at a time they index as Python ints, several times faster than
-        numpy scalars."""
-        names = ("hi", "lo", "start", "length", "shard", "bucket")
-        return {name: memoryview(getattr(self, f"_{name}")) for name in names}
+    def _scalar(self) -> tuple[memoryview, ...]:
+        """hi, lo, bucket, start, length, shard as memoryviews: one key at a time they index as Python ints, several
+        times faster than numpy scalars."""
+        return tuple(
+            memoryview(getattr(self, f"_{name}")) for name in ("hi", "lo", "bucket", "start", "length", "shard")
+        )
 
     def locate(self, keys: list[SampleKey]) -> np.ndarray:
         """Index rows of a batch of keys (int64 [B], -1 where the cache has no such sample), vectorised."""
@@ -521,10 +522,10 @@ class ReferenceLossCache:
         row = self._find(key)
         if row < 0:
             return None
-        index = self._scalar
-        shard = index["shard"][row]
-        start = index["start"][row] - self._bases[shard]
-        return torch.from_numpy(_as_float32(self._losses[shard][start : start + index["length"][row]]))
+        starts, lengths, shards = self._scalar[3:]
+        shard = shards[row]
+        start = starts[row] - self._bases[shard]
+        return torch.from_numpy(_as_float32(self._losses[shard][start : start + lengths[row]]))
 
     def __getitem__(self, key: SampleKey) -> torch.Tensor:
         losses = self.get(key)

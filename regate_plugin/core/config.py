@@ -7,17 +7,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from .errors import UserError
+
 ScoreNorm = Literal["none", "zscore"]
 MissingReference = Literal["error", "ema"]
 EMADtype = Literal["float32", "float16"]
+ElisionUnit = Literal["target", "pair", "loss_only"]
+EMAObserve = Literal["all", "dense"]
 
 SCORE_NORMS: tuple[str, ...] = get_args(ScoreNorm)
 MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
 EMA_DTYPES: tuple[str, ...] = get_args(EMADtype)
+ELISION_UNITS: tuple[str, ...] = get_args(ElisionUnit)
+EMA_OBSERVE: tuple[str, ...] = get_args(EMAObserve)
 
 
-class ConfigError(ValueError):
-    """A `ReGATEConfig` field holds a value outside its allowed range; `field` names it."""
+class ConfigError(UserError, ValueError):
+    """A setting (a `ReGATEConfig` field, a command-line flag) holds a value outside its allowed range; `field`
+    names the config field where there is one."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -59,6 +66,18 @@ class ReGATEConfig:
         "float32", "Storage of the per-(sample, answer token) EMA: 'float32' (4 B per answer token) or 'float16' (2 B)."
     )
 
+    elision_unit: ElisionUnit = _knob(
+        "target",
+        "What a sparse step elides: 'target' drops an unselected candidate from the forward (its input token and "
+        "its target's loss term); 'pair' selects as 'target' with each candidate scored by the larger of its target's "
+        "score and its input token's (the previous candidate's), so an important token is kept as a target and as "
+        "an input; 'loss_only' keeps every token in the forward and drops only the unselected loss terms (a control "
+        "that saves no compute).",
+    )
+    ema_observe: EMAObserve = _knob(
+        "all", "Which steps' losses the student EMA learns from: 'all' (dense and sparse) or 'dense' (full context)."
+    )
+
     def __post_init__(self) -> None:
         _check_range("keep_ratio", self.keep_ratio, "(0, 1]", lambda v: 0.0 < v <= 1.0)
         _check_range("lam", self.lam, "[0, 1]", lambda v: 0.0 <= v <= 1.0)
@@ -77,6 +96,8 @@ class ReGATEConfig:
         _check_choice("score_norm", self.score_norm, SCORE_NORMS)
         _check_choice("missing_reference", self.missing_reference, MISSING_REFERENCE_POLICIES)
         _check_choice("ema_dtype", self.ema_dtype, EMA_DTYPES)
+        _check_choice("elision_unit", self.elision_unit, ELISION_UNITS)
+        _check_choice("ema_observe", self.ema_observe, EMA_OBSERVE)
 
     def replace(self, **changes: Any) -> ReGATEConfig:
         """A copy with some fields changed (validated again)."""

@@ -35,7 +35,7 @@ from .ema import DifficultyEMA, all_gather_observations
 from .keys import SampleKey, format_key, tokenizer_fingerprint
 from .loss import Head, TokenLoss, next_token_loss
 from .schedule import is_dense_step
-from .selection import fused_score, keep_counts, random_scores, select_kept_positions
+from .selection import fused_score, keep_counts, pair_scores, random_scores, select_kept_positions
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,16 @@ class ElisionPlan:
     """One batch's elision decision and the gather that executes it."""
 
     compaction: CompactionPlan
-    targets: torch.Tensor  # int64 [B, L] pre-shifted
+    targets: torch.Tensor  # int64 [B, L] pre-shifted, IGNORE_INDEX at elided candidates: the loss terms
     ordinals: torch.Tensor  # int64 [B, L] answer ordinal of each target, -1 where none
     candidates: torch.Tensor  # bool [B, L]
+    kept_candidates: torch.Tensor  # bool [B, L]: the candidates whose loss term is kept
     sample_keys: list[SampleKey] | None
     dense: bool
     keep_ratio: float
     layout: BatchLayout
     keep_counts: np.ndarray  # int64 [B]: candidates each row keeps (`TokenElision.keep_counts`)
+    decoder_tokens: np.ndarray  # int64 [B]: positions each row runs through the decoder
     rows: SampleRows | None = None
 
     @property
@@ -123,12 +125,18 @@ class ElisionPlan:
             "candidates": int(candidates.sum()),
             "kept": int(kept.sum()),
             "targets": int((self.layout.targets - candidates + kept).sum()),
-            "tokens": int((self.layout.valid - candidates + kept).sum()),
+            "tokens": int(self.decoder_tokens.sum()),
         }
 
     def report(self) -> dict[str, Any]:
         """What `out.token_elision` carries (docs/ARCHITECTURE.md, "One training step")."""
-        return {"kept_mask": self.kept_mask, "dense": self.dense, "keep_ratio": self.keep_ratio, **self.counts}
+        return {
+            "kept_mask": self.kept_mask,
+            "kept_candidates": self.kept_candidates,
+            "dense": self.dense,
+            "keep_ratio": self.keep_ratio,
+            **self.counts,
+        }
 
 
 @dataclass
@@ -170,6 +178,10 @@ class TokenElision:
 
     def keep_ratio(self) -> float:
         return 1.0 if self.is_dense() else self.cfg.keep_ratio
+
+    def unit_scores(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The scores a built-in `select` ranks by, under `cfg.elision_unit` (`pair`: `selection.pair_scores`)."""
+        return pair_scores(scores, candidates) if self.cfg.elision_unit == "pair" else scores
 
     def keep_counts(self, n_candidates: np.ndarray) -> np.ndarray:
         """Int64 [B]: how many of each row's `n_candidates` the current step keeps, on the host.
@@ -232,8 +244,12 @@ class TokenElision:
             if not self.selects_exact_counts:
                 self._check_kept_counts(kept_candidates, keep_on_device)
         valid = torch.ones_like(candidates) if attention_mask is None else attention_mask.bool()
-        kept_mask = valid & (~candidates | kept_candidates)
-        kept_per_row = layout.valid - layout.candidates + keep
+        if self.cfg.elision_unit == "loss_only":  # every token stays in the forward; elided ones only as context
+            kept_mask, kept_per_row = valid, layout.valid
+        else:
+            kept_mask, kept_per_row = valid & (~candidates | kept_candidates), layout.valid - layout.candidates + keep
+        if not dense:
+            targets = targets.masked_fill(candidates & ~kept_candidates, IGNORE_INDEX)
         identity = bool((kept_per_row == layout.valid).all()) and layout.contiguous
         return ElisionPlan(
             compaction=plan_compaction(
@@ -246,11 +262,13 @@ class TokenElision:
             targets=targets,
             ordinals=ordinals,
             candidates=candidates,
+            kept_candidates=kept_candidates,
             sample_keys=sample_keys,
             dense=dense,
             keep_ratio=keep_ratio,
             layout=layout,
             keep_counts=keep,
+            decoder_tokens=kept_per_row,
             rows=rows,
         )
 
@@ -348,7 +366,7 @@ class RandomElision(TokenElision):
             int.from_bytes(hashlib.blake2b(stream, digest_size=8).digest(), "little") >> 1
         )
         scores = random_scores(tuple(candidates.shape), generator).to(candidates.device)
-        return select_kept_positions(scores, candidates, keep)
+        return select_kept_positions(self.unit_scores(scores, candidates), candidates, keep)
 
 
 class ReGATEElision(TokenElision):
@@ -444,7 +462,7 @@ class ReGATEElision(TokenElision):
         scores = fused_score(
             difficulty, reference, self.cfg.lam, zscore=self.cfg.score_norm == "zscore", mask=candidates
         )
-        return select_kept_positions(scores, candidates, keep)
+        return select_kept_positions(self.unit_scores(scores, candidates), candidates, keep)
 
     def difficulty(self, key: SampleKey, ordinals: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """The EMA's difficulty of one sample's answer tokens (by ordinal and target id), float32; NaN if unknown."""
@@ -464,8 +482,12 @@ class ReGATEElision(TokenElision):
 
     def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, result: TokenLoss) -> None:
         """The kept candidates' losses, in row-major order of the compact batch: folded now in one process, or
-        held (one micro-batch at most) for `sync` to fold every rank's in rank order."""
+        held (one micro-batch at most) for `sync` to fold every rank's in rank order. With `ema_observe='dense'`,
+        sparse steps' losses (gapped context) are not observed (the schedule is the same on every rank)."""
         assert plan.rows is not None
+        if self.cfg.ema_observe == "dense" and not plan.dense:
+            self.sync()
+            return
         ordinals = plan.compaction.gather(plan.ordinals, fill=-1)
         is_candidate = plan.compaction.gather(plan.candidates, fill=False)
         slots = self._slots(plan.rows.starts, ordinals, is_candidate).flatten()[result.positions]

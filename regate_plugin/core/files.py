@@ -69,11 +69,13 @@ def read_json_lines(
     *,
     skip_invalid: bool = False,
     error: Callable[[str], Exception] = ValueError,
+    skipped: list[str] | None = None,
 ) -> list[Any]:
     """The JSON value of every non-blank line of `path`.
 
     `skip_invalid=True` drops lines that do not parse (a file a killed run was appending to, whose torn last
-    line the resumed run completes); otherwise the first such line raises `error("<path> line N: ...")`.
+    line the resumed run completes) and appends "<path> line N: ..." for each to `skipped` when given; otherwise
+    the first such line raises `error("<path> line N: ...")`.
     """
     records = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
@@ -82,6 +84,9 @@ def read_json_lines(
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
+            problem = f"{path} line {number}: not valid JSON ({err})"
             if not skip_invalid:
-                raise error(f"{path} line {number}: not valid JSON ({err})") from None
+                raise error(problem) from None
+            if skipped is not None:
+                skipped.append(problem)
     return records

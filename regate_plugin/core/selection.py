@@ -78,6 +78,15 @@ def select_kept_positions(scores: torch.Tensor, candidates: torch.Tensor, keep: 
     return candidates & (rank < k.unsqueeze(1))
 
 
+def pair_scores(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Scores under the `pair` elision unit: each candidate p (input x_p, target x_{p+1}) scores the larger of its
+    own score and that of candidate p - 1, whose target is x_p. A token with a high score is then kept as a target
+    (at p - 1) and as an input (at p) alike; off the candidates the scores are unchanged."""
+    previous = torch.full_like(scores, -math.inf)
+    previous[:, 1:] = torch.where(candidates[:, :-1], scores[:, :-1], previous[:, 1:])
+    return torch.where(candidates, torch.maximum(scores, previous), scores)
+
+
 def random_scores(shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Uniform scores for the `random` baseline; with a seeded generator the choice is reproducible."""
     return torch.rand(shape, generator=generator)

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import UserError
+
 ROLES = ("human", "gpt", "system")
 # LLaVA-NeXT's `preprocess_qwen` also reads {"role", "content"} turns, with chat roles or the LLaVA ones.
 CHAT_ROLES = {"user": "human", "assistant": "gpt", "system": "system", "human": "human", "gpt": "gpt"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A sample or file that cannot be used; the message names the file, line and sample id."""
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import time
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import enable_token_elision
 from ..core import IGNORE_INDEX, ReGATEConfig, build_token_elision
+from ..core.config import ConfigError
 from ..core.reference import build_reference_input
 from ..data import expand_placeholders, get_template, iter_conversations
 from ..eval import aggregate, get_protocol, load_mvbench, predict
@@ -42,7 +44,7 @@ TEMPLATE = "videollama2"  # VideoLLaMA2's preprocessing on the tokenizer's chat 
 class DemoConfig:
     steps: int = 1500
     batch_size: int = 8
-    train_size: int = 2400  # clips drawn for training; the steps cycle through them
+    train_size: int = 2400  # clips drawn for training, each with a text of its own; the steps cycle through them
     test_per_task: int = 30
     num_frames: int = 4  # frames per clip, sampled as the official MVBench protocol does
     keep_ratio: float = 0.35
@@ -58,29 +60,69 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
+            raise ConfigError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         if min(self.steps, self.batch_size, self.train_size, self.test_per_task, self.num_frames, self.eval_every) < 1:
-            raise ValueError(
+            raise ConfigError(
                 "--steps, --batch-size, --train-size, --test-per-task, --num-frames and --eval-every must be >= 1"
             )
+
+    def schedule(self, **changes: Any) -> ReGATEConfig:
+        """The elision config of a run: the demo's keep ratio and schedule, the library's other defaults, `changes`."""
+        base = {
+            "keep_ratio": self.keep_ratio,
+            "warmup_steps": self.warmup_steps,
+            "cycle_steps": self.cycle_steps,
+            "dense_steps": self.dense_steps,
+        }
+        return ReGATEConfig(**{**base, **changes})
+
+
+@dataclass
+class Evaluation:
+    accuracy: float  # MVBench average (official protocol: generated answers, the letter scored)
+    visual_accuracy: float  # % of the answer tokens that need the video predicted right (teacher forcing, argmax)
+    exact_match: float  # % of answers whose every token, EOS included, is the argmax: what greedy decoding writes
+
+
+@dataclass
+class CurvePoint:
+    step: int
+    answer_tokens: int  # loss terms trained on so far
+    train_seconds: float  # training steps so far (forward, backward, optimizer)
+    accuracy: float
+    visual_accuracy: float
+    exact_match: float
 
 
 @dataclass
 class DemoResult:
     mode: str
+    variant: str  # the elision options that differ from the demo's defaults, "" for none
+    keep_ratio: float  # on sparse steps (1.0 for `none`)
     answer_tokens: int  # loss terms trained on
     kept_fraction: float  # kept / elidable answer tokens over the run
     seconds: float  # training steps only (forward, backward, optimizer)
     activation_mib: float  # mean per-step memory autograd saved for backward (parameters excluded)
     peak_activation_mib: float  # the largest step's (a dense step's, under elision)
-    accuracy: float  # MVBench average at the end (official protocol)
     final_loss: float
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (answer tokens, MVBench average), from step 0
+    curve: list[CurvePoint] = field(default_factory=list)  # from step 0
     checkpoint: str = ""
 
     @property
+    def final(self) -> CurvePoint:
+        return self.curve[-1]
+
+    @property
+    def accuracy(self) -> float:
+        return self.final.accuracy
+
+    @property
     def best_accuracy(self) -> float:
-        return max(accuracy for _, accuracy in self.curve)
+        return max(point.accuracy for point in self.curve)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DemoResult:
+        return cls(**{**values, "curve": [CurvePoint(**point) for point in values["curve"]]})
 
 
 @dataclass
@@ -88,6 +130,7 @@ class TrainSample:
     input_ids: list[int]
     labels: list[int]
     pixel_values: torch.Tensor  # [frames, 3, H, W]
+    visual: list[bool] = field(default_factory=list)  # per supervised label: it needs the video (test split only)
 
 
 class SavedActivations:
@@ -133,24 +176,40 @@ def _collate(rows: list[TrainSample], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def encode_train_split(
-    splits: demo_data.DemoSplits, tokenizer: Any, processor: Any, image_token_id: int, num_frames: int, progress: bool
+def _visual_targets(labels: list[int], tokenizer: Any, answer: str, spans: list[list[int]], where: str) -> list[bool]:
+    """Per supervised label: whether its text overlaps one of the answer's `spans` (characters that need the video)."""
+    ids = [label for label in labels if label != IGNORE_INDEX]
+    ends = [len(tokenizer.decode(ids[: j + 1])) for j in range(len(ids))]
+    if not tokenizer.decode(ids).startswith(answer):
+        raise ValueError(f"{where}: the supervised tokens do not decode to the answer {answer!r}")
+    starts = [0, *ends[:-1]]
+    return [any(a < end and start < b for a, b in spans) for start, end in zip(starts, ends)]
+
+
+def encode_split(
+    split_json: Path, root: Path, tokenizer: Any, processor: Any, image_token_id: int, num_frames: int, progress: bool
 ) -> list[TrainSample]:
-    """The student's training samples: VideoLLaMA2's template on the chat template, `<video>` expanded into the
-    image token once per frame row (as the processor does), frames sampled by the official MVBench rule."""
+    """A split's samples as the student trains on them: VideoLLaMA2's template on the chat template, `<video>`
+    expanded into the image token once per frame row (as the processor does), frames sampled by the official MVBench
+    rule; with `visual_spans` in a record (the test split), which answer tokens need the video."""
     template = get_template(TEMPLATE)
     samples = []
-    records = json.loads(splits.train_json.read_text())
-    conversations = list(iter_conversations(splits.train_json))
+    records = json.loads(split_json.read_text())
+    conversations = list(iter_conversations(split_json))
     for record, conversation in tqdm(
-        list(zip(records, conversations, strict=True)), desc="encode train split", disable=not progress
+        list(zip(records, conversations, strict=True)), desc=f"encode {split_json.name}", disable=not progress
     ):
         encoded = expand_placeholders(
             template.encode(conversation, tokenizer), image_token_id, ROWS_PER_FRAME * num_frames
         )
-        frames = sample_official(VisualSource(splits.root / record["video"]), num_frames, None)
+        frames = sample_official(VisualSource(root / record["video"]), num_frames, None)
         pixels = processor.image_processor(frames, return_tensors="pt")["pixel_values"]
-        samples.append(TrainSample(encoded.input_ids, encoded.labels, pixels))
+        visual = []
+        if "visual_spans" in record:
+            where = f"{split_json} record {record['id']}"
+            answer = record["conversations"][-1]["value"]
+            visual = _visual_targets(encoded.labels, tokenizer, answer, record["visual_spans"], where)
+        samples.append(TrainSample(encoded.input_ids, encoded.labels, pixels, visual))
     return samples
 
 
@@ -171,29 +230,78 @@ def train_reference(
         optimizer.zero_grad()
 
 
-def evaluate(
-    model: torch.nn.Module, processor: Any, mvbench_root: Path, num_frames: int, out: Path, progress: bool
-) -> float:
-    """MVBench average (official protocol) of the demo's test split; predictions and metrics go to `out`."""
+@torch.no_grad()
+def answer_token_metrics(model: torch.nn.Module, test: list[TrainSample], pad_id: int) -> tuple[float, float]:
+    """Visual-token accuracy and whole-answer exact match (%), by teacher forcing: the argmax at each answer
+    position against its token. An answer is matched when every argmax is right, which is exactly when greedy
+    decoding from the prompt writes it, EOS included."""
+    correct_visual = total_visual = matched = 0
+    for i in range(0, len(test), 16):
+        rows = test[i : i + 16]
+        batch = _collate(rows, pad_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        right = logits[:, :-1].argmax(-1) == labels[:, 1:]
+        supervised = labels[:, 1:] != IGNORE_INDEX
+        for b, row in enumerate(rows):
+            hits = right[b][supervised[b]]
+            visual = torch.tensor(row.visual, dtype=torch.bool)
+            correct_visual += int(hits[visual].sum())
+            total_visual += int(visual.sum())
+            matched += bool(hits.all())
+    return 100.0 * correct_visual / max(total_visual, 1), 100.0 * matched / len(test)
+
+
+def evaluate(model: torch.nn.Module, setup: DemoSetup, out: Path, progress: bool) -> Evaluation:
+    """The MVBench average (official protocol) of the demo's test split, and the answer-token metrics of the same
+    questions; predictions and metrics go to `out`."""
     shutil.rmtree(out, ignore_errors=True)
-    data = load_mvbench(mvbench_root, tasks=demo_data.TASK_NAMES)
-    protocol = get_protocol("official", num_frames)
+    data = load_mvbench(setup.splits.mvbench_root, tasks=demo_data.TASK_NAMES)
+    protocol = get_protocol("official", setup.cfg.num_frames)
     was_training = model.training
-    runner = HFRunner(model, processor)
+    model.eval()
     records = list(
-        predict(data, protocol, runner, out / "predictions-official.jsonl", progress=progress, batch_size=16)
+        predict(
+            data,
+            protocol,
+            HFRunner(model, setup.processor),
+            out / "predictions-official.jsonl",
+            progress=progress,
+            batch_size=16,
+        )
+    )
+    visual_accuracy, exact_match = answer_token_metrics(
+        model, setup.test_samples, setup.processor.tokenizer.pad_token_id
     )
     model.train(was_training)
     result = aggregate(records)
-    (out / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
-    return result.average
+    metrics = {**result.to_dict(), "visual_accuracy": visual_accuracy, "exact_match": exact_match}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return Evaluation(result.average, visual_accuracy, exact_match)
 
 
-def run_demo(out_dir: Path, cfg: DemoConfig | None = None) -> list[DemoResult]:
-    cfg = cfg or DemoConfig()
+@dataclass
+class DemoSetup:
+    """What every run of one seed shares: data, the reference cache, the student's start and its evaluation."""
+
+    cfg: DemoConfig
+    out_dir: Path
+    splits: demo_data.DemoSplits
+    processor: Any
+    samples: list[TrainSample]
+    test_samples: list[TrainSample]
+    start: torch.nn.Module
+    start_evaluation: Evaluation | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.out_dir / "reference_cache"
+
+
+def prepare(out_dir: Path, cfg: DemoConfig) -> DemoSetup:
+    """Draw the data, train the reference on the text alone, precompute its losses, build the student's start."""
     out_dir = Path(out_dir)
     splits = demo_data.generate(out_dir / "data", cfg.train_size, cfg.test_per_task, cfg.seed, cfg.progress)
-
     if cfg.preset == "smollm2":
         base, tokenizer = smollm2_base()
     else:
@@ -203,65 +311,65 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None) -> list[DemoResult]:
     processor = processor_for(tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     pad_id = tokenizer.pad_token_id
-    samples = encode_train_split(splits, tokenizer, processor, image_token_id, cfg.num_frames, cfg.progress)
+    encode = functools.partial(
+        encode_split,
+        root=splits.root,
+        tokenizer=tokenizer,
+        processor=processor,
+        image_token_id=image_token_id,
+        num_frames=cfg.num_frames,
+        progress=cfg.progress,
+    )
+    samples, test_samples = encode(splits.train_json), encode(splits.test_json)
     if cfg.preset == "tiny":
         train_reference(base, samples, image_token_id, pad_id, cfg)
         base.save_pretrained(out_dir / "reference")  # `regate precompute --reference OUT/reference` uses it as it is
         tokenizer.save_pretrained(out_dir / "reference")
-
-    cache_dir = out_dir / "reference_cache"
     precompute = PrecomputeConfig(
         data=[splits.train_json],
         reference=f"demo-{cfg.preset}-base",
         template=TEMPLATE,
-        out=cache_dir,
+        out=out_dir / "reference_cache",
         visual_tokens=ROWS_PER_FRAME * cfg.num_frames,
         image_token_id=image_token_id,
         overwrite=True,
         progress=cfg.progress,
     )
     run_precompute(precompute, model=copy.deepcopy(base), tokenizer=tokenizer)
+    setup = DemoSetup(cfg, out_dir, splits, processor, samples, test_samples, build_student(base, tokenizer, cfg.seed))
+    setup.start_evaluation = evaluate(setup.start, setup, out_dir / "eval" / "start", cfg.progress)
+    return setup
 
-    start = build_student(base, tokenizer, cfg.seed)
-    start_accuracy = evaluate(
-        start, processor, splits.mvbench_root, cfg.num_frames, out_dir / "eval" / "start", cfg.progress
-    )
-    schedule = ReGATEConfig(
-        keep_ratio=cfg.keep_ratio,
-        warmup_steps=cfg.warmup_steps,
-        cycle_steps=cfg.cycle_steps,
-        dense_steps=cfg.dense_steps,
-    )
-    results = []
-    for mode in MODES:
-        results.append(_train_mode(mode, start, samples, schedule, processor, splits, start_accuracy, out_dir, cfg))
-    (out_dir / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+def run_demo(out_dir: Path, cfg: DemoConfig | None = None) -> list[DemoResult]:
+    cfg = cfg or DemoConfig()
+    setup = prepare(out_dir, cfg)
+    results = [train_mode(setup, mode) for mode in MODES]
+    (setup.out_dir / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     return results
 
 
-def _train_mode(
-    mode: str,
-    start: torch.nn.Module,
-    samples: list[TrainSample],
-    schedule: ReGATEConfig,
-    processor: Any,
-    splits: demo_data.DemoSplits,
-    start_accuracy: float,
-    out_dir: Path,
-    cfg: DemoConfig,
+def train_mode(
+    setup: DemoSetup, mode: str, schedule: ReGATEConfig | None = None, variant: str = "", save: bool = True
 ) -> DemoResult:
-    model = copy.deepcopy(start)
+    """Train the student's start with elision `mode` (config `schedule`, default the demo's) on the seed's batches,
+    evaluating every `eval_every` steps; saves the checkpoint under `checkpoints/<mode>[-<variant>]` when `save`."""
+    cfg = setup.cfg
+    schedule = schedule or cfg.schedule()
+    name = f"{mode}-{variant}" if variant else mode
+    model = copy.deepcopy(setup.start)
     model.train()
-    tokenizer = processor.tokenizer
-    reference = {"reference": out_dir / "reference_cache", "tokenizer": tokenizer} if mode == "regate" else {}
+    tokenizer = setup.processor.tokenizer
+    reference = {"reference": setup.cache_dir, "tokenizer": tokenizer} if mode == "regate" else {}
     elision = build_token_elision(mode, schedule, **reference)
     enable_token_elision(model, elision)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     meter = SavedActivations(model)
     answer_tokens, seconds, saved, peak, loss = 0, 0.0, 0, 0, torch.tensor(0.0)
-    curve = [(0, start_accuracy)]
-    for step in tqdm(range(cfg.steps), desc=f"train student ({mode})", disable=not cfg.progress):
-        rows = [samples[(step * cfg.batch_size + j) % len(samples)] for j in range(cfg.batch_size)]
+    assert setup.start_evaluation is not None
+    curve = [CurvePoint(0, 0, 0.0, **asdict(setup.start_evaluation))]
+    for step in tqdm(range(cfg.steps), desc=f"train student ({name})", disable=not cfg.progress):
+        rows = [setup.samples[(step * cfg.batch_size + j) % len(setup.samples)] for j in range(cfg.batch_size)]
         batch = _collate(rows, tokenizer.pad_token_id)
         began = time.perf_counter()
         elision.set_step(step)
@@ -275,41 +383,50 @@ def _train_mode(
         answer_tokens += out.token_elision["targets"]
         loss = out.loss.detach()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            where = out_dir / "eval" / mode / f"step-{step + 1:05d}"
-            curve.append((answer_tokens, evaluate(model, processor, splits.mvbench_root, cfg.num_frames, where, False)))
-    checkpoint = out_dir / "checkpoints" / mode
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
+            where = setup.out_dir / "eval" / name / f"step-{step + 1:05d}"
+            evaluation = evaluate(model, setup, where, False)
+            curve.append(CurvePoint(step + 1, answer_tokens, seconds, **asdict(evaluation)))
     result = DemoResult(
         mode,
+        variant,
+        1.0 if mode == "none" else schedule.keep_ratio,
         answer_tokens,
         elision.stats.kept_fraction,
         seconds,
         saved / cfg.steps / 2**20,
         peak / 2**20,
-        curve[-1][1],
         float(loss),
         curve,
-        str(checkpoint),
     )
-    (checkpoint / "demo_result.json").write_text(json.dumps(asdict(result), indent=2))
+    if save:
+        checkpoint = setup.out_dir / "checkpoints" / name
+        model.save_pretrained(checkpoint)
+        setup.processor.save_pretrained(checkpoint)
+        result.checkpoint = str(checkpoint)
+        (checkpoint / "demo_result.json").write_text(json.dumps(asdict(result), indent=2))
     return result
 
 
 def plot_curves(results: list[DemoResult], path: Path, title: str = "") -> Path:
-    """MVBench accuracy against answer tokens processed, one line per mode (the paper's Figure 1 in miniature)."""
+    """MVBench accuracy and whole-answer exact match against answer tokens processed, one line per run (the paper's
+    Figure 1 in miniature)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
-        ax.plot([t for t, _ in r.curve], [a for _, a in r.curve], marker="o", markersize=3, label=r.mode)
-    ax.set_xlabel("answer tokens processed (loss terms)")
-    ax.set_ylabel("MVBench-format accuracy, official protocol (%)")
-    ax.set_title(title or "regate demo")
-    ax.legend()
+        label = f"{r.mode} {r.variant}".strip() + ("" if r.mode == "none" else f" (keep {r.keep_ratio:g})")
+        tokens = [p.answer_tokens for p in r.curve]
+        axes[0].plot(tokens, [p.accuracy for p in r.curve], marker="o", markersize=3, label=label)
+        axes[1].plot(tokens, [p.exact_match for p in r.curve], marker="o", markersize=3, label=label)
+    axes[0].set_ylabel("MVBench-format accuracy, official protocol (%)")
+    axes[1].set_ylabel("whole-answer exact match (%)")
+    for ax in axes:
+        ax.set_xlabel("answer tokens processed (loss terms)")
+        ax.legend()
+    fig.suptitle(title or "regate demo")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -320,15 +437,31 @@ def plot_curves(results: list[DemoResult], path: Path, title: str = "") -> Path:
 def format_results(results: list[DemoResult]) -> str:
     lines = [
         f"{'mode':<8} {'answer tokens':>13} {'kept':>5} {'train s':>7} {'act. MiB mean/peak':>18} "
-        f"{'MVBench':>7} {'best':>5} {'last loss':>9}"
+        f"{'MVBench':>7} {'best':>5} {'visual':>6} {'exact':>5} {'last loss':>9}"
     ]
     for r in results:
         memory = f"{r.activation_mib:.1f} / {r.peak_activation_mib:.1f}"
+        name = f"{r.mode}-{r.variant}" if r.variant else r.mode
         lines.append(
-            f"{r.mode:<8} {r.answer_tokens:>13} {r.kept_fraction:>5.2f} {r.seconds:>7.1f} {memory:>18} "
-            f"{r.accuracy:>7.1f} {r.best_accuracy:>5.1f} {r.final_loss:>9.3f}"
+            f"{name:<8} {r.answer_tokens:>13} {r.kept_fraction:>5.2f} {r.seconds:>7.1f} {memory:>18} "
+            f"{r.accuracy:>7.1f} {r.best_accuracy:>5.1f} {r.final.visual_accuracy:>6.1f} {r.final.exact_match:>5.1f} "
+            f"{r.final_loss:>9.3f}"
         )
     return "\n".join(lines)
 
 
-__all__ = ["MODES", "DemoConfig", "DemoResult", "SavedActivations", "format_results", "plot_curves", "run_demo"]
+__all__ = [
+    "MODES",
+    "CurvePoint",
+    "DemoConfig",
+    "DemoResult",
+    "DemoSetup",
+    "encode_split",
+    "Evaluation",
+    "SavedActivations",
+    "format_results",
+    "plot_curves",
+    "prepare",
+    "run_demo",
+    "train_mode",
+]

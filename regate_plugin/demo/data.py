@@ -1,23 +1,32 @@
-"""The demo's video question-answering set, drawn with PyAV: short clips of coloured squares that move or appear.
+"""The demo's video question-answering set, drawn with PyAV: short clips of squares, one of them coloured and
+drifting (the moving object), the others grey and still.
 
-Three MVBench-style tasks, named after the MVBench tasks they imitate so that the real MVBench loader and
-scorer run on the test split unchanged:
+Built so that ReGATE's premise holds: every answer is a templated sentence of about 30 tokens, most of which a
+text-only model predicts from the prompt ("Best option:(", "The moving object is a", "square in the", ...), and a
+few that only the video can tell (the option letter, the moving object's colour, its corner, the number of
+squares). Three MVBench-style tasks ask for one of those facts each, so that the real MVBench loader and scorer run
+on the test split unchanged; the answer states all three:
 
-- `Moving Attribute`: one square moves; what colour is it?
-- `Moving Direction`: one square crosses the frame; which way does it move?
-- `Moving Count`: squares appear one after another; how many are there at the end?
+- `Moving Attribute`: what colour is the moving object?
+- `Object Shuffle`: in which corner is the moving object at the end?
+- `Moving Count`: how many objects are in the video?
 
-Every answer mixes words a text-only model can guess from the prompt ("Best option:(", "The object in the video
-is") with words only the video can tell (the option letter). The train split is in the LLaVA conversation format
-(`train.json`, one `<video>` per sample); the test split is in the MVBench layout (`json/<task>.json`,
-`video/clevrer/video_validation/*.mp4`).
+The answer states every fact, so two clips share a text (and a sample key) only when their facts are the same.
+With `shuffle_options`, options come in a shuffled order per question and every training clip gets a text of its
+own; the letter then needs a second hop (fact, then the option that names it), and the demo's 2-layer student does
+not learn that within its budget (docs/BENCHMARKS.md), so the default keeps the candidates' order.
+
+Files: `train.json` (LLaVA conversation format, one `<video>` per sample); the test split in the MVBench layout
+(`mvbench/json/<task>.json`, `mvbench/video/<prefix>/*.mp4`), and the same questions with their whole answers in
+`test.json` (LLaVA format, plus each question's MVBench `uid` and the character spans of its answer that need the
+video), for the token-level metrics.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,86 +39,61 @@ from ..eval.mvbench import TASKS, OfficialProtocol, Question
 FRAME_SIZE = 32
 CLIP_FRAMES = 8
 CLIP_FPS = 4
-SQUARE = 12
+CELL = FRAME_SIZE // 2  # one corner of the frame; a square stays inside its cell
+SQUARE = 10
+GREY = (128, 128, 128)
 COLOURS = {"red": (230, 30, 30), "green": (30, 210, 30), "blue": (40, 60, 240), "yellow": (235, 220, 30)}
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-COUNTS = {"one": 1, "two": 2, "three": 3}
+CORNERS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+COUNTS = {"one": 1, "two": 2, "three": 3, "four": 4}
 
 
 @dataclass(frozen=True)
-class ClipSpec:
-    """What one clip shows: squares (colour, start x, start y, per-frame dx, dy, first frame shown)."""
+class Facts:
+    """What one clip shows: the moving square's colour and corner, and how many squares there are."""
 
-    squares: tuple[tuple[str, int, int, int, int, int], ...]
+    colour: str
+    corner: str
+    count: str
 
-    def frames(self) -> np.ndarray:
-        """uint8 [CLIP_FRAMES, H, W, 3]."""
-        video = np.zeros((CLIP_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
-        for t in range(CLIP_FRAMES):
-            for colour, x, y, dx, dy, first in self.squares:
-                if t >= first:
-                    left, top = x + dx * t, y + dy * t
-                    video[t, max(top, 0) : max(top + SQUARE, 0), max(left, 0) : max(left + SQUARE, 0)] = COLOURS[colour]
-        return video
+    def value(self, attribute: str) -> str:
+        return getattr(self, attribute)
 
 
 @dataclass(frozen=True)
 class DemoTask:
     name: str  # the MVBench task it imitates
     question: str
+    attribute: str  # the `Facts` field the question asks for
     candidates: tuple[str, ...]
-    sentence: str  # the answer's second sentence, "{}" for the right candidate
-    draw: Callable[[random.Random, str], ClipSpec]
-
-
-def _moving_colour(rng: random.Random, colour: str) -> ClipSpec:
-    dx, dy = rng.choice(list(DIRECTIONS.values()))
-    span = FRAME_SIZE - SQUARE
-    x, y = rng.randrange(span // 4, 3 * span // 4 + 1), rng.randrange(span // 4, 3 * span // 4 + 1)
-    return ClipSpec(((colour, x, y, dx, dy, 0),))
-
-
-def _moving_direction(rng: random.Random, direction: str) -> ClipSpec:
-    dx, dy = DIRECTIONS[direction]
-    speed = 3
-    span = FRAME_SIZE - SQUARE
-    across = rng.randrange(0, span + 1)
-    start = 0 if (dx + dy) > 0 else span
-    x, y = (start, across) if dx else (across, start)
-    return ClipSpec(((rng.choice(list(COLOURS)), x, y, dx * speed, dy * speed, 0),))
-
-
-def _moving_count(rng: random.Random, count: str) -> ClipSpec:
-    cells = rng.sample([(x, y) for x in (2, 18) for y in (2, 18)], COUNTS[count])
-    firsts = sorted([0] + [rng.randrange(1, CLIP_FRAMES // 2) for _ in cells[1:]])
-    return ClipSpec(tuple((rng.choice(list(COLOURS)), x, y, 0, 0, first) for (x, y), first in zip(cells, firsts)))
 
 
 DEMO_TASKS: tuple[DemoTask, ...] = (
-    DemoTask(
-        "Moving Attribute",
-        "What is the colour of the moving object?",
-        tuple(COLOURS),
-        "The object in the video is {}.",
-        _moving_colour,
-    ),
-    DemoTask(
-        "Moving Direction",
-        "Which direction does the object move?",
-        tuple(DIRECTIONS),
-        "The object in the video moves {}.",
-        _moving_direction,
-    ),
-    DemoTask(
-        "Moving Count",
-        "How many objects are in the video at the end?",
-        tuple(COUNTS),
-        "The number of objects in the video is {}.",
-        _moving_count,
-    ),
+    DemoTask("Moving Attribute", "What is the colour of the moving object?", "colour", tuple(COLOURS)),
+    DemoTask("Object Shuffle", "Where is the moving object at the end?", "corner", tuple(CORNERS)),
+    DemoTask("Moving Count", "How many objects are in the video?", "count", tuple(COUNTS)),
 )
 TASK_NAMES = [task.name for task in DEMO_TASKS]
 _MVBENCH = {task.name: task for task in TASKS}
+
+
+def draw_clip(rng: random.Random, facts: Facts) -> np.ndarray:
+    """uint8 [CLIP_FRAMES, H, W, 3]: the coloured square drifts inside its corner's cell; grey squares stand still
+    in other corners."""
+    video = np.zeros((CLIP_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
+    room = CELL - SQUARE
+    corners = [c for c in CORNERS if c != facts.corner]
+    others = rng.sample(corners, COUNTS[facts.count] - 1)
+    for corner in others:
+        cx, cy = CORNERS[corner]
+        x, y = cx * CELL + rng.randrange(room + 1), cy * CELL + rng.randrange(room + 1)
+        video[:, y : y + SQUARE, x : x + SQUARE] = GREY
+    cx, cy = CORNERS[facts.corner]
+    start, end = [(rng.randrange(room + 1), rng.randrange(room + 1)) for _ in range(2)]
+    for t in range(CLIP_FRAMES):
+        x = cx * CELL + round(start[0] + (end[0] - start[0]) * t / (CLIP_FRAMES - 1))
+        y = cy * CELL + round(start[1] + (end[1] - start[1]) * t / (CLIP_FRAMES - 1))
+        video[t, y : y + SQUARE, x : x + SQUARE] = COLOURS[facts.colour]
+    return video
 
 
 def write_clip(path: Path, frames: np.ndarray) -> Path:
@@ -128,12 +112,38 @@ def write_clip(path: Path, frames: np.ndarray) -> Path:
     return path
 
 
-def answer_text(task: DemoTask, answer_index: int) -> str:
-    """The supervised answer: it starts with the official protocol's pre-filled "Best option:(" so that
-    training and evaluation see the same tokens."""
-    letter = chr(ord("A") + answer_index)
-    candidate = task.candidates[answer_index]
-    return f"Best option:({letter}) {candidate}. {task.sentence.format(candidate)}"
+def answer_segments(question: Question, facts: Facts) -> list[tuple[str, bool]]:
+    """The supervised answer as (text, needs the video) pieces. It starts with the official protocol's pre-filled
+    "Best option:(" so that training and evaluation see the same tokens; the letter and every fact need the video,
+    the rest is the template."""
+    letter = question.letters[question.answer_index]
+    return [
+        ("Best option:(", False),
+        (letter, True),
+        (") ", False),
+        (question.candidates[question.answer_index], True),
+        (". The moving object is a ", False),
+        (facts.colour, True),
+        (" square in the ", False),
+        (facts.corner, True),
+        (" corner, and the number of squares is ", False),
+        (facts.count, True),
+        (".", False),
+    ]
+
+
+def answer_text(question: Question, facts: Facts) -> str:
+    return "".join(text for text, _ in answer_segments(question, facts))
+
+
+def visual_spans(question: Question, facts: Facts) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the answer that need the video."""
+    spans, at = [], 0
+    for text, visual in answer_segments(question, facts):
+        if visual:
+            spans.append((at, at + len(text)))
+        at += len(text)
+    return spans
 
 
 def user_text(question: Question) -> str:
@@ -146,53 +156,83 @@ class DemoSplits:
     root: Path
     train_json: Path  # LLaVA conversation format
     mvbench_root: Path  # MVBench layout: json/, video/
+    test_json: Path  # the MVBench questions with their whole answers, LLaVA format
     train_size: int
     test_size: int
 
 
-def generate(root: Path, train_size: int, test_per_task: int, seed: int = 0, progress: bool = True) -> DemoSplits:
-    """Write both splits under `root`; tasks and answers are balanced, clips are drawn from `seed`."""
+def _combinations(task: DemoTask, shuffle_options: bool) -> list[tuple[tuple[str, ...], Facts]]:
+    """Every (option order, facts) a question of `task` can have."""
+    orders = list(itertools.permutations(task.candidates)) if shuffle_options else [task.candidates]
+    facts = [Facts(*f) for f in itertools.product(COLOURS, CORNERS, COUNTS)]
+    return list(itertools.product(orders, facts))
+
+
+def _conversation(question: Question, facts: Facts) -> list[dict[str, str]]:
+    return [
+        {"from": "human", "value": "<video>\n" + user_text(question)},
+        {"from": "gpt", "value": answer_text(question, facts)},
+    ]
+
+
+def generate(
+    root: Path, train_size: int, test_per_task: int, seed: int = 0, progress: bool = True, shuffle_options: bool = False
+) -> DemoSplits:
+    """Write both splits under `root`; tasks are balanced, test clips are drawn independently, everything from
+    `seed`. With `shuffle_options`, each training clip has a text of its own."""
     rng = random.Random(seed)
+    pools = {task.name: _combinations(task, shuffle_options) for task in DEMO_TASKS}
+    per_task = -(-train_size // len(DEMO_TASKS))
+    smallest = min(len(pool) for pool in pools.values())
+    if shuffle_options and per_task > smallest:
+        raise ValueError(
+            f"--train-size {train_size} asks for {per_task} clips per task, but a task has only {smallest} distinct "
+            f"texts; use --train-size {smallest * len(DEMO_TASKS)} or less"
+        )
+    draw = rng.sample if shuffle_options else lambda pool, n: [rng.choice(pool) for _ in range(n)]
+    drawn = {name: draw(pool, per_task) for name, pool in pools.items()}
     root.mkdir(parents=True, exist_ok=True)
     mvbench = root / "mvbench"
     bar = tqdm(total=train_size + test_per_task * len(DEMO_TASKS), desc="draw video clips", disable=not progress)
     train: list[dict[str, Any]] = []
     for n in range(train_size):
         task = DEMO_TASKS[n % len(DEMO_TASKS)]
-        answer = rng.randrange(len(task.candidates))
+        order, facts = drawn[task.name][n // len(DEMO_TASKS)]
         video = f"train/{n:05d}.mp4"
-        write_clip(root / video, task.draw(rng, task.candidates[answer]).frames())
-        question = Question(task.name, n, root / video, task.question, task.candidates, answer, None)
-        train.append(
-            {
-                "id": f"demo-{n:05d}",
-                "video": video,
-                "conversations": [
-                    {"from": "human", "value": "<video>\n" + user_text(question)},
-                    {"from": "gpt", "value": answer_text(task, answer)},
-                ],
-            }
+        write_clip(root / video, draw_clip(rng, facts))
+        question = Question(
+            task.name, n, root / video, task.question, order, order.index(facts.value(task.attribute)), None
         )
+        train.append({"id": f"demo-{n:05d}", "video": video, "conversations": _conversation(question, facts)})
         bar.update(1)
     train_json = root / "train.json"
     train_json.write_text(json.dumps(train, indent=1))
+    test: list[dict[str, Any]] = []
     for task in DEMO_TASKS:
         prefix = _MVBENCH[task.name].prefix
         records = []
         for i in range(test_per_task):
-            answer = i % len(task.candidates)
+            order, facts = rng.choice(pools[task.name])
+            facts = Facts(**{**vars(facts), task.attribute: task.candidates[i % len(task.candidates)]})
             name = f"{task.name.lower().replace(' ', '_')}_{i:04d}.mp4"
-            write_clip(mvbench / "video" / prefix / name, task.draw(rng, task.candidates[answer]).frames())
-            records.append(
+            write_clip(mvbench / "video" / prefix / name, draw_clip(rng, facts))
+            answer = facts.value(task.attribute)
+            records.append({"video": name, "question": task.question, "candidates": list(order), "answer": answer})
+            question = Question(
+                task.name, i, mvbench / "video" / prefix / name, task.question, order, order.index(answer), None
+            )
+            test.append(
                 {
-                    "video": name,
-                    "question": task.question,
-                    "candidates": list(task.candidates),
-                    "answer": task.candidates[answer],
+                    "id": question.uid,
+                    "video": str((mvbench / "video" / prefix / name).relative_to(root)),
+                    "conversations": _conversation(question, facts),
+                    "visual_spans": visual_spans(question, facts),
                 }
             )
             bar.update(1)
         (mvbench / "json").mkdir(parents=True, exist_ok=True)
         (mvbench / "json" / _MVBENCH[task.name].json_file).write_text(json.dumps(records, indent=1))
+    test_json = root / "test.json"
+    test_json.write_text(json.dumps(test, indent=1))
     bar.close()
-    return DemoSplits(root, train_json, mvbench, train_size, test_per_task * len(DEMO_TASKS))
+    return DemoSplits(root, train_json, mvbench, test_json, train_size, test_per_task * len(DEMO_TASKS))

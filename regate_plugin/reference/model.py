@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..core.compaction import IGNORE_INDEX, shift_targets
+from ..core.config import ConfigError
 from ..core.files import replaced_on_success
 from ..core.loss import next_token_loss
 from ..core.reference import ReferenceInput, build_reference_input
@@ -118,7 +119,7 @@ def check_gapped_positions(model: Any) -> None:
                 input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.tensor([[0, 2]], device=device)
             )
     except (SlicedRotaryError, IndexError, RuntimeError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"reference mode 'gap' gives the reference LLM position ids with gaps, which {type(model).__name__} on "
             f"transformers {transformers.__version__} cannot apply ({err}): use --mode pad with this reference LLM"
         ) from None

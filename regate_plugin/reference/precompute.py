@@ -37,6 +37,7 @@ from ..core.cache import (
     shard_files,
 )
 from ..core.compaction import IGNORE_INDEX
+from ..core.config import ConfigError
 from ..core.dtypes import dtype_from_name
 from ..core.files import write_bytes_atomically
 from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
@@ -76,17 +77,17 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in REFERENCE_MODES:
-            raise ValueError(f"--mode must be one of {list(REFERENCE_MODES)}, got {self.mode!r}")
+            raise ConfigError(f"--mode must be one of {list(REFERENCE_MODES)}, got {self.mode!r}")
         if self.batch_tokens < 1 or self.window < 1:
-            raise ValueError("--batch-tokens and --window must be >= 1")
+            raise ConfigError("--batch-tokens and --window must be >= 1")
         if self.visual_tokens is not None and self.visual_tokens < 1:
-            raise ValueError(f"--visual-tokens must be >= 1, got {self.visual_tokens}")
+            raise ConfigError(f"--visual-tokens must be >= 1, got {self.visual_tokens}")
         if self.anyres is not None and (self.visual_tokens is not None or self.image_token_id is not None):
-            raise ValueError(
+            raise ConfigError(
                 "an anyres student counts its visual rows per image: pass neither --visual-tokens nor --image-token-id"
             )
         if self.resume and self.overwrite:
-            raise ValueError("--resume continues a cache and --overwrite replaces it: pass one of them")
+            raise ConfigError("--resume continues a cache and --overwrite replaces it: pass one of them")
 
 
 @dataclass
@@ -390,7 +391,7 @@ def _encoding(cfg: PrecomputeConfig, tokenizer: Any) -> _Encoding:
     max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     if cfg.mode == "pad" and pad_id is None:
-        raise ValueError(
+        raise ConfigError(
             f"--mode pad needs a pad token, and the tokenizer of {cfg.tokenizer or cfg.reference} has none"
         )
     return _Encoding(template, tokenizer, max_length, pad_id)

@@ -1,0 +1,284 @@
+"""Damaged answer and prediction files (docs/RELIABILITY.md): answers pair with questions by id, never by position;
+a line that does not parse is named and its question counts as unanswered, scored by each benchmark's own rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from regate_plugin.eval import BENCHMARKS, BenchmarkError, get_benchmark, get_protocol, load_mvbench
+from regate_plugin.eval.mvbench import prediction_record
+
+from regate_plugin.cli import main as regate
+
+from .eval_fixtures import write_mvbench
+from .image_fixtures import WRITERS, write_pope
+from .test_image_benchmarks import VARIED, parse_eval_pope
+from .test_launch_llava import _llava
+
+
+def _lines(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _tear(path: Path, line: int) -> str:
+    """Cut line `line` (1-based) of `path` to its first half, as a write that died part-way leaves it."""
+    lines = path.read_text().splitlines(keepends=True)
+    torn = lines[line - 1]
+    lines[line - 1] = torn[: len(torn) // 2] + ("\n" if line < len(lines) else "")
+    path.write_text("".join(lines))
+    return torn
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+EVAL_POPE = r"""
+import contextlib, io, sys
+from llava.eval import eval_pope
+work = sys.argv[1]
+sys.argv = ["eval_pope.py", "--annotation-dir", work + "/labels", "--question-file", work + "/questions.jsonl",
+            "--result-file", work + "/answers.jsonl"]
+buffer = io.StringIO()
+with contextlib.redirect_stdout(buffer):
+    exec(open(eval_pope.__file__).read(), {"__name__": "__main__"})
+print(buffer.getvalue())
+"""
+
+
+def _upstream_pope(work: Path, label_dir: Path, questions: list[dict], answers: list[dict]) -> dict:
+    """llava-torch's own `eval_pope.py` (positional pairing) on files where position and id agree."""
+    work.mkdir()
+    shutil.copytree(label_dir, work / "labels")
+    _lines(work / "questions.jsonl", questions)
+    _lines(work / "answers.jsonl", answers)
+    (work / "eval_pope_run.py").write_text(EVAL_POPE)
+    return parse_eval_pope(_llava(str(work / "eval_pope_run.py"), str(work)).stdout)
+
+
+def test_pope_torn_line_in_the_middle_scores_the_intact_lines_as_eval_pope(tmp_path):
+    root = write_pope(tmp_path / "pope", per_category=6)
+    pope = get_benchmark("pope", root)
+    questions = pope.load()
+    answers = [
+        {"question_id": q.question_id, "prompt": q.text, "text": VARIED[(i * 5) % 7], "metadata": {}}
+        for i, q in enumerate(questions)
+    ]
+    pred = _lines(tmp_path / "answers.jsonl", answers)
+    torn_line = 9  # popular/3: the third question of the second split
+    _tear(pred, torn_line)
+    assert (
+        regate(["eval", "score", "pope", "--pred", str(pred), "--data-root", str(root), "--out", str(tmp_path / "m")])
+        == 0
+    )
+    ours = _metrics(tmp_path / "m")
+
+    # the reference: eval_pope.py on the intact lines, with the torn question's label line left out of its split
+    torn = questions[torn_line - 1]
+    assert torn.question_id == "popular/3"
+    labels = tmp_path / "labels"
+    shutil.copytree(root / "coco", labels)
+    kept = [
+        line for line in (labels / "coco_pope_popular.json").read_text().splitlines() if '"question_id": 3,' not in line
+    ]
+    assert len(kept) == 5
+    (labels / "coco_pope_popular.json").write_text("\n".join(kept) + "\n")
+    official = _upstream_pope(
+        tmp_path / "upstream",
+        labels,
+        [
+            {"question_id": q.question_id, "image": q.image.name, "text": q.text, "category": q.meta["category"]}
+            for q in questions
+        ],
+        [a for a in answers if a["question_id"] != torn.question_id],
+    )
+    assert ours["groups"] == official and set(official) == {"adversarial", "popular", "random"}
+    assert ours["counts"] == {"adversarial": 6, "popular": 5, "random": 6}
+    assert ours["unanswered"] == 1
+    assert len(ours["unreadable"]) == 1 and f"{pred} line {torn_line}: not valid JSON" in ours["unreadable"][0]
+
+
+def test_pope_all_correct_file_with_a_torn_line_scores_100_on_every_split(tmp_path, capsys):
+    """Re-paired by position, the answers after the torn line met the next question's label (66.67 on a split)."""
+    root = write_pope(tmp_path / "pope", per_category=6)
+    questions = get_benchmark("pope", root).load()
+    pred = _lines(
+        tmp_path / "answers.jsonl",
+        [{"question_id": q.question_id, "prompt": q.text, "text": q.answer.capitalize()} for q in questions],
+    )
+    _tear(pred, 3)
+    assert (
+        regate(["eval", "score", "pope", "--pred", str(pred), "--data-root", str(root), "--out", str(tmp_path / "m")])
+        == 0
+    )
+    metrics = _metrics(tmp_path / "m")
+    assert {split: (m["acc"], m["f1"]) for split, m in metrics["groups"].items()} == {
+        split: (100.0, 100.0) for split in ("adversarial", "popular", "random")
+    }
+    printed = capsys.readouterr().out
+    assert "unanswered: 1" in printed and f"{pred} line 3: not valid JSON" in printed
+
+
+def test_pope_llava_answer_file_pairs_by_id_in_any_order(tmp_path):
+    """LLaVA's global question ids go through --question-file; the answers' order does not matter."""
+    root = write_pope(tmp_path / "pope", per_category=6)
+    questions = get_benchmark("pope", root).load()
+    question_file = _lines(
+        tmp_path / "llava_pope_test.jsonl",
+        [
+            {"question_id": n, "image": q.image.name, "text": q.text, "category": q.meta["category"]}
+            for n, q in enumerate(questions)
+        ],
+    )
+    answers = [{"question_id": n, "prompt": q.text, "text": VARIED[n % 6]} for n, q in enumerate(questions)]
+    in_order = _lines(tmp_path / "in_order.jsonl", answers)
+    shuffled = _lines(tmp_path / "shuffled.jsonl", answers[1::2] + answers[::2])
+    flags = ["--data-root", str(root), "--question-file", str(question_file)]
+    assert regate(["eval", "score", "pope", "--pred", str(shuffled), *flags, "--out", str(tmp_path / "s")]) == 0
+    official = _upstream_pope(
+        tmp_path / "upstream", root / "coco", [json.loads(x) for x in question_file.read_text().splitlines()], answers
+    )
+    assert _metrics(tmp_path / "s")["groups"] == official
+    assert regate(["eval", "score", "pope", "--pred", str(in_order), *flags, "--out", str(tmp_path / "o")]) == 0
+    assert _metrics(tmp_path / "o")["groups"] == official
+
+
+def test_pope_question_file_of_another_release_is_refused(tmp_path):
+    root = write_pope(tmp_path / "pope", per_category=3)
+    questions = get_benchmark("pope", root).load()
+    records = [
+        {"question_id": n, "image": q.image.name, "text": q.text, "category": q.meta["category"]}
+        for n, q in enumerate(questions)
+    ]
+    records[4]["image"] = "COCO_val2014_000000999999.jpg"  # popular's second question is about another image
+    question_file = _lines(tmp_path / "llava_pope_test.jsonl", records)
+    pope = get_benchmark("pope", root, question_file=str(question_file))
+    with pytest.raises(BenchmarkError, match=r"llava_pope_test.jsonl line 5: .* another POPE release"):
+        pope.score(questions, [{"question_id": 0, "prompt": "", "text": "Yes"}])
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_a_torn_answer_line_is_named_and_its_question_unanswered(tmp_path, name):
+    """For every image benchmark: a torn line in the middle scores as if that answer were absent."""
+    root = WRITERS[name](tmp_path / "data")
+    benchmark = get_benchmark(name, root)
+    questions = benchmark.load()
+    records = [  # the gold answer where it is a string, so that some are right
+        {
+            "question_id": q.question_id,
+            "prompt": q.prompt_field,
+            "text": q.answer if isinstance(q.answer, str) and i % 3 else "A",
+        }
+        for i, q in enumerate(questions)
+    ]
+    middle = len(records) // 2
+    pred = _lines(tmp_path / "answers.jsonl", records)
+    _tear(pred, middle + 1)
+    assert (
+        regate(["eval", "score", name, "--pred", str(pred), "--data-root", str(root), "--out", str(tmp_path / "m")])
+        == 0
+    )
+    torn = _metrics(tmp_path / "m")
+
+    without = benchmark.score(questions, records[:middle] + records[middle + 1 :])
+    complete = benchmark.score(questions, records)
+    expected = json.loads(json.dumps(without.to_dict()))  # as metrics.json holds it (NaN included)
+    assert [json.dumps(torn[k], sort_keys=True) for k in ("metrics", "groups", "counts")] == [
+        json.dumps(expected[k], sort_keys=True) for k in ("metrics", "groups", "counts")
+    ]
+    assert torn["unanswered"] == complete.unanswered + 1
+    assert len(torn["unreadable"]) == 1 and f"{pred} line {middle + 1}: not valid JSON" in torn["unreadable"][0]
+
+
+def _mvbench_predictions(root: Path) -> tuple[list, list[dict]]:
+    """One official-protocol record per question: the right option for even positions, another one for odd."""
+    data = load_mvbench(root, allow_missing=True)
+    protocol = get_protocol("official")
+    records = []
+    for i, q in enumerate(data.questions):
+        pick = q.answer_index if i % 2 == 0 else (q.answer_index + 1) % len(q.candidates)
+        records.append(prediction_record(q, protocol, f"{q.letters[pick]}) {q.candidates[pick]}"))
+    return data.questions, records
+
+
+def test_mvbench_torn_last_line_is_an_unanswered_wrong_question(tmp_path, capsys):
+    root = write_mvbench(tmp_path / "mvbench", per_task=2)
+    questions, records = _mvbench_predictions(root)
+    assert [r["correct"] for r in records] == [i % 2 == 0 for i in range(len(records))]  # as constructed
+    pred = _lines(tmp_path / "predictions-official.jsonl", records)
+    _tear(pred, len(records))
+    out = tmp_path / "m"
+    assert regate(["eval", "score", "mvbench", "--pred", str(pred), "--data-root", str(root), "--out", str(out)]) == 0
+    metrics = _metrics(out)
+
+    # the official rule: every question is in the denominator, one without a parseable answer is wrong
+    lost = questions[-1]
+    assert metrics["total"] == len(questions) == 6 and metrics["unanswered"] == 1
+    assert metrics["correct"] == sum(i % 2 == 0 for i in range(len(questions) - 1))
+    assert metrics["avg"] == pytest.approx(100 * metrics["correct"] / 6)
+    in_task = [i for i, q in enumerate(questions) if q.task == lost.task]
+    right = sum(i % 2 == 0 for i in in_task if i != len(questions) - 1)
+    assert metrics["per_task"][lost.task] == pytest.approx(100 * right / len(in_task))
+    assert metrics["counts"][lost.task] == len(in_task)
+    assert f"{pred} line 6: not valid JSON" in metrics["unreadable"][0]
+    printed = capsys.readouterr().out
+    assert "unanswered: 1" in printed and "line 6: not valid JSON" in printed
+
+
+def test_mvbench_videollama2_file_with_a_torn_line(tmp_path, capsys):
+    """VideoLLaMA2's {vid, task_type, pred, gt} lines: with --data-root the lost question is counted as wrong;
+    without it, the line is still named."""
+    root = write_mvbench(tmp_path / "mvbench", per_task=2)
+    questions = load_mvbench(root, allow_missing=True).questions
+    lines = [{"vid": q.video.name, "task_type": q.task, "pred": 0, "gt": 0} for q in questions]
+    pred = _lines(tmp_path / "answers.json", lines)
+    _tear(pred, 3)
+    assert (
+        regate(
+            ["eval", "score", "mvbench", "--pred", str(pred), "--data-root", str(root), "--out", str(tmp_path / "a")]
+        )
+        == 0
+    )
+    metrics = _metrics(tmp_path / "a")
+    assert metrics["unanswered"] == 1 and metrics["total"] == 6 and metrics["correct"] == 5
+    assert metrics["per_task"][questions[2].task] == pytest.approx(50.0)
+
+    assert regate(["eval", "score", "mvbench", "--pred", str(pred), "--out", str(tmp_path / "b")]) == 0
+    assert "line 3: not valid JSON" in _metrics(tmp_path / "b")["unreadable"][0]
+    assert "pass --data-root" in capsys.readouterr().out
+
+
+class _EchoRunner:
+    """A runner that answers each request with its prompt's user text (a real `ModelRunner`, no model)."""
+
+    def generate(self, requests):
+        return [r.prompt.user for r in requests]
+
+
+def _resume(out: Path, items: list[str]) -> list[dict]:
+    from regate_plugin.eval.base import PredictionFile, Prompt, Request, run_resumable
+
+    done = [r["id"] for r in PredictionFile.read(out, missing_ok=True).records]
+    request = lambda item: Request((), Prompt(item))  # noqa: E731
+    return list(
+        run_resumable(
+            items, str, done, request, lambda i, o: {"id": i, "out": o}, _EchoRunner(), out, 2, progress=False
+        )
+    )
+
+
+def test_resume_cuts_a_torn_last_line_off_and_answers_its_question_again(tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    items = [f"q{i}" for i in range(5)]
+    _resume(out, items)
+    complete = out.read_text()
+    out.write_text(complete[: complete.index('{"id": "q3"') + 12])  # killed while writing q3
+    assert [r["id"] for r in _resume(out, items)] == ["q3", "q4"]
+    assert out.read_text() == complete  # nothing torn is left behind, nothing is answered twice
+
+    out.write_text(complete.rstrip("\n"))  # killed after the last record, before its newline: kept
+    assert _resume(out, items) == [] and out.read_text() == complete
