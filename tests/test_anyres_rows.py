@@ -127,6 +127,15 @@ def test_single_crop_count_equals_the_merged_rows(next_llava, merge):
     assert (mask.sum(1) - 2).tolist() == [visual_tokens_from_config(config)] * 2
 
 
+def test_resize_and_pad_rounds_as_upstream(next_llava):
+    """Upstream scales by `side * (target / side)`: 800 * (672 / 600) is 896.0000000000001, so an 800x600 image on a
+    1008x672 canvas is 897 pixels wide (ceil), pasted at x = (1008 - 897) // 2; dividing last would give 896 at 56."""
+    mm_utils, _ = next_llava
+    canvas = np.asarray(mm_utils.resize_and_pad_image(Image.new("RGB", (800, 600), (255, 255, 255)), (1008, 672)))
+    filled = np.flatnonzero(canvas[336, :, 0])
+    assert (filled[0], len(filled)) == (55, 897)
+
+
 def test_header_read_and_bad_input(tmp_path):
     path = tmp_path / "a.jpg"
     Image.new("RGB", (321, 123)).save(path)

@@ -34,13 +34,16 @@ def select_best_resolution(original_size, possible_resolutions):
 
 
 def resize_and_pad_image(image, target_resolution):
-    """Fit the image inside the canvas (aspect kept, ceil on the short side) and centre it on black."""
+    """Fit the image inside the canvas (aspect kept, ceil on the short side) and centre it on black.
+    The side is `ceil(side * scale)` with the scale divided first, as upstream: 800 * (672 / 600) is 896.0000000000001,
+    so 800x600 on a 1008x672 canvas is resized to 897 pixels wide, not 896."""
     ow, oh = image.size
     tw, th = target_resolution
-    if tw / ow < th / oh:
-        nw, nh = tw, min(math.ceil(oh * tw / ow), th)
+    scale_w, scale_h = tw / ow, th / oh
+    if scale_w < scale_h:
+        nw, nh = tw, min(math.ceil(oh * scale_w), th)
     else:
-        nw, nh = min(math.ceil(ow * th / oh), tw), th
+        nw, nh = min(math.ceil(ow * scale_h), tw), th
     canvas = Image.new("RGB", (tw, th), (0, 0, 0))
     canvas.paste(image.resize((nw, nh)), ((tw - nw) // 2, (th - nh) // 2))
     return canvas
