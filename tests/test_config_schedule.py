@@ -84,6 +84,7 @@ _NON_DEFAULT = {
     "ema_dtype": ("float16", "float16"),
     "seed": ("11", 11),
     "loss_chunk_size": ("64", 64),
+    "resume_without_state": ("fresh", "fresh"),
 }
 _OLD_FLAG_NAMES = {"lam": "--regate_lambda"}  # the names users have been passing; they must keep working
 

@@ -10,10 +10,12 @@ from typing import Any, Literal, get_args
 ScoreNorm = Literal["none", "zscore"]
 MissingReference = Literal["error", "ema"]
 EMADtype = Literal["float32", "float16"]
+ResumeWithoutState = Literal["error", "fresh"]
 
 SCORE_NORMS: tuple[str, ...] = get_args(ScoreNorm)
 MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
 EMA_DTYPES: tuple[str, ...] = get_args(EMADtype)
+RESUME_WITHOUT_STATE_POLICIES: tuple[str, ...] = get_args(ResumeWithoutState)
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,11 @@ class ReGATEConfig:
     ema_dtype: EMADtype = _knob(
         "float32", "Storage of the per-(sample, answer token) EMA: 'float32' (4 B per answer token) or 'float16' (2 B)."
     )
+    resume_without_state: ResumeWithoutState = _knob(
+        "error",
+        "Resuming from a checkpoint without a usable regate_state.pt (none, another strategy's, or one saved with "
+        "other settings): 'error' stops, 'fresh' continues the schedule at the checkpoint's step with an empty EMA.",
+    )
 
     def __post_init__(self) -> None:
         _check_range("keep_ratio", self.keep_ratio, "(0, 1]", lambda v: 0.0 < v <= 1.0)
@@ -77,6 +84,7 @@ class ReGATEConfig:
         _check_choice("score_norm", self.score_norm, SCORE_NORMS)
         _check_choice("missing_reference", self.missing_reference, MISSING_REFERENCE_POLICIES)
         _check_choice("ema_dtype", self.ema_dtype, EMA_DTYPES)
+        _check_choice("resume_without_state", self.resume_without_state, RESUME_WITHOUT_STATE_POLICIES)
 
     def replace(self, **changes: Any) -> ReGATEConfig:
         """A copy with some fields changed (validated again)."""
