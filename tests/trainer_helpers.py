@@ -54,9 +54,13 @@ def make_trainer(
     elision: dict[str, Any],
     model: Any = None,
     processing_class: Any = None,
+    collator: Any = collate,
+    args_cls: type = TrainingArguments,
+    template: Any = None,
     **training: Any,
 ) -> Trainer:
-    """A `Trainer` with token elision over `rows`; `elision` holds `TokenElisionArguments` fields."""
+    """A `Trainer` with token elision over `rows`; `elision` holds `TokenElisionArguments` fields, `template` is
+    `with_token_elision`'s."""
     # Build the model before TrainingArguments: with a ZeRO-3 config those switch on zero.Init for later models.
     model = model if model is not None else tiny_llava()
     defaults = dict(
@@ -74,10 +78,10 @@ def make_trainer(
         seed=0,
         disable_tqdm=True,
     )
-    args = TrainingArguments(**{**defaults, **training})
-    trainer_cls = with_token_elision(Trainer, TokenElisionArguments(**elision))
+    args = args_cls(**{**defaults, **training})
+    trainer_cls = with_token_elision(Trainer, TokenElisionArguments(**elision), template=template)
     return trainer_cls(
-        model=model, args=args, train_dataset=rows, data_collator=collate, processing_class=processing_class
+        model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processing_class
     )
 
 
