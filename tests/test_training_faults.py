@@ -1,14 +1,15 @@
 """The training side of the fault and bad-input matrix (docs/RELIABILITY.md): non-finite losses and the EMA, the
 logged fault counts, the startup summary, the pre-flight cache check (HF Trainer and the upstream launchers), an
 unused cache, resuming without a usable state, and batches with all-padding rows, empty answers and over-long
-samples. A killed rank: tests/test_distributed.py::test_a_killed_rank_ends_the_job_with_an_error; a cache for
-another tokenizer: tests/test_trainer.py::test_bad_input_fails_before_the_first_step."""
+samples. Elsewhere: the pre-flight check through the upstream launchers
+(tests/test_launch_llava.py, tests/test_launch_videollama2.py: `..._refuses_a_cache_for_another_run_before_step_0`), a
+killed rank (tests/test_distributed.py::test_a_killed_rank_ends_the_job_with_an_error), a cache for another tokenizer
+(tests/test_trainer.py::test_bad_input_fails_before_the_first_step)."""
 
 from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from regate_plugin.core import IGNORE_INDEX, DifficultyEMA, batch_sample_keys, i
 from regate_plugin.training import STATE_FILE, CacheMismatchError, ResumeStateError
 from regate_plugin.training.preflight import first_sparse_step, startup_summary
 
-from .test_launch_llava import setup  # noqa: F401 (the upstream-LLaVA fixture, for the launcher tests)
 from .tiny import IMAGE_ROWS, IMAGE_TOKEN, PAD, tiny_llava, write_cache_for
 from .trainer_helpers import cache_for, collate, logged, make_trainer, samples
 
@@ -470,39 +470,3 @@ def test_the_trainer_trains_such_batches_dense_and_sparse(tmp_path):
         for kept, candidates in zip(logged(trainer, "regate/kept")[1:], logged(trainer, "regate/candidates")[1:])
     )
     assert sum(logged(trainer, "regate/missing_reference")) == 0 and sum(logged(trainer, "regate/nonfinite")) == 0
-
-
-# --- the upstream launchers ------------------------------------------------------------------------------------
-
-
-def _launched_llava(paths: dict[str, Path], out: Path, changes: dict[str, str]) -> subprocess.CompletedProcess:
-    from .test_launch_llava import LLAVA_PYTHON, _env, _regate_flags, _train_args
-
-    assert LLAVA_PYTHON.exists(), f"{LLAVA_PYTHON} is missing: run `make setup` (scripts/setup_llava_env.sh)"
-    args = _train_args(paths, out, 2)
-    for flag, value in changes.items():
-        args[args.index(flag) + 1] = value
-    return subprocess.run(
-        [str(LLAVA_PYTHON), "-m", "regate_plugin.launch", "llava", *args, *_regate_flags(paths)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
-
-
-@pytest.mark.parametrize(
-    "changes, named",
-    [
-        ({"--model_max_length": "128"}, "made with --max-length 256, this run truncates its samples at 128 tokens"),
-        ({"--version": "plain"}, "made with --template v1, this run preprocesses its samples as plain"),
-    ],
-)
-def test_the_llava_launcher_refuses_a_cache_for_another_run_before_step_0(setup, tmp_path, changes, named):  # noqa: F811
-    """`setup` (tests/test_launch_llava.py): a tiny upstream LLaVA, its data, and a cache by `regate precompute
-    --template v1 --max-length 256`."""
-    out = tmp_path / "run"
-    done = _launched_llava(setup, out, changes)
-    assert done.returncode != 0
-    assert "CacheMismatchError" in done.stderr and named in done.stderr, done.stderr[-3000:]
-    assert not (out / "trainer_state.json").exists() and not list(out.glob("checkpoint-*"))
