@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration, TrainerCallback, TrainingArguments
+from transformers import LlavaForConditionalGeneration, TrainingArguments
 
 import regate_plugin as rg
 from regate_plugin.core import IGNORE_INDEX, DifficultyEMA, batch_sample_keys, is_dense_step
@@ -24,7 +24,7 @@ from regate_plugin.training import STATE_FILE, CacheMismatchError, ResumeStateEr
 from regate_plugin.training.preflight import first_sparse_step, startup_summary
 
 from .tiny import IMAGE_ROWS, IMAGE_TOKEN, PAD, tiny_llava, write_cache_for
-from .trainer_helpers import cache_for, collate, logged, make_trainer, samples
+from .trainer_helpers import LossFault, cache_for, collate, logged, make_trainer, samples
 
 SCHEDULE = {"regate_warmup_steps": 2, "regate_cycle_steps": 4, "regate_dense_steps": 1}
 SPARSE = {"regate_warmup_steps": 0, "regate_dense_steps": 0}
@@ -68,25 +68,6 @@ def test_non_finite_losses_neither_poison_nor_reset_an_entry():
     assert math.isnan(float(ema.per_token[0]))  # nor the per-token fallback unseen samples inherit
 
 
-class _LossFault:
-    """A forward hook on the real LM head: when armed, one kept target's logits put all their mass on PAD (never a
-    target), so that target's loss is +inf while every gradient stays finite (the training step itself survives)."""
-
-    def __init__(self, head: torch.nn.Module, row: int = 1) -> None:
-        self.armed, self.row = False, row
-        head.register_forward_hook(self)
-
-    def __call__(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-        if not self.armed:
-            return None
-        self.armed = False
-        faulty = torch.full_like(output[self.row], -INF)
-        faulty[PAD] = 0.0
-        output = output.clone()
-        output[self.row] = faulty
-        return output
-
-
 def test_a_non_finite_loss_is_counted_and_leaves_its_ema_entry_as_it_was(tmp_path):
     rows = samples(2)
     batch = collate(rows)
@@ -102,7 +83,7 @@ def test_a_non_finite_loss_is_counted_and_leaves_its_ema_entry_as_it_was(tmp_pat
 
     faulted, model = strategy_and_model()
     twin, twin_model = strategy_and_model()  # the same two steps without the fault
-    fault = _LossFault(model.get_output_embeddings())
+    fault = LossFault(model.get_output_embeddings())
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, twin_model)]
     for step in range(2):
         fault.armed = step == 1
@@ -129,19 +110,11 @@ def test_a_non_finite_loss_is_counted_and_leaves_its_ema_entry_as_it_was(tmp_pat
     assert not torch.isinf(faulted.ema.per_token).any()
 
 
-class _ArmAt(TrainerCallback):
-    def __init__(self, fault: _LossFault, step: int) -> None:
-        self.fault, self.step = fault, step
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.fault.armed = state.global_step == self.step
-
-
 def test_the_trainer_logs_non_finite_losses_and_missing_references_as_counts(tmp_path):
     rows = samples(8)
     cache = cache_for(tmp_path / "cache", rows[:6])  # two samples are not in the cache
     trainer = make_trainer(tmp_path, rows, _regate(cache, regate_missing_reference="ema", **SPARSE), max_steps=4)
-    trainer.add_callback(_ArmAt(_LossFault(trainer.model.get_output_embeddings()), step=2))
+    trainer.add_callback(LossFault(trainer.model.get_output_embeddings()).at_step(2))
     with pytest.warns(UserWarning, match="scored by the student EMA alone"):  # the pre-flight check says so first
         trainer.train()  # 4 steps of 2: every sample once
     assert logged(trainer, "regate/nonfinite") == [0, 0, 1, 0]
