@@ -1,10 +1,10 @@
 """One rank of a tiny-LLaVA HF Trainer run under token elision, started by `torchrun` from tests/test_distributed.py.
 
-    torchrun --nproc_per_node 2 -m tests.distributed_worker OUT {ddp,zero2,zero3} {train,resume,kill}
+    torchrun --nproc_per_node 2 -m tests.distributed_worker OUT {ddp,zero2,zero3} {train,resume,kill,nonfinite}
 
 Every rank writes `OUT/<phase>-rank<N>.pt`: its final elision state (step, stats, EMA arrays) and its `regate/*`
 logs. `resume` trains to `SAVE_AT` with a checkpoint, then a fresh Trainer resumes from it to `STEPS`; `kill`
-SIGKILLs rank 1 in the middle of a step.
+SIGKILLs rank 1 in the middle of a step; `nonfinite` gives one of rank 1's losses at step `FAULT_AT` the value +inf.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from transformers import LlavaForConditionalGeneration, TrainerCallback
 
 from .tiny import tiny_llava
-from .trainer_helpers import cache_for, make_trainer, samples
+from .trainer_helpers import LossFault, cache_for, make_trainer, samples
 
-STEPS, SAVE_AT, SAMPLES = 12, 6, 16
+STEPS, SAVE_AT, SAMPLES, FAULT_AT = 12, 6, 16, 4
 PER_RANK_BATCH = 2
 # Two dense warm-up steps fill the EMA, then a sparse phase in which selection weighs it by 1 - lambda = 0.8.
 FLAGS = {
@@ -81,6 +81,8 @@ def main(out: Path, mode: str, phase: str) -> None:
     trainer = make_trainer(out / f"run-{phase}", rows, flags, model=tiny_llava(), **args)
     if phase == "kill":
         trainer.add_callback(_KillRank1())
+    if phase == "nonfinite" and rank == 1:
+        trainer.add_callback(LossFault(trainer.model.get_output_embeddings()).at_step(FAULT_AT))
     trainer.train()
     if phase == "resume":
         checkpoint = out / f"run-{phase}" / "out" / f"checkpoint-{SAVE_AT}"

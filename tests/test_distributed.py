@@ -63,7 +63,7 @@ def one_process(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def straight_runs(tmp_path_factory) -> Callable[[str], Path]:
-    """Uninterrupted two-rank runs, made once per mode when a test first asks for one."""
+    """Uninterrupted two-rank runs (their stdout in `stdout.txt`), made once per mode when a test first asks."""
     made: dict[str, Path] = {}
 
     def run(mode: str) -> Path:
@@ -71,6 +71,7 @@ def straight_runs(tmp_path_factory) -> Callable[[str], Path]:
             out = tmp_path_factory.mktemp(mode)
             done = _torchrun(out, mode, "train")
             assert done.returncode == 0, done.stderr[-4000:]
+            (out / "stdout.txt").write_text(done.stdout)
             made[mode] = out
         return made[mode]
 
@@ -88,7 +89,8 @@ def _assert_one_process(ranks: list[dict], one: dict) -> None:
         assert torch.equal(rank0["state"]["ema"][table].nan_to_num(-7), rank1["state"]["ema"][table].nan_to_num(-7))
     _assert_same_tables(rank0["state"], one["state"], atol=1e-5)
     assert (~torch.isnan(rank0["state"]["ema"]["values"])).sum() > 0
-    for name in ("regate/candidates", "regate/kept"):  # global sums: every rank logs the one-process count
+    # global sums: every rank logs the one-process count
+    for name in ("regate/candidates", "regate/kept", "regate/missing_reference", "regate/nonfinite"):
         want = [entry[name] for entry in one["logs"]]
         assert [entry[name] for entry in rank0["logs"]] == [entry[name] for entry in rank1["logs"]] == want
     assert [e["loss"] for e in rank0["logs"]] == pytest.approx([e["loss"] for e in one["logs"]], rel=1e-4)
@@ -99,6 +101,11 @@ def _assert_one_process(ranks: list[dict], one: dict) -> None:
 @pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
 def test_ranks_hold_the_one_process_ema_and_log_global_counts(straight_runs, one_process, mode):
     _assert_one_process(_ranks(straight_runs(mode), "train"), one_process)
+
+
+def test_only_rank_0_prints_the_startup_summary(straight_runs):
+    printed = (straight_runs("ddp") / "stdout.txt").read_text()
+    assert printed.count("token elision 'regate', starting at optimizer step 0") == 1, printed[-2000:]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "zero2"])
@@ -114,6 +121,18 @@ def test_resuming_inside_the_sparse_phase_continues_identically(straight_runs, t
         assert [e["regate/kept"] for e in after] == [e["regate/kept"] for e in want]
         assert [e["loss"] for e in after] == pytest.approx([e["loss"] for e in want], rel=1e-5)
     assert not any(e["regate/dense"] for e in straight[0]["logs"] if e["step"] > worker.SAVE_AT)
+
+
+def test_a_non_finite_loss_on_one_rank_is_dropped_on_every_rank_and_logged_once(tmp_path):
+    done = _torchrun(tmp_path, "ddp", "nonfinite")
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank0, rank1 = _ranks(tmp_path, "nonfinite")
+    for table in ("values", "per_token"):  # still bit for bit on every rank, and nothing infinite
+        assert torch.equal(rank0["state"]["ema"][table].nan_to_num(-7), rank1["state"]["ema"][table].nan_to_num(-7))
+        assert not torch.isinf(rank0["state"]["ema"][table]).any()
+    logged = [[entry["regate/nonfinite"] for entry in rank["logs"]] for rank in (rank0, rank1)]
+    assert logged[0] == logged[1] == [int(step == worker.FAULT_AT) for step in range(worker.STEPS)]
+    assert (rank0["state"]["stats"]["nonfinite"], rank1["state"]["stats"]["nonfinite"]) == (0, 1)  # counted where seen
 
 
 def test_a_killed_rank_ends_the_job_with_an_error(tmp_path):

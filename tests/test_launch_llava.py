@@ -296,6 +296,32 @@ def test_bad_flags_fail_before_training(setup, tmp_path):
     assert not (tmp_path / "llava-tiny-bad" / "trainer_state.json").exists()
 
 
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"--model_max_length": "128"}, "made with --max-length 256, this run truncates its samples at 128 tokens"),
+        ({"--version": "plain"}, "made with --template v1, this run preprocesses its samples as plain"),
+    ],
+)
+def test_the_launcher_refuses_a_cache_for_another_run_before_step_0(setup, tmp_path, changes, named):
+    """The pre-flight check (training/preflight.py) reads the template off LLaVA's chosen conversation and the max
+    length off its TrainingArguments, and compares them with the cache's manifest."""
+    out = tmp_path / "run"
+    args = _train_args(setup, out, 2)
+    for flag, value in changes.items():
+        args[args.index(flag) + 1] = value
+    done = subprocess.run(
+        [str(LLAVA_PYTHON), "-m", "regate_plugin.launch", "llava", *args, *_regate_flags(setup)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert done.returncode != 0
+    assert "CacheMismatchError" in done.stderr and named in done.stderr, done.stderr[-3000:]
+    assert not (out / "trainer_state.json").exists() and not list(out.glob("checkpoint-*"))
+
+
 TWO_RANK_STEPS = 6  # warmup 2, then a cycle of 4 with 1 dense step: steps 3-5 (1-based 4-6) are sparse
 
 

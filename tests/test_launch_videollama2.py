@@ -271,3 +271,33 @@ def test_a_cache_scored_with_other_visual_rows_fails_at_the_first_batch_naming_t
         f"merged {ROWS} visual rows" in message and f"scored with {ROWS + 3} ({ROWS + 3} per placeholder" in message
     ), message
     assert "sample " in message and not (out / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"--model_max_length": "128"}, "made with --max-length 256, this run truncates its samples at 128 tokens"),
+        (
+            {"--tune_mm_mlp_adapter": "True"},
+            "made with --template videollama2, this run preprocesses its samples as videollama2_plain",
+        ),
+    ],
+)
+def test_the_launcher_refuses_a_cache_for_another_run_before_step_0(setup, tmp_path, changes, named):
+    """The pre-flight check reads the template off the dataset's `data_args.is_pretraining` (what its
+    `__getitem__` dispatches on) and the max length off its TrainingArguments."""
+    out = tmp_path / "o"
+    args = _train_args(setup, out, 2)
+    for flag, value in changes.items():
+        args = [*args, flag, value] if flag not in args else args
+        args[args.index(flag) + 1] = value
+    done = subprocess.run(
+        [str(VIDEOLLAMA2_PYTHON), *LAUNCH[:3], str(SCRIPT), *LAUNCH[3:], *args, *_regate_flags(setup)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert done.returncode != 0
+    assert "CacheMismatchError" in done.stderr and named in done.stderr, done.stderr[-3000:]
+    assert not (out / "trainer_state.json").exists()

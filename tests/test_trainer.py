@@ -80,19 +80,6 @@ def test_checkpoint_holds_the_state_and_resume_continues_schedule_and_ema(tmp_pa
     assert after_resume(resumed, "regate/kept") == after_resume(straight, "regate/kept")
 
 
-def test_resuming_a_checkpoint_without_regate_state_warns(tmp_path):
-    rows = samples(4)
-    plain = make_trainer(
-        tmp_path / "a", rows, {"token_elision": "none"}, max_steps=2, save_strategy="steps", save_steps=2
-    )
-    plain.train()
-    (tmp_path / "a/out/checkpoint-2" / STATE_FILE).unlink()
-    resumed = make_trainer(tmp_path / "b", rows, _regate(tmp_path, rows, **SCHEDULE), max_steps=3)
-    with pytest.warns(UserWarning, match="holds no regate_state.pt"):
-        resumed.train(resume_from_checkpoint=str(tmp_path / "a/out/checkpoint-2"))
-    assert resumed.token_elision.step == 2
-
-
 def _one_sparse_step(tmp_path, rows, **training):
     trainer = make_trainer(tmp_path, rows, _regate(tmp_path, rows, **SPARSE), max_steps=1, **training)
     trainer.train()

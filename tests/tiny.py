@@ -109,12 +109,24 @@ def make_batch(
 
 
 def write_cache_for(
-    directory: Path, batches: list[dict[str, torch.Tensor]], seed: int = 0, fingerprint: str = "test"
+    directory: Path,
+    batches: list[dict[str, torch.Tensor]],
+    seed: int = 0,
+    fingerprint: str = "test",
+    visual_tokens: int | None = None,
+    extra: dict | None = None,
 ) -> Path:
-    """A reference cache with arbitrary (seeded) losses for every sample of `batches`."""
+    """A reference cache with arbitrary (seeded) losses for every sample of `batches`; `visual_tokens` and `extra`
+    are what its manifest records (as `regate precompute` records its settings)."""
     gen = torch.Generator().manual_seed(seed)
     with ReferenceLossCacheWriter(
-        directory, reference="test", tokenizer_fingerprint=fingerprint, reference_mode="gap", dtype="float32"
+        directory,
+        reference="test",
+        tokenizer_fingerprint=fingerprint,
+        reference_mode="gap",
+        dtype="float32",
+        visual_tokens=visual_tokens,
+        extra=extra,
     ) as writer:
         for batch in batches:
             keys = batch_sample_keys(batch["input_ids"], batch["labels"], batch["attention_mask"])

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from regate_plugin.training import TokenElisionArguments, with_token_elision
 
-from .tiny import make_batch, tiny_llava, write_cache_for
+from .tiny import PAD, make_batch, tiny_llava, write_cache_for
 
 
 def samples(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -54,9 +54,13 @@ def make_trainer(
     elision: dict[str, Any],
     model: Any = None,
     processing_class: Any = None,
+    collator: Any = collate,
+    args_cls: type = TrainingArguments,
+    template: Any = None,
     **training: Any,
 ) -> Trainer:
-    """A `Trainer` with token elision over `rows`; `elision` holds `TokenElisionArguments` fields."""
+    """A `Trainer` with token elision over `rows`; `elision` holds `TokenElisionArguments` fields, `template` is
+    `with_token_elision`'s."""
     # Build the model before TrainingArguments: with a ZeRO-3 config those switch on zero.Init for later models.
     model = model if model is not None else tiny_llava()
     defaults = dict(
@@ -74,12 +78,41 @@ def make_trainer(
         seed=0,
         disable_tqdm=True,
     )
-    args = TrainingArguments(**{**defaults, **training})
-    trainer_cls = with_token_elision(Trainer, TokenElisionArguments(**elision))
+    args = args_cls(**{**defaults, **training})
+    trainer_cls = with_token_elision(Trainer, TokenElisionArguments(**elision), template=template)
     return trainer_cls(
-        model=model, args=args, train_dataset=rows, data_collator=collate, processing_class=processing_class
+        model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processing_class
     )
 
 
 def logged(trainer: Trainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+class LossFault:
+    """A forward hook on the real LM head: when armed, one kept target's logits put all their mass on PAD (never a
+    target), so that target's loss is +inf while every gradient stays finite (the training step itself survives)."""
+
+    def __init__(self, head: torch.nn.Module, row: int = 1) -> None:
+        self.armed, self.row = False, row
+        head.register_forward_hook(self)
+
+    def __call__(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.armed:
+            return None
+        self.armed = False
+        faulty = torch.full_like(output[self.row], float("-inf"))
+        faulty[PAD] = 0.0
+        output = output.clone()
+        output[self.row] = faulty
+        return output
+
+    def at_step(self, step: int) -> TrainerCallback:
+        """A callback that arms the fault for optimizer step `step` of a Trainer run."""
+        fault = self
+
+        class ArmAt(TrainerCallback):
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                fault.armed = state.global_step == step
+
+        return ArmAt()

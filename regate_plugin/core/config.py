@@ -14,12 +14,14 @@ MissingReference = Literal["error", "ema"]
 EMADtype = Literal["float32", "float16"]
 ElisionUnit = Literal["target", "pair", "loss_only"]
 EMAObserve = Literal["all", "dense"]
+ResumeWithoutState = Literal["error", "fresh"]
 
 SCORE_NORMS: tuple[str, ...] = get_args(ScoreNorm)
 MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
 EMA_DTYPES: tuple[str, ...] = get_args(EMADtype)
 ELISION_UNITS: tuple[str, ...] = get_args(ElisionUnit)
 EMA_OBSERVE: tuple[str, ...] = get_args(EMAObserve)
+RESUME_WITHOUT_STATE_POLICIES: tuple[str, ...] = get_args(ResumeWithoutState)
 
 
 class ConfigError(UserError, ValueError):
@@ -65,6 +67,11 @@ class ReGATEConfig:
     ema_dtype: EMADtype = _knob(
         "float32", "Storage of the per-(sample, answer token) EMA: 'float32' (4 B per answer token) or 'float16' (2 B)."
     )
+    resume_without_state: ResumeWithoutState = _knob(
+        "error",
+        "Resuming from a checkpoint without a usable regate_state.pt (none, another strategy's, or one saved with "
+        "other settings): 'error' stops, 'fresh' continues the schedule at the checkpoint's step with an empty EMA.",
+    )
 
     elision_unit: ElisionUnit = _knob(
         "target",
@@ -98,6 +105,7 @@ class ReGATEConfig:
         _check_choice("ema_dtype", self.ema_dtype, EMA_DTYPES)
         _check_choice("elision_unit", self.elision_unit, ELISION_UNITS)
         _check_choice("ema_observe", self.ema_observe, EMA_OBSERVE)
+        _check_choice("resume_without_state", self.resume_without_state, RESUME_WITHOUT_STATE_POLICIES)
 
     def replace(self, **changes: Any) -> ReGATEConfig:
         """A copy with some fields changed (validated again)."""

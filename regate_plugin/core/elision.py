@@ -148,6 +148,7 @@ class ElisionStats:
     kept: int = 0
     targets: int = 0
     missing_reference: int = 0
+    nonfinite: int = 0  # per-token losses that were NaN or inf (never folded into the EMA)
 
     @property
     def kept_fraction(self) -> float:
@@ -166,6 +167,19 @@ class TokenElision:
         self.cfg = cfg if cfg is not None else ReGATEConfig()
         self.step = 0
         self.stats = ElisionStats()
+
+    @property
+    def stats(self) -> ElisionStats:
+        """The running totals. The non-finite losses are counted on the device, step by step without a sync, and
+        added here, when the totals are read (one sync at most)."""
+        if self._nonfinite is not None:
+            pending, self._nonfinite = self._nonfinite, None
+            self._stats.nonfinite += int(pending)
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: ElisionStats) -> None:
+        self._stats, self._nonfinite = value, None
 
     def set_step(self, step: int) -> None:
         """Tell the strategy which optimizer step (0-based, after gradient accumulation) is being computed."""
@@ -323,10 +337,12 @@ class TokenElision:
             num_targets=plan.counts["targets"],
         )
         self.observe(plan, compact_targets, result)
-        self.stats.batches += 1
-        self.stats.candidates += plan.counts["candidates"]
-        self.stats.kept += plan.counts["kept"]
-        self.stats.targets += result.num_targets
+        nonfinite = (~torch.isfinite(result.per_token)).sum()
+        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
+        self._stats.batches += 1
+        self._stats.candidates += plan.counts["candidates"]
+        self._stats.kept += plan.counts["kept"]
+        self._stats.targets += result.num_targets
         return result
 
     def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, result: TokenLoss) -> None:
@@ -361,7 +377,7 @@ class RandomElision(TokenElision):
     selects_exact_counts = True
 
     def select(self, targets, candidates, ordinals, rows, keep):  # type: ignore[override]
-        stream = f"{self.cfg.seed}:{self.step}:{self.stats.batches}".encode()
+        stream = f"{self.cfg.seed}:{self.step}:{self._stats.batches}".encode()
         generator = torch.Generator().manual_seed(
             int.from_bytes(hashlib.blake2b(stream, digest_size=8).digest(), "little") >> 1
         )
@@ -432,8 +448,8 @@ class ReGATEElision(TokenElision):
         if missing.size:
             if self.cfg.missing_reference == "error":
                 self.reference[sample_keys[missing[0]]]  # raises MissingReferenceError with the full message
-            self.stats.missing_reference += int(missing.size)
-            if self.stats.missing_reference == missing.size:
+            self._stats.missing_reference += int(missing.size)
+            if self._stats.missing_reference == missing.size:
                 warnings.warn(
                     f"sample {format_key(sample_keys[missing[0]])} is not in reference cache "
                     f"{self.reference.directory}; scoring it by the student EMA alone (missing_reference='ema'); "

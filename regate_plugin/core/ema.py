@@ -5,7 +5,10 @@ the reference cache's token space (slot = the sample's start + the target's answ
 4 bytes per answer token in float32 (2 in float16) and is looked up by the same gather as the reference losses.
 `per_token` is the fallback kept per target token id, [vocab]: a sample never seen before (the common case in
 one-epoch fine-tuning) is scored by it; a token id never seen either has no value (NaN), and the score then uses
-the reference loss alone. The first observation initialises an entry (no bias towards 0).
+the reference loss alone. The first observation initialises an entry (no bias towards 0). A non-finite loss (NaN,
+inf) is not an observation: it is dropped from both tables in the same vectorised update (no host sync), so one
+diverged step can neither poison an entry for good nor reset its history; `TokenElision.stats.nonfinite` counts
+such losses.
 
 Order: `update` folds a sequence of observations in its order. When an entry occurs k times with losses
 x_0 .. x_{k-1} (a token id repeats within a batch), the k sequential updates fold in closed form,
@@ -72,14 +75,20 @@ class DifficultyEMA:
         return torch.where(torch.isnan(per_sample), per_token, per_sample)
 
     def update(self, slots: torch.Tensor, token_ids: torch.Tensor, losses: torch.Tensor) -> None:
-        """Fold observations (1-D, in order) into both tables; entries -1 are skipped in that table only."""
+        """Fold observations (1-D, in order) into both tables; entries -1 are skipped in that table only, and
+        non-finite losses in both."""
         if not (slots.shape == token_ids.shape == losses.shape) or slots.ndim != 1:
             raise ValueError("EMA update: slots, token_ids and losses must be 1-D and of the same length")
         if slots.numel() == 0:
             return
         losses = losses.detach().to(self.device, torch.float64)
-        fold_ema(self.values, self._index(slots.to(self.device), self.slots), losses, self.beta)
-        fold_ema(self.per_token, self._index(token_ids.to(self.device), self.vocab_size), losses, self.beta)
+        finite = torch.isfinite(losses)
+        losses = torch.where(finite, losses, torch.zeros_like(losses))  # the discard entry gets them, as zeros
+        dropped = torch.full_like(finite, -1, dtype=torch.int64)
+        slots = torch.where(finite, slots.to(self.device), dropped)
+        token_ids = torch.where(finite, token_ids.to(self.device), dropped)
+        fold_ema(self.values, self._index(slots, self.slots), losses, self.beta)
+        fold_ema(self.per_token, self._index(token_ids, self.vocab_size), losses, self.beta)
 
     @staticmethod
     def _index(ids: torch.Tensor, size: int) -> torch.Tensor:

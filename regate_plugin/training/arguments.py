@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.cache import ReferenceLossCache
 from ..core.config import ConfigError, ReGATEConfig
 from ..core.elision import TokenElision, available_token_elisions, build_token_elision
 
@@ -75,7 +77,14 @@ class TokenElisionArguments:
         kwargs: dict[str, Any] = {"tokenizer": tokenizer}
         if self.regate_ref_cache:
             kwargs["reference"] = self.regate_ref_cache
-        return build_token_elision(self.token_elision, cfg, **kwargs)
+        elision = build_token_elision(self.token_elision, cfg, **kwargs)
+        if self.regate_ref_cache and not isinstance(getattr(elision, "reference", None), ReferenceLossCache):
+            warnings.warn(
+                f"--regate_ref_cache {self.regate_ref_cache} is unused: --token_elision {self.token_elision} reads "
+                "no reference cache (pass --token_elision regate to use it)",
+                stacklevel=2,
+            )
+        return elision
 
 
 def with_token_elision_arguments(training_args_cls: type) -> type:

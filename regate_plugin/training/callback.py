@@ -13,11 +13,21 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..core import distributed
+from ..core.config import ReGATEConfig
 from ..core.elision import ElisionStats, TokenElision
+from .arguments import CONFIG_FLAGS
+from .preflight import startup_summary
 
 STATE_FILE = "regate_state.pt"
 # Counts a checkpoint holds as sums over the ranks (`batches` is the same on every rank and stays as it is).
-_SUMMED_STATS = ("candidates", "kept", "targets", "missing_reference")
+_SUMMED_STATS = ("candidates", "kept", "targets", "missing_reference", "nonfinite")
+# Settings a resumed run may change without invalidating the saved state: they decide how the step is computed
+# (memory, storage precision, what a cache miss does, what resuming does), not what the state means.
+_STATE_NEUTRAL = ("loss_chunk_size", "ema_dtype", "missing_reference", "resume_without_state")
+
+
+class ResumeStateError(ValueError):
+    """A checkpoint's token-elision state cannot be resumed as asked; the message says what to do."""
 
 
 def _global_sum(values: list[int]) -> list[int]:
@@ -34,8 +44,16 @@ def elision_metrics(elision: TokenElision, since: ElisionStats) -> dict[str, flo
     """What was elided since `since` (kept share of candidates) and over the whole run (share of answer tokens),
     summed over every rank (a collective: call it on all of them)."""
     now = elision.stats
-    candidates, kept, targets, all_candidates, all_kept = _global_sum(
-        [now.candidates - since.candidates, now.kept - since.kept, now.targets, now.candidates, now.kept]
+    candidates, kept, missing, nonfinite, targets, all_candidates, all_kept = _global_sum(
+        [
+            now.candidates - since.candidates,
+            now.kept - since.kept,
+            now.missing_reference - since.missing_reference,
+            now.nonfinite - since.nonfinite,
+            now.targets,
+            now.candidates,
+            now.kept,
+        ]
     )
     answer_tokens = targets + all_candidates - all_kept  # every elided candidate is one dropped loss term
     return {
@@ -44,13 +62,15 @@ def elision_metrics(elision: TokenElision, since: ElisionStats) -> dict[str, flo
         "regate/kept_fraction": kept / candidates if candidates else 1.0,
         "regate/answer_tokens_processed": targets / answer_tokens if answer_tokens else 1.0,
         "regate/dense": float(elision.is_dense()),
+        "regate/missing_reference": missing,
+        "regate/nonfinite": nonfinite,
     }
 
 
 class TokenElisionCallback(TrainerCallback):
     """Drives a `TokenElision` from the Trainer: the dual-cycle schedule follows `state.global_step` (optimizer
     steps), training logs gain `regate/*` metrics summed over the ranks, and `checkpoint-N/regate_state.pt` saves
-    and restores the step, running counts and student EMA.
+    and restores the step, running counts and student EMA. Rank 0 prints a startup summary before the first step.
 
     Under data parallelism every rank folds every rank's observations after each micro-batch (`sync`, see
     docs/DISTRIBUTED.md), so all ranks hold the same EMA; rank 0 writes the one state file, with the counts summed
@@ -68,6 +88,8 @@ class TokenElisionCallback(TrainerCallback):
             self.load(checkpoint, state.global_step)
         self.elision.set_step(state.global_step)
         self._since = dataclasses.replace(self.elision.stats)
+        if distributed.rank() == 0:
+            print(startup_summary(self.elision, state.global_step, state.max_steps), flush=True)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.elision.set_step(state.global_step)
@@ -100,16 +122,30 @@ class TokenElisionCallback(TrainerCallback):
 
     def load(self, checkpoint: str | os.PathLike[str], global_step: int) -> None:
         """Restore the state saved in `checkpoint` on every rank (rank 0 carries the summed counts, the others
-        restart theirs at 0); a checkpoint without one restarts the EMA with a warning."""
+        restart theirs at 0).
+
+        A state that is missing, another strategy's, or saved with other settings (`_STATE_NEUTRAL` aside) cannot
+        continue the run: for a strategy that learns from the student's losses that is a `ResumeStateError` unless
+        `resume_without_state='fresh'`, which continues the schedule with an empty EMA and zeroed counts, as a
+        strategy that learns nothing always does; both with a warning."""
         path = Path(checkpoint) / STATE_FILE
-        if not path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        problem = f"{Path(checkpoint)} holds no {STATE_FILE}" if state is None else _unusable(state, self.elision)
+        if problem is not None:
+            learns = type(self.elision).observe is not TokenElision.observe
+            if learns and self.elision.cfg.resume_without_state == "error":
+                raise ResumeStateError(
+                    f"resuming at step {global_step}: {problem}, so the student EMA of token elision "
+                    f"'{self.elision.name}' cannot be restored. Resume from a checkpoint this run's settings saved, "
+                    "or pass --regate_resume_without_state fresh (ReGATEConfig.resume_without_state='fresh') to "
+                    "continue the schedule from this step with an empty student EMA"
+                )
             warnings.warn(
-                f"resuming at step {global_step} from {Path(checkpoint)}, which holds no {STATE_FILE}: token "
-                "elision continues the schedule from this step with an empty student EMA",
+                f"resuming at step {global_step}: {problem}; token elision '{self.elision.name}' continues the "
+                "schedule from this step with a fresh state (no student EMA learnt yet, counts from 0)",
                 stacklevel=2,
             )
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
         if distributed.rank() != 0:
             state["stats"] = {**state["stats"], **dict.fromkeys(_SUMMED_STATS, 0)}
         self.elision.load_state_dict(state)
@@ -117,3 +153,24 @@ class TokenElisionCallback(TrainerCallback):
             raise ValueError(
                 f"{path} was saved at step {self.elision.step}, but the Trainer resumes at step {global_step}"
             )
+
+
+def _unusable(state: dict[str, Any], elision: TokenElision) -> str | None:
+    """Why a loaded state cannot continue this run (another strategy, other settings), or None."""
+    if state.get("name") != elision.name:
+        return f"its {STATE_FILE} was saved by token elision '{state.get('name')}', this run uses '{elision.name}'"
+    saved = state.get("config")
+    if saved is None:  # written before states carried their settings
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(ReGATEConfig)}
+    current = elision.cfg.to_dict()
+    changed = [
+        name
+        for name, value in current.items()
+        if name not in _STATE_NEUTRAL and saved.get(name, defaults[name]) != value
+    ]
+    if not changed:
+        return None
+    was = " ".join(f"--{CONFIG_FLAGS[name]} {saved.get(name, defaults[name])}" for name in changed)
+    now = " ".join(f"--{CONFIG_FLAGS[name]} {current[name]}" for name in changed)
+    return f"its {STATE_FILE} was saved with {was}, this run has {now} ({', '.join(changed)} differ)"

@@ -2,7 +2,8 @@
 
 Each one adds the flags and the Trainer integration to an unmodified upstream checkout (docs/ARCHITECTURE.md), then
 runs its `train()` exactly as its own entry point would. The model-side adapter is installed by the Trainer mixin
-on the built model, before any DeepSpeed wrapping.
+on the built model, before any DeepSpeed wrapping. Each also tells the mixin's pre-flight check which plugin template
+its codebase's preprocessing equals, read from what upstream's own `preprocess` reads.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 from transformers import HfArgumentParser
 
+from ..data.templates import VICUNA_V1_SYSTEM
 from .arguments import TokenElisionArguments, with_token_elision_arguments
 from .trainer import add_token_elision, with_token_elision
 
@@ -45,6 +48,19 @@ def split_elision_flags(argv: list[str]) -> tuple[TokenElisionArguments, list[st
     return elision_args, rest
 
 
+def llava_template(trainer: Any) -> str | None:
+    """The plugin template equal to LLaVA's `preprocess` under the conversation `train()` chose from `--version`
+    (`llava.conversation.default_conversation`); None for one the plugin has no template of."""
+    from llava import conversation
+
+    chosen = conversation.default_conversation
+    if chosen.sep_style == conversation.SeparatorStyle.PLAIN:
+        return "plain"
+    if chosen.sep_style == conversation.SeparatorStyle.TWO and chosen.version == "v1":
+        return "v1" if chosen.system == VICUNA_V1_SYSTEM else None  # llava_v1 words its system prompt otherwise
+    return "qwen_1_5" if chosen.version == "qwen" else None  # LLaVA-NeXT's preprocess_qwen
+
+
 def launch_llava(argv: list[str]) -> None:
     """haotian-liu/LLaVA and LLaVA-NeXT: patch `llava.train.train` in place, then run its `train()`.
 
@@ -57,7 +73,7 @@ def launch_llava(argv: list[str]) -> None:
     if "attn_implementation" not in {f.name for f in dataclasses.fields(upstream.TrainingArguments)}:
         attn_implementation, argv = _pop_option(argv, "--attn_implementation")
     upstream.TrainingArguments = with_token_elision_arguments(upstream.TrainingArguments)
-    upstream.LLaVATrainer = with_token_elision(upstream.LLaVATrainer)
+    upstream.LLaVATrainer = with_token_elision(upstream.LLaVATrainer, template=llava_template)
     sys.argv = [upstream.__file__, *argv]
     upstream.train(attn_implementation=attn_implementation)
 
@@ -74,6 +90,15 @@ def _load_script(script: str) -> types.ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def videollama2_template(trainer: Any) -> str | None:
+    """VideoLLaMA2's dataset runs `preprocess_plain` when `data_args.is_pretraining` (`--tune_mm_mlp_adapter`), else
+    `preprocess`."""
+    data_args = getattr(trainer.train_dataset, "data_args", None)
+    if data_args is None:
+        return None
+    return "videollama2_plain" if getattr(data_args, "is_pretraining", False) else "videollama2"
 
 
 def launch_videollama2(argv: list[str]) -> None:
@@ -95,7 +120,7 @@ def launch_videollama2(argv: list[str]) -> None:
         sys.path.insert(0, repo)
     import videollama2.videollama2_trainer as trainer_module
 
-    add_token_elision(trainer_module.VideoLLaMA2Trainer, elision_args)
+    add_token_elision(trainer_module.VideoLLaMA2Trainer, elision_args, template=videollama2_template)
     sys.argv = [script, *argv]
     _load_script(script).train(attn_implementation or VIDEOLLAMA2_ATTENTION)
 

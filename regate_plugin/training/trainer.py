@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -11,10 +12,23 @@ from ..adapters import enable_token_elision
 from ..adapters.common import PLANNED_BATCH, plan_ahead
 from .arguments import TokenElisionArguments
 from .callback import TokenElisionCallback
+from .preflight import PREFLIGHT_SAMPLES, RunFacts, check_cache_fits
+
+RunTemplate = Callable[[Any], "str | None"]
+"""The plugin template a run's preprocessing equals, read off the trainer (the launchers know their codebase's)."""
+
+_VISUAL_TOKEN_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
 
 def _text_tokenizer(processing_class: Any) -> Any:
     return getattr(processing_class, "tokenizer", processing_class)
+
+
+def _visual_token_ids(model: Any) -> tuple[int, ...]:
+    """The ids an HF-native model's processor expands visual placeholders into (none for upstream models)."""
+    config = getattr(model, "config", None)
+    ids = (getattr(config, name, None) for name in _VISUAL_TOKEN_FIELDS)
+    return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0))
 
 
 class TokenElisionTrainerMixin:
@@ -22,12 +36,14 @@ class TokenElisionTrainerMixin:
 
     On construction it builds the strategy from `token_elision_args` (or from the `--token_elision` /
     `--regate_*` fields of `args`), checks it against the tokenizer, installs it on the model (before any
-    DeepSpeed / DDP wrapping) and adds a `TokenElisionCallback` ahead of the logging callbacks. Under gradient
-    accumulation `num_items_in_batch` counts the loss terms elision keeps, so the loss stays the mean over kept
-    targets of the whole accumulated batch.
+    DeepSpeed / DDP wrapping) and adds a `TokenElisionCallback` ahead of the logging callbacks. `train` first runs
+    the pre-flight check of the reference cache against the run and its first training samples
+    (`training/preflight.py`). Under gradient accumulation `num_items_in_batch` counts the loss terms elision keeps,
+    so the loss stays the mean over kept targets of the whole accumulated batch.
     """
 
     token_elision_args: TokenElisionArguments | None = None
+    token_elision_template: RunTemplate | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -46,7 +62,42 @@ class TokenElisionTrainerMixin:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             self.token_elision_callback.resume_from_checkpoint = resume_from_checkpoint
+        self.check_reference_cache()
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def check_reference_cache(self) -> None:
+        """The pre-flight check: the cache's manifest against this run, and its first training samples' keys
+        against the cache; raises `CacheMismatchError` naming the likely cause (no-op without a cache)."""
+        template = self.token_elision_template
+        run = RunFacts(
+            template=template(self) if template is not None else None,
+            max_length=getattr(self.args, "model_max_length", None),
+            visual_token_ids=_visual_token_ids(self.model),
+        )
+        check_cache_fits(self.token_elision, self._first_training_batches(PREFLIGHT_SAMPLES), run)
+
+    def _first_training_batches(self, count: int) -> Iterator[dict[str, Any]]:
+        """The first `count` samples of the training set, in per-device batches collated as the Trainer's dataloader
+        collates them (unused columns removed); the sampler and every random state are left alone."""
+        dataset, collator = self.train_dataset, self.data_collator
+        if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            return
+        from transformers.utils import is_datasets_available
+
+        arrow = False
+        if is_datasets_available():
+            import datasets
+
+            arrow = isinstance(dataset, datasets.Dataset)
+        if arrow:  # unused columns come off the dataset or off each batch, as the Trainer's own dataloader does
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        size, total = max(self.args.per_device_train_batch_size, 1), min(count, len(dataset))
+        for start in range(0, total, size):
+            batch = collator([dataset[i] for i in range(start, min(start + size, total))])
+            if isinstance(batch, dict) and batch.get("input_ids") is not None and batch.get("labels") is not None:
+                yield batch
 
     def compute_loss(
         self,
@@ -88,17 +139,27 @@ class TokenElisionTrainerMixin:
         return kept
 
 
-def with_token_elision(trainer_cls: type, elision_args: TokenElisionArguments | None = None) -> type:
-    """`trainer_cls` with token elision mixed in; `elision_args` overrides the fields read from `args`."""
+def with_token_elision(
+    trainer_cls: type, elision_args: TokenElisionArguments | None = None, template: RunTemplate | None = None
+) -> type:
+    """`trainer_cls` with token elision mixed in; `elision_args` overrides the fields read from `args`, and
+    `template(trainer)` names the plugin template the run's preprocessing equals, for the pre-flight check."""
     if issubclass(trainer_cls, TokenElisionTrainerMixin):
         return trainer_cls
-    namespace = {"token_elision_args": elision_args, "__module__": trainer_cls.__module__}
+    namespace = {
+        "token_elision_args": elision_args,
+        "token_elision_template": staticmethod(template) if template is not None else None,
+        "__module__": trainer_cls.__module__,
+    }
     return type(trainer_cls.__name__, (TokenElisionTrainerMixin, trainer_cls), namespace)
 
 
-def add_token_elision(trainer_cls: type, elision_args: TokenElisionArguments | None = None) -> type:
+def add_token_elision(
+    trainer_cls: type, elision_args: TokenElisionArguments | None = None, template: RunTemplate | None = None
+) -> type:
     """Mix token elision into `trainer_cls` itself (its bases gain the mixin), for upstream trainers whose methods
-    call `super(TheirTrainer, self)` by name from the module a subclass would have to replace them in."""
+    call `super(TheirTrainer, self)` by name from the module a subclass would have to replace them in; the
+    arguments are `with_token_elision`'s."""
     mixin_methods = {name for name, value in vars(TokenElisionTrainerMixin).items() if callable(value)}
     overridden = sorted(mixin_methods & set(vars(trainer_cls)))
     if overridden:
@@ -109,4 +170,5 @@ def add_token_elision(trainer_cls: type, elision_args: TokenElisionArguments | N
     if not issubclass(trainer_cls, TokenElisionTrainerMixin):
         trainer_cls.__bases__ = (TokenElisionTrainerMixin, *trainer_cls.__bases__)
     trainer_cls.token_elision_args = elision_args
+    trainer_cls.token_elision_template = staticmethod(template) if template is not None else None
     return trainer_cls
