@@ -240,3 +240,16 @@ def test_lookups_equal_a_dict_of_the_keys_with_colliding_first_halves(tmp_path, 
     rows = cache.locate([*samples, *absent])
     assert (rows[: len(samples)] >= 0).all() and (rows[len(samples) :] == -1).all()
     assert sorted(cache.keys()) == sorted(samples)
+
+
+def test_the_same_samples_give_the_same_shard_bytes_in_every_process(tmp_path):
+    """A shard's sha256 (and so the layout digest a saved EMA is checked against) depends on its content alone."""
+    script = (
+        "import sys, torch; from regate_plugin.core import ReferenceLossCacheWriter\n"
+        "w = ReferenceLossCacheWriter(sys.argv[1], reference='r', tokenizer_fingerprint='f', reference_mode='gap')\n"
+        "w.add(bytes(range(16)), torch.arange(3.0)); w.close()\n"
+    )
+    for n in range(6):  # several metadata keys would come out in one order of two with each process's hash seed
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(n))], check=True, timeout=120)
+    digests = {(tmp_path / str(n) / "shard-00000.safetensors").read_bytes() for n in range(6)}
+    assert len(digests) == 1

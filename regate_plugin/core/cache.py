@@ -288,7 +288,11 @@ def _made_with(path: Path, losses: np.ndarray) -> dict[str, Any]:
     """The header a shard records it was made with; for a shard written before shards recorded it, its dtype."""
     with safe_open(str(path), framework="pt") as handle:
         recorded = (handle.metadata() or {}).get("header")
-    return json.loads(recorded) if recorded else {"dtype": _LOSS_DTYPE_NAMES[losses.dtype]}
+    if not recorded:
+        return {"dtype": _LOSS_DTYPE_NAMES[losses.dtype]}
+    made = json.loads(recorded)
+    made.pop("format", None)
+    return made
 
 
 def repair_cache(directory: str | os.PathLike[str], wanted: CacheManifest) -> list[str]:
@@ -647,7 +651,9 @@ class ReferenceLossCacheWriter:
             tensors[VISUAL_ROWS] = torch.tensor([rows for _, _, rows in self._pending], dtype=torch.int32)
         losses = tensors["losses"]
         name = self._next_shard_name()
-        metadata = {"format": CACHE_FORMAT, "header": json.dumps(self.manifest.header(), sort_keys=True)}
+        # One metadata key: safetensors writes several in a per-process random order, and a shard's bytes (so its
+        # sha256, and the layout digest of every state aligned to the cache) must depend on its content alone.
+        metadata = {"header": json.dumps({"format": CACHE_FORMAT, **self.manifest.header()}, sort_keys=True)}
         with _writing(self.directory / name), replaced_on_success(self.directory / name) as staging:
             save_file(tensors, staging, metadata=metadata)
             sha = file_sha256(staging)
