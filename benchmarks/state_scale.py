@@ -1,6 +1,7 @@
 """ReGATE's state at scale: opening a reference cache, looking samples up, and the student EMA's size and update.
 
-    python benchmarks/state_scale.py [--samples 1000000] [--tokens 100] [--repeats 5] [--out docs/benchmarks]
+    python benchmarks/state_scale.py [--samples 1000000] [--tokens 100] [--repeats 5] [--clock wall|cpu] \
+        [--out docs/benchmarks]
 
 Builds a cache of `--samples` samples x `--tokens` answer tokens (float16 losses, random 16-byte keys, shards of
 65536 samples) with `ReferenceLossCacheWriter` in a temporary directory, then measures on one thread:
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,9 @@ import torch
 
 from regate_plugin.core.cache import ReferenceLossCache, ReferenceLossCacheWriter
 from regate_plugin.core.ema import DifficultyEMA
+
+Clock = Callable[[], float]
+CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def build_cache(directory: Path, samples: int, tokens: int, seed: int = 0) -> list[bytes]:
@@ -51,13 +56,13 @@ def build_cache(directory: Path, samples: int, tokens: int, seed: int = 0) -> li
     return [keys[i].tobytes() for i in range(samples)]
 
 
-def open_cache(directory: Path, verify: bool) -> tuple[float, int]:
+def open_cache(directory: Path, verify: bool, clock: Clock) -> tuple[float, int]:
     """(seconds, bytes held by the opened cache)."""
     gc.collect()
     tracemalloc.start()
-    start = time.perf_counter()
+    start = clock()
     cache = ReferenceLossCache(directory, verify=verify)
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     gc.collect()
     held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
@@ -65,25 +70,25 @@ def open_cache(directory: Path, verify: bool) -> tuple[float, int]:
     return seconds, held
 
 
-def time_locate(cache: ReferenceLossCache, keys: list[bytes], batch: int = 4096) -> float:
+def time_locate(cache: ReferenceLossCache, keys: list[bytes], clock: Clock, batch: int = 4096) -> float:
     chunks = [keys[i : i + batch] for i in range(0, min(len(keys), 64 * batch), batch)]
-    start = time.perf_counter()
+    start = clock()
     for chunk in chunks:
         rows = cache.locate(chunk)
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     assert (rows >= 0).all()
     return sum(len(c) for c in chunks) / seconds
 
 
-def time_get(cache: ReferenceLossCache, keys: list[bytes], n: int = 100_000) -> float:
+def time_get(cache: ReferenceLossCache, keys: list[bytes], clock: Clock, n: int = 100_000) -> float:
     picked = keys[:: max(len(keys) // n, 1)][:n]
-    start = time.perf_counter()
+    start = clock()
     for key in picked:
         cache.get(key)
-    return len(picked) / (time.perf_counter() - start)
+    return len(picked) / (clock() - start)
 
 
-def time_ema_update(cache: ReferenceLossCache, keys: list[bytes], tokens: int, batch: int = 64) -> float:
+def time_ema_update(cache: ReferenceLossCache, keys: list[bytes], tokens: int, clock: Clock, batch: int = 64) -> float:
     """Seconds per sample of folding one batch of `batch` samples (all their tokens) into the EMA."""
     ema = DifficultyEMA(0.9, cache.tokens, vocab_size=32000)
     starts, lengths = cache.spans(cache.locate(keys[:batch]))
@@ -91,9 +96,9 @@ def time_ema_update(cache: ReferenceLossCache, keys: list[bytes], tokens: int, b
     token_ids = torch.randint(0, 32000, (batch * tokens,))
     losses = torch.rand(batch * tokens) * 5
     ema.update(slots, token_ids, losses)  # warm
-    start = time.perf_counter()
+    start = clock()
     ema.update(slots, token_ids, losses)
-    return (time.perf_counter() - start) / batch
+    return (clock() - start) / batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="write state_scale.json here")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: the process's CPU time, which other jobs on a shared machine barely disturb",
+    )
     args = parser.parse_args(argv)
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="regate-state-") as tmp:
         directory = Path(tmp) / "cache"
@@ -115,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             k: [] for k in ("open_s", "open_verify_s", "open_bytes", "locate", "get", "ema")
         }
         for _ in range(args.repeats):  # interleaved: one of each per repeat
-            seconds, held = open_cache(directory, verify=False)
+            seconds, held = open_cache(directory, verify=False, clock=clock)
             runs["open_s"].append(seconds)
             runs["open_bytes"].append(held)
-            runs["open_verify_s"].append(open_cache(directory, verify=True)[0])
-            runs["locate"].append(time_locate(cache, keys))
-            runs["get"].append(time_get(cache, keys))
-            runs["ema"].append(time_ema_update(cache, keys, args.tokens))
+            runs["open_verify_s"].append(open_cache(directory, verify=True, clock=clock)[0])
+            runs["locate"].append(time_locate(cache, keys, clock))
+            runs["get"].append(time_get(cache, keys, clock))
+            runs["ema"].append(time_ema_update(cache, keys, args.tokens, clock))
         ema = DifficultyEMA(0.9, cache.tokens, vocab_size=32000)
         state = ema.state_dict()
         ema_bytes = state["values"].numel() * state["values"].element_size()
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "ema_fp16_bytes_per_answer_token": 2.0,
         "ema_update_us_per_sample": median["ema"] * 1e6,
         "repeats": args.repeats,
+        "clock": args.clock,
         "extrapolated": args.samples < 1_000_000,
     }
     print(json.dumps(result, indent=2))
