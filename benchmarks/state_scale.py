@@ -26,17 +26,14 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import Clock, add_clock_flags, clock_from
 
 from regate_plugin.core.cache import ReferenceLossCache, ReferenceLossCacheWriter
 from regate_plugin.core.ema import DifficultyEMA
-
-Clock = Callable[[], float]
-CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def build_cache(directory: Path, samples: int, tokens: int, seed: int = 0) -> list[bytes]:
@@ -107,15 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="write state_scale.json here")
-    parser.add_argument(
-        "--clock",
-        choices=sorted(CLOCKS),
-        default="wall",
-        help="wall: elapsed time; cpu: the process's CPU time, which other jobs on a shared machine barely disturb",
-    )
+    add_clock_flags(parser)
     args = parser.parse_args(argv)
-    clock = CLOCKS[args.clock]
-    torch.set_num_threads(1)
+    args.threads = args.threads or 1  # one thread, as the targets are stated
+    clock = clock_from(args)
     with tempfile.TemporaryDirectory(prefix="regate-state-") as tmp:
         directory = Path(tmp) / "cache"
         t0 = time.perf_counter()

@@ -28,12 +28,12 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timing import add_clock_flags, clock_from
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from regate_plugin.core import (
@@ -89,15 +89,10 @@ def make_batch(shape: Shape, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
-    clock = CLOCKS[args.clock]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = clock_from(args)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -334,14 +329,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["demo", "chat", "bookkeeping"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--clock",
-        choices=sorted(CLOCKS),
-        default="wall",
-        help="wall: elapsed time (the only clock for a GPU); cpu: the process's CPU time, which other jobs on a shared "
-        "CPU machine barely disturb (use it with --threads 1, so that no thread waits on another)",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
+    add_clock_flags(parser)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--tag", default="", help="suffix of the report's file names")
     parser.add_argument("--replot", type=Path, help="print the table and redraw the plot of a saved report")
