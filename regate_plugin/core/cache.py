@@ -114,6 +114,11 @@ class CacheManifest:
         except (json.JSONDecodeError, TypeError) as err:
             raise CacheError(f"{source} is not a valid cache manifest: {err}") from err
 
+    @property
+    def visual_rows(self) -> int | str | None:
+        """What the cache says of visual rows: the count per placeholder, "per sample (anyres)", or None."""
+        return self.visual_tokens if self.visual_layout is None else "per sample (anyres)"
+
     def header(self) -> dict[str, Any]:
         """The fields that say what the losses mean (not how many there are)."""
         return {

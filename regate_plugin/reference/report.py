@@ -19,7 +19,7 @@ def cache_stats(cache: ReferenceLossCache) -> dict[str, Any]:
     stats: dict[str, Any] = {
         "reference": manifest.reference,
         "reference_mode": manifest.reference_mode,
-        "visual_tokens": manifest.visual_tokens if manifest.visual_layout is None else "per sample (anyres)",
+        "visual_tokens": manifest.visual_rows,
         "samples": manifest.samples,
         "answer_tokens": manifest.tokens,
         "empty_samples": manifest.empty_samples,

@@ -120,7 +120,7 @@ def _settings(cache: ReferenceLossCache) -> str:
         "template": extra.get("template", "?"),
         "max length": extra.get("max_length", "?"),
         "image token id": extra.get("image_token_id", "?"),
-        "visual rows": cache.manifest.visual_tokens,
+        "visual rows": cache.manifest.visual_rows,
         "data": ", ".join(extra.get("data", [])) or "?",
     }
     return ", ".join(f"{name} {value}" for name, value in recorded.items())
