@@ -86,6 +86,7 @@ _NON_DEFAULT = {
     "loss_chunk_size": ("64", 64),
     "elision_unit": ("loss_only", "loss_only"),
     "ema_observe": ("dense", "dense"),
+    "ema_visual_slots": ("4", 4),
     "resume_without_state": ("fresh", "fresh"),
 }
 _OLD_FLAG_NAMES = {"lam": "--regate_lambda"}  # the names users have been passing; they must keep working

@@ -18,7 +18,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from ..core.elision import BatchLayout, ElisionPlan, TokenElision
-from ..core.keys import SampleKey, batch_sample_keys
+from ..core.keys import SampleKey, batch_sample_keys, visual_fingerprints
 from ..core.loss import Head
 
 ElidedForward = Callable[[Any, dict[str, Any]], "ElidedCausalLMOutput"]
@@ -73,6 +73,14 @@ def sample_keys(
     if input_ids is None:
         raise ValueError(f"token elision '{elision.name}' needs input_ids (not only inputs_embeds) to key each sample")
     return batch_sample_keys(input_ids, labels, attention_mask)
+
+
+def batch_fingerprints(elision: TokenElision, visual: Any, batch_size: int) -> torch.Tensor | None:
+    """The batch's visual fingerprints (`keys.visual_fingerprints`) when the strategy keeps EMA slot groups per
+    visual input (`ema_visual_slots` > 1); None otherwise, at no cost."""
+    if elision.cfg.ema_visual_slots <= 1:
+        return None
+    return visual_fingerprints(visual, batch_size)
 
 
 def elided_output(

@@ -16,7 +16,14 @@ from typing import Any
 
 from ..core.elision import ElisionPlan, TokenElision
 from .base import Adapter, register_adapter
-from .common import PLANNED_BATCH, ElidedCausalLMOutput, elided_output, replace_forward, sample_keys
+from .common import (
+    PLANNED_BATCH,
+    ElidedCausalLMOutput,
+    batch_fingerprints,
+    elided_output,
+    replace_forward,
+    sample_keys,
+)
 
 # Outer-forward arguments that the inner `self.model` does not take.
 _OUTER_ONLY = ("labels", "logits_to_keep", "num_items_in_batch", "use_cache", "past_key_values", PLANNED_BATCH)
@@ -58,7 +65,15 @@ def _elided_forward(
     labels, attention_mask = kwargs["labels"], kwargs.get("attention_mask")
     planned = kwargs.get(PLANNED_BATCH)  # placeholders are expanded already: the pre-merge layout is the merged one
     keys = sample_keys(elision, kwargs.get("input_ids"), labels, attention_mask, planned)
-    plan = elision.plan(labels, attention_mask, keys, layout=planned.layout if planned is not None else None)
+    visual = kwargs.get("pixel_values_videos")
+    visual = kwargs.get("pixel_values") if visual is None else visual
+    plan = elision.plan(
+        labels,
+        attention_mask,
+        keys,
+        layout=planned.layout if planned is not None else None,
+        visual_fingerprints=batch_fingerprints(elision, visual, labels.shape[0]),
+    )
     pending.plan = plan
     try:
         outputs = model.model(**{k: v for k, v in kwargs.items() if k not in _OUTER_ONLY}, use_cache=False)

@@ -20,7 +20,14 @@ import torch
 from ..core.elision import TokenElision
 from ..core.rotary import hook_sliced_rotary
 from .base import Adapter, register_adapter
-from .common import PLANNED_BATCH, ElidedCausalLMOutput, elided_output, replace_forward, sample_keys
+from .common import (
+    PLANNED_BATCH,
+    ElidedCausalLMOutput,
+    batch_fingerprints,
+    elided_output,
+    replace_forward,
+    sample_keys,
+)
 
 
 @dataclass
@@ -98,7 +105,8 @@ def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dic
         if input_ids is not None:  # LLaVA truncates the merged batch to tokenizer_model_max_length
             limit = getattr(model.config, "tokenizer_model_max_length", None)
             elision.check_visual_rows(keys, *visual_rows(input_ids, attention_mask, merged, limit))
-    plan = elision.plan(merged.labels, merged.attention_mask, keys)
+    fingerprints = batch_fingerprints(elision, kwargs.get("images"), merged.labels.shape[0])
+    plan = elision.plan(merged.labels, merged.attention_mask, keys, visual_fingerprints=fingerprints)
     outputs = model.get_model()(
         input_ids=None,
         inputs_embeds=plan.compact_embeddings(merged.inputs_embeds),

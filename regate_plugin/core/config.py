@@ -84,13 +84,20 @@ class ReGATEConfig:
     ema_observe: EMAObserve = _knob(
         "all", "Which steps' losses the student EMA learns from: 'all' (dense and sparse) or 'dense' (full context)."
     )
+    ema_visual_slots: int = _knob(
+        1,
+        "EMA slot groups per text: above 1, samples whose text is the same but whose visual input differs keep "
+        "apart EMA entries (a fingerprint of each sample's pixels picks its group); the EMA's memory grows by this "
+        "factor. Reference losses stay keyed by text.",
+    )
 
     def __post_init__(self) -> None:
         _check_range("keep_ratio", self.keep_ratio, "(0, 1]", lambda v: 0.0 < v <= 1.0)
         _check_range("lam", self.lam, "[0, 1]", lambda v: 0.0 <= v <= 1.0)
         _check_range("ema_beta", self.ema_beta, "[0, 1)", lambda v: 0.0 <= v < 1.0)
-        for name in ("warmup_steps", "cycle_steps", "dense_steps", "seed", "loss_chunk_size"):
+        for name in ("warmup_steps", "cycle_steps", "dense_steps", "seed", "loss_chunk_size", "ema_visual_slots"):
             _check_int(name, getattr(self, name))
+        _check_range("ema_visual_slots", self.ema_visual_slots, "integers >= 1", lambda v: v >= 1)
         _check_range("warmup_steps", self.warmup_steps, "integers >= 0", lambda v: v >= 0)
         _check_range("cycle_steps", self.cycle_steps, "integers >= 1", lambda v: v >= 1)
         _check_range(

@@ -79,7 +79,8 @@ class BatchLayout:
 class SampleRows:
     """What a batch's sample keys located in the reference cache, on the model's device."""
 
-    starts: torch.Tensor  # int64 [B]: each row's first EMA slot (its start in the cache's token space), -1 if absent
+    starts: torch.Tensor  # int64 [B]: each row's first EMA slot (its start in the cache's token space, plus its visual
+    # slot group x the cache's tokens), -1 if absent
     reference: torch.Tensor  # float32 [B, W]: each row's reference losses by answer ordinal, NaN past its end
 
 
@@ -224,6 +225,7 @@ class TokenElision:
         sample_keys: list[SampleKey] | None = None,
         padding_side: PaddingSide | None = None,
         layout: BatchLayout | None = None,
+        visual_fingerprints: torch.Tensor | None = None,
     ) -> ElisionPlan:
         """Decide the kept positions of a merged [B, L] batch from its post-merge labels.
 
@@ -248,7 +250,7 @@ class TokenElision:
         ordinals = target_ordinals(targets)
         dense = self.is_dense()
         keep_ratio = self.keep_ratio()
-        rows = self.locate_samples(sample_keys, layout, labels.device)
+        rows = self.locate_samples(sample_keys, layout, labels.device, visual_fingerprints)
         keep = self.keep_counts(layout.candidates)
         if dense:
             kept_candidates = candidates
@@ -296,9 +298,14 @@ class TokenElision:
             )
 
     def locate_samples(
-        self, sample_keys: list[SampleKey] | None, layout: BatchLayout, device: torch.device
+        self,
+        sample_keys: list[SampleKey] | None,
+        layout: BatchLayout,
+        device: torch.device,
+        visual_fingerprints: torch.Tensor | None = None,
     ) -> SampleRows | None:
-        """Per-row data a strategy looks up by sample key before selecting (none for the plain strategies)."""
+        """Per-row data a strategy looks up by sample key (and `keys.visual_fingerprints`, int64 [B] on `device`,
+        when the batch has them) before selecting; none for the plain strategies."""
         return None
 
     def kept_target_counts(self, layout: BatchLayout) -> torch.Tensor:
@@ -405,7 +412,8 @@ class ReGATEElision(TokenElision):
                 "(--regate_ref_cache), made by `regate precompute`"
             )
         self.reference = reference if isinstance(reference, ReferenceLossCache) else ReferenceLossCache(reference)
-        self.ema = DifficultyEMA(self.cfg.ema_beta, self.reference.tokens, vocab_size, self.cfg.ema_dtype)
+        slots = self.reference.tokens * self.cfg.ema_visual_slots  # the text's span once per visual slot group
+        self.ema = DifficultyEMA(self.cfg.ema_beta, slots, vocab_size, self.cfg.ema_dtype)
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def check_tokenizer(self, tokenizer: Any) -> None:
@@ -436,9 +444,15 @@ class ReGATEElision(TokenElision):
         )
 
     def locate_samples(
-        self, sample_keys: list[SampleKey] | None, layout: BatchLayout, device: torch.device
+        self,
+        sample_keys: list[SampleKey] | None,
+        layout: BatchLayout,
+        device: torch.device,
+        visual_fingerprints: torch.Tensor | None = None,
     ) -> SampleRows:
-        """Locate the batch in the cache (host, vectorised), check it, and stage its reference losses on `device`."""
+        """Locate the batch in the cache (host, vectorised), check it, and stage its reference losses on `device`.
+        With `ema_visual_slots` V > 1, a row's EMA slots are those of its text in group fingerprint mod V (group 0
+        without a fingerprint); the reference losses are the text's."""
         assert sample_keys is not None
         self.sync()  # the previous micro-batch's observations from every rank, before this selection
         if self.ema.device != device:
@@ -466,8 +480,12 @@ class ReGATEElision(TokenElision):
                 "template or max length"
             )
         width = max(int(layout.targets.max(initial=0)), 1)
+        ema_starts = torch.from_numpy(starts).to(device, non_blocking=True)
+        if visual_fingerprints is not None and self.cfg.ema_visual_slots > 1:
+            group = torch.remainder(visual_fingerprints, self.cfg.ema_visual_slots)
+            ema_starts = torch.where(ema_starts >= 0, ema_starts + group * self.reference.tokens, ema_starts)
         return SampleRows(
-            starts=torch.from_numpy(starts).to(device, non_blocking=True),
+            starts=ema_starts,
             reference=torch.from_numpy(self.reference.losses_block(rows, width)).to(device, non_blocking=True),
         )
 
@@ -550,7 +568,7 @@ class ReGATEElision(TokenElision):
         keys = [bytes(row) for row in ema["keys"].to(torch.uint8).numpy()]
         starts, lengths = self.reference.spans(self.reference.locate(keys))
         saved = torch.split(ema["values"].float(), ema["lengths"].tolist()) if keys else []
-        values = torch.full((self.reference.tokens,), float("nan"))
+        values = torch.full((self.ema.slots,), float("nan"))  # into visual slot group 0
         for start, length, row in zip(starts.tolist(), lengths.tolist(), saved):
             if start >= 0:
                 n = min(length, row.numel())

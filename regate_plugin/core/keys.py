@@ -7,6 +7,7 @@ and a cache built with another tokenizer or template simply misses instead of si
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,43 @@ def batch_sample_keys(
     supervised = (labels != IGNORE_INDEX).detach().cpu().numpy()
     valid = np.ones_like(supervised) if attention_mask is None else attention_mask.detach().cpu().numpy().astype(bool)
     return [sample_key(ids[b][valid[b]], supervised[b][valid[b]]) for b in range(ids.shape[0])]
+
+
+FINGERPRINT_VALUES = 4096  # pixel values a visual fingerprint reads, evenly spaced over the sample's input
+_FINGERPRINT_SCALE = 1024  # values are quantised to 1/1024 before hashing, so the hash is exact integer arithmetic
+
+
+def visual_fingerprints(visual: Any, batch_size: int) -> torch.Tensor | None:
+    """Int64 [B], non-negative: a hash of each sample's visual input, computed on its device (no host copy).
+
+    `visual` is what the model receives: a [B, ...] pixel tensor, or a list of B tensors (or of (tensor, modality)
+    pairs, as VideoLLaMA2 passes them). Anything else (no visual input, or not exactly one per sample, as in a batch
+    mixing text-only and image samples) gives None. The hash is a fixed integer combination of evenly spaced
+    quantised values, so equal inputs give equal fingerprints on every rank and in every run.
+    """
+    if isinstance(visual, torch.Tensor):
+        if visual.ndim < 2 or visual.shape[0] != batch_size:
+            return None
+        return _fingerprint(visual.reshape(batch_size, -1))
+    if not isinstance(visual, (list, tuple)) or len(visual) != batch_size or not visual:
+        return None
+    tensors = [v[0] if isinstance(v, (list, tuple)) and v else v for v in visual]
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    return torch.cat([_fingerprint(t.reshape(1, -1)) for t in tensors])
+
+
+def _fingerprint(flat: torch.Tensor) -> torch.Tensor:
+    columns = torch.linspace(0, flat.shape[1] - 1, min(flat.shape[1], FINGERPRINT_VALUES), device=flat.device)
+    quantised = torch.round(flat[:, columns.long()].float() * _FINGERPRINT_SCALE).long()
+    # |quantised| stays far below 2^31 for normalised pixels and the weights below 2^20: the sum cannot overflow.
+    return (quantised * _weights(columns.numel(), flat.device)).sum(1).abs()
+
+
+@functools.lru_cache(maxsize=16)
+def _weights(count: int, device: torch.device) -> torch.Tensor:
+    """The fingerprint's fixed coefficients, made once per length and device (no copy to the device per step)."""
+    return torch.randint(1, 1 << 20, (count,), generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def format_key(key: SampleKey) -> str:
