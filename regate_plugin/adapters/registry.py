@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.elision import TokenElision
+from ..core.errors import UserError
 from .base import ADAPTERS, Adapter
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(UserError, TypeError):
     """No adapter knows this model class."""
 
 

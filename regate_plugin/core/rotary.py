@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 
-class SlicedRotaryError(RuntimeError):
+
+class SlicedRotaryError(UserError, RuntimeError):
     """A rotary embedding slices its table to the sequence length in a way that cannot be widened."""
 
 

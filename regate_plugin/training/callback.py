@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from ..core import distributed
 from ..core.config import ReGATEConfig
 from ..core.elision import ElisionStats, TokenElision
+from ..core.errors import UserError
 from .arguments import CONFIG_FLAGS
 from .preflight import startup_summary
 
@@ -26,7 +27,7 @@ _SUMMED_STATS = ("candidates", "kept", "targets", "missing_reference", "nonfinit
 _STATE_NEUTRAL = ("loss_chunk_size", "ema_dtype", "missing_reference", "resume_without_state")
 
 
-class ResumeStateError(ValueError):
+class ResumeStateError(UserError, ValueError):
     """A checkpoint's token-elision state cannot be resumed as asked; the message says what to do."""
 
 
