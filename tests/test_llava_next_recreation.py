@@ -95,6 +95,7 @@ def _launch(setup, out, *extra):
     env = {**os.environ, "PYTHONPATH": f"{RECREATION}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     argv = ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(root / out)]
     argv += ["--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "true"]
+    argv += ["--version", "qwen_1_5"]
     return subprocess.run(
         [sys.executable, "-m", "regate_plugin.launch", "llava", *argv, *extra],
         capture_output=True, text=True, timeout=300, env=env, cwd=root,

@@ -14,9 +14,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.cache import ReferenceLossCache
 from ..core.config import ConfigError, ReGATEConfig
 from ..core.elision import TokenElision, available_token_elisions, build_token_elision
+from .preflight import reference_cache_of
 
 
 def _flag_of(config_field: dataclasses.Field) -> str:
@@ -78,7 +78,7 @@ class TokenElisionArguments:
         if self.regate_ref_cache:
             kwargs["reference"] = self.regate_ref_cache
         elision = build_token_elision(self.token_elision, cfg, **kwargs)
-        if self.regate_ref_cache and not isinstance(getattr(elision, "reference", None), ReferenceLossCache):
+        if self.regate_ref_cache and reference_cache_of(elision) is None:
             warnings.warn(
                 f"--regate_ref_cache {self.regate_ref_cache} is unused: --token_elision {self.token_elision} reads "
                 "no reference cache (pass --token_elision regate to use it)",

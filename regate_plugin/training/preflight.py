@@ -126,12 +126,18 @@ def _settings(cache: ReferenceLossCache) -> str:
     return ", ".join(f"{name} {value}" for name, value in recorded.items())
 
 
+def reference_cache_of(elision: TokenElision) -> ReferenceLossCache | None:
+    """The reference cache a strategy reads, or None (`none`, `random`, a third-party strategy without one)."""
+    cache = getattr(elision, "reference", None)
+    return cache if isinstance(cache, ReferenceLossCache) else None
+
+
 def check_cache_fits(elision: TokenElision, batches: Iterable[dict[str, Any]], run: RunFacts) -> None:
     """Refuse, before step 0, a reference cache that does not fit this run: its manifest against `run`, then the
     keys of `batches` (the first training samples, collated as training collates them) against its index. Under
     `missing_reference='ema'` some misses only warn; all of them still fail. No-op for strategies without a cache."""
-    cache = getattr(elision, "reference", None)
-    if not isinstance(cache, ReferenceLossCache):
+    cache = reference_cache_of(elision)
+    if cache is None:
         return
     causes = manifest_mismatches(cache.manifest, run)
     if causes:
@@ -175,8 +181,8 @@ def first_sparse_step(start: int, cfg: ReGATEConfig) -> int | None:
 def startup_summary(elision: TokenElision, step: int, max_steps: int) -> str:
     """What the run is about to do, for rank 0 to print once before its first step."""
     cfg, lines = elision.cfg, [f"token elision '{elision.name}', starting at optimizer step {step}"]
-    cache = getattr(elision, "reference", None)
-    if isinstance(cache, ReferenceLossCache):
+    cache = reference_cache_of(elision)
+    if cache is not None:
         manifest = cache.manifest
         lines.append(
             f"  reference cache    {cache.directory}: {len(cache)} samples, {cache.tokens} answer-token losses from "

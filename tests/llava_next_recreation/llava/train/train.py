@@ -12,6 +12,7 @@ import torch
 import transformers
 from torch.utils.data import Dataset
 
+from llava import conversation as conversation_lib
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from llava.train.llava_trainer import LLaVATrainer
@@ -20,6 +21,7 @@ from llava.train.llava_trainer import LLaVATrainer
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None)
+    version: str | None = field(default="v0")
     mm_patch_merge_type: str | None = field(default="flat")
 
 
@@ -115,7 +117,7 @@ class LazySupervisedDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        encoded = preprocess_qwen([copy.deepcopy(self.samples[i]["conversations"])], self.tokenizer)
+        encoded = preprocess([copy.deepcopy(self.samples[i]["conversations"])], self.tokenizer)
         return dict(input_ids=encoded["input_ids"][0], labels=encoded["labels"][0])
 
 
@@ -142,6 +144,15 @@ class DataCollatorForSupervisedDataset:
         return batch
 
 
+def preprocess(sources, tokenizer, has_image=False):
+    """Upstream `preprocess` dispatches on `default_conversation`; only its `qwen` branch is re-created."""
+    if conversation_lib.default_conversation.version == "qwen":
+        return preprocess_qwen(sources, tokenizer, has_image=has_image)
+    raise NotImplementedError(
+        f"the re-creation has no preprocess for conversation version {conversation_lib.default_conversation.version!r}"
+    )
+
+
 def train(attn_implementation=None):
     """The `attn_implementation` argument is ignored, as upstream: the model is built with the dataclass field."""
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
@@ -153,6 +164,10 @@ def train(attn_implementation=None):
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, model_max_length=training_args.model_max_length, padding_side="right"
     )
+    if model_args.version not in ("v0", "v0.5"):  # upstream lines 1560-1568 (v0 keeps the default, vicuna_v0)
+        conversation_lib.default_conversation = conversation_lib.conv_templates.get(
+            model_args.version, conversation_lib.conv_templates["vicuna_v1"]
+        )
     dataset = LazySupervisedDataset(data_args.data_path, tokenizer, data_args)
     trainer = LLaVATrainer(
         model=model,
