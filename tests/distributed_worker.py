@@ -95,3 +95,6 @@ def main(out: Path, mode: str, phase: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+    if torch.distributed.is_initialized():  # leave together: no rank exits while gloo still talks to it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
