@@ -204,6 +204,17 @@ def first_reaching(curve: list[dict[str, Any]], target: float) -> dict[str, Any]
     return next((point for point in curve if point["accuracy"] >= target - 1e-9), None)
 
 
+def accuracy_at(curve: list[dict[str, Any]], tokens: float) -> float:
+    """The curve's accuracy at `tokens` answer tokens, linearly interpolated between evaluations (the last one's
+    beyond the curve's end)."""
+    for before, after in zip(curve, curve[1:]):
+        if after["answer_tokens"] >= tokens:
+            span = after["answer_tokens"] - before["answer_tokens"]
+            weight = (tokens - before["answer_tokens"]) / span if span else 1.0
+            return before["accuracy"] + weight * (after["accuracy"] - before["accuracy"])
+    return curve[-1]["accuracy"]
+
+
 def _share(value: float, of: float) -> float:
     """value / of, where a peak at the start (of = 0) is reached at once (0.0)."""
     return value / of if of else 0.0
@@ -262,6 +273,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             row["vs_random"] = _paired(seeds, control)
         if run[0] != "none" and none:
             row["vs_none"] = _paired(seeds, none)
+            row["vs_none_equal_tokens"] = _vs_none_equal_tokens(seeds, none)
         rows[label(run)] = row
     return rows
 
@@ -282,6 +294,23 @@ def _paired(runs: dict[int, dict[str, Any]], others: dict[int, dict[str, Any]]) 
             "sign_p": sign_test(differences),
         }
     return out
+
+
+def _vs_none_equal_tokens(runs: dict[int, dict[str, Any]], none: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Final accuracy minus `none`'s at the same answer tokens (its curve interpolated), per seed, with the tests."""
+    seeds = sorted(set(runs) & set(none))
+    differences = [
+        runs[s]["final"]["accuracy"] - accuracy_at(none[s]["curve"], runs[s]["final"]["answer_tokens"]) for s in seeds
+    ]
+    t, p = paired_t_test(differences)
+    return {
+        "seeds": seeds,
+        "differences": differences,
+        "wins": sum(d > 0 for d in differences),
+        "t": t,
+        "p": p,
+        "sign_p": sign_test(differences),
+    }
 
 
 def _reached(row: dict[str, Any], at_most: float) -> str:
@@ -328,6 +357,20 @@ def table(rows: dict[str, Any]) -> str:
                 extra = f", sign p {m['sign_p']:.3f}" if metric == "accuracy" else ""
                 cells.append(f"{mean:+.1f} ({m['wins']}/{len(paired['seeds'])}, p {p}{extra})")
             lines.append(f"| {name} | {against[3:]} | {len(paired['seeds'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| run | seeds | Δ final acc against none's at the same answer tokens (wins, t-test p, sign p) |",
+        "|---|---:|---|",
+    ]
+    for name, row in rows.items():
+        if "vs_none_equal_tokens" in row:
+            m = row["vs_none_equal_tokens"]
+            p = "n/a" if math.isnan(m["p"]) else f"{m['p']:.3f}"
+            mean = statistics.fmean(m["differences"])
+            lines.append(
+                f"| {name} | {len(m['seeds'])} | {mean:+.1f} ({m['wins']}/{len(m['seeds'])}, p {p}, "
+                f"sign p {m['sign_p']:.3f}) |"
+            )
     return "\n".join(lines)
 
 
