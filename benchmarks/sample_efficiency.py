@@ -5,6 +5,7 @@ paired t-test and a sign test, and the answer tokens and seconds each run needs 
     python benchmarks/sample_efficiency.py                       # the default grid: 5 seeds, keep 0.35 and 0.5
     python benchmarks/sample_efficiency.py --variants pair loss_only ema_dense lam0 lam1 --keep-ratios 0.35
     python benchmarks/sample_efficiency.py --report              # tables and plots from the records alone
+    python benchmarks/sample_efficiency.py --report --steps 800 --tag _steps800   # another setting's records
 
 Each seed regenerates the data, the reference LLM and the student start (`regate_plugin.demo.prepare`); every run
 of a seed starts from that start and sees the same batches. One record per completed run is appended to
@@ -429,6 +430,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--work", type=Path, default=None, help="where each seed's data and cache go (default: tmp)")
     parser.add_argument("--report", action="store_true", help="only summarize the records already in --out")
+    parser.add_argument("--tag", default="", help="suffix of the summary's and the plots' file names")
     args = parser.parse_args()
     settings = {name: getattr(args, name) for name in SETTINGS}
     path = args.out / "evidence.json"
@@ -436,15 +438,15 @@ def main() -> None:
         run_grid(args, settings, path)
     records = [r for r in load_records(path) if r.get("settings") == settings]
     rows = summarize(records)
-    (args.out / "evidence_summary.json").write_text(json.dumps(rows, indent=1))
+    (args.out / f"evidence_summary{args.tag}.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
     keeps = sorted({r["keep_ratio"] for r in records if r["mode"] != "none"})
     for keep in keeps:
-        print(plot(records, keep, ["target"], args.out / f"evidence_keep{keep:g}.png"))
+        print(plot(records, keep, ["target"], args.out / f"evidence_keep{keep:g}{args.tag}.png"))
     variants = {(r["variant"], r["keep_ratio"]) for r in records if r["mode"] == "regate" and r["variant"] != "target"}
     for keep in sorted({keep for _, keep in variants}):
         names = sorted(name for name, at in variants if at == keep)
-        print(plot(records, keep, ["target", *names], args.out / f"evidence_variants_keep{keep:g}.png"))
+        print(plot(records, keep, ["target", *names], args.out / f"evidence_variants_keep{keep:g}{args.tag}.png"))
 
 
 if __name__ == "__main__":
