@@ -5,6 +5,7 @@ paired t-test and a sign test, and the answer tokens and seconds each run needs 
     python benchmarks/sample_efficiency.py                       # the default grid: 5 seeds, keep 0.35 and 0.5
     python benchmarks/sample_efficiency.py --variants pair loss_only ema_dense lam0 lam1 --keep-ratios 0.35
     python benchmarks/sample_efficiency.py --report              # tables and plots from the records alone
+    python benchmarks/sample_efficiency.py --report --steps 800 --tag _steps800   # another setting's records
 
 Each seed regenerates the data, the reference LLM and the student start (`regate_plugin.demo.prepare`); every run
 of a seed starts from that start and sees the same batches. One record per completed run is appended to
@@ -204,6 +205,17 @@ def first_reaching(curve: list[dict[str, Any]], target: float) -> dict[str, Any]
     return next((point for point in curve if point["accuracy"] >= target - 1e-9), None)
 
 
+def accuracy_at(curve: list[dict[str, Any]], tokens: float) -> float:
+    """The curve's accuracy at `tokens` answer tokens, linearly interpolated between evaluations (the last one's
+    beyond the curve's end)."""
+    for before, after in zip(curve, curve[1:]):
+        if after["answer_tokens"] >= tokens:
+            span = after["answer_tokens"] - before["answer_tokens"]
+            weight = (tokens - before["answer_tokens"]) / span if span else 1.0
+            return before["accuracy"] + weight * (after["accuracy"] - before["accuracy"])
+    return curve[-1]["accuracy"]
+
+
 def _share(value: float, of: float) -> float:
     """value / of, where a peak at the start (of = 0) is reached at once (0.0)."""
     return value / of if of else 0.0
@@ -262,6 +274,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             row["vs_random"] = _paired(seeds, control)
         if run[0] != "none" and none:
             row["vs_none"] = _paired(seeds, none)
+            row["vs_none_equal_tokens"] = _vs_none_equal_tokens(seeds, none)
         rows[label(run)] = row
     return rows
 
@@ -282,6 +295,23 @@ def _paired(runs: dict[int, dict[str, Any]], others: dict[int, dict[str, Any]]) 
             "sign_p": sign_test(differences),
         }
     return out
+
+
+def _vs_none_equal_tokens(runs: dict[int, dict[str, Any]], none: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Final accuracy minus `none`'s at the same answer tokens (its curve interpolated), per seed, with the tests."""
+    seeds = sorted(set(runs) & set(none))
+    differences = [
+        runs[s]["final"]["accuracy"] - accuracy_at(none[s]["curve"], runs[s]["final"]["answer_tokens"]) for s in seeds
+    ]
+    t, p = paired_t_test(differences)
+    return {
+        "seeds": seeds,
+        "differences": differences,
+        "wins": sum(d > 0 for d in differences),
+        "t": t,
+        "p": p,
+        "sign_p": sign_test(differences),
+    }
 
 
 def _reached(row: dict[str, Any], at_most: float) -> str:
@@ -328,6 +358,20 @@ def table(rows: dict[str, Any]) -> str:
                 extra = f", sign p {m['sign_p']:.3f}" if metric == "accuracy" else ""
                 cells.append(f"{mean:+.1f} ({m['wins']}/{len(paired['seeds'])}, p {p}{extra})")
             lines.append(f"| {name} | {against[3:]} | {len(paired['seeds'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| run | seeds | Δ final acc against none's at the same answer tokens (wins, t-test p, sign p) |",
+        "|---|---:|---|",
+    ]
+    for name, row in rows.items():
+        if "vs_none_equal_tokens" in row:
+            m = row["vs_none_equal_tokens"]
+            p = "n/a" if math.isnan(m["p"]) else f"{m['p']:.3f}"
+            mean = statistics.fmean(m["differences"])
+            lines.append(
+                f"| {name} | {len(m['seeds'])} | {mean:+.1f} ({m['wins']}/{len(m['seeds'])}, p {p}, "
+                f"sign p {m['sign_p']:.3f}) |"
+            )
     return "\n".join(lines)
 
 
@@ -386,6 +430,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--work", type=Path, default=None, help="where each seed's data and cache go (default: tmp)")
     parser.add_argument("--report", action="store_true", help="only summarize the records already in --out")
+    parser.add_argument("--tag", default="", help="suffix of the summary's and the plots' file names")
     args = parser.parse_args()
     settings = {name: getattr(args, name) for name in SETTINGS}
     path = args.out / "evidence.json"
@@ -393,15 +438,15 @@ def main() -> None:
         run_grid(args, settings, path)
     records = [r for r in load_records(path) if r.get("settings") == settings]
     rows = summarize(records)
-    (args.out / "evidence_summary.json").write_text(json.dumps(rows, indent=1))
+    (args.out / f"evidence_summary{args.tag}.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
     keeps = sorted({r["keep_ratio"] for r in records if r["mode"] != "none"})
     for keep in keeps:
-        print(plot(records, keep, ["target"], args.out / f"evidence_keep{keep:g}.png"))
+        print(plot(records, keep, ["target"], args.out / f"evidence_keep{keep:g}{args.tag}.png"))
     variants = {(r["variant"], r["keep_ratio"]) for r in records if r["mode"] == "regate" and r["variant"] != "target"}
     for keep in sorted({keep for _, keep in variants}):
         names = sorted(name for name, at in variants if at == keep)
-        print(plot(records, keep, ["target", *names], args.out / f"evidence_variants_keep{keep:g}.png"))
+        print(plot(records, keep, ["target", *names], args.out / f"evidence_variants_keep{keep:g}{args.tag}.png"))
 
 
 if __name__ == "__main__":

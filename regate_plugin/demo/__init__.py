@@ -42,7 +42,7 @@ TEMPLATE = "videollama2"  # VideoLLaMA2's preprocessing on the tokenizer's chat 
 
 @dataclass
 class DemoConfig:
-    steps: int = 1500
+    steps: int = 400
     batch_size: int = 8
     train_size: int = 2400  # clips drawn for training, each with a text of its own; the steps cycle through them
     test_per_task: int = 30
@@ -51,7 +51,7 @@ class DemoConfig:
     warmup_steps: int = ReGATEConfig.warmup_steps  # the dual-cycle schedule: the library's defaults
     cycle_steps: int = ReGATEConfig.cycle_steps
     dense_steps: int = ReGATEConfig.dense_steps
-    eval_every: int = 250
+    eval_every: int = 100
     reference_steps: int = 150  # text-only training of the tiny base LLM
     learning_rate: float = 1e-3
     seed: int = 0
