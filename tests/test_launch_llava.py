@@ -20,6 +20,7 @@ from regate_plugin.training import STATE_FILE
 from .llava_data import conversation_samples, write_json
 from .test_templates import LLAVA_PYTHON, REPO, _images
 from .tokenizers_fixture import write_sentencepiece_llama
+from .trainer_helpers import assert_refused_before_step_0
 
 ROWS = 4  # (28 / 14) ** 2 patches of the tiny CLIP tower
 MAX_LEN = 256
@@ -310,15 +311,9 @@ def test_the_launcher_refuses_a_cache_for_another_run_before_step_0(setup, tmp_p
     args = _train_args(setup, out, 2)
     for flag, value in changes.items():
         args[args.index(flag) + 1] = value
-    done = subprocess.run(
-        [str(LLAVA_PYTHON), "-m", "regate_plugin.launch", "llava", *args, *_regate_flags(setup)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
+    assert_refused_before_step_0(
+        [str(LLAVA_PYTHON), "-m", "regate_plugin.launch", "llava", *args, *_regate_flags(setup)], _env(), named
     )
-    assert done.returncode != 0
-    assert "CacheMismatchError" in done.stderr and named in done.stderr, done.stderr[-3000:]
     assert not (out / "trainer_state.json").exists() and not list(out.glob("checkpoint-*"))
 
 

@@ -19,6 +19,7 @@ from regate_plugin.training import STATE_FILE
 from .llava_data import conversation_samples, write_json, write_videos
 from .test_launch_llava import _env, _log
 from .test_templates import REPO, VIDEOLLAMA2_PYTHON, _images
+from .trainer_helpers import assert_refused_before_step_0
 
 RECREATION = REPO / "tests" / "videollama2_recreation"
 SCRIPT = RECREATION / "videollama2" / "train.py"
@@ -291,13 +292,7 @@ def test_the_launcher_refuses_a_cache_for_another_run_before_step_0(setup, tmp_p
     for flag, value in changes.items():
         args = [*args, flag, value] if flag not in args else args
         args[args.index(flag) + 1] = value
-    done = subprocess.run(
-        [str(VIDEOLLAMA2_PYTHON), *LAUNCH[:3], str(SCRIPT), *LAUNCH[3:], *args, *_regate_flags(setup)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
+    assert_refused_before_step_0(
+        [str(VIDEOLLAMA2_PYTHON), *LAUNCH[:3], str(SCRIPT), *LAUNCH[3:], *args, *_regate_flags(setup)], _env(), named
     )
-    assert done.returncode != 0
-    assert "CacheMismatchError" in done.stderr and named in done.stderr, done.stderr[-3000:]
     assert not (out / "trainer_state.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,11 @@ class LossFault:
                 fault.armed = state.global_step == step
 
         return ArmAt()
+
+
+def assert_refused_before_step_0(command: list[str], env: dict[str, str], named: str) -> None:
+    """Run a launcher command that must refuse its reference cache at the pre-flight check: a non-zero exit with a
+    `CacheMismatchError` naming `named`."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0
+    assert "CacheMismatchError" in done.stderr and named in done.stderr, done.stderr[-3000:]

@@ -415,6 +415,7 @@ class ReGATEElision(TokenElision):
         slots = self.reference.tokens * self.cfg.ema_visual_slots  # the text's span once per visual slot group
         self.ema = DifficultyEMA(self.cfg.ema_beta, slots, vocab_size, self.cfg.ema_dtype)
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._located: tuple[list[SampleKey], np.ndarray] | None = None  # the last batch's keys and cache rows
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         self.reference.check_tokenizer(tokenizer_fingerprint(tokenizer))
@@ -424,8 +425,9 @@ class ReGATEElision(TokenElision):
     ) -> None:
         if sample_keys is None:
             return
-        placeholders, rows, cut = placeholders.cpu().numpy(), rows.cpu().numpy(), cut.cpu().numpy()
-        expected = self.reference.expected_visual_rows(self.reference.locate(sample_keys), placeholders)
+        placeholders, rows, cut = torch.stack([placeholders, rows, cut.long()]).cpu().numpy()  # one copy to the host
+        cut = cut.astype(bool)
+        expected = self.reference.expected_visual_rows(self._locate(sample_keys), placeholders)
         wrong = np.flatnonzero((expected >= 0) & (rows != expected) & ~(cut & (rows < expected)))
         if not wrong.size:
             return
@@ -443,6 +445,13 @@ class ReGATEElision(TokenElision):
             "`regate precompute` with this model's visual rows"
         )
 
+    def _locate(self, sample_keys: list[SampleKey]) -> np.ndarray:
+        """The batch's cache rows (`ReferenceLossCache.locate`), looked up once for the adapter's visual-row check
+        and the plan of the same batch (the same key list)."""
+        if self._located is None or self._located[0] is not sample_keys:
+            self._located = (sample_keys, self.reference.locate(sample_keys))
+        return self._located[1]
+
     def locate_samples(
         self,
         sample_keys: list[SampleKey] | None,
@@ -457,7 +466,7 @@ class ReGATEElision(TokenElision):
         self.sync()  # the previous micro-batch's observations from every rank, before this selection
         if self.ema.device != device:
             self.ema.to(device)
-        rows = self.reference.locate(sample_keys)
+        rows = self._locate(sample_keys)
         missing = np.flatnonzero((rows < 0) & (layout.candidates > 0))
         if missing.size:
             if self.cfg.missing_reference == "error":
