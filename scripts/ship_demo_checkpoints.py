@@ -1,6 +1,6 @@
 """Register a `regate demo` run's final checkpoints in the model zoo, with their test split bundled.
 
-    regate demo --out /tmp/demo            # defaults: seed 0, 1500 steps
+    regate demo --out /tmp/demo            # the defaults: seed 0, 400 steps
     python scripts/ship_demo_checkpoints.py /tmp/demo
 
 Copies `checkpoints/<mode>/` to `model_zoo/shipped/regate-demo-tiny-<mode>/` (with the run's
@@ -19,6 +19,7 @@ from regate_plugin.model_zoo import ENTRIES_DIR, SHIPPED_DIR
 
 from regate_plugin.core.files import file_sha256
 from regate_plugin.demo import DemoConfig
+from regate_plugin.demo.data import TASK_NAMES
 
 DATA = "demo-mvbench"
 CARD = """# {name}
@@ -30,17 +31,19 @@ The final student of `regate demo` (tiny preset, seed 0) trained with `--token_e
   alone first; that same LLM is the reference, shipped in `reference/` (what `regate precompute --student {name}`
   loads). Frozen random CLIP tower (32x32 frames, 16-pixel patches), trainable
   projector and LLM.
-- Data: 2,400 PyAV clips of coloured squares, three MVBench-style tasks (Moving Attribute, Moving Direction,
-  Moving Count), 1,500 steps of 8, AdamW 1e-3.
+- Data: {train_size:,} PyAV clips of squares, one coloured and drifting; three MVBench-style tasks ({tasks}), each
+  answer a ~30-token templated sentence of which ~7 tokens need the video; {steps:,} steps of {batch_size}, AdamW
+  {learning_rate:g}.
 - Elision: `{mode}`{elision}.
 - Answer tokens trained on: {tokens:,}.
 - MVBench-format accuracy on the bundled 90-question test split (official protocol, 4 frames): **{accuracy:.1f}**
-  (chance 27.8). This is a toy task: the number says nothing about real video understanding.
+  (four options: chance 25). This is a toy task: the number says nothing about real video understanding.
 
 Load and score it offline:
 
 ```python
 from regate_plugin import model_zoo
+
 loaded = model_zoo.load("{name}")
 ```
 
@@ -83,7 +86,7 @@ def main(run: Path) -> None:
             "reference_path": "reference",
             "reference_template": "videollama2",
             "recipe": {
-                "data": "regate demo video QA (2,400 PyAV clips, seed 0)",
+                "data": f"regate demo video QA ({cfg.train_size:,} PyAV clips, seed 0)",
                 "token_elision": mode,
                 "keep_ratio": cfg.keep_ratio if mode != "none" else None,
                 "steps": cfg.steps,
@@ -104,7 +107,7 @@ def main(run: Path) -> None:
                     "benchmark": "MVBench (demo test split)",
                     "protocol": "official",
                     "metric": "avg",
-                    "value": result["accuracy"],
+                    "value": result["curve"][-1]["accuracy"],
                     "source": "regate demo --seed 0",
                     "data": DATA,
                 }
@@ -120,10 +123,15 @@ def main(run: Path) -> None:
                 elision=elision,
                 data=DATA,
                 tokens=result["answer_tokens"],
-                accuracy=result["accuracy"],
+                accuracy=result["curve"][-1]["accuracy"],
+                train_size=cfg.train_size,
+                tasks=", ".join(TASK_NAMES),
+                steps=cfg.steps,
+                batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate,
             )
         )
-        print(f"{name}: {len(entry['files'])} files, MVBench {result['accuracy']:.1f}")
+        print(f"{name}: {len(entry['files'])} files, MVBench {result['curve'][-1]['accuracy']:.1f}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from regate_plugin.eval.runners import HFRunner
 
 from regate_plugin.core import ReferenceLossCache, batch_sample_keys
 from regate_plugin.data import expand_placeholders, get_template, iter_conversations
-from regate_plugin.demo import DemoConfig, SavedActivations, plot_curves, run_demo
+from regate_plugin.demo import DemoConfig, SavedActivations, run_demo
 from regate_plugin.demo import data as demo_data
 from regate_plugin.demo.models import ROWS_PER_FRAME, processor_for, train_tokenizer
+from regate_plugin.demo.report import plot_curves
 
 SHORT = DemoConfig(
     steps=12,

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from regate_plugin.demo import CurvePoint, DemoResult
+from regate_plugin.demo.report import takeaways
+
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sample_efficiency.py"
 _SPEC = importlib.util.spec_from_file_location("sample_efficiency", _PATH)
 assert _SPEC is not None and _SPEC.loader is not None
@@ -43,3 +46,21 @@ def test_paired_t_test_two_sided_p_at_table_quantiles(dof: int, t_975: float) ->
 def test_sign_test_is_the_exact_binomial_tail() -> None:
     assert se.sign_test([1.0] * 5) == pytest.approx(2 * 0.5**5)
     assert se.sign_test([1.0, 1.0, 1.0, 1.0, -1.0, 0.0]) == pytest.approx(2 * (1 + 5) / 32)
+
+
+def _result(mode: str, points: list[tuple[int, int, float, float]]) -> DemoResult:
+    """A run whose curve has (step, answer tokens, seconds, accuracy) points."""
+    curve = [CurvePoint(step, tokens, seconds, accuracy, 0.0, 0.0) for step, tokens, seconds, accuracy in points]
+    return DemoResult(mode, "", 1.0, curve[-1].answer_tokens, 1.0, curve[-1].train_seconds, 0, 0, 0, curve)
+
+
+def test_takeaways_say_when_and_at_what_share_regate_reached_nones_best() -> None:
+    none = _result("none", [(0, 0, 0.0, 25.0), (100, 1000, 10.0, 50.0), (200, 2000, 20.0, 60.0), (300, 3000, 30, 55.0)])
+    reaches = _result("regate", [(0, 0, 0.0, 25.0), (100, 500, 9.0, 40.0), (200, 900, 16.0, 61.0), (300, 1400, 24, 58)])
+    lines = takeaways([none, reaches])
+    # none's best is its first 60.0 (step 200, 2000 tokens, 20 s); regate first reaches it at step 200.
+    assert "at step 200, with 45% of the answer tokens and 80% of the training seconds" in lines[0]
+    # none's curve at 1400 tokens: 50 + 0.4 * (60 - 50).
+    assert "none stood at 54.0 MVBench; ReGATE ended at 58.0" in lines[1]
+    short = _result("regate", [(0, 0, 0.0, 25.0), (300, 1400, 24, 59.9)])
+    assert takeaways([none, short])[0].startswith("ReGATE did not reach none's best MVBench (60.0, step 200)")
