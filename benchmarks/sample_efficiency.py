@@ -401,7 +401,8 @@ def plot(records: list[dict[str, Any]], keep: float, variants: list[str], path: 
                 color=line.get_color(),
             )
     axes[0].set_xlabel("answer tokens processed (loss terms)")
-    axes[1].set_xlabel("training seconds (2 shared CPU cores, one thread)")
+    clock = "process CPU time" if settings_of(records[0])["clock"] == "cpu" else "wall clock"
+    axes[1].set_xlabel(f"training seconds ({clock}, one torch thread)")
     for ax in axes:
         ax.set_ylabel("MVBench-format accuracy (%), mean ± sd over seeds")
         ax.legend(fontsize=7)
