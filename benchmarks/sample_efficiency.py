@@ -5,7 +5,9 @@ paired t-test and a sign test, and the answer tokens and seconds each run needs 
     python benchmarks/sample_efficiency.py                       # the default grid: 5 seeds, keep 0.35 and 0.5
     python benchmarks/sample_efficiency.py --variants pair loss_only ema_dense lam0 lam1 --keep-ratios 0.35
     python benchmarks/sample_efficiency.py --report              # tables and plots from the records alone
-    python benchmarks/sample_efficiency.py --report --steps 800 --tag _steps800   # another setting's records
+    python benchmarks/sample_efficiency.py --report --steps 800 --warmup-steps 100 --cycle-steps 128 \
+        --dense-steps 16 --clock wall --tag _steps800                # another setting's records
+    python benchmarks/sample_efficiency.py --report --seeds 0 1 2 3 4 5 6 7 8 9 --tag _10seeds   # more seeds
 
 Each seed regenerates the data, the reference LLM and the student start (`regate_plugin.demo.prepare`); every run
 of a seed starts from that start and sees the same batches. One record per completed run is appended to
@@ -416,7 +418,9 @@ def plot(records: list[dict[str, Any]], keep: float, variants: list[str], path: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds to run and to summarize (default: 0-4)"
+    )
     parser.add_argument("--modes", nargs="+", default=["none", "regate", "random"])
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.35, 0.5])
     parser.add_argument("--variants", nargs="+", default=["target"], choices=sorted(VARIANTS))
@@ -435,7 +439,7 @@ def main() -> None:
     path = args.out / "evidence.json"
     if not args.report:
         run_grid(args, settings, path)
-    records = [r for r in load_records(path) if settings_of(r) == settings]
+    records = [r for r in load_records(path) if settings_of(r) == settings and r["seed"] in args.seeds]
     rows = summarize(records)
     (args.out / f"evidence_summary{args.tag}.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
