@@ -368,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=1,
-        help="torch threads (default: 1; the demo's models are too small to gain from more, and a shared machine "
-        "makes more threads much slower)",
+        help="torch threads (default: 1; two were 1.4x faster on two idle cores but up to 10x slower beside other "
+        "jobs)",
     )
     demo.add_argument(
         "--clock",
