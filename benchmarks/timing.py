@@ -6,13 +6,13 @@ The benchmarks run as scripts (`python benchmarks/<name>.py`), so they import th
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 
+from regate_plugin.demo import CLOCKS
+
 Clock = Callable[[], float]
-CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def add_clock_flags(parser: argparse.ArgumentParser) -> None:

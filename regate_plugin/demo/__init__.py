@@ -16,6 +16,7 @@ import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ from . import data as demo_data
 from .models import PRESETS, ROWS_PER_FRAME, build_student, processor_for, smollm2_base, tiny_base, train_tokenizer
 
 MODES = ("none", "regate", "random")
-# CPU time is what a shared machine barely disturbs, with one torch thread (a waiting thread's time counts too).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# What training seconds count (here and in benchmarks/): CPU time is what a shared machine barely disturbs, with one
+# torch thread (a waiting thread's time counts too).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 TEMPLATE = "videollama2"  # VideoLLaMA2's preprocessing on the tokenizer's chat template
 
 

@@ -45,7 +45,8 @@ def takeaways(results: list[DemoResult]) -> list[str]:
     none, regate, random = runs.get("none"), runs.get("regate"), runs.get("random")
     lines = []
     if none and regate:
-        best = peak(_curve(none))
+        none_curve = _curve(none)
+        best = peak(none_curve)
         if best["step"] == 0:
             lines.append(f"none never beat the start ({best['accuracy']:.1f} MVBench): train longer (--steps).")
         else:
@@ -64,7 +65,7 @@ def takeaways(results: list[DemoResult]) -> list[str]:
                 )
         lines.append(
             f"At ReGATE's {regate.answer_tokens:,} answer tokens none stood at "
-            f"{accuracy_at(_curve(none), regate.answer_tokens):.1f} MVBench; ReGATE ended at {regate.accuracy:.1f}."
+            f"{accuracy_at(none_curve, regate.answer_tokens):.1f} MVBench; ReGATE ended at {regate.accuracy:.1f}."
         )
     if regate and random:
         lines.append(
