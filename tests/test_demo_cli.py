@@ -12,8 +12,11 @@ from regate_plugin.core import ReferenceLossCache, batch_sample_keys
 from regate_plugin.data import expand_placeholders, get_template, iter_conversations
 from regate_plugin.demo import DemoConfig, SavedActivations, run_demo
 from regate_plugin.demo import data as demo_data
-from regate_plugin.demo.models import ROWS_PER_FRAME, processor_for, train_tokenizer
+from regate_plugin.demo.models import processor_for, train_tokenizer
 from regate_plugin.demo.report import plot_curves
+from regate_plugin.demo.tasks import TASKS
+
+SQUARES = TASKS["squares"]
 
 SHORT = DemoConfig(
     steps=12,
@@ -95,7 +98,7 @@ def test_training_tokens_equal_what_evaluation_feeds_the_model(tmp_path):
     splits = demo_data.generate(tmp_path, train_size=3, test_per_task=1, progress=False)
     train = json.loads(splits.train_json.read_text())
     tokenizer = train_tokenizer([turn["value"] for row in train for turn in row["conversations"]])
-    processor = processor_for(tokenizer)
+    processor = processor_for(tokenizer, SQUARES.image_size, SQUARES.patch)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     protocol = get_protocol("official", 4)
     template = get_template("videollama2")
@@ -109,7 +112,7 @@ def test_training_tokens_equal_what_evaluation_feeds_the_model(tmp_path):
         request = Request(tuple(protocol.frames(question)), protocol.prompt(question), video=True)
         text = HFRunner(torch.nn.Module(), processor)._text(request)
         prompt_ids = processor(text=[text], images=list(request.images), return_tensors="pt")["input_ids"][0].tolist()
-        encoded = expand_placeholders(template.encode(conversation, tokenizer), image_token, ROWS_PER_FRAME * 4)
+        encoded = expand_placeholders(template.encode(conversation, tokenizer), image_token, SQUARES.visual_rows(4))
         assert encoded.input_ids[: len(prompt_ids)] == prompt_ids
         rest = tokenizer.decode(encoded.input_ids[len(prompt_ids) :])
         assert "Best option:(" + rest == answer + tokenizer.eos_token
@@ -138,7 +141,7 @@ def test_precompute_cli_keys_hf_native_samples_as_the_adapter_does(tmp_path):
             "--template",
             "videollama2",
             "--visual-tokens",
-            str(ROWS_PER_FRAME * 4),
+            str(SQUARES.visual_rows(4)),
             "--image-token-id",
             str(image_token),
             "--out",
@@ -151,7 +154,7 @@ def test_precompute_cli_keys_hf_native_samples_as_the_adapter_does(tmp_path):
     cache = ReferenceLossCache(tmp_path / "cache")
     template = get_template("videollama2")
     for conversation in iter_conversations(splits.train_json):
-        encoded = expand_placeholders(template.encode(conversation, tokenizer), image_token, ROWS_PER_FRAME * 4)
+        encoded = expand_placeholders(template.encode(conversation, tokenizer), image_token, SQUARES.visual_rows(4))
         ids, labels = torch.tensor([encoded.input_ids]), torch.tensor([encoded.labels])
         [key] = batch_sample_keys(ids, labels)  # what the adapter computes from a training batch
         assert key in cache and len(cache[key]) == sum(1 for label in encoded.labels[1:] if label != -100)
@@ -186,10 +189,10 @@ def test_texts_tell_clips_apart_and_the_visual_tokens_are_the_facts(tmp_path, sh
     assert len(texts) == len(facts) and (len(texts) == 30 or not shuffle)
     test = json.loads(splits.test_json.read_text())
     tokenizer = train_tokenizer([turn["value"] for row in train + test for turn in row["conversations"]])
-    processor = processor_for(tokenizer)
+    processor = processor_for(tokenizer, SQUARES.image_size, SQUARES.patch)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
-    samples = encode_split(splits.test_json, splits.root, tokenizer, processor, image_token, 4, False)
-    data = {q.uid: q for q in load_mvbench(splits.mvbench_root, tasks=demo_data.TASK_NAMES).questions}
+    samples = encode_split(splits.test_json, splits.root, tokenizer, processor, image_token, SQUARES, 4, False)
+    data = {q.uid: q for q in load_mvbench(splits.benchmark_root, tasks=demo_data.TASK_NAMES).questions}
     assert sorted(data) == sorted(row["id"] for row in test)
     for row, sample in zip(test, samples):
         question, answer = data[row["id"]], row["conversations"][1]["value"]
@@ -211,7 +214,9 @@ def test_exact_match_is_what_greedy_decoding_writes(short_demo):
     model, tokenizer = runner.model, runner.processor.tokenizer
     splits_root = tmp_path / "data"
     image_token = tokenizer.convert_tokens_to_ids("<image>")
-    samples = encode_split(splits_root / "test.json", splits_root, tokenizer, runner.processor, image_token, 4, False)
+    samples = encode_split(
+        splits_root / "test.json", splits_root, tokenizer, runner.processor, image_token, SQUARES, 4, False
+    )
     for sample in samples[:4]:
         first = next(i for i, label in enumerate(sample.labels) if label != -100)
         ids = torch.tensor([sample.input_ids])

@@ -1,12 +1,13 @@
 """`regate demo`: the whole ReGATE story on a tiny video LLaVA, offline, in a few minutes on 2 CPU cores.
 
-1. Draw a small video-QA set with PyAV (`demo.data`): train split in the LLaVA conversation format, test split in
-   the MVBench layout.
+1. Make the task's data (`demo.tasks`): by default a small video-QA set drawn with PyAV (`demo.data`), or easy-VQA's
+   images and questions (`--task easy-vqa`): train split in the LLaVA conversation format, test split in its
+   benchmark's layout (MVBench's, GQA's).
 2. Build a base LLM and train it on the text alone: the reference LLM. Build the video LLaVA student from it.
 3. `regate precompute` the reference losses of the train split.
 4. Train the student three ways from the same start on the same batches: `none`, `regate`, `random`.
-5. Score each with the MVBench harness (official protocol) at several points, print a table, plot accuracy
-   against answer tokens processed, and save the final checkpoints (HF format, with their results).
+5. Score each with the task's harness (MVBench's official protocol, GQA's rule) at several points, print a table,
+   plot accuracy against answer tokens processed, and save the final checkpoints (HF format, with their results).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..adapters import enable_token_elision
@@ -29,13 +31,13 @@ from ..core import IGNORE_INDEX, ReGATEConfig, build_token_elision
 from ..core.config import ConfigError
 from ..core.reference import build_reference_input
 from ..data import expand_placeholders, get_template, iter_conversations
-from ..eval import aggregate, get_protocol, load_mvbench, predict
 from ..eval.frames import VisualSource, sample_official
 from ..eval.runners import HFRunner
 from ..reference import ReferenceScorer
 from ..reference.precompute import PrecomputeConfig, run_precompute
-from . import data as demo_data
-from .models import PRESETS, ROWS_PER_FRAME, build_student, processor_for, smollm2_base, tiny_base, train_tokenizer
+from .data import DemoSplits
+from .models import PRESETS, build_student, processor_for, smollm2_base, tiny_base, train_tokenizer
+from .tasks import TASKS, DemoTask
 
 MODES = ("none", "regate", "random")
 # What training seconds count (here and in benchmarks/): CPU time is what a shared machine barely disturbs, with one
@@ -46,10 +48,11 @@ TEMPLATE = "videollama2"  # VideoLLaMA2's preprocessing on the tokenizer's chat 
 
 @dataclass
 class DemoConfig:
-    steps: int = 400
+    task: str = "squares"  # `demo.tasks.TASKS`
+    steps: int | None = None  # default: the task's (400 for squares, 800 for easy-vqa)
     batch_size: int = 8
     train_size: int = 2400  # clips drawn for training, each with a text of its own; the steps cycle through them
-    test_per_task: int = 30
+    test_per_task: int | None = None  # test questions per MVBench task / per colour; default: the task's
     num_frames: int = 4  # frames per clip, sampled as the official MVBench protocol does
     keep_ratio: float = 0.35
     # The dual-cycle schedule scaled to a 400-step run (docs/BENCHMARKS.md): the library's 100 warm-up steps are
@@ -68,6 +71,11 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.clock not in CLOCKS:
             raise ConfigError(f"--clock must be one of {sorted(CLOCKS)}, got {self.clock!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {sorted(TASKS)}, got {self.task!r}")
+        task = TASKS[self.task]
+        self.steps = task.steps if self.steps is None else self.steps
+        self.test_per_task = task.test_per_task if self.test_per_task is None else self.test_per_task
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         if min(self.steps, self.batch_size, self.train_size, self.test_per_task, self.num_frames, self.eval_every) < 1:
@@ -88,7 +96,7 @@ class DemoConfig:
 
 @dataclass
 class Evaluation:
-    accuracy: float  # MVBench average (official protocol: generated answers, the letter scored)
+    accuracy: float  # the task's benchmark score of generated answers (MVBench average, GQA-rule accuracy)
     visual_accuracy: float  # % of the answer tokens that need the video predicted right (teacher forcing, argmax)
     exact_match: float  # % of answers whose every token, EOS included, is the argmax: what greedy decoding writes
 
@@ -196,11 +204,19 @@ def _visual_targets(labels: list[int], tokenizer: Any, answer: str, spans: list[
 
 
 def encode_split(
-    split_json: Path, root: Path, tokenizer: Any, processor: Any, image_token_id: int, num_frames: int, progress: bool
+    split_json: Path,
+    root: Path,
+    tokenizer: Any,
+    processor: Any,
+    image_token_id: int,
+    task: DemoTask,
+    num_frames: int,
+    progress: bool,
 ) -> list[TrainSample]:
-    """A split's samples as the student trains on them: VideoLLaMA2's template on the chat template, `<video>`
-    expanded into the image token once per frame row (as the processor does), frames sampled by the official MVBench
-    rule; with `visual_spans` in a record (the test split), which answer tokens need the video."""
+    """A split's samples as the student trains on them: VideoLLaMA2's template on the chat template, `<video>` or
+    `<image>` expanded into the image token once per visual row (as the processor does), a clip's frames sampled by
+    the official MVBench rule; with `visual_spans` in a record (the test split), which answer tokens need the
+    visual input."""
     template = get_template(TEMPLATE)
     samples = []
     records = json.loads(split_json.read_text())
@@ -209,9 +225,12 @@ def encode_split(
         list(zip(records, conversations, strict=True)), desc=f"encode {split_json.name}", disable=not progress
     ):
         encoded = expand_placeholders(
-            template.encode(conversation, tokenizer), image_token_id, ROWS_PER_FRAME * num_frames
+            template.encode(conversation, tokenizer), image_token_id, task.visual_rows(num_frames)
         )
-        frames = sample_official(VisualSource(root / record["video"]), num_frames, None)
+        if task.video:
+            frames = sample_official(VisualSource(root / record["video"]), num_frames, None)
+        else:
+            frames = [Image.open(root / record["image"]).convert("RGB")]
         pixels = processor.image_processor(frames, return_tensors="pt")["pixel_values"]
         visual = []
         if "visual_spans" in record:
@@ -262,31 +281,21 @@ def answer_token_metrics(model: torch.nn.Module, test: list[TrainSample], pad_id
 
 
 def evaluate(model: torch.nn.Module, setup: DemoSetup, out: Path, progress: bool) -> Evaluation:
-    """The MVBench average (official protocol) of the demo's test split, and the answer-token metrics of the same
-    questions; predictions and metrics go to `out`."""
+    """The task's benchmark score of the demo's test split, and the answer-token metrics of the same questions;
+    predictions and metrics go to `out`."""
     shutil.rmtree(out, ignore_errors=True)
-    data = load_mvbench(setup.splits.mvbench_root, tasks=demo_data.TASK_NAMES)
-    protocol = get_protocol("official", setup.cfg.num_frames)
+    out.mkdir(parents=True)
     was_training = model.training
     model.eval()
-    records = list(
-        predict(
-            data,
-            protocol,
-            HFRunner(model, setup.processor),
-            out / "predictions-official.jsonl",
-            progress=progress,
-            batch_size=16,
-        )
-    )
+    runner = HFRunner(model, setup.processor)
+    accuracy, result = setup.task.score(runner, setup.splits, setup.cfg.num_frames, out, progress)
     visual_accuracy, exact_match = answer_token_metrics(
         model, setup.test_samples, setup.processor.tokenizer.pad_token_id
     )
     model.train(was_training)
-    result = aggregate(records)
-    metrics = {**result.to_dict(), "visual_accuracy": visual_accuracy, "exact_match": exact_match}
+    metrics = {**result, "visual_accuracy": visual_accuracy, "exact_match": exact_match}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return Evaluation(result.average, visual_accuracy, exact_match)
+    return Evaluation(accuracy, visual_accuracy, exact_match)
 
 
 @dataclass
@@ -295,12 +304,16 @@ class DemoSetup:
 
     cfg: DemoConfig
     out_dir: Path
-    splits: demo_data.DemoSplits
+    splits: DemoSplits
     processor: Any
     samples: list[TrainSample]
     test_samples: list[TrainSample]
     start: torch.nn.Module
     start_evaluation: Evaluation | None = None
+
+    @property
+    def task(self) -> DemoTask:
+        return TASKS[self.cfg.task]
 
     @property
     def cache_dir(self) -> Path:
@@ -310,14 +323,15 @@ class DemoSetup:
 def prepare(out_dir: Path, cfg: DemoConfig) -> DemoSetup:
     """Draw the data, train the reference on the text alone, precompute its losses, build the student's start."""
     out_dir = Path(out_dir)
-    splits = demo_data.generate(out_dir / "data", cfg.train_size, cfg.test_per_task, cfg.seed, cfg.progress)
+    task = TASKS[cfg.task]
+    splits = task.generate(out_dir / "data", cfg.train_size, cfg.test_per_task, cfg.seed, cfg.progress)
     if cfg.preset == "smollm2":
         base, tokenizer = smollm2_base()
     else:
         corpus = [turn["value"] for row in json.loads(splits.train_json.read_text()) for turn in row["conversations"]]
         tokenizer = train_tokenizer(corpus)
         base = tiny_base(tokenizer, cfg.seed)
-    processor = processor_for(tokenizer)
+    processor = processor_for(tokenizer, task.image_size, task.patch)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     pad_id = tokenizer.pad_token_id
     encode = functools.partial(
@@ -326,6 +340,7 @@ def prepare(out_dir: Path, cfg: DemoConfig) -> DemoSetup:
         tokenizer=tokenizer,
         processor=processor,
         image_token_id=image_token_id,
+        task=task,
         num_frames=cfg.num_frames,
         progress=cfg.progress,
     )
@@ -339,13 +354,14 @@ def prepare(out_dir: Path, cfg: DemoConfig) -> DemoSetup:
         reference=f"demo-{cfg.preset}-base",
         template=TEMPLATE,
         out=out_dir / "reference_cache",
-        visual_tokens=ROWS_PER_FRAME * cfg.num_frames,
+        visual_tokens=task.visual_rows(cfg.num_frames),
         image_token_id=image_token_id,
         overwrite=True,
         progress=cfg.progress,
     )
     run_precompute(precompute, model=copy.deepcopy(base), tokenizer=tokenizer)
-    setup = DemoSetup(cfg, out_dir, splits, processor, samples, test_samples, build_student(base, tokenizer, cfg.seed))
+    student = build_student(base, tokenizer, cfg.seed, task.image_size, task.patch)
+    setup = DemoSetup(cfg, out_dir, splits, processor, samples, test_samples, student)
     setup.start_evaluation = evaluate(setup.start, setup, out_dir / "eval" / "start", cfg.progress)
     return setup
 

@@ -155,8 +155,8 @@ def user_text(question: Question) -> str:
 class DemoSplits:
     root: Path
     train_json: Path  # LLaVA conversation format
-    mvbench_root: Path  # MVBench layout: json/, video/
-    test_json: Path  # the MVBench questions with their whole answers, LLaVA format
+    benchmark_root: Path  # the test split in its benchmark's layout (here MVBench's: json/, video/)
+    test_json: Path  # the test questions with their whole answers, LLaVA format
     train_size: int
     test_size: int
 

@@ -26,12 +26,9 @@ from transformers import (
 )
 
 from ..eval.mvbench import OFFICIAL_SYSTEM
-from .data import FRAME_SIZE
 
 PRESETS = ("tiny", "smollm2")
 IMAGE_TOKEN = "<image>"
-PATCH = 16
-ROWS_PER_FRAME = (FRAME_SIZE // PATCH) ** 2  # CLS dropped ("default" feature selection)
 
 # A Vicuna-style chat template whose default system prompt is MVBench's (the demo model is a video MCQ model, as
 # Qwen2's template defaults to its own system prompt). String contents are rendered as they are (training data,
@@ -120,29 +117,31 @@ def smollm2_base() -> tuple[LlamaForCausalLM, Any]:
     return model, tokenizer
 
 
-def processor_for(tokenizer: Any) -> LlavaProcessor:
+def processor_for(tokenizer: Any, image_size: int, patch: int) -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": FRAME_SIZE}, crop_size={"height": FRAME_SIZE, "width": FRAME_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
-        patch_size=PATCH,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
 
 
-def build_student(base: LlamaForCausalLM, tokenizer: Any, seed: int) -> LlavaForConditionalGeneration:
+def build_student(
+    base: LlamaForCausalLM, tokenizer: Any, seed: int, image_size: int, patch: int
+) -> LlavaForConditionalGeneration:
     """A LLaVA whose LLM and head start as `base`'s, with a random frozen CLIP tower and a random projector."""
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
-        image_size=FRAME_SIZE,
-        patch_size=PATCH,
+        image_size=image_size,
+        patch_size=patch,
     )
     config = LlavaConfig(
         vision_config=vision,

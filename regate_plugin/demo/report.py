@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import DemoResult
+from .tasks import TASKS
 
 Curve = Sequence[Mapping[str, Any]]
 
@@ -39,8 +40,9 @@ def _curve(result: DemoResult) -> list[dict[str, Any]]:
     return [asdict(point) for point in result.curve]
 
 
-def takeaways(results: list[DemoResult]) -> list[str]:
+def takeaways(results: list[DemoResult], task: str = "squares") -> list[str]:
     """Plain sentences on the default runs (no variant) of `none`, `regate` and `random`."""
+    metric = TASKS[task].metric
     runs = {r.mode: r for r in results if not r.variant}
     none, regate, random = runs.get("none"), runs.get("regate"), runs.get("random")
     lines = []
@@ -48,28 +50,28 @@ def takeaways(results: list[DemoResult]) -> list[str]:
         none_curve = _curve(none)
         best = peak(none_curve)
         if best["step"] == 0:
-            lines.append(f"none never beat the start ({best['accuracy']:.1f} MVBench): train longer (--steps).")
+            lines.append(f"none never beat the start ({best['accuracy']:.1f} {metric}): train longer (--steps).")
         else:
             hit = first_reaching(_curve(regate), best["accuracy"])
             if hit is None:
                 lines.append(
-                    f"ReGATE did not reach none's best MVBench ({best['accuracy']:.1f}, step {best['step']}) within "
+                    f"ReGATE did not reach none's best {metric} ({best['accuracy']:.1f}, step {best['step']}) within "
                     f"{regate.curve[-1].step} steps: it ended at {regate.accuracy:.1f}, with "
                     f"{regate.answer_tokens / none.answer_tokens:.0%} of none's answer tokens."
                 )
             else:
                 lines.append(
-                    f"ReGATE reached none's best MVBench ({best['accuracy']:.1f}, step {best['step']}) at step "
+                    f"ReGATE reached none's best {metric} ({best['accuracy']:.1f}, step {best['step']}) at step "
                     f"{hit['step']}, with {hit['answer_tokens'] / best['answer_tokens']:.0%} of the answer tokens and "
                     f"{hit['train_seconds'] / best['train_seconds']:.0%} of the training seconds none needed for it."
                 )
         lines.append(
             f"At ReGATE's {regate.answer_tokens:,} answer tokens none stood at "
-            f"{accuracy_at(none_curve, regate.answer_tokens):.1f} MVBench; ReGATE ended at {regate.accuracy:.1f}."
+            f"{accuracy_at(none_curve, regate.answer_tokens):.1f} {metric}; ReGATE ended at {regate.accuracy:.1f}."
         )
     if regate and random:
         lines.append(
-            f"Against random elision of as many tokens: MVBench {regate.accuracy:.1f} against {random.accuracy:.1f}, "
+            f"Against random elision of as many tokens: {metric} {regate.accuracy:.1f} against {random.accuracy:.1f}, "
             f"whole-answer exact match {regate.final.exact_match:.1f} against {random.final.exact_match:.1f}."
         )
     if lines:
@@ -79,9 +81,9 @@ def takeaways(results: list[DemoResult]) -> list[str]:
     return lines
 
 
-def plot_curves(results: list[DemoResult], path: Path, title: str = "") -> Path:
-    """MVBench accuracy and whole-answer exact match against answer tokens processed, one line per run (the paper's
-    Figure 1 in miniature)."""
+def plot_curves(results: list[DemoResult], path: Path, task: str = "squares") -> Path:
+    """The task's benchmark accuracy and whole-answer exact match against answer tokens processed, one line per run
+    (the paper's Figure 1 in miniature)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,12 +98,12 @@ def plot_curves(results: list[DemoResult], path: Path, title: str = "") -> Path:
     none = next((r for r in results if r.mode == "none" and not r.variant), None)
     if none is not None:
         axes[0].axhline(none.best_accuracy, color="grey", linestyle=":", linewidth=1, label="none's best")
-    axes[0].set_ylabel("MVBench-format accuracy, official protocol (%)")
+    axes[0].set_ylabel(f"{TASKS[task].metric} accuracy (%)")
     axes[1].set_ylabel("whole-answer exact match (%)")
     for ax in axes:
         ax.set_xlabel("answer tokens processed (loss terms)")
         ax.legend()
-    fig.suptitle(title or "regate demo")
+    fig.suptitle(f"regate demo --task {task}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -109,17 +111,17 @@ def plot_curves(results: list[DemoResult], path: Path, title: str = "") -> Path:
     return path
 
 
-def format_results(results: list[DemoResult]) -> str:
+def format_results(results: list[DemoResult], task: str = "squares") -> str:
     lines = [
         f"{'mode':<8} {'answer tokens':>13} {'kept':>5} {'train s':>7} {'act. MiB mean/peak':>18} "
-        f"{'MVBench':>7} {'best':>5} {'visual':>6} {'exact':>5} {'last loss':>9}"
+        f"{TASKS[task].metric:>8} {'best':>5} {'visual':>6} {'exact':>5} {'last loss':>9}"
     ]
     for r in results:
         memory = f"{r.activation_mib:.1f} / {r.peak_activation_mib:.1f}"
         name = f"{r.mode}-{r.variant}" if r.variant else r.mode
         lines.append(
             f"{name:<8} {r.answer_tokens:>13} {r.kept_fraction:>5.2f} {r.seconds:>7.1f} {memory:>18} "
-            f"{r.accuracy:>7.1f} {r.best_accuracy:>5.1f} {r.final.visual_accuracy:>6.1f} {r.final.exact_match:>5.1f} "
+            f"{r.accuracy:>8.1f} {r.best_accuracy:>5.1f} {r.final.visual_accuracy:>6.1f} {r.final.exact_match:>5.1f} "
             f"{r.final_loss:>9.3f}"
         )
     return "\n".join(lines)

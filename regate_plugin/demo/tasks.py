@@ -1,0 +1,90 @@
+"""The demo's tasks: what each draws or reads, what its student sees, and how its test split is scored.
+
+- `squares` (the default): video clips we draw with PyAV (`demo.data`), scored by the MVBench harness's official
+  protocol.
+- `easy-vqa`: images and questions a third party made (`demo.easy_vqa`), scored by the harness's GQA rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..eval import aggregate, get_protocol, load_mvbench, predict
+from ..eval.base import ModelRunner
+from ..eval.image import predict as predict_image
+from . import data as squares
+from . import easy_vqa
+from .data import DemoSplits
+
+# One test split's scoring: runner, splits, frames per clip, where predictions go, progress ->
+# (accuracy, the benchmark's whole result as a dict).
+Scorer = Callable[[ModelRunner, DemoSplits, int, Path, bool], tuple[float, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    name: str
+    metric: str  # what its accuracy is called in tables and plots
+    image_size: int  # frames / images are resized to it, square
+    patch: int  # the vision tower's patch size
+    video: bool  # clips (frames sampled by MVBench's official rule) or single images
+    steps: int  # the demo's default training steps per mode
+    test_per_task: int  # the demo's default test questions per MVBench task (squares) / per colour (easy-vqa)
+    generate: Callable[[Path, int, int, int, bool], DemoSplits]  # root, train size, test per task, seed, progress
+    score: Scorer
+
+    def visual_rows(self, num_frames: int) -> int:
+        """Visual rows per sample the LLM sees: one per patch (CLS dropped), per frame for a clip."""
+        return (self.image_size // self.patch) ** 2 * (num_frames if self.video else 1)
+
+
+def _score_mvbench(
+    runner: ModelRunner, splits: DemoSplits, num_frames: int, out: Path, progress: bool
+) -> tuple[float, dict[str, Any]]:
+    data = load_mvbench(splits.benchmark_root, tasks=squares.TASK_NAMES)
+    protocol = get_protocol("official", num_frames)
+    predictions = out / "predictions-official.jsonl"
+    result = aggregate(list(predict(data, protocol, runner, predictions, progress=progress, batch_size=16)))
+    return result.average, result.to_dict()
+
+
+def _score_easy_vqa(
+    runner: ModelRunner, splits: DemoSplits, num_frames: int, out: Path, progress: bool
+) -> tuple[float, dict[str, Any]]:
+    benchmark = easy_vqa.EasyVQABenchmark(splits.benchmark_root)
+    questions = benchmark.load()
+    answers = out / "answers-easy-vqa.jsonl"
+    score = benchmark.score(
+        questions, list(predict_image(benchmark, questions, runner, answers, batch_size=16, progress=progress))
+    )
+    return score.metrics["acc"], score.to_dict()
+
+
+TASKS: dict[str, DemoTask] = {
+    "squares": DemoTask(
+        "squares",
+        "MVBench",
+        squares.FRAME_SIZE,
+        patch=16,
+        video=True,
+        steps=400,
+        test_per_task=30,
+        generate=squares.generate,
+        score=_score_mvbench,
+    ),
+    # 8-pixel patches (64 visual rows): the student learns colour from them in about 500 steps
+    "easy-vqa": DemoTask(
+        "easy-vqa",
+        "GQA rule",
+        easy_vqa.IMAGE_SIZE,
+        patch=8,
+        video=False,
+        steps=800,
+        test_per_task=15,
+        generate=easy_vqa.generate,
+        score=_score_easy_vqa,
+    ),
+}
