@@ -113,3 +113,11 @@ def test_a_short_easy_vqa_demo_reports_the_rule_applied_to_its_answers(tmp_path)
         assert len(records) == len(questions) == len(COLOURS)
         correct = sum(gqa_correct(rec["text"], questions[rec["question_id"]].answer) for rec in records)
         assert 100 * correct / len(records) == pytest.approx(r.accuracy)
+
+
+def test_asking_for_more_questions_than_easy_vqa_has_names_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="--train-size 1000000: easy-VQA has 5166"):
+        generate(tmp_path, train_size=10**6, test_per_task=1, progress=False)
+    with pytest.raises(ValueError, match="--test-per-task 1000: easy-VQA's test split has 149"):
+        generate(tmp_path, train_size=1, test_per_task=1000, progress=False)
+    assert not (tmp_path / "train.json").exists()

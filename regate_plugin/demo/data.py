@@ -45,6 +45,7 @@ GREY = (128, 128, 128)
 COLOURS = {"red": (230, 30, 30), "green": (30, 210, 30), "blue": (40, 60, 240), "yellow": (235, 220, 30)}
 CORNERS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 COUNTS = {"one": 1, "two": 2, "three": 3, "four": 4}
+Segments = list[tuple[str, bool]]  # an answer as (text, needs the visual input) pieces
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def write_clip(path: Path, frames: np.ndarray) -> Path:
     return path
 
 
-def answer_segments(question: Question, facts: Facts) -> list[tuple[str, bool]]:
+def answer_segments(question: Question, facts: Facts) -> Segments:
     """The supervised answer as (text, needs the video) pieces. It starts with the official protocol's pre-filled
     "Best option:(" so that training and evaluation see the same tokens; the letter and every fact need the video,
     the rest is the template."""
@@ -132,14 +133,14 @@ def answer_segments(question: Question, facts: Facts) -> list[tuple[str, bool]]:
     ]
 
 
-def answer_text(question: Question, facts: Facts) -> str:
-    return "".join(text for text, _ in answer_segments(question, facts))
+def joined(segments: Segments) -> str:
+    return "".join(text for text, _ in segments)
 
 
-def visual_spans(question: Question, facts: Facts) -> list[tuple[int, int]]:
-    """Character spans [start, end) of the answer that need the video."""
+def visual_spans(segments: Segments) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the answer that need the visual input."""
     spans, at = [], 0
-    for text, visual in answer_segments(question, facts):
+    for text, visual in segments:
         if visual:
             spans.append((at, at + len(text)))
         at += len(text)
@@ -171,7 +172,7 @@ def _combinations(task: DemoTask, shuffle_options: bool) -> list[tuple[tuple[str
 def _conversation(question: Question, facts: Facts) -> list[dict[str, str]]:
     return [
         {"from": "human", "value": "<video>\n" + user_text(question)},
-        {"from": "gpt", "value": answer_text(question, facts)},
+        {"from": "gpt", "value": joined(answer_segments(question, facts))},
     ]
 
 
@@ -226,7 +227,7 @@ def generate(
                     "id": question.uid,
                     "video": str((mvbench / "video" / prefix / name).relative_to(root)),
                     "conversations": _conversation(question, facts),
-                    "visual_spans": visual_spans(question, facts),
+                    "visual_spans": visual_spans(answer_segments(question, facts)),
                 }
             )
             bar.update(1)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..eval.base import Request
 from ..eval.benchmarks.gqa import GQA
 from ..eval.image import SHORT_ANSWER, ImageQuestion
-from .data import DemoSplits
+from .data import DemoSplits, Segments, joined, visual_spans
 
 IMAGE_SIZE = 64
 COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
@@ -42,7 +42,7 @@ def answer_prefix(question: str) -> str:
     return f'The answer to "{question}" is'
 
 
-def answer_segments(question: str, answer: str) -> list[tuple[str, bool]]:
+def answer_segments(question: str, answer: str) -> Segments:
     """The supervised answer as (text, needs the image) pieces."""
     return [(answer_prefix(question) + " ", False), (answer, True), (".", False)]
 
@@ -69,17 +69,8 @@ def _image_paths(split: str) -> dict[int, str]:
 def _conversation(question: str, answer: str) -> list[dict[str, str]]:
     return [
         {"from": "human", "value": "<image>\n" + question + SHORT_ANSWER},
-        {"from": "gpt", "value": "".join(text for text, _ in answer_segments(question, answer))},
+        {"from": "gpt", "value": joined(answer_segments(question, answer))},
     ]
-
-
-def _spans(question: str, answer: str) -> list[tuple[int, int]]:
-    spans, at = [], 0
-    for text, visual in answer_segments(question, answer):
-        if visual:
-            spans.append((at, at + len(text)))
-        at += len(text)
-    return spans
 
 
 def _copy_image(source: str, target: Path) -> None:
@@ -129,7 +120,7 @@ def generate(root: Path, train_size: int, test_per_task: int, seed: int = 0, pro
                 "id": qid,
                 "image": f"gqa/images/test-{image_id}.jpg",
                 "conversations": _conversation(question, answer),
-                "visual_spans": _spans(question, answer),
+                "visual_spans": visual_spans(answer_segments(question, answer)),
             }
         )
         bar.update(1)
