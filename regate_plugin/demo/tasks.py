@@ -27,7 +27,7 @@ Scorer = Callable[[ModelRunner, DemoSplits, int, Path, bool], tuple[float, dict[
 @dataclass(frozen=True)
 class DemoTask:
     name: str
-    metric: str  # what its accuracy is called in tables and plots
+    metric: str  # what its accuracy is called in tables and plots (the benchmark's name)
     image_size: int  # frames / images are resized to it, square
     patch: int  # the vision tower's patch size
     video: bool  # clips (frames sampled by MVBench's official rule) or single images
@@ -78,7 +78,7 @@ TASKS: dict[str, DemoTask] = {
     # 8-pixel patches (64 visual rows): the student learns colour from them in about 500 steps
     "easy-vqa": DemoTask(
         "easy-vqa",
-        "GQA rule",
+        "easy-VQA",
         easy_vqa.IMAGE_SIZE,
         patch=8,
         video=False,
