@@ -51,7 +51,7 @@ class DemoConfig:
     task: str = "squares"  # `demo.tasks.TASKS`
     steps: int | None = None  # default: the task's (400 for squares, 800 for easy-vqa)
     batch_size: int = 8
-    train_size: int = 2400  # clips drawn for training, each with a text of its own; the steps cycle through them
+    train_size: int = 2400  # training samples (clips drawn, easy-VQA questions); the steps cycle through them
     test_per_task: int | None = None  # test questions per MVBench task / per colour; default: the task's
     num_frames: int = 4  # frames per clip, sampled as the official MVBench protocol does
     keep_ratio: float = 0.35
