@@ -1,6 +1,7 @@
 """The demo's easy-VQA task against the `easy-vqa` package's own data and GQA's scoring rule."""
 
 import json
+import sys
 
 import easy_vqa
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 from regate_plugin.eval.runners import HFRunner
 
+from regate_plugin.core.config import ConfigError
 from regate_plugin.data import expand_placeholders, get_template, iter_conversations
 from regate_plugin.demo import DemoConfig, encode_split, run_demo
 from regate_plugin.demo.easy_vqa import COLOURS, EasyVQABenchmark, generate
@@ -121,3 +123,9 @@ def test_asking_for_more_questions_than_easy_vqa_has_names_the_flag(tmp_path):
     with pytest.raises(ValueError, match="--test-per-task 1000: easy-VQA's test split has 149"):
         generate(tmp_path, train_size=1, test_per_task=1000, progress=False)
     assert not (tmp_path / "train.json").exists()
+
+
+def test_without_the_package_the_error_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)  # what `import easy_vqa` meets when it is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'regate-plugin\[easy-vqa\]'"):
+        generate(tmp_path, train_size=1, test_per_task=1, progress=False)

@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..core.config import ConfigError
 from ..eval.base import Request
 from ..eval.benchmarks.gqa import GQA
 from ..eval.image import SHORT_ANSWER, ImageQuestion
@@ -52,8 +53,8 @@ def _colour_questions(split: str) -> list[tuple[str, str, int]]:
     try:
         import easy_vqa
     except ImportError:
-        raise ImportError(
-            "the easy-vqa task needs the `easy-vqa` package: pip install 'regate-plugin[easy-vqa]'"
+        raise ConfigError(
+            "--task easy-vqa needs the `easy-vqa` package: pip install 'regate-plugin[easy-vqa]'"
         ) from None
     read = easy_vqa.get_train_questions if split == "train" else easy_vqa.get_test_questions
     texts, answers, images = read()
@@ -85,11 +86,11 @@ def generate(root: Path, train_size: int, test_per_task: int, seed: int = 0, pro
     rng = random.Random(seed)
     train_pool = _colour_questions("train")
     if train_size > len(train_pool):
-        raise ValueError(f"--train-size {train_size}: easy-VQA has {len(train_pool)} colour questions for training")
+        raise ConfigError(f"--train-size {train_size}: easy-VQA has {len(train_pool)} colour questions for training")
     by_colour = {c: [q for q in _colour_questions("test") if q[1] == c] for c in COLOURS}
     fewest = min(len(pool) for pool in by_colour.values())
     if test_per_task > fewest:
-        raise ValueError(f"--test-per-task {test_per_task}: easy-VQA's test split has {fewest} questions of a colour")
+        raise ConfigError(f"--test-per-task {test_per_task}: easy-VQA's test split has {fewest} questions of a colour")
     drawn_train = rng.sample(train_pool, train_size)
     drawn_test = [q for c in COLOURS for q in rng.sample(by_colour[c], test_per_task)]
     root.mkdir(parents=True, exist_ok=True)
