@@ -18,6 +18,7 @@ from regate_plugin.patching import apply_patch
 from regate_plugin.training import STATE_FILE
 
 from .llava_data import conversation_samples, write_json
+from .ports import free_port
 from .test_templates import LLAVA_PYTHON, REPO, _images
 from .tokenizers_fixture import write_sentencepiece_llama
 from .trainer_helpers import assert_refused_before_step_0
@@ -355,9 +356,9 @@ def _dense_two_rank(step: int) -> bool:
 
 
 TWO_RANK_LAUNCHERS = {  # how each starts `regate_plugin.launch llava` on two ranks
-    "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", "29611", "-m"],
+    "torchrun": ["torchrun", "--nproc_per_node", "2", "--master_port", "{port}", "-m"],
     # the README's command: each rank starts as `python -u -m regate_plugin.launch --local_rank=N llava ...`
-    "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", "29612", "--module"],
+    "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", "{port}", "--module"],
 }
 
 
@@ -367,7 +368,8 @@ def test_two_ranks_end_with_one_ema(setup, tmp_path, launcher):
     regate_plugin.launch llava`. Without a ZeRO config: accelerate 0.26 (this env) opens DeepSpeed's process group
     on nccl, which a CPU build of torch does not have."""
     out = tmp_path / f"llava-tiny-{launcher}"
-    program, *options = TWO_RANK_LAUNCHERS[launcher]
+    port = str(free_port())
+    program, *options = [part.format(port=port) for part in TWO_RANK_LAUNCHERS[launcher]]
     _llava_command(
         [str(LLAVA_PYTHON.parent / program), *options, "regate_plugin.launch", "llava"],
         _two_rank_flags(setup, out),

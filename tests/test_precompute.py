@@ -25,6 +25,7 @@ from regate_plugin.data import get_template, iter_conversations
 from regate_plugin.data.templates import PLACEHOLDER_IDS
 
 from .llava_data import conversation_samples, write_json, write_tiny_reference
+from .ports import free_port
 from .test_templates import LLAVA_PYTHON, REPO, VIDEOLLAMA2_PYTHON, _images, _upstream_llava
 from .tokenizers_fixture import write_sentencepiece_llama
 
@@ -211,7 +212,7 @@ def test_two_processes_equal_one(setup, tmp_path, tmp_path_factory):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
         "-m",
         "regate_plugin.cli",
     ]

@@ -15,6 +15,7 @@ from regate_plugin.adapters import UnsupportedModelError
 from regate_plugin.core import ConfigError, TokenizerMismatchError
 from regate_plugin.training import STATE_FILE
 
+from .ports import free_port
 from .tiny import tiny_llava
 from .trainer_helpers import cache_for, collate, logged, make_trainer, samples
 
@@ -148,7 +149,7 @@ def test_deepspeed_zero_matches_plain_training(tmp_path, monkeypatch, stage):
 
     for name, value in {
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(29500 + stage),
+        "MASTER_PORT": str(free_port()),
         "RANK": "0",
         "WORLD_SIZE": "1",
         "LOCAL_RANK": "0",
