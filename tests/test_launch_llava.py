@@ -18,7 +18,7 @@ from regate_plugin.patching import apply_patch
 from regate_plugin.training import STATE_FILE
 
 from .llava_data import conversation_samples, write_json
-from .ports import free_port
+from .ranks import OBSERVER, assert_every_rank_closed_its_process_group, free_port
 from .test_templates import LLAVA_PYTHON, REPO, _images
 from .tokenizers_fixture import write_sentencepiece_llama
 from .trainer_helpers import assert_refused_before_step_0
@@ -50,17 +50,21 @@ def _llava(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def _llava_command(launcher: list[str], args: list[str], rank_states: Path) -> None:
     """A launcher of the upstream-LLaVA env (torchrun, deepspeed) starting `regate_plugin.launch` on two CPU ranks;
-    each rank leaves the elision state it ends with in `rank_states` (tests/upstream_llava/rank_state)."""
+    each rank leaves the elision state it ends with, and whether it exited with its process group closed, in
+    `rank_states` (tests/rank_observer)."""
     rank_states.mkdir()
     env = {
         **_env(),
-        "PYTHONPATH": f"{REPO / 'tests/upstream_llava/rank_state'}:{REPO}",
+        "PYTHONPATH": f"{OBSERVER}:{REPO}",
         "REGATE_RANK_STATE_DIR": str(rank_states),
+        "REGATE_RANK_EXIT_DIR": str(rank_states),
         "DS_ACCELERATOR": "cpu",
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",
     }
     done = subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:  # whole, in the failed test's captured output: the assertion's repr is cut short
+        print(done.stdout, done.stderr, sep="\n--- stderr ---\n")
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-6000:])
 
 
@@ -376,3 +380,4 @@ def test_two_ranks_end_with_one_ema(setup, tmp_path, launcher):
         tmp_path / "rank_states",
     )
     _assert_ranks_hold_one_state(out, tmp_path / "rank_states")
+    assert_every_rank_closed_its_process_group(tmp_path / "rank_states", 2)

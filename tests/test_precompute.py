@@ -25,7 +25,7 @@ from regate_plugin.data import get_template, iter_conversations
 from regate_plugin.data.templates import PLACEHOLDER_IDS
 
 from .llava_data import conversation_samples, write_json, write_tiny_reference
-from .ports import free_port
+from .ranks import OBSERVER, assert_every_rank_closed_its_process_group, free_port
 from .test_templates import LLAVA_PYTHON, REPO, VIDEOLLAMA2_PYTHON, _images, _upstream_llava
 from .tokenizers_fixture import write_sentencepiece_llama
 
@@ -217,14 +217,17 @@ def test_two_processes_equal_one(setup, tmp_path, tmp_path_factory):
         "regate_plugin.cli",
     ]
     args = [*PRECOMPUTE, *_windowed_args(data, reference, out)]
+    exits = tmp_path / "exits"
+    exits.mkdir()
     done = subprocess.run(
         [*torchrun, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(OBSERVER), "REGATE_RANK_EXIT_DIR": str(exits)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_every_rank_closed_its_process_group(exits, 2)
     got = _cache_dict(out)
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)

@@ -15,7 +15,7 @@ from regate_plugin.adapters import UnsupportedModelError
 from regate_plugin.core import ConfigError, TokenizerMismatchError
 from regate_plugin.training import STATE_FILE
 
-from .ports import free_port
+from .ranks import free_port
 from .tiny import tiny_llava
 from .trainer_helpers import cache_for, collate, logged, make_trainer, samples
 

@@ -341,6 +341,7 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     """
     started = time.perf_counter()
     rank, world = distributed.rank(), distributed.world_size()
+    opens_group = world > 1 and distributed.process_group_size() == 1  # `_barrier` opens it; closed at the end
     out = Path(cfg.out)
     encoding = _encoding(cfg, tokenizer)
     header, extra = _cache_header(cfg, encoding)
@@ -374,6 +375,8 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
         except OSError as err:  # the cache is complete: only the record of this run is missing
             logger.warning("cannot write %s (%s); the reference cache itself is complete", out / SUMMARY_NAME, err)
     _barrier(world)
+    if opens_group:
+        distributed.destroy_process_group()
     return summary
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
+from ..core import distributed
 from ..data.templates import VICUNA_V1_SYSTEM
 from .arguments import TokenElisionArguments, with_token_elision_arguments
 from .trainer import add_token_elision, with_token_elision
@@ -151,3 +152,4 @@ def main(argv: list[str] | None = None) -> None:
     if ours.local_rank is not None:
         upstream.append(f"--local_rank={ours.local_rank}")
     LAUNCHERS[ours.codebase](upstream)
+    distributed.destroy_process_group()  # the one upstream's TrainingArguments opened
