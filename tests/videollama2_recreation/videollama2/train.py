@@ -195,6 +195,7 @@ def train(attn_implementation=None):
         tokenizer.pad_token = tokenizer.unk_token
     model.get_model().initialize_vision_modules(model_args=model_args, fsdp=training_args.fsdp)
     vision_tower = model.get_vision_tower()
+    vision_tower.to(dtype=torch.bfloat16 if training_args.bf16 else torch.float16, device=training_args.device)
     data_args.image_size = vision_tower.image_size
     data_args.image_processor = data_args.video_processor = vision_tower.image_processor
     data_args.is_multimodal = True

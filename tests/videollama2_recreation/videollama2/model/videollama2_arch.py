@@ -18,9 +18,9 @@ class CLIPVisionTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
-        out = self.vision_tower(images.to(self.dtype), output_hidden_states=True)
+        out = self.vision_tower(images, output_hidden_states=True)  # CLIP casts the pixels to its own dtype
         features = out.hidden_states[self.select_layer]
-        return features[:, 1:] if self.select_feature == "patch" else features
+        return (features[:, 1:] if self.select_feature == "patch" else features).to(images.dtype)
 
     @property
     def dtype(self):
