@@ -87,7 +87,8 @@ def generate(root: Path, train_size: int, test_per_task: int, seed: int = 0, pro
     train_pool = _colour_questions("train")
     if train_size > len(train_pool):
         raise ConfigError(f"--train-size {train_size}: easy-VQA has {len(train_pool)} colour questions for training")
-    by_colour = {c: [q for q in _colour_questions("test") if q[1] == c] for c in COLOURS}
+    test_pool = _colour_questions("test")
+    by_colour = {c: [q for q in test_pool if q[1] == c] for c in COLOURS}
     fewest = min(len(pool) for pool in by_colour.values())
     if test_per_task > fewest:
         raise ConfigError(f"--test-per-task {test_per_task}: easy-VQA's test split has {fewest} questions of a colour")
