@@ -41,10 +41,10 @@ from regate_plugin.core import (
     ReferenceLossCacheWriter,
     ReGATEConfig,
     batch_sample_keys,
-    build_token_elision,
     next_token_loss,
     shift_targets,
 )
+from regate_plugin.strategies import build_token_elision
 
 VOCAB = 32000
 VISUAL_ID = 5
@@ -166,7 +166,9 @@ def run(args: argparse.Namespace) -> dict:
         b = batches[name]
         began = clock()
         keys = (
-            batch_sample_keys(b["input_ids"], b["labels"], b["attention_mask"]) if strategy.needs_sample_keys else None
+            batch_sample_keys(b["input_ids"], b["labels"], b["attention_mask"])
+            if strategy.capabilities.sample_keys
+            else None
         )
         plan = strategy.plan(b["labels"], b["attention_mask"], keys)
         sync()

@@ -15,27 +15,35 @@ from .core import (
     MissingReferenceError,
     ReferenceLossCache,
     ReferenceLossCacheWriter,
+    ReferenceScoredConfig,
     ReGATEConfig,
-    TokenElision,
+    ScheduleConfig,
     TokenizerMismatchError,
-    available_token_elisions,
-    build_token_elision,
-    register_token_elision,
     sample_key,
     select_kept_positions,
     tokenizer_fingerprint,
+)
+from .strategies import (
+    Capabilities,
+    TokenElision,
+    available_token_elisions,
+    build_token_elision,
+    register_token_elision,
 )
 
 __version__ = "0.1.0"
 
 
 __all__ = [
+    "Capabilities",
     "CacheError",
     "ConfigError",
     "CorruptShardError",
     "DifficultyEMA",
     "MissingReferenceError",
+    "ReferenceScoredConfig",
     "ReGATEConfig",
+    "ScheduleConfig",
     "ReferenceLossCache",
     "ReferenceLossCacheWriter",
     "TokenElision",

@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from regate_plugin.core import ConfigError, ReGATEConfig, expected_keep_fraction, is_dense_step, keep_ratio_at
+from regate_plugin.core import (
+    ConfigError,
+    ReGATEConfig,
+    expected_keep_fraction,
+    first_sparse_step,
+    is_dense_step,
+    keep_ratio_at,
+)
 
 
 @pytest.mark.parametrize(
@@ -112,3 +119,10 @@ def test_a_bad_flag_value_names_the_flag():
         TokenElisionArguments(regate_lambda=2).regate_config()
     with pytest.raises(ConfigError, match=r"^--regate_dense_steps: "):
         TokenElisionArguments(regate_dense_steps=9, regate_cycle_steps=4).regate_config()
+
+
+@given(configs, st.integers(0, 400))
+def test_first_sparse_step_is_the_first_step_the_walk_makes_sparse(cfg, start):
+    horizon = start + cfg.warmup_steps + cfg.cycle_steps + 1  # one whole cycle past the warm-up holds a sparse step
+    want = next((s for s in range(start, horizon) if not _dense_brute_force(s, cfg)), None)
+    assert first_sparse_step(start, cfg) == want

@@ -14,6 +14,7 @@ from regate_plugin.core import IGNORE_INDEX
 
 from .tiny import (
     IMAGE_TOKEN,
+    difficulty,
     make_batch,
     make_qwen2_vl_batch,
     make_video_batch,
@@ -262,7 +263,7 @@ def test_ema_learns_from_the_students_losses(tmp_path):
         positions = candidates[row].nonzero().squeeze(1)
         ordinals = ((targets[row] != IGNORE_INDEX).cumsum(0) - 1)[positions]
         expected = F.cross_entropy(logits[row, positions].float(), targets[row, positions], reduction="none")
-        got = elision.difficulty(key, ordinals, targets[row, positions])
+        got = difficulty(elision, key, ordinals, targets[row, positions])
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     state = elision.state_dict()
     restored = rg.build_token_elision("regate", cfg, reference=tmp_path / "cache")

@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import regate_plugin as rg
-from regate_plugin.core import TokenElision
+from regate_plugin.strategies import TOKEN_ELISIONS, TokenElision
 
 
 def test_unknown_name_lists_the_known_ones():
@@ -28,9 +28,7 @@ def test_third_party_strategy_registers_and_builds():
         with pytest.raises(ValueError, match="already registered"):
             rg.register_token_elision("keep-first-half", lambda cfg: KeepFirstHalf(cfg))
     finally:
-        from regate_plugin.core import elision
-
-        elision._REGISTRY.pop("keep-first-half")
+        TOKEN_ELISIONS._entries.pop("keep-first-half")
 
 
 def test_unsupported_model_lists_supported_ones():

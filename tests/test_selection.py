@@ -8,14 +8,12 @@ from hypothesis import strategies as st
 
 from regate_plugin.core import (
     ReGATEConfig,
-    TokenElision,
-    build_token_elision,
     fused_score,
     keep_counts,
     select_kept_positions,
 )
 from regate_plugin.core.compaction import IGNORE_INDEX, elidable_positions, shift_targets
-from regate_plugin.core.elision import BatchLayout
+from regate_plugin.strategies import BatchLayout, TokenElision, build_token_elision
 
 
 def _brute_force_keep(scores: list[float], candidates: list[bool], ratio: float) -> list[bool]:

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from regate_plugin.core import ReferenceLossCacheWriter, ReGATEConfig, batch_sample_keys, build_token_elision
+from regate_plugin.core import ReferenceLossCacheWriter, ReGATEConfig, batch_sample_keys
+from regate_plugin.strategies import build_token_elision
+
+from .tiny import difficulty
 
 IGNORE = -100
 VOCAB = 128
@@ -156,13 +159,13 @@ def test_the_ema_learns_from_candidates_only(setup):
     for row, (key, (targets, ordinal_of, candidates)) in enumerate(zip(setup["keys"], setup["structure"])):
         others = sorted(set(ordinal_of) - set(candidates))  # targets of prompt tokens: first answer tokens
         assert others, "each row has non-candidate targets"
-        learned = elision.difficulty(
-            key, torch.tensor([ordinal_of[p] for p in others]), torch.tensor([targets[p] for p in others])
+        learned = difficulty(
+            elision, key, torch.tensor([ordinal_of[p] for p in others]), torch.tensor([targets[p] for p in others])
         )
         assert torch.isnan(learned).all(), f"row {row}: the EMA learned non-candidate targets {learned.tolist()}"
         kept = sorted(p for p in candidates if bool(plan.kept_mask[row, p]))
-        values = elision.difficulty(
-            key, torch.tensor([candidates[p] for p in kept]), torch.tensor([targets[p] for p in kept])
+        values = difficulty(
+            elision, key, torch.tensor([candidates[p] for p in kept]), torch.tensor([targets[p] for p in kept])
         )
         seeded = torch.tensor([setup["emas"][row][p] for p in kept])
         assert not torch.isnan(values).any() and not torch.allclose(values, seeded), f"row {row}: kept not observed"

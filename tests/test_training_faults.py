@@ -19,9 +19,9 @@ import torch
 from transformers import LlavaForConditionalGeneration, TrainingArguments
 
 import regate_plugin as rg
-from regate_plugin.core import IGNORE_INDEX, DifficultyEMA, batch_sample_keys, is_dense_step
+from regate_plugin.core import IGNORE_INDEX, DifficultyEMA, batch_sample_keys, first_sparse_step, is_dense_step
 from regate_plugin.training import STATE_FILE, CacheMismatchError, ResumeStateError
-from regate_plugin.training.preflight import first_sparse_step, startup_summary
+from regate_plugin.training.preflight import startup_summary
 
 from .tiny import IMAGE_ROWS, IMAGE_TOKEN, PAD, tiny_llava, write_cache_for
 from .trainer_helpers import LossFault, cache_for, collate, logged, make_trainer, samples

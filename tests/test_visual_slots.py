@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from regate_plugin import enable_token_elision
-from regate_plugin.core import ReGATEConfig, batch_sample_keys, build_token_elision
+from regate_plugin.core import ReGATEConfig, batch_sample_keys
 from regate_plugin.core.keys import visual_fingerprints
+from regate_plugin.strategies import build_token_elision
 
 from .tiny import make_batch, tiny_llava, write_cache_for
 

@@ -215,3 +215,14 @@ def make_qwen2_vl_batch(batch: int = 3, seed: int = 0, padding_side: str = "righ
     out["image_grid_thw"] = torch.tensor([QWEN_GRID] * batch)
     out["mm_token_type_ids"] = (out["input_ids"] == IMAGE_TOKEN).int()
     return out
+
+
+def difficulty(elision, key: bytes, ordinals: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """What a reference-scored strategy's student EMA holds for one sample's answer tokens (by answer ordinal and
+    target id), float32; NaN where it knows nothing (visual slot group 0)."""
+    elision.sync()
+    (start,), _ = elision.reference.spans(elision.reference.locate([key]))
+    device = elision.ema.device
+    ordinals = ordinals.to(device).reshape(-1)
+    slots = start + ordinals if start >= 0 else torch.full_like(ordinals, -1)
+    return elision.ema.lookup(slots, token_ids.to(device).reshape(-1))

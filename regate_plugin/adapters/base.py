@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.elision import TokenElision
+from ..strategies import TokenElision
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-from ..core.elision import BatchLayout, ElisionPlan, TokenElision
 from ..core.keys import SampleKey, batch_sample_keys, visual_fingerprints
 from ..core.loss import Head
+from ..strategies import BatchLayout, ElisionPlan, TokenElision
 
 ElidedForward = Callable[[Any, dict[str, Any]], "ElidedCausalLMOutput"]
 
@@ -66,7 +66,7 @@ def sample_keys(
     planned: PlannedBatch | None = None,
 ) -> list[SampleKey] | None:
     """The batch's sample keys (pre-merge ids and labels), or None for strategies that do not need them."""
-    if not elision.needs_sample_keys:
+    if not elision.capabilities.sample_keys:
         return None
     if planned is not None and planned.keys is not None:
         return planned.keys
@@ -76,9 +76,9 @@ def sample_keys(
 
 
 def batch_fingerprints(elision: TokenElision, visual: Any, batch_size: int) -> torch.Tensor | None:
-    """The batch's visual fingerprints (`keys.visual_fingerprints`) when the strategy keeps EMA slot groups per
-    visual input (`ema_visual_slots` > 1); None otherwise, at no cost."""
-    if elision.cfg.ema_visual_slots <= 1:
+    """The batch's visual fingerprints (`keys.visual_fingerprints`) when the strategy uses them (e.g. to keep EMA
+    slot groups per visual input); None otherwise, at no cost."""
+    if not elision.capabilities.visual_fingerprints:
         return None
     return visual_fingerprints(visual, batch_size)
 

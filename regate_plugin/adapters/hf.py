@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from ..core.elision import ElisionPlan, TokenElision
+from ..strategies import ElisionPlan, TokenElision
 from .base import Adapter, register_adapter
 from .common import (
     PLANNED_BATCH,

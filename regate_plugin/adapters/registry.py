@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.elision import TokenElision
 from ..core.errors import UserError
+from ..strategies import TokenElision
 from .base import ADAPTERS, Adapter
 
 

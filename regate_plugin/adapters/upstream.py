@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..core.elision import TokenElision
 from ..core.rotary import hook_sliced_rotary
+from ..strategies import TokenElision
 from .base import Adapter, register_adapter
 from .common import (
     PLANNED_BATCH,
@@ -102,9 +102,10 @@ def _elided_forward(merge: Merge, elision: TokenElision, model: Any, kwargs: dic
         merged = MergedBatch(kwargs["inputs_embeds"], attention_mask, kwargs.get("position_ids"), kwargs["labels"])
     else:
         merged = merge(model, kwargs)
-        if input_ids is not None:  # LLaVA truncates the merged batch to tokenizer_model_max_length
+        check = elision.capabilities.check_visual_rows
+        if check is not None and input_ids is not None:  # LLaVA truncates the merged batch to its max length
             limit = getattr(model.config, "tokenizer_model_max_length", None)
-            elision.check_visual_rows(keys, *visual_rows(input_ids, attention_mask, merged, limit))
+            check(keys, *visual_rows(input_ids, attention_mask, merged, limit))
     fingerprints = batch_fingerprints(elision, kwargs.get("images"), merged.labels.shape[0])
     plan = elision.plan(merged.labels, merged.attention_mask, keys, visual_fingerprints=fingerprints)
     outputs = model.get_model()(

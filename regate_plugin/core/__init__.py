@@ -17,30 +17,18 @@ from .compaction import (
     shift_targets,
     target_ordinals,
 )
-from .config import ConfigError, ReGATEConfig
-from .elision import (
-    ElisionPlan,
-    NoElision,
-    RandomElision,
-    ReGATEElision,
-    TokenElision,
-    available_token_elisions,
-    build_token_elision,
-    register_token_elision,
-)
+from .config import ConfigError, ReferenceScoredConfig, ReGATEConfig, ScheduleConfig
 from .ema import DifficultyEMA
 from .keys import batch_sample_keys, sample_key, tokenizer_fingerprint
 from .loss import TokenLoss, next_token_loss
 from .reference import REFERENCE_MODES, ReferenceInput, TeacherInput, build_reference_input, build_teacher_input
-from .schedule import expected_keep_fraction, is_dense_step, keep_ratio_at
+from .schedule import expected_keep_fraction, first_sparse_step, is_dense_step, keep_ratio_at
 from .selection import fused_score, keep_counts, select_kept_positions
 
 __all__ = [
-    "available_token_elisions",
     "batch_sample_keys",
     "build_reference_input",
     "build_teacher_input",
-    "build_token_elision",
     "CacheError",
     "CacheManifest",
     "CompactionPlan",
@@ -48,8 +36,8 @@ __all__ = [
     "CorruptShardError",
     "DifficultyEMA",
     "elidable_positions",
-    "ElisionPlan",
     "expected_keep_fraction",
+    "first_sparse_step",
     "fused_score",
     "IGNORE_INDEX",
     "is_dense_step",
@@ -57,14 +45,12 @@ __all__ = [
     "keep_ratio_at",
     "MissingReferenceError",
     "next_token_loss",
-    "NoElision",
     "plan_compaction",
-    "RandomElision",
     "ReferenceLossCache",
     "ReferenceLossCacheWriter",
+    "ReferenceScoredConfig",
     "ReGATEConfig",
-    "ReGATEElision",
-    "register_token_elision",
+    "ScheduleConfig",
     "sample_key",
     "select_kept_positions",
     "shift_targets",
@@ -72,7 +58,6 @@ __all__ = [
     "REFERENCE_MODES",
     "ReferenceInput",
     "TeacherInput",
-    "TokenElision",
     "tokenizer_fingerprint",
     "TokenizerMismatchError",
     "TokenLoss",

@@ -1,11 +1,13 @@
-"""`ReGATEConfig`: every knob of the method, validated on construction (docs/METHOD.md)."""
+"""The strategies' settings, validated on construction (docs/METHOD.md): `ScheduleConfig`, which every strategy
+reads, `ReferenceScoredConfig`, which adds the student EMA and the reference store's knobs, and `ReGATEConfig`,
+which adds ReGATE's fused score."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from .errors import UserError
 
@@ -23,56 +25,54 @@ ELISION_UNITS: tuple[str, ...] = get_args(ElisionUnit)
 EMA_OBSERVE: tuple[str, ...] = get_args(EMAObserve)
 RESUME_WITHOUT_STATE_POLICIES: tuple[str, ...] = get_args(ResumeWithoutState)
 
+C = TypeVar("C", bound="ScheduleConfig")
+
 
 class ConfigError(UserError, ValueError):
-    """A setting (a `ReGATEConfig` field, a command-line flag) holds a value outside its allowed range; `field`
-    names the config field where there is one."""
+    """A setting (a config field, a command-line flag) holds a value outside its allowed range; `field` names the
+    config field where there is one."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
 
 
-def _knob(default: Any, help: str, flag: str | None = None) -> Any:
+def _knob(default: Any, help: str, flag: str | None = None, state_neutral: bool = False) -> Any:
     """A field with its help text; `flag` names its `--regate_<flag>` command-line flag where that is not the
-    field's own name (the training flags are generated from these fields, see `training.arguments`)."""
-    metadata = {"help": help} if flag is None else {"help": help, "flag": flag}
+    field's own name (the training flags are generated from these fields, see `training.arguments`);
+    `state_neutral` marks a setting a resumed run may change without invalidating the saved state (it decides how
+    the step is computed: memory, storage precision, what a cache miss or a resume does; not what the state means)."""
+    metadata: dict[str, Any] = {"help": help, "state_neutral": state_neutral}
+    if flag is not None:
+        metadata["flag"] = flag
     return field(default=default, metadata=metadata)
 
 
+def is_state_neutral(config_field: dataclasses.Field) -> bool:
+    return bool(config_field.metadata.get("state_neutral", False))
+
+
 @dataclass(frozen=True)
-class ReGATEConfig:
-    """Hyperparameters of ReGATE; defaults are the paper's (docs/TRAINING.md, "Flags")."""
+class ScheduleConfig:
+    """What every strategy reads: the dual-cycle schedule, the keep ratio and how the loss runs; defaults are the
+    paper's (docs/TRAINING.md, "Flags")."""
 
     keep_ratio: float = _knob(0.5, "Fraction of elidable answer tokens kept on sparse steps, in (0, 1].")
-    lam: float = _knob(
-        0.5, "Weight of the reference loss in the fused score d = (1-lam)*m + lam*ref, in [0, 1].", flag="lambda"
-    )
-    ema_beta: float = _knob(0.9, "Decay of the student-difficulty EMA, in [0, 1).")
     warmup_steps: int = _knob(100, "Dense optimizer steps before the first cycle, >= 0.")
     cycle_steps: int = _knob(128, "Length C of one dense+sparse cycle in optimizer steps, >= 1.")
     dense_steps: int = _knob(16, "Dense steps F at the start of each cycle, in [0, cycle_steps].")
-    score_norm: ScoreNorm = _knob(
-        "none", "'none' fuses raw losses; 'zscore' standardises each signal per sample first."
-    )
-    missing_reference: MissingReference = _knob(
-        "error",
-        "A sample absent from the reference cache: 'error' stops, 'ema' scores it by the student EMA alone and "
-        "counts it.",
-    )
     seed: int = _knob(0, "Seed of the `random` baseline's generator.")
     loss_chunk_size: int = _knob(
-        0, "Rows of logits materialised at once in the loss (recomputed in backward); 0 computes them in one piece."
-    )
-    ema_dtype: EMADtype = _knob(
-        "float32", "Storage of the per-(sample, answer token) EMA: 'float32' (4 B per answer token) or 'float16' (2 B)."
+        0,
+        "Rows of logits materialised at once in the loss (recomputed in backward); 0 computes them in one piece.",
+        state_neutral=True,
     )
     resume_without_state: ResumeWithoutState = _knob(
         "error",
         "Resuming from a checkpoint without a usable regate_state.pt (none, another strategy's, or one saved with "
         "other settings): 'error' stops, 'fresh' continues the schedule at the checkpoint's step with an empty EMA.",
+        state_neutral=True,
     )
-
     elision_unit: ElisionUnit = _knob(
         "target",
         "What a sparse step elides: 'target' drops an unselected candidate from the forward (its input token and "
@@ -80,6 +80,64 @@ class ReGATEConfig:
         "score and its input token's (the previous candidate's), so an important token is kept as a target and as "
         "an input; 'loss_only' keeps every token in the forward and drops only the unselected loss terms (a control "
         "that saves no compute).",
+    )
+
+    def __post_init__(self) -> None:
+        _check_range(self, "keep_ratio", "(0, 1]", lambda v: 0.0 < v <= 1.0)
+        for name in ("warmup_steps", "cycle_steps", "dense_steps", "seed", "loss_chunk_size"):
+            _check_int(self, name)
+        _check_range(self, "warmup_steps", "integers >= 0", lambda v: v >= 0)
+        _check_range(self, "cycle_steps", "integers >= 1", lambda v: v >= 1)
+        _check_range(
+            self,
+            "dense_steps",
+            f"integers in [0, cycle_steps={self.cycle_steps}]",
+            lambda v: 0 <= v <= self.cycle_steps,
+        )
+        _check_range(self, "loss_chunk_size", "integers >= 0", lambda v: v >= 0)
+        _check_choice(self, "resume_without_state", RESUME_WITHOUT_STATE_POLICIES)
+        _check_choice(self, "elision_unit", ELISION_UNITS)
+
+    @classmethod
+    def of(cls: type[C], other: ScheduleConfig) -> C:
+        """This class's fields taken from any config (a strategy narrows the config it is given to its own class;
+        fields `other` lacks keep their defaults)."""
+        if type(other) is cls:
+            return other
+        return cls(**{f.name: getattr(other, f.name) for f in dataclasses.fields(cls) if hasattr(other, f.name)})
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ReferenceScoredConfig(ScheduleConfig):
+    """The settings of a strategy that scores candidates from the student EMA and a reference store (`rho`), and
+    the base of `ReGATEConfig`."""
+
+    ema_beta: float = _knob(0.9, "Decay of the student-difficulty EMA, in [0, 1).")
+    missing_reference: MissingReference = _knob(
+        "error",
+        "A sample absent from the reference cache: 'error' stops, 'ema' scores it by the student EMA alone and "
+        "counts it.",
+        state_neutral=True,
+    )
+    ema_dtype: EMADtype = _knob(
+        "float32",
+        "Storage of the per-(sample, answer token) EMA: 'float32' (4 B per answer token) or 'float16' (2 B).",
+        state_neutral=True,
     )
     ema_observe: EMAObserve = _knob(
         "all", "Which steps' losses the student EMA learns from: 'all' (dense and sparse) or 'dense' (full context)."
@@ -92,54 +150,46 @@ class ReGATEConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_range("keep_ratio", self.keep_ratio, "(0, 1]", lambda v: 0.0 < v <= 1.0)
-        _check_range("lam", self.lam, "[0, 1]", lambda v: 0.0 <= v <= 1.0)
-        _check_range("ema_beta", self.ema_beta, "[0, 1)", lambda v: 0.0 <= v < 1.0)
-        for name in ("warmup_steps", "cycle_steps", "dense_steps", "seed", "loss_chunk_size", "ema_visual_slots"):
-            _check_int(name, getattr(self, name))
-        _check_range("ema_visual_slots", self.ema_visual_slots, "integers >= 1", lambda v: v >= 1)
-        _check_range("warmup_steps", self.warmup_steps, "integers >= 0", lambda v: v >= 0)
-        _check_range("cycle_steps", self.cycle_steps, "integers >= 1", lambda v: v >= 1)
-        _check_range(
-            "dense_steps",
-            self.dense_steps,
-            f"integers in [0, cycle_steps={self.cycle_steps}]",
-            lambda v: 0 <= v <= self.cycle_steps,
-        )
-        _check_range("loss_chunk_size", self.loss_chunk_size, "integers >= 0", lambda v: v >= 0)
-        _check_choice("score_norm", self.score_norm, SCORE_NORMS)
-        _check_choice("missing_reference", self.missing_reference, MISSING_REFERENCE_POLICIES)
-        _check_choice("ema_dtype", self.ema_dtype, EMA_DTYPES)
-        _check_choice("elision_unit", self.elision_unit, ELISION_UNITS)
-        _check_choice("ema_observe", self.ema_observe, EMA_OBSERVE)
-        _check_choice("resume_without_state", self.resume_without_state, RESUME_WITHOUT_STATE_POLICIES)
-
-    def replace(self, **changes: Any) -> ReGATEConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ReGATEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"ReGATEConfig has no field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
+        super().__post_init__()
+        _check_range(self, "ema_beta", "[0, 1)", lambda v: 0.0 <= v < 1.0)
+        _check_int(self, "ema_visual_slots")
+        _check_range(self, "ema_visual_slots", "integers >= 1", lambda v: v >= 1)
+        _check_choice(self, "missing_reference", MISSING_REFERENCE_POLICIES)
+        _check_choice(self, "ema_dtype", EMA_DTYPES)
+        _check_choice(self, "ema_observe", EMA_OBSERVE)
 
 
-def _check_int(name: str, value: Any) -> None:
+@dataclass(frozen=True)
+class ReGATEConfig(ReferenceScoredConfig):
+    """Hyperparameters of ReGATE: the reference-scored settings and the fused score's. It holds every built-in
+    field, so the training flags are generated from it."""
+
+    lam: float = _knob(
+        0.5, "Weight of the reference loss in the fused score d = (1-lam)*m + lam*ref, in [0, 1].", flag="lambda"
+    )
+    score_norm: ScoreNorm = _knob(
+        "none", "'none' fuses raw losses; 'zscore' standardises each signal per sample first."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range(self, "lam", "[0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _check_choice(self, "score_norm", SCORE_NORMS)
+
+
+def _check_int(cfg: ScheduleConfig, name: str) -> None:
+    value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"ReGATEConfig.{name}={value!r} must be an integer", name)
+        raise ConfigError(f"{type(cfg).__name__}.{name}={value!r} must be an integer", name)
 
 
-def _check_range(name: str, value: Any, allowed: str, ok: Any) -> None:
+def _check_range(cfg: ScheduleConfig, name: str, allowed: str, ok: Any) -> None:
+    value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
-        raise ConfigError(f"ReGATEConfig.{name}={value!r} is outside the allowed range {allowed}", name)
+        raise ConfigError(f"{type(cfg).__name__}.{name}={value!r} is outside the allowed range {allowed}", name)
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def _check_choice(cfg: ScheduleConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
     if value not in choices:
-        raise ConfigError(f"ReGATEConfig.{name}={value!r} is not one of {list(choices)}", name)
+        raise ConfigError(f"{type(cfg).__name__}.{name}={value!r} is not one of {list(choices)}", name)

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..adapters import enable_token_elision
-from ..core import IGNORE_INDEX, ReGATEConfig, build_token_elision
+from ..core import IGNORE_INDEX, ReGATEConfig
 from ..core.config import ConfigError
 from ..core.reference import build_reference_input
 from ..data import expand_placeholders, get_template, iter_conversations
@@ -35,6 +35,7 @@ from ..eval.frames import VisualSource, sample_official
 from ..eval.runners import HFRunner
 from ..reference import ReferenceScorer
 from ..reference.precompute import PrecomputeConfig, run_precompute
+from ..strategies import build_token_elision
 from .data import DemoSplits
 from .models import PRESETS, build_student, processor_for, smollm2_base, tiny_base, train_tokenizer
 from .tasks import TASKS, DemoTask

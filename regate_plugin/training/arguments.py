@@ -1,9 +1,10 @@
 """`TokenElisionArguments`: the `--token_elision` / `--regate_*` flags, for `HfArgumentParser` or a subclass of
 an upstream `TrainingArguments`.
 
-Every `ReGATEConfig` field becomes a flag `--regate_<name>` (or `--regate_<flag>` where the field's metadata
-names one, e.g. `--regate_lambda` for `lam`) with the field's type, default and help text, so the config is the
-only place a knob is declared.
+Every `ReGATEConfig` field (it holds every built-in strategy's settings) becomes a flag `--regate_<name>` (or
+`--regate_<flag>` where the field's metadata names one, e.g. `--regate_lambda` for `lam`) with the field's type,
+default and help text, so the config is the only place a knob is declared. The strategy built from the flags reads
+the fields of its own config class only.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import ConfigError, ReGATEConfig
-from ..core.elision import TokenElision, available_token_elisions, build_token_elision
-from .preflight import reference_cache_of
+from ..strategies import NeedsReferenceError, TokenElision, available_token_elisions, build_token_elision
 
 
 def _flag_of(config_field: dataclasses.Field) -> str:
@@ -42,10 +42,17 @@ class TokenElisionArguments:
     """Token elision for training; every field is also a command-line flag of the same name."""
 
     token_elision: str = field(
-        default="none", metadata={"help": "Which answer tokens the decoder skips: none, regate or random."}
+        default="none",
+        metadata={
+            "help": "Which answer tokens the decoder skips: none, regate, or another registered token elision "
+            "(docs/STRATEGIES.md)."
+        },
     )
     regate_ref_cache: str | None = field(
-        default=None, metadata={"help": "Reference-loss cache directory made by `regate precompute` (regate only)."}
+        default=None,
+        metadata={
+            "help": "Reference-loss cache directory made by `regate precompute` (for strategies that read one: regate)."
+        },
     )
 
     @classmethod
@@ -69,19 +76,20 @@ class TokenElisionArguments:
         if self.token_elision not in available_token_elisions():
             raise ConfigError(f"--token_elision {self.token_elision!r}: known values are {available_token_elisions()}")
         cfg = self.regate_config()
-        if self.token_elision == "regate" and not self.regate_ref_cache:
-            raise ConfigError(
-                "--token_elision regate needs --regate_ref_cache DIR, a reference-loss cache made by "
-                "`regate precompute` with this run's tokenizer, template and --model_max_length"
-            )
         kwargs: dict[str, Any] = {"tokenizer": tokenizer}
         if self.regate_ref_cache:
             kwargs["reference"] = self.regate_ref_cache
-        elision = build_token_elision(self.token_elision, cfg, **kwargs)
-        if self.regate_ref_cache and reference_cache_of(elision) is None:
+        try:
+            elision = build_token_elision(self.token_elision, cfg, **kwargs)
+        except NeedsReferenceError:
+            raise ConfigError(
+                f"--token_elision {self.token_elision} needs --regate_ref_cache DIR, a reference-loss cache made by "
+                "`regate precompute` with this run's tokenizer, template and --model_max_length"
+            ) from None
+        if self.regate_ref_cache and elision.capabilities.reference is None:
             warnings.warn(
                 f"--regate_ref_cache {self.regate_ref_cache} is unused: --token_elision {self.token_elision} reads "
-                "no reference cache (pass --token_elision regate to use it)",
+                "no reference cache (pass a strategy that reads one, e.g. --token_elision regate, to use it)",
                 stacklevel=2,
             )
         return elision

@@ -13,18 +13,15 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..core import distributed
-from ..core.config import ReGATEConfig
-from ..core.elision import ElisionStats, TokenElision
+from ..core.config import is_state_neutral
 from ..core.errors import UserError
+from ..strategies import ElisionStats, TokenElision
 from .arguments import CONFIG_FLAGS
 from .preflight import startup_summary
 
 STATE_FILE = "regate_state.pt"
 # Counts a checkpoint holds as sums over the ranks (`batches` is the same on every rank and stays as it is).
 _SUMMED_STATS = ("candidates", "kept", "targets", "missing_reference", "nonfinite")
-# Settings a resumed run may change without invalidating the saved state: they decide how the step is computed
-# (memory, storage precision, what a cache miss does, what resuming does), not what the state means.
-_STATE_NEUTRAL = ("loss_chunk_size", "ema_dtype", "missing_reference", "resume_without_state")
 
 
 class ResumeStateError(UserError, ValueError):
@@ -114,7 +111,8 @@ class TokenElisionCallback(TrainerCallback):
         self.elision.sync()
         self.elision.set_step(state.global_step)  # the step a resumed run computes next
         saved = self.elision.state_dict()
-        totals = _global_sum([getattr(self.elision.stats, name) for name in _SUMMED_STATS])
+        stats = vars(self.elision.stats)
+        totals = _global_sum([stats[name] for name in _SUMMED_STATS])
         saved["stats"] = {**saved["stats"], **dict(zip(_SUMMED_STATS, totals))}
         if distributed.rank() == 0:
             directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -125,7 +123,7 @@ class TokenElisionCallback(TrainerCallback):
         """Restore the state saved in `checkpoint` on every rank (rank 0 carries the summed counts, the others
         restart theirs at 0).
 
-        A state that is missing, another strategy's, or saved with other settings (`_STATE_NEUTRAL` aside) cannot
+        A state that is missing, another strategy's, or saved with other settings (state-neutral ones aside) cannot
         continue the run: for a strategy that learns from the student's losses that is a `ResumeStateError` unless
         `resume_without_state='fresh'`, which continues the schedule with an empty EMA and zeroed counts, as a
         strategy that learns nothing always does; both with a warning."""
@@ -133,8 +131,7 @@ class TokenElisionCallback(TrainerCallback):
         state = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
         problem = f"{Path(checkpoint)} holds no {STATE_FILE}" if state is None else _unusable(state, self.elision)
         if problem is not None:
-            learns = type(self.elision).observe is not TokenElision.observe
-            if learns and self.elision.cfg.resume_without_state == "error":
+            if self.elision.capabilities.learns and self.elision.cfg.resume_without_state == "error":
                 raise ResumeStateError(
                     f"resuming at step {global_step}: {problem}, so the student EMA of token elision "
                     f"'{self.elision.name}' cannot be restored. Resume from a checkpoint this run's settings saved, "
@@ -163,15 +160,12 @@ def _unusable(state: dict[str, Any], elision: TokenElision) -> str | None:
     saved = state.get("config")
     if saved is None:  # written before states carried their settings
         return None
-    defaults = {f.name: f.default for f in dataclasses.fields(ReGATEConfig)}
+    fields = [f for f in dataclasses.fields(elision.cfg) if not is_state_neutral(f)]
     current = elision.cfg.to_dict()
-    changed = [
-        name
-        for name, value in current.items()
-        if name not in _STATE_NEUTRAL and saved.get(name, defaults[name]) != value
-    ]
+    was_set = {f.name: saved.get(f.name, f.default) for f in fields}
+    changed = [f.name for f in fields if was_set[f.name] != current[f.name]]
     if not changed:
         return None
-    was = " ".join(f"--{CONFIG_FLAGS[name]} {saved.get(name, defaults[name])}" for name in changed)
-    now = " ".join(f"--{CONFIG_FLAGS[name]} {current[name]}" for name in changed)
+    was = " ".join(f"--{CONFIG_FLAGS.get(name, name)} {was_set[name]}" for name in changed)
+    now = " ".join(f"--{CONFIG_FLAGS.get(name, name)} {current[name]}" for name in changed)
     return f"its {STATE_FILE} was saved with {was}, this run has {now} ({', '.join(changed)} differ)"

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from ..core.cache import CacheError, CacheManifest, ReferenceLossCache
-from ..core.config import ReGATEConfig
-from ..core.elision import BatchLayout, NoElision, TokenElision
 from ..core.keys import batch_sample_keys, format_key
+from ..core.schedule import first_sparse_step
 from ..data import PLACEHOLDER_IDS, DataError, get_template
+from ..strategies import BatchLayout, TokenElision
 
 PREFLIGHT_SAMPLES = 64
 """How many training samples (the first ones of the training set) are looked up in the cache before step 0."""
@@ -126,17 +126,11 @@ def _settings(cache: ReferenceLossCache) -> str:
     return ", ".join(f"{name} {value}" for name, value in recorded.items())
 
 
-def reference_cache_of(elision: TokenElision) -> ReferenceLossCache | None:
-    """The reference cache a strategy reads, or None (`none`, `random`, a third-party strategy without one)."""
-    cache = getattr(elision, "reference", None)
-    return cache if isinstance(cache, ReferenceLossCache) else None
-
-
 def check_cache_fits(elision: TokenElision, batches: Iterable[dict[str, Any]], run: RunFacts) -> None:
     """Refuse, before step 0, a reference cache that does not fit this run: its manifest against `run`, then the
     keys of `batches` (the first training samples, collated as training collates them) against its index. Under
     `missing_reference='ema'` some misses only warn; all of them still fail. No-op for strategies without a cache."""
-    cache = reference_cache_of(elision)
+    cache = elision.capabilities.reference
     if cache is None:
         return
     causes = manifest_mismatches(cache.manifest, run)
@@ -165,34 +159,27 @@ def check_cache_fits(elision: TokenElision, batches: Iterable[dict[str, Any]], r
         f"{len(missed)} of the first {checked} training samples with answer tokens are not in reference cache "
         f"{cache.directory} (first: {first}). Likely cause: {'; '.join(found)}. The cache records: {_settings(cache)}."
     )
-    if elision.cfg.missing_reference == "error" or len(missed) == checked:
+    if not elision.capabilities.scores_missing_samples or len(missed) == checked:
         raise CacheMismatchError(message)
     warnings.warn(f"{message} They are scored by the student EMA alone (missing_reference='ema').", stacklevel=2)
-
-
-def first_sparse_step(start: int, cfg: ReGATEConfig) -> int | None:
-    """The first optimizer step >= `start` that the dual-cycle schedule makes sparse; None when none ever is."""
-    if cfg.dense_steps >= cfg.cycle_steps:
-        return None
-    step = max(start, cfg.warmup_steps)
-    return step + max(cfg.dense_steps - (step - cfg.warmup_steps) % cfg.cycle_steps, 0)
 
 
 def startup_summary(elision: TokenElision, step: int, max_steps: int) -> str:
     """What the run is about to do, for rank 0 to print once before its first step."""
     cfg, lines = elision.cfg, [f"token elision '{elision.name}', starting at optimizer step {step}"]
-    cache = reference_cache_of(elision)
+    cache = elision.capabilities.reference
     if cache is not None:
         manifest = cache.manifest
         lines.append(
             f"  reference cache    {cache.directory}: {len(cache)} samples, {cache.tokens} answer-token losses from "
             f"reference LLM {manifest.reference!r} ({manifest.reference_mode} mode; {_settings(cache)})"
         )
-    if isinstance(elision, NoElision):
+    if elision.capabilities.always_dense:
         lines.append("  schedule           every step dense: every answer token is trained on")
         return "\n".join(lines)
-    scored = f"; score (1 - {cfg.lam}) * EMA + {cfg.lam} * reference, EMA beta {cfg.ema_beta}" if cache else ""
-    lines.append(f"  keep ratio         {cfg.keep_ratio} of the elidable answer tokens on sparse steps{scored}")
+    how = elision.describe()
+    how = f"; {how}" if how else ""
+    lines.append(f"  keep ratio         {cfg.keep_ratio} of the elidable answer tokens on sparse steps{how}")
     lines.append(
         f"  schedule           {cfg.warmup_steps} dense warm-up steps, then cycles of {cfg.cycle_steps}: "
         f"{cfg.dense_steps} dense, {cfg.cycle_steps - cfg.dense_steps} sparse"

@@ -12,7 +12,7 @@ from ..adapters import enable_token_elision
 from ..adapters.common import PLANNED_BATCH, plan_ahead
 from .arguments import TokenElisionArguments
 from .callback import TokenElisionCallback
-from .preflight import PREFLIGHT_SAMPLES, RunFacts, check_cache_fits, reference_cache_of
+from .preflight import PREFLIGHT_SAMPLES, RunFacts, check_cache_fits
 
 RunTemplate = Callable[[Any], "str | None"]
 """The plugin template a run's preprocessing equals, read off the trainer (the launchers know their codebase's)."""
@@ -68,7 +68,7 @@ class TokenElisionTrainerMixin:
     def check_reference_cache(self) -> None:
         """The pre-flight check: the cache's manifest against this run, and its first training samples' keys
         against the cache; raises `CacheMismatchError` naming the likely cause (no-op without a cache)."""
-        if reference_cache_of(self.token_elision) is None:  # before asking the launcher for the template
+        if self.token_elision.capabilities.reference is None:  # before asking the launcher for the template
             return
         template = self.token_elision_template
         run = RunFacts(

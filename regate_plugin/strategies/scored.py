@@ -1,0 +1,222 @@
+"""`ReferenceScoredElision`: the base of strategies that rank candidates by the student's EMA loss and a reference
+store's loss (`regate`, `rho`). It locates each batch in the store, stages its reference losses, keeps and
+synchronises the EMA, and saves it; a subclass says only how the two signals make a score (`score`)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..core import distributed
+from ..core.cache import CacheError, ReferenceLossCache
+from ..core.config import ReferenceScoredConfig
+from ..core.ema import DifficultyEMA, all_gather_observations
+from ..core.errors import UserError
+from ..core.keys import SampleKey, format_key
+from ..core.loss import TokenLoss
+from ..core.selection import select_kept_positions
+from .base import Capabilities, TokenElision
+from .plan import BatchLayout, ElisionPlan
+
+
+class NeedsReferenceError(UserError, ValueError):
+    """A strategy that reads reference losses was built without a reference store."""
+
+
+@dataclass(frozen=True)
+class SampleRows:
+    """What a batch's sample keys located in the reference store, on the model's device."""
+
+    starts: torch.Tensor  # int64 [B]: each row's first EMA slot (its start in the store's token space, plus its visual
+    # slot group x the store's tokens), -1 if absent
+    reference: torch.Tensor  # float32 [B, W]: each row's reference losses by answer ordinal, NaN past its end
+
+
+def ema_slots(starts: torch.Tensor, ordinals: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """EMA slot of each candidate (its sample's start + its answer ordinal), -1 elsewhere or without a sample."""
+    slots = starts.unsqueeze(1) + ordinals
+    return torch.where(candidates & (starts.unsqueeze(1) >= 0), slots, torch.full_like(slots, -1))
+
+
+class ReferenceScoredElision(TokenElision):
+    """Keeps the candidates with the highest `score(student EMA loss, reference loss)`."""
+
+    config_class: ClassVar[type[ReferenceScoredConfig]] = ReferenceScoredConfig
+    cfg: ReferenceScoredConfig
+    selects_exact_counts = True
+
+    def __init__(
+        self,
+        cfg: ReferenceScoredConfig | None = None,
+        reference: ReferenceLossCache | str | os.PathLike[str] | None = None,
+        vocab_size: int = 0,
+    ) -> None:
+        super().__init__(cfg)
+        if reference is None:
+            raise NeedsReferenceError(
+                f"token elision '{self.name}' needs reference losses: pass reference=<cache directory> "
+                "(--regate_ref_cache), made by `regate precompute`"
+            )
+        self.reference = reference if isinstance(reference, ReferenceLossCache) else ReferenceLossCache(reference)
+        slots = self.reference.tokens * self.cfg.ema_visual_slots  # the text's span once per visual slot group
+        self.ema = DifficultyEMA(self.cfg.ema_beta, slots, vocab_size, self.cfg.ema_dtype)
+        self.capabilities = Capabilities(
+            sample_keys=True,
+            visual_fingerprints=self.cfg.ema_visual_slots > 1,
+            reference=self.reference,
+            scores_missing_samples=self.cfg.missing_reference == "ema",
+            check_visual_rows=self.check_visual_rows,
+            learns=True,
+        )
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._located: tuple[list[SampleKey], np.ndarray] | None = None  # the last batch's keys and store rows
+
+    def score(self, difficulty: torch.Tensor, reference: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Float [B, L]: the score each candidate ranks by (higher kept first, NaN last), from the student's EMA
+        loss and the reference loss of each position (NaN where unknown); `candidates` bool [B, L]."""
+        raise NotImplementedError
+
+    def check_visual_rows(
+        self, sample_keys: list[SampleKey] | None, placeholders: torch.Tensor, rows: torch.Tensor, cut: torch.Tensor
+    ) -> None:
+        """Refuse a merged batch whose visual rows per sample differ from those its reference losses were scored
+        with (`placeholders`, `rows`: per sample; `cut`: the merge truncated that sample)."""
+        if sample_keys is None:
+            return
+        placeholders, rows, cut = torch.stack([placeholders, rows, cut.long()]).cpu().numpy()  # one copy to the host
+        cut = cut.astype(bool)
+        expected = self.reference.expected_visual_rows(self._locate(sample_keys), placeholders)
+        wrong = np.flatnonzero((expected >= 0) & (rows != expected) & ~(cut & (rows < expected)))
+        if not wrong.size:
+            return
+        row = int(wrong[0])
+        manifest = self.reference.manifest
+        how = (
+            "its own count, from its image sizes"
+            if manifest.visual_layout is not None
+            else f"{manifest.visual_tokens} per placeholder, --visual-tokens"
+        )
+        raise CacheError(
+            f"sample {format_key(sample_keys[row])} (batch row {row}): the model merged {int(rows[row])} visual rows "
+            f"for its {int(placeholders[row])} placeholder(s), but its reference losses in {self.reference.directory} "
+            f"were scored with {int(expected[row])} ({how}): the positions of its answer tokens differ, so re-run "
+            "`regate precompute` with this model's visual rows"
+        )
+
+    def _locate(self, sample_keys: list[SampleKey]) -> np.ndarray:
+        """The batch's store rows (`ReferenceLossCache.locate`), looked up once for the adapter's visual-row check
+        and the plan of the same batch (the same key list)."""
+        if self._located is None or self._located[0] is not sample_keys:
+            self._located = (sample_keys, self.reference.locate(sample_keys))
+        return self._located[1]
+
+    def locate(
+        self,
+        sample_keys: list[SampleKey] | None,
+        layout: BatchLayout,
+        device: torch.device,
+        visual_fingerprints: torch.Tensor | None = None,
+    ) -> SampleRows:
+        """Locate the batch in the store (host, vectorised), check it, and stage its reference losses on `device`.
+        With `ema_visual_slots` V > 1, a row's EMA slots are those of its text in group fingerprint mod V (group 0
+        without a fingerprint); the reference losses are the text's."""
+        assert sample_keys is not None
+        self.sync()  # the previous micro-batch's observations from every rank, before this selection
+        if self.ema.device != device:
+            self.ema.to(device)
+        rows = self._locate(sample_keys)
+        missing = np.flatnonzero((rows < 0) & (layout.candidates > 0))
+        if missing.size:
+            if self.cfg.missing_reference == "error":
+                self.reference[sample_keys[missing[0]]]  # raises MissingReferenceError with the full message
+            self.count(missing_reference=missing.size)
+            if self._stats.missing_reference == missing.size:  # the run's first miss
+                warnings.warn(
+                    f"sample {format_key(sample_keys[missing[0]])} is not in reference cache "
+                    f"{self.reference.directory}; scoring it by the student EMA alone (missing_reference='ema'); "
+                    "later misses are counted in stats.missing_reference",
+                    stacklevel=4,
+                )
+        starts, lengths = self.reference.spans(rows)
+        short = np.flatnonzero((rows >= 0) & (lengths < layout.targets))
+        if short.size:
+            b = short[0]
+            raise CacheError(
+                f"sample {format_key(sample_keys[b])} has {layout.targets[b]} answer targets in the batch but "
+                f"{lengths[b]} reference losses in {self.reference.directory}: the cache was built with another "
+                "template or max length"
+            )
+        width = max(int(layout.targets.max(initial=0)), 1)
+        ema_starts = torch.from_numpy(starts).to(device, non_blocking=True)
+        if visual_fingerprints is not None and self.cfg.ema_visual_slots > 1:
+            group = torch.remainder(visual_fingerprints, self.cfg.ema_visual_slots)
+            ema_starts = torch.where(ema_starts >= 0, ema_starts + group * self.reference.tokens, ema_starts)
+        return SampleRows(
+            starts=ema_starts,
+            reference=torch.from_numpy(self.reference.losses_block(rows, width)).to(device, non_blocking=True),
+        )
+
+    def select(
+        self,
+        targets: torch.Tensor,
+        candidates: torch.Tensor,
+        ordinals: torch.Tensor,
+        rows: SampleRows,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        reference = rows.reference.gather(1, ordinals.clamp(0, rows.reference.shape[1] - 1))
+        difficulty = self.ema.lookup(ema_slots(rows.starts, ordinals, candidates), targets)
+        scores = self.score(difficulty, reference, candidates)
+        return select_kept_positions(self.unit_scores(scores, candidates), candidates, keep)
+
+    def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, result: TokenLoss) -> None:
+        """The kept candidates' losses, in row-major order of the compact batch: folded now in one process, or
+        held (one micro-batch at most) for `sync` to fold every rank's in rank order. With `ema_observe='dense'`,
+        sparse steps' losses (gapped context) are not observed (the schedule is the same on every rank)."""
+        assert plan.rows is not None
+        if self.cfg.ema_observe == "dense" and not plan.dense:
+            self.sync()
+            return
+        ordinals = plan.compaction.gather(plan.ordinals, fill=-1)
+        is_candidate = plan.compaction.gather(plan.candidates, fill=False)
+        slots = ema_slots(plan.rows.starts, ordinals, is_candidate).flatten()[result.positions]
+        token_ids = torch.where(is_candidate, compact_targets, -1).flatten()[result.positions]
+        self.sync()
+        if distributed.process_group_size() == 1:
+            self.ema.ensure_vocab(plan.layout.max_target_id + 1)  # a host bound on the observed ids
+            self.ema.update(slots, token_ids, result.per_token)
+        else:
+            self._pending = (slots, token_ids, result.per_token.float())
+
+    def sync(self) -> None:
+        """Fold the held micro-batch of every rank into the EMA, in rank order (a collective on every rank)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            slots, token_ids, losses = all_gather_observations(*pending)
+            if token_ids.numel():  # every rank grows the per-token table alike, from the same gathered ids
+                self.ema.ensure_vocab(int(token_ids.max()) + 1)
+            self.ema.update(slots, token_ids, losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._pending is not None:
+            raise RuntimeError("the EMA holds observations not yet exchanged: call sync() on every rank first")
+        return {
+            **super().state_dict(),
+            "ema": self.ema.state_dict(),
+            "reference_layout": self.reference.layout_digest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state.get("reference_layout") != self.reference.layout_digest:
+            raise ValueError(
+                f"the saved EMA is aligned to another reference cache (layout {state.get('reference_layout')}), "
+                f"not {self.reference.directory} ({self.reference.layout_digest})"
+            )
+        self.ema.load_state_dict(state["ema"])
+        self._pending = None
