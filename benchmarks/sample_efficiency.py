@@ -9,6 +9,7 @@ with a paired t-test and a sign test, and the answer tokens and seconds each run
         --dense-steps 16 --clock wall --tag _steps800                # another setting's records
     python benchmarks/sample_efficiency.py --report --seeds 0 1 2 3 4 5 6 7 8 9 --tag _10seeds   # more seeds
     python benchmarks/sample_efficiency.py --task easy-vqa --keep-ratios 0.35 --tag _easy_vqa   # the second task
+    python benchmarks/sample_efficiency.py --modes none regate random rho      # Rho-1's excess loss as a baseline
 
 Each seed regenerates the data, the reference LLM and the student start (`regate_plugin.demo.prepare`); every run
 of a seed starts from that start and sees the same batches. One record per completed run is appended to
@@ -116,8 +117,8 @@ def record_of(result: DemoResult, task: str, seed: int, settings: dict[str, Any]
 
 
 def planned_runs(modes: Iterable[str], keep_ratios: Iterable[float], variants: Iterable[str]) -> list[tuple]:
-    """(mode, variant, keep ratio) of every run per seed: `none` once, each elided mode per keep ratio; `random`
-    only with the default unit (its control), `regate` with each variant."""
+    """(mode, variant, keep ratio) of every run per seed: `none` once, each elided mode per keep ratio; the
+    baselines (`random`, `rho`) only with the default unit, `regate` with each variant."""
     runs = []
     for mode in modes:
         if mode == "none":
@@ -429,7 +430,9 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds to run and to summarize (default: 0-4)"
     )
-    parser.add_argument("--modes", nargs="+", default=["none", "regate", "random"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["none", "regate", "random"], help="none, regate, random, rho (a baseline)"
+    )
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.35, 0.5])
     parser.add_argument("--variants", nargs="+", default=["target"], choices=sorted(VARIANTS))
     task = parser.parse_known_args()[0].task

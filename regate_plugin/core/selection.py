@@ -1,4 +1,4 @@
-"""Which elidable positions to keep: the fused score and per-sample top-k (docs/METHOD.md)."""
+"""Which elidable positions to keep: the fused score, the excess loss, and per-sample top-k (docs/METHOD.md)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,14 @@ def fused_score(
     has_m, has_ref = ~torch.isnan(m), ~torch.isnan(ref)
     both = (1.0 - lam) * torch.nan_to_num(m) + lam * torch.nan_to_num(ref)
     return torch.where(has_m & has_ref, both, torch.where(has_m, m, torch.where(has_ref, ref, torch.zeros_like(m))))
+
+
+def excess_loss(difficulty: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Rho-1's excess loss m - ref (the student's EMA loss over the reference's): high where the student still
+    errs on what the reference finds learnable. NaN where either signal is unknown (it ranks after every known one)."""
+    if difficulty.shape != reference.shape:
+        raise ValueError(f"difficulty {tuple(difficulty.shape)} and reference {tuple(reference.shape)} differ")
+    return difficulty.float() - reference.float()
 
 
 def _zscore(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .registry import (
     build_token_elision,
     register_token_elision,
 )
+from .rho import RhoElision
 from .scored import NeedsReferenceError, ReferenceScoredElision, SampleRows
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ReferenceScoredElision",
     "ReGATEElision",
     "register_token_elision",
+    "RhoElision",
     "SampleRows",
     "TOKEN_ELISIONS",
     "TokenElision",

@@ -14,6 +14,7 @@ from .base import TokenElision
 from .none import NoElision
 from .random import RandomElision
 from .regate import ReGATEElision
+from .rho import RhoElision
 
 ElisionFactory = Callable[..., TokenElision]
 """`factory(cfg, **options)`: a strategy from a config (None: the strategy's defaults) and its options."""
@@ -66,3 +67,4 @@ def _plain(cls: type[TokenElision]) -> ElisionFactory:
 register_token_elision("none", _plain(NoElision))
 register_token_elision("random", _plain(RandomElision))
 register_token_elision("regate", ReGATEElision)
+register_token_elision("rho", RhoElision)
