@@ -19,11 +19,11 @@ from regate_plugin.core import (
     ReGATEConfig,
     TokenizerMismatchError,
     batch_sample_keys,
-    build_token_elision,
     sample_key,
     tokenizer_fingerprint,
 )
 from regate_plugin.core.compaction import IGNORE_INDEX
+from regate_plugin.strategies import build_token_elision
 
 
 def test_sample_key_is_stable_across_processes():
