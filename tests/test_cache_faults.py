@@ -265,3 +265,17 @@ def test_cache_stats_writes_its_plot_where_asked_and_never_into_the_cache(setup,
     captured = capsys.readouterr()
     assert "loss p50" in captured.out and f"cannot write {blocked / 'h.png'}" in captured.err
     shutil.rmtree(work)
+
+
+def test_a_tokenizer_without_a_length_limit_truncates_nothing(setup, tmp_path):
+    data, _, fresh = setup
+    tokenizer = write_sentencepiece_llama(tmp_path / "tok", model_max_length=int(1e30))  # llava-hf's sentinel
+    reference = write_tiny_reference(tmp_path / "reference", tokenizer)
+    out = tmp_path / "cache"
+    args = [a for a in _args(data, reference, out) if a not in ("--max-length", 160)]
+    assert regate([str(a) for a in args]) == 0  # an OverflowError, "int too big to convert", before the fix
+    assert _summary(out)["truncated"] == 0
+    untruncated = _cache_dict(out)
+    assert len(untruncated) == SAMPLES
+    shorter = [key for key, losses in fresh.items() if key in untruncated]  # the samples --max-length 160 kept whole
+    assert 0 < len(shorter) < SAMPLES, "the data has samples longer than 160 tokens and shorter ones"

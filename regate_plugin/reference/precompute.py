@@ -44,7 +44,7 @@ from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from ..data.anyres import AnyresLayout, read_image_size
-from ..data.templates import ConversationTemplate
+from ..data.templates import ConversationTemplate, tokenizer_limit
 from .model import ReferenceScorer, dtype_kwarg, resolve_reference
 
 logger = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ def _encoding(cfg: PrecomputeConfig, tokenizer: Any) -> _Encoding:
             raise FileNotFoundError(
                 f"cannot load the tokenizer of {location} (--tokenizer / --reference): {err}"
             ) from None
-    max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
+    max_length = cfg.max_length or tokenizer_limit(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     if cfg.mode == "pad" and pad_id is None:
         raise ConfigError(
