@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+import transformers
 
 from regate_plugin.cli import main as regate
 from regate_plugin.core import CorruptShardError, ReferenceLossCache, ReferenceLossCacheWriter
@@ -279,3 +281,18 @@ def test_a_tokenizer_without_a_length_limit_truncates_nothing(setup, tmp_path):
     assert len(untruncated) == SAMPLES
     shorter = [key for key, losses in fresh.items() if key in untruncated]  # the samples --max-length 160 kept whole
     assert 0 < len(shorter) < SAMPLES, "the data has samples longer than 160 tokens and shorter ones"
+
+
+def test_a_reference_with_a_smaller_vocabulary_is_refused_before_scoring(setup, tmp_path, capsys):
+    data, reference, _ = setup
+    config = transformers.AutoConfig.from_pretrained(reference)
+    config.vocab_size = 100  # the data's token ids go up to the tokenizer's 700
+    small = tmp_path / "small"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    transformers.AutoTokenizer.from_pretrained(reference).save_pretrained(small)
+    out = tmp_path / "cache"
+    assert _run(data, small, out) == 2  # an IndexError inside the forward before the fix
+    err = capsys.readouterr().err
+    assert f"reference LLM {small}" in err and "(100 tokens)" in err and "Traceback" not in err
+    assert re.search(r"token id (\d+) is outside", err) and int(re.search(r"token id (\d+)", err)[1]) >= 100
+    assert not list(out.rglob("shard-*")), "nothing scored"

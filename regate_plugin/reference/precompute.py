@@ -359,7 +359,8 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     known = _known_keys(out)
     part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
 
-    summary = _score_windows(cfg, samples, encoding, scorer, known, part, rank, world, started)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    summary = _score_windows(cfg, samples, encoding, scorer, vocab_size, known, part, rank, world, started)
     _barrier(world)
     if rank == 0:
         _merge_parts(out, header)
@@ -439,6 +440,7 @@ def _score_windows(
     samples: list[Conversation],
     encoding: _Encoding,
     scorer: ReferenceScorer,
+    vocab_size: int,
     known: set[SampleKey],
     part: ReferenceLossCacheWriter,
     rank: int,
@@ -452,7 +454,7 @@ def _score_windows(
     bar = tqdm(total=sum(len(w) for w in mine), unit="sample", disable=not cfg.progress or rank != 0, desc="precompute")
     summary = PrecomputeSummary()
     for window in mine:
-        prepared = _prepare_window(cfg, window, encoding, summary, bar)
+        prepared = _prepare_window(cfg, window, encoding, vocab_size, summary, bar)
         for batch in plan_batches([max(p.length, 1) for p in prepared], cfg.batch_tokens):
             _score_batch([prepared[i] for i in batch], scorer, known, part, summary)
             bar.update(len(batch))
@@ -464,11 +466,17 @@ def _score_windows(
 
 
 def _prepare_window(
-    cfg: PrecomputeConfig, window: list[Conversation], encoding: _Encoding, summary: PrecomputeSummary, bar: Any
+    cfg: PrecomputeConfig,
+    window: list[Conversation],
+    encoding: _Encoding,
+    vocab_size: int,
+    summary: PrecomputeSummary,
+    bar: Any,
 ) -> list[PreparedSample]:
     """Tokenize and key a window's samples; bad ones (with --skip-bad) and repeats are counted and dropped.
 
-    Duplicates are dropped within a window only, so a window's batches never depend on other windows."""
+    Duplicates are dropped within a window only, so a window's batches never depend on other windows. A token id
+    outside the reference LLM's vocabulary is refused before the window is scored."""
     seen: set[SampleKey] = set()
     prepared = []
     for sample in window:
@@ -489,6 +497,11 @@ def _prepare_window(
             summary.bad.append(str(err))
             bar.update(1)
             continue
+        if item.length and (largest := int(item.reference_input.input_ids.max())) >= vocab_size:
+            raise ConfigError(
+                f"{sample.where()}: token id {largest} is outside the vocabulary of reference LLM {cfg.reference} "
+                f"({vocab_size} tokens): the reference must use the student's tokenizer (--reference, --tokenizer)"
+            )
         if item.key in seen:
             summary.duplicates += 1
             bar.update(1)
