@@ -9,7 +9,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -296,3 +301,66 @@ def test_a_reference_with_a_smaller_vocabulary_is_refused_before_scoring(setup, 
     assert f"reference LLM {small}" in err and "(100 tokens)" in err and "Traceback" not in err
     assert re.search(r"token id (\d+) is outside", err) and int(re.search(r"token id (\d+)", err)[1]) >= 100
     assert not list(out.rglob("shard-*")), "nothing scored"
+
+
+@pytest.mark.parametrize("foreign", ["manifest", "parts"])
+def test_files_the_precompute_did_not_make_are_neither_deleted_nor_replaced(setup, tmp_path, capsys, foreign):
+    data, reference, fresh = setup
+    out = tmp_path / "out"
+    (out / "parts" / "notes").mkdir(parents=True)
+    (out / "parts" / "notes" / "todo.txt").write_text("mine")
+    (out / MANIFEST_NAME).write_text('{"model": "mine"}' if foreign == "manifest" else "")
+    if foreign == "parts":  # a cache's empty manifest (what a run killed before its first shard leaves)
+        (out / MANIFEST_NAME).unlink()
+        ReferenceLossCacheWriter(out, reference="killed", tokenizer_fingerprint="f", reference_mode="gap")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert _run(data, reference, out) == 2  # exit 0 with parts/ deleted and manifest.json replaced before the fix
+    err = capsys.readouterr().err
+    named = out / MANIFEST_NAME if foreign == "manifest" else out / "parts" / "notes"
+    assert str(named) in err and "--overwrite" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "nothing deleted or replaced"
+    assert _run(data, reference, out, "--resume") == 2
+    assert _run(data, reference, out, "--overwrite") == 0
+    _assert_equal(_cache_dict(out), fresh)
+
+
+def _holder(lock: Path) -> dict:
+    try:
+        return json.loads(lock.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(setup, tmp_path):
+    data, reference, fresh = setup
+    slow = write_tiny_reference(tmp_path / "slow", Path(reference), hidden=256, layers=6)  # still going when killed
+    long_data = write_json(tmp_path / "train.json", _text_only(conversation_samples(2000, seed=4)))
+    out, lock = tmp_path / "out", tmp_path / "out" / "precompute.lock"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "regate_plugin.cli", *map(str, _args(long_data, slow, out))]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while _holder(lock).get("pid") != first.pid and time.time() < deadline:
+            time.sleep(0.05)
+        assert _holder(lock)["pid"] == first.pid
+        other_job = [sys.executable, "-m", "regate_plugin.cli", *map(str, _args(data, slow, out, "--resume"))]
+        second = subprocess.run(other_job, env=env, capture_output=True, text=True, timeout=300)  # other data
+        assert _holder(lock)["pid"] == first.pid and first.poll() is None, "the first run still holds the lock"
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"pid {first.pid} on {socket.gethostname()}" in second.stderr and "--data" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert _holder(lock)["pid"] == first.pid, "a killed run leaves its lock file"
+    third = subprocess.run(
+        [sys.executable, "-m", "regate_plugin.cli", *map(str, _args(data, reference, out, "--overwrite"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "taking over" in third.stderr and f"pid {first.pid}" in third.stderr
+    assert not lock.exists(), "the lock is released at the end"
+    _assert_equal(_cache_dict(out), fresh)

@@ -12,10 +12,10 @@ Each rank writes committed shards into `OUT/parts/rank-NNNNN`; when all ranks ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,17 +25,7 @@ from typing import Any
 import torch
 
 from ..core import distributed
-from ..core.cache import (
-    MANIFEST_NAME,
-    CacheError,
-    CacheManifest,
-    ReferenceLossCacheWriter,
-    check_not_orphaned,
-    committed_keys,
-    read_manifest,
-    repair_cache,
-    shard_files,
-)
+from ..core.cache import CacheManifest, ReferenceLossCacheWriter
 from ..core.compaction import IGNORE_INDEX
 from ..core.config import ConfigError
 from ..core.dtypes import dtype_from_name
@@ -45,10 +35,10 @@ from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_in
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from ..data.anyres import AnyresLayout, read_image_size
 from ..data.templates import ConversationTemplate, tokenizer_limit
+from ..store.lifecycle import PARTS_DIR, known_keys, locked, merge_parts, prepare_output
 from .model import ReferenceScorer, dtype_kwarg, resolve_reference
 
 logger = logging.getLogger(__name__)
-PARTS_DIR = "parts"
 SUMMARY_NAME = "precompute_summary.json"
 
 
@@ -264,42 +254,6 @@ def load_data(cfg: PrecomputeConfig, summary: PrecomputeSummary) -> list[Convers
     return present
 
 
-def _part_dirs(out: Path) -> list[Path]:
-    """Every rank's part directory under `out/parts` (of any earlier world size)."""
-    parts = out / PARTS_DIR
-    return sorted(p for p in parts.iterdir() if p.is_dir()) if parts.is_dir() else []
-
-
-def _prepare_output(cfg: PrecomputeConfig, header: dict[str, Any], extra: dict[str, Any], rank: int) -> None:
-    """Rank 0: make `cfg.out` ready to write into, and create or check its manifest.
-
-    --overwrite replaces whatever cache is there. A directory holding no shard file (a run that failed or was killed
-    before its first shard) counts as absent. Otherwise the cache is refused unless resuming, and a resumed one is
-    repaired first (`repair_cache`, in `out` and in every part): shards it cannot trust are set aside and scored
-    again, a lost manifest is rebuilt."""
-    out = Path(cfg.out)
-    if rank != 0:
-        return
-    directories = [out, *_part_dirs(out)]
-    if cfg.overwrite or not any(shard_files(directory) for directory in directories):
-        shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
-        ReferenceLossCacheWriter(out, overwrite=True, extra=extra, **header)
-        return
-    if not cfg.resume:
-        for directory in directories:
-            check_not_orphaned(directory)
-        committed = sum(read_manifest(d).samples for d in directories if (d / MANIFEST_NAME).is_file())
-        raise CacheError(
-            f"{out} already holds a reference cache ({committed} samples committed): pass --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    wanted = CacheManifest(**header, extra=extra)
-    for directory in directories:
-        for note in repair_cache(directory, wanted):
-            logger.warning(note)
-    ReferenceLossCacheWriter(out, extra=extra, **header)
-
-
 def _gather(summary: PrecomputeSummary, world: int) -> PrecomputeSummary:
     """Every rank's counters summed (rank 0 reports them)."""
     if world == 1:
@@ -312,15 +266,6 @@ def _gather(summary: PrecomputeSummary, world: int) -> PrecomputeSummary:
     for other in everyone:
         total.merge(other)
     return total
-
-
-def _known_keys(out: Path) -> set[SampleKey]:
-    """Keys already committed: in the merged cache and in every rank's parts (any earlier world size)."""
-    known: set[SampleKey] = set(committed_keys(out))
-    for part in _part_dirs(out):
-        if (part / MANIFEST_NAME).is_file():
-            known.update(committed_keys(part))
-    return known
 
 
 @dataclass
@@ -337,15 +282,33 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     """Score every sample of `cfg.data` with the reference LLM and commit the losses to `cfg.out`.
 
     `model` / `tokenizer` may be passed in already loaded; otherwise they load from `cfg.reference` / `cfg.tokenizer`.
-    Under `torchrun` each rank scores every WORLD_SIZE-th window and rank 0 merges the shards at the end.
+    Under `torchrun` each rank scores every WORLD_SIZE-th window and rank 0 merges the shards at the end. Rank 0
+    holds `cfg.out`'s lock for the whole run: a second precompute into it is refused.
     """
     started = time.perf_counter()
     rank, world = distributed.rank(), distributed.world_size()
     opens_group = world > 1 and distributed.process_group_size() == 1  # `_barrier` opens it; closed at the end
     out = Path(cfg.out)
     encoding = _encoding(cfg, tokenizer)
-    header, extra = _cache_header(cfg, encoding)
+    wanted = _wanted_manifest(cfg, encoding)
+    with locked(out) if rank == 0 else contextlib.nullcontext():
+        summary = _run_locked(cfg, model, encoding, wanted, rank, world, started)
+    _barrier(world)
+    if opens_group:
+        distributed.destroy_process_group()
+    return summary
 
+
+def _run_locked(
+    cfg: PrecomputeConfig,
+    model: Any,
+    encoding: _Encoding,
+    wanted: CacheManifest,
+    rank: int,
+    world: int,
+    started: float,
+) -> PrecomputeSummary:
+    out = Path(cfg.out)
     loaded = PrecomputeSummary()
     samples = load_data(cfg, loaded)
     if not samples:
@@ -354,16 +317,17 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     model.eval().requires_grad_(False)
     # Built before anything is written: it refuses a mode the reference LLM cannot run.
     scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, encoding.pad_id)
-    _prepare_output(cfg, header, extra, rank)
+    if rank == 0:
+        prepare_output(out, wanted, resume=cfg.resume, overwrite=cfg.overwrite)
     _barrier(world)
-    known = _known_keys(out)
-    part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
+    known = known_keys(out)
+    part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=wanted.extra, **wanted.header())
 
     vocab_size = model.get_input_embeddings().num_embeddings
     summary = _score_windows(cfg, samples, encoding, scorer, vocab_size, known, part, rank, world, started)
     _barrier(world)
     if rank == 0:
-        _merge_parts(out, header)
+        merge_parts(out, wanted)
     summary = _gather(summary, world)
     summary.samples = len(samples)
     summary.bad = loaded.bad + summary.bad
@@ -375,9 +339,6 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
             write_bytes_atomically(out / SUMMARY_NAME, json.dumps(asdict(summary), indent=2).encode())
         except OSError as err:  # the cache is complete: only the record of this run is missing
             logger.warning("cannot write %s (%s); the reference cache itself is complete", out / SUMMARY_NAME, err)
-    _barrier(world)
-    if opens_group:
-        distributed.destroy_process_group()
     return summary
 
 
@@ -405,16 +366,8 @@ def _encoding(cfg: PrecomputeConfig, tokenizer: Any) -> _Encoding:
     return _Encoding(template, tokenizer, max_length, pad_id)
 
 
-def _cache_header(cfg: PrecomputeConfig, encoding: _Encoding) -> tuple[dict[str, Any], dict[str, Any]]:
+def _wanted_manifest(cfg: PrecomputeConfig, encoding: _Encoding) -> CacheManifest:
     """What the manifest records: the header a resumed run must match, and the settings kept for reference."""
-    header = dict(
-        reference=str(cfg.reference),
-        tokenizer_fingerprint=tokenizer_fingerprint(encoding.tokenizer),
-        reference_mode=cfg.mode,
-        dtype=cfg.cache_dtype,
-        visual_tokens=cfg.visual_tokens,
-        visual_layout=cfg.anyres.describe() if cfg.anyres is not None else None,
-    )
     extra = {
         "template": encoding.template.name,
         "max_length": encoding.max_length,
@@ -422,7 +375,15 @@ def _cache_header(cfg: PrecomputeConfig, encoding: _Encoding) -> tuple[dict[str,
         "image_token_id": cfg.image_token_id,
         "image_folder": None if cfg.image_folder is None else str(cfg.image_folder),
     }
-    return header, extra
+    return CacheManifest(
+        reference=str(cfg.reference),
+        tokenizer_fingerprint=tokenizer_fingerprint(encoding.tokenizer),
+        reference_mode=cfg.mode,
+        dtype=cfg.cache_dtype,
+        visual_tokens=cfg.visual_tokens,
+        visual_layout=cfg.anyres.describe() if cfg.anyres is not None else None,
+        extra=extra,
+    )
 
 
 def _load_reference_model(cfg: PrecomputeConfig) -> Any:
@@ -536,11 +497,3 @@ def _score_batch(
         summary.empty += values.numel() == 0
     summary.reference_tokens += sum(p.length for p in with_targets)
     summary.padded_tokens += len(with_targets) * max((p.length for p in with_targets), default=0)
-
-
-def _merge_parts(out: Path, header: dict[str, Any]) -> None:
-    """Rank 0, after every rank is done: move each rank's committed shards into `out` and remove the parts."""
-    merged = ReferenceLossCacheWriter(out, **header)
-    for directory in _part_dirs(out):
-        merged.absorb(directory)
-    shutil.rmtree(out / PARTS_DIR)
