@@ -38,13 +38,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from regate_plugin.core import (
     IGNORE_INDEX,
-    ReferenceLossCacheWriter,
     ReGATEConfig,
     batch_sample_keys,
     build_token_elision,
     next_token_loss,
     shift_targets,
 )
+from regate_plugin.store import ReferenceLossCacheWriter
 
 VOCAB = 32000
 VISUAL_ID = 5

@@ -8,22 +8,26 @@ model = rg.enable_token_elision(model, elision)
 
 from .adapters import disable_token_elision, enable_token_elision, get_token_elision, supported_models
 from .core import (
-    CacheError,
     ConfigError,
-    CorruptShardError,
     DifficultyEMA,
-    MissingReferenceError,
-    ReferenceLossCache,
-    ReferenceLossCacheWriter,
     ReGATEConfig,
     TokenElision,
-    TokenizerMismatchError,
     available_token_elisions,
     build_token_elision,
     register_token_elision,
     sample_key,
     select_kept_positions,
     tokenizer_fingerprint,
+)
+from .store import (
+    CacheError,
+    CorruptShardError,
+    InMemoryReferenceStore,
+    MissingReferenceError,
+    ReferenceLossCache,
+    ReferenceLossCacheWriter,
+    ReferenceStore,
+    TokenizerMismatchError,
 )
 
 __version__ = "0.1.0"
@@ -34,10 +38,12 @@ __all__ = [
     "ConfigError",
     "CorruptShardError",
     "DifficultyEMA",
+    "InMemoryReferenceStore",
     "MissingReferenceError",
     "ReGATEConfig",
     "ReferenceLossCache",
     "ReferenceLossCacheWriter",
+    "ReferenceStore",
     "TokenElision",
     "TokenizerMismatchError",
     "available_token_elisions",

@@ -23,9 +23,9 @@ import torch
 import transformers
 
 from regate_plugin.cli import main as regate
-from regate_plugin.core import CorruptShardError, ReferenceLossCache, ReferenceLossCacheWriter
-from regate_plugin.core.cache import MANIFEST_NAME, SET_ASIDE_SUFFIX
 from regate_plugin.core.keys import KEY_BYTES
+from regate_plugin.store import MANIFEST_NAME, CorruptShardError, ReferenceLossCache, ReferenceLossCacheWriter
+from regate_plugin.store.shards import SET_ASIDE_SUFFIX
 
 from .llava_data import conversation_samples, write_json, write_tiny_reference
 from .tokenizers_fixture import write_sentencepiece_llama

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from regate_plugin.core import ReferenceLossCacheWriter, ReGATEConfig, batch_sample_keys, build_token_elision
+from regate_plugin.core import ReGATEConfig, batch_sample_keys, build_token_elision
+from regate_plugin.store import ReferenceLossCacheWriter
 
 IGNORE = -100
 VOCAB = 128

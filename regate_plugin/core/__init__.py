@@ -1,14 +1,5 @@
 """The pure-torch core of ReGATE: no transformers import anywhere below this package."""
 
-from .cache import (
-    CacheError,
-    CacheManifest,
-    CorruptShardError,
-    MissingReferenceError,
-    ReferenceLossCache,
-    ReferenceLossCacheWriter,
-    TokenizerMismatchError,
-)
 from .compaction import (
     IGNORE_INDEX,
     CompactionPlan,
@@ -41,11 +32,8 @@ __all__ = [
     "build_reference_input",
     "build_teacher_input",
     "build_token_elision",
-    "CacheError",
-    "CacheManifest",
     "CompactionPlan",
     "ConfigError",
-    "CorruptShardError",
     "DifficultyEMA",
     "elidable_positions",
     "ElisionPlan",
@@ -55,13 +43,10 @@ __all__ = [
     "is_dense_step",
     "keep_counts",
     "keep_ratio_at",
-    "MissingReferenceError",
     "next_token_loss",
     "NoElision",
     "plan_compaction",
     "RandomElision",
-    "ReferenceLossCache",
-    "ReferenceLossCacheWriter",
     "ReGATEConfig",
     "ReGATEElision",
     "register_token_elision",
@@ -74,6 +59,5 @@ __all__ = [
     "TeacherInput",
     "TokenElision",
     "tokenizer_fingerprint",
-    "TokenizerMismatchError",
     "TokenLoss",
 ]

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..store.errors import CacheError
+from ..store.index import ReferenceLossCache
 from . import distributed
-from .cache import CacheError, ReferenceLossCache
 from .compaction import (
     IGNORE_INDEX,
     CompactionPlan,

@@ -13,6 +13,7 @@ Each rank writes committed shards into `OUT/parts/rank-NNNNN`; when all ranks ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,6 @@ from typing import Any
 import torch
 
 from ..core import distributed
-from ..core.cache import CacheManifest, ReferenceLossCacheWriter
 from ..core.compaction import IGNORE_INDEX
 from ..core.config import ConfigError
 from ..core.dtypes import dtype_from_name
@@ -35,10 +35,12 @@ from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_in
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from ..data.anyres import AnyresLayout, read_image_size
 from ..data.templates import ConversationTemplate, tokenizer_limit
+from ..store import CacheManifest, Provenance, ReferenceLossCacheWriter, read_manifest
 from ..store.lifecycle import PARTS_DIR, known_keys, locked, merge_parts, prepare_output
 from .model import ReferenceScorer, dtype_kwarg, resolve_reference
 
 logger = logging.getLogger(__name__)
+_UNCUT = 2**31 - 1  # a length limit no sample reaches: the template tokenizes all of it
 SUMMARY_NAME = "precompute_summary.json"
 
 
@@ -90,13 +92,14 @@ class PrecomputeSummary:
     reference_tokens: int = 0  # real (unpadded) tokens the reference LLM ran on
     padded_tokens: int = 0  # batch slots including padding
     truncated: int = 0  # samples cut at the max length
+    longest: int = 0  # the longest sample before truncation, in the student's rows (the maximum, not a sum)
     empty: int = 0  # samples with no answer tokens (recorded with zero losses)
     bad: list[str] = field(default_factory=list)  # skipped with --skip-bad
     seconds: float = 0.0
 
     def merge(self, other: PrecomputeSummary) -> None:
         for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
+            setattr(self, name, max(self.longest, value) if name == "longest" else getattr(self, name) + value)
 
     def format(self) -> str:
         rate = self.reference_tokens / self.seconds if self.seconds else 0.0
@@ -104,7 +107,7 @@ class PrecomputeSummary:
             f"samples        {self.samples}",
             f"scored         {self.scored}  ({self.already_done} already in the cache, {self.duplicates} duplicates)",
             f"answer tokens  {self.answer_tokens}",
-            f"truncated      {self.truncated}",
+            f"truncated      {self.truncated}  (longest sample {self.longest} rows before truncation)",
             f"empty          {self.empty}  (no answer tokens: nothing to elide)",
             f"bad (skipped)  {len(self.bad)}",
             f"time           {self.seconds:.1f} s  ({self.scored / max(self.seconds, 1e-9):.1f} samples/s, "
@@ -119,6 +122,7 @@ class PreparedSample:
     reference_input: ReferenceInput
     truncated: bool
     visual_rows: int  # the rows the student splices in for all of the sample's placeholders
+    full_length: int  # the rows the truncation limit is compared with, before truncation
 
     @property
     def length(self) -> int:
@@ -141,6 +145,9 @@ def prepare_sample(
     (HF-native students) each placeholder is first expanded into that many copies of that token, as the model's
     processor does, and the sample is keyed and truncated in that expanded form."""
     encoded = template.encode(sample, tokenizer, max_length)
+    text_length = len(encoded.input_ids)
+    if max_length is not None and text_length >= max_length:  # the template may have cut it as it tokenized it
+        text_length = len(template.encode(sample, tokenizer, _UNCUT).input_ids)
     placeholders = sum(token in PLACEHOLDER_IDS for token in encoded.input_ids)
     if placeholders and visual_tokens is None:
         raise DataError(
@@ -153,6 +160,8 @@ def prepare_sample(
             "the model pairs them in order, so the counts must match"
         )
     total_rows = placeholders * rows if isinstance(rows, int) else sum(rows)
+    merged = template.truncates_merged or image_token_id is not None  # the limit applies to the merged rows
+    full_length = text_length - placeholders + total_rows if merged else text_length
     if image_token_id is not None:  # HF-native: the processor expands placeholders before anything else
         encoded = expand_placeholders(encoded, image_token_id, rows)
         visual_ids, rows = (image_token_id,), 1
@@ -166,7 +175,7 @@ def prepare_sample(
         cut = reference_input.truncated(max_length)
         truncated = truncated or cut is not reference_input
         reference_input = cut
-    return PreparedSample(key, reference_input, truncated, total_rows)
+    return PreparedSample(key, reference_input, truncated, total_rows, full_length)
 
 
 def visual_paths(cfg: PrecomputeConfig, sample: Conversation) -> list[Path]:
@@ -321,14 +330,17 @@ def _run_locked(
         prepare_output(out, wanted, resume=cfg.resume, overwrite=cfg.overwrite)
     _barrier(world)
     known = known_keys(out)
-    part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=wanted.extra, **wanted.header())
+    part = ReferenceLossCacheWriter.like(out / PARTS_DIR / f"rank-{rank:05d}", wanted)
 
     vocab_size = model.get_input_embeddings().num_embeddings
     summary = _score_windows(cfg, samples, encoding, scorer, vocab_size, known, part, rank, world, started)
     _barrier(world)
-    if rank == 0:
-        merge_parts(out, wanted)
     summary = _gather(summary, world)
+    if rank == 0:  # the longest sample of the whole cache, this run's data and what an earlier run recorded
+        longest = max(summary.longest, read_manifest(out).provenance.longest or 0)
+        merge_parts(
+            out, dataclasses.replace(wanted, provenance=dataclasses.replace(wanted.provenance, longest=longest))
+        )
     summary.samples = len(samples)
     summary.bad = loaded.bad + summary.bad
     summary.seconds = time.perf_counter() - started
@@ -367,14 +379,15 @@ def _encoding(cfg: PrecomputeConfig, tokenizer: Any) -> _Encoding:
 
 
 def _wanted_manifest(cfg: PrecomputeConfig, encoding: _Encoding) -> CacheManifest:
-    """What the manifest records: the header a resumed run must match, and the settings kept for reference."""
-    extra = {
-        "template": encoding.template.name,
-        "max_length": encoding.max_length,
-        "data": [str(p) for p in cfg.data],
-        "image_token_id": cfg.image_token_id,
-        "image_folder": None if cfg.image_folder is None else str(cfg.image_folder),
-    }
+    """What the manifest records: the header a resumed run must match, and how the samples are made (the longest
+    sample is recorded when the run is done)."""
+    provenance = Provenance(
+        template=encoding.template.name,
+        max_length=encoding.max_length,
+        image_token_id=cfg.image_token_id,
+        image_folder=None if cfg.image_folder is None else str(cfg.image_folder),
+        data=tuple(str(p) for p in cfg.data),
+    )
     return CacheManifest(
         reference=str(cfg.reference),
         tokenizer_fingerprint=tokenizer_fingerprint(encoding.tokenizer),
@@ -382,7 +395,7 @@ def _wanted_manifest(cfg: PrecomputeConfig, encoding: _Encoding) -> CacheManifes
         dtype=cfg.cache_dtype,
         visual_tokens=cfg.visual_tokens,
         visual_layout=cfg.anyres.describe() if cfg.anyres is not None else None,
-        extra=extra,
+        provenance=provenance,
     )
 
 
@@ -469,6 +482,7 @@ def _prepare_window(
             continue
         seen.add(item.key)
         prepared.append(item)
+        summary.longest = max(summary.longest, item.full_length)
     return prepared
 
 

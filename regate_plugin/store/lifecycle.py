@@ -28,19 +28,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..core.cache import (
-    MANIFEST_NAME,
-    SET_ASIDE_SUFFIX,
-    CacheError,
-    CacheManifest,
-    ReferenceLossCacheWriter,
-    check_not_orphaned,
-    committed_keys,
-    read_manifest,
-    repair_cache,
-    shard_files,
-)
 from ..core.keys import SampleKey
+from .errors import CacheError
+from .manifest import MANIFEST_NAME, CacheManifest, read_manifest
+from .shards import SET_ASIDE_SUFFIX, shard_files
+from .writer import ReferenceLossCacheWriter, check_not_orphaned, committed_keys, repair_cache
 
 logger = logging.getLogger(__name__)
 PARTS_DIR = "parts"
@@ -98,8 +90,10 @@ def locked(directory: str | os.PathLike[str]) -> Iterator[LockHolder]:
 
     The lock is an flock on `precompute.lock`, so the kernel releases it when its process dies; the file records the
     holder. A lock file left by a run that is gone (killed on this host: the flock is free and its pid is dead) is
-    taken over with a warning; one left by a run on another host is refused, since its pid cannot be checked."""
+    taken over with a warning; one left by a run on another host is refused, since its pid cannot be checked. A
+    directory the lock had to create is removed again when the run leaves nothing else in it."""
     path = Path(directory) / LOCK_NAME
+    created = not path.parent.exists()  # removed again at the end if the run left nothing in it
     path.parent.mkdir(parents=True, exist_ok=True)
     me = LockHolder.me()
     while True:
@@ -143,6 +137,8 @@ def locked(directory: str | os.PathLike[str]) -> Iterator[LockHolder]:
     finally:  # removed while still flock-ed: a run that opened the file meanwhile sees another inode and retries
         path.unlink(missing_ok=True)
         os.close(fd)
+        if created and not any(path.parent.iterdir()):
+            path.parent.rmdir()
 
 
 def part_dirs(out: Path) -> list[Path]:
@@ -189,7 +185,7 @@ def prepare_output(out: Path, wanted: CacheManifest, *, resume: bool, overwrite:
         shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     if overwrite or not any(shard_files(directory) for directory in directories):
         _remove_parts(out)
-        ReferenceLossCacheWriter(out, overwrite=True, **_writer_fields(wanted))
+        ReferenceLossCacheWriter.like(out, wanted, overwrite=True)
         return
     if not resume:
         for directory in directories:
@@ -202,11 +198,7 @@ def prepare_output(out: Path, wanted: CacheManifest, *, resume: bool, overwrite:
     for directory in directories:
         for note in repair_cache(directory, wanted):
             logger.warning(note)
-    ReferenceLossCacheWriter(out, **_writer_fields(wanted))
-
-
-def _writer_fields(manifest: CacheManifest) -> dict:
-    return {**manifest.header(), "extra": manifest.extra}
+    ReferenceLossCacheWriter.like(out, wanted)
 
 
 def known_keys(out: Path) -> set[SampleKey]:
@@ -219,10 +211,12 @@ def known_keys(out: Path) -> set[SampleKey]:
 
 
 def merge_parts(out: Path, wanted: CacheManifest) -> None:
-    """Rank 0, after every rank is done: move each rank's committed shards into `out` and remove the parts."""
-    merged = ReferenceLossCacheWriter(out, **_writer_fields(wanted))
+    """Rank 0, after every rank is done: move each rank's committed shards into `out`, record `wanted`'s provenance
+    in its manifest, and remove the parts."""
+    merged = ReferenceLossCacheWriter.like(out, wanted)
     for directory in part_dirs(out):
         merged.absorb(directory)
+    merged.record(wanted.provenance)
     _remove_parts(out)
 
 
