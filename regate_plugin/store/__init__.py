@@ -5,7 +5,7 @@ from .errors import CacheError, CacheWriteError, CorruptShardError, MissingRefer
 from .index import ReferenceLossCache
 from .manifest import MANIFEST_NAME, CacheManifest, Provenance, ShardInfo, read_manifest, verify_cache
 from .memory import InMemoryReferenceStore
-from .protocol import ReferenceStore
+from .protocol import ReferenceStore, open_store
 from .writer import ReferenceLossCacheWriter, repair_cache
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "InMemoryReferenceStore",
     "MANIFEST_NAME",
     "MissingReferenceError",
+    "open_store",
     "Provenance",
     "read_manifest",
     "ReferenceLossCache",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from ..core.keys import SampleKey
+from .index import ReferenceLossCache
 from .manifest import CacheManifest
 
 
@@ -55,3 +57,8 @@ class ReferenceStore(Protocol):
     def __contains__(self, key: object) -> bool: ...
 
     def keys(self) -> Iterator[SampleKey]: ...
+
+
+def open_store(reference: ReferenceStore | str | os.PathLike[str]) -> ReferenceStore:
+    """`reference` itself when it is a store (in memory, or a cache already open), else the cache at that path."""
+    return reference if isinstance(reference, ReferenceStore) else ReferenceLossCache(reference)
