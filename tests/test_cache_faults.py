@@ -23,9 +23,12 @@ import torch
 import transformers
 
 from regate_plugin.cli import main as regate
+from regate_plugin.core import ReGATEConfig, build_token_elision
 from regate_plugin.core.keys import KEY_BYTES
+from regate_plugin.data import get_template, iter_conversations
 from regate_plugin.store import MANIFEST_NAME, CorruptShardError, ReferenceLossCache, ReferenceLossCacheWriter
 from regate_plugin.store.shards import SET_ASIDE_SUFFIX
+from regate_plugin.training.preflight import CacheMismatchError, RunFacts, check_cache_fits
 
 from .llava_data import conversation_samples, write_json, write_tiny_reference
 from .tokenizers_fixture import write_sentencepiece_llama
@@ -364,3 +367,45 @@ def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(setu
     assert "taking over" in third.stderr and f"pid {first.pid}" in third.stderr
     assert not lock.exists(), "the lock is released at the end"
     _assert_equal(_cache_dict(out), fresh)
+
+
+def _whole(data: Path, reference: Path) -> list[dict[str, torch.Tensor]]:
+    """Every sample as training collates it (the v1 template, nothing cut), one a batch."""
+    tokenizer, template = transformers.AutoTokenizer.from_pretrained(reference), get_template("v1")
+    batches = []
+    for sample in iter_conversations(data):
+        encoded = template.encode(sample, tokenizer, 10**6)
+        ids = torch.tensor([encoded.input_ids])
+        batches.append({"input_ids": ids, "labels": torch.tensor([encoded.labels]), "attention_mask": ids * 0 + 1})
+    return batches
+
+
+@pytest.mark.parametrize("made_with", ["no --max-length", "--max-length 2048", "a --max-length that cuts"])
+def test_a_cache_is_refused_only_for_a_max_length_that_cuts_a_sample_otherwise(setup, tmp_path, made_with):
+    data, reference, _ = setup
+    if made_with == "no --max-length":  # a tokenizer with no limit of its own: nothing is cut
+        reference = write_tiny_reference(
+            tmp_path / "ref", write_sentencepiece_llama(tmp_path / "tok", model_max_length=int(1e30))
+        )
+    batches = _whole(data, reference)
+    longest = max(batch["input_ids"].shape[1] for batch in batches)  # each sample tokenized whole, independently
+    out = tmp_path / "cache"
+    limit = {"no --max-length": None, "--max-length 2048": 2048, "a --max-length that cuts": longest - 1}[made_with]
+    args = [a for a in _args(data, reference, out) if a not in ("--max-length", 160)]
+    assert regate([str(a) for a in [*args, *([] if limit is None else ["--max-length", limit])]]) == 0
+    made = ReferenceLossCache(out).manifest.provenance
+    assert (made.max_length, made.longest) == (limit, longest)
+    elision = build_token_elision("regate", ReGATEConfig(), reference=out)
+
+    def check(run_max_length: int | None) -> None:
+        check_cache_fits(elision, batches[:8], RunFacts(template="v1", max_length=run_max_length))
+
+    if limit is None or limit >= longest:  # before the fix: refused for any other limit
+        for run_max_length in (longest, longest + 1, 4096, limit):
+            check(run_max_length)  # no sample reaches either limit
+        with pytest.raises(CacheMismatchError, match=f"at {longest - 1} tokens .*longest sample \\({longest} rows"):
+            check(longest - 1)  # this run would cut the longest sample, the cache did not
+    else:
+        for run_max_length in (longest, 4096):  # the cache cut the longest sample, this run would not
+            with pytest.raises(CacheMismatchError, match=f"made with --max-length {limit}, this run truncates"):
+                check(run_max_length)
