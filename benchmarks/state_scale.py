@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from timing import Clock, add_clock_flags, clock_from
 
-from regate_plugin.core.cache import ReferenceLossCache, ReferenceLossCacheWriter
 from regate_plugin.core.ema import DifficultyEMA
+from regate_plugin.store import ReferenceLossCache, ReferenceLossCacheWriter
 
 
 def build_cache(directory: Path, samples: int, tokens: int, seed: int = 0) -> list[bytes]:

@@ -38,12 +38,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from regate_plugin.core import (
     IGNORE_INDEX,
-    ReferenceLossCacheWriter,
     ReGATEConfig,
     batch_sample_keys,
     next_token_loss,
     shift_targets,
 )
+from regate_plugin.store import ReferenceLossCacheWriter
 from regate_plugin.strategies import build_token_elision
 
 VOCAB = 32000

@@ -8,20 +8,24 @@ model = rg.enable_token_elision(model, elision)
 
 from .adapters import disable_token_elision, enable_token_elision, get_token_elision, supported_models
 from .core import (
-    CacheError,
     ConfigError,
-    CorruptShardError,
     DifficultyEMA,
-    MissingReferenceError,
-    ReferenceLossCache,
-    ReferenceLossCacheWriter,
     ReferenceScoredConfig,
     ReGATEConfig,
     ScheduleConfig,
-    TokenizerMismatchError,
     sample_key,
     select_kept_positions,
     tokenizer_fingerprint,
+)
+from .store import (
+    CacheError,
+    CorruptShardError,
+    InMemoryReferenceStore,
+    MissingReferenceError,
+    ReferenceLossCache,
+    ReferenceLossCacheWriter,
+    ReferenceStore,
+    TokenizerMismatchError,
 )
 from .strategies import (
     Capabilities,
@@ -40,12 +44,14 @@ __all__ = [
     "ConfigError",
     "CorruptShardError",
     "DifficultyEMA",
+    "InMemoryReferenceStore",
     "MissingReferenceError",
     "ReferenceScoredConfig",
     "ReGATEConfig",
     "ScheduleConfig",
     "ReferenceLossCache",
     "ReferenceLossCacheWriter",
+    "ReferenceStore",
     "TokenElision",
     "TokenizerMismatchError",
     "available_token_elisions",

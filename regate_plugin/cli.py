@@ -136,7 +136,7 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def _cache_verify(args: argparse.Namespace) -> int:
-    from .core.cache import read_manifest, verify_cache
+    from .store import read_manifest, verify_cache
 
     manifest = read_manifest(args.cache)
     problems = verify_cache(args.cache, manifest)
@@ -158,8 +158,8 @@ def _cache_verify(args: argparse.Namespace) -> int:
 
 
 def _cache_stats(args: argparse.Namespace) -> int:
-    from .core.cache import ReferenceLossCache
     from .reference.report import cache_stats, format_stats, plot_histogram
+    from .store import ReferenceLossCache
 
     cache = ReferenceLossCache(args.cache)
     print(format_stats(cache_stats(cache)))

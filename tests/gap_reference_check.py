@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from regate_plugin.cli import main as regate
-from regate_plugin.core import IGNORE_INDEX, ReferenceLossCache, sample_key
+from regate_plugin.core import IGNORE_INDEX, sample_key
 from regate_plugin.data import get_template, iter_conversations
 from regate_plugin.data.templates import PLACEHOLDER_IDS
+from regate_plugin.store import ReferenceLossCache
 from tests.llava_data import write_tiny_reference
 
 ROWS = 9  # visual rows per placeholder

@@ -11,9 +11,8 @@ from PIL import Image
 
 from regate_plugin.adapters.upstream import MergedBatch, visual_rows
 from regate_plugin.cli import main as regate
-from regate_plugin.core import ReferenceLossCache
-from regate_plugin.core.cache import CacheError
 from regate_plugin.core.keys import format_key
+from regate_plugin.store import CacheError, ReferenceLossCache
 from regate_plugin.strategies import ReGATEElision
 
 from .llava_data import conversation_samples, write_json, write_tiny_reference

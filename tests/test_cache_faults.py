@@ -7,18 +7,28 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+import transformers
 
 from regate_plugin.cli import main as regate
-from regate_plugin.core import CorruptShardError, ReferenceLossCache, ReferenceLossCacheWriter
-from regate_plugin.core.cache import MANIFEST_NAME, SET_ASIDE_SUFFIX
+from regate_plugin.core import ReGATEConfig, build_token_elision
 from regate_plugin.core.keys import KEY_BYTES
+from regate_plugin.data import get_template, iter_conversations
+from regate_plugin.store import MANIFEST_NAME, CorruptShardError, ReferenceLossCache, ReferenceLossCacheWriter
+from regate_plugin.store.shards import SET_ASIDE_SUFFIX
+from regate_plugin.training.preflight import CacheMismatchError, RunFacts, check_cache_fits
 
 from .llava_data import conversation_samples, write_json, write_tiny_reference
 from .tokenizers_fixture import write_sentencepiece_llama
@@ -265,3 +275,137 @@ def test_cache_stats_writes_its_plot_where_asked_and_never_into_the_cache(setup,
     captured = capsys.readouterr()
     assert "loss p50" in captured.out and f"cannot write {blocked / 'h.png'}" in captured.err
     shutil.rmtree(work)
+
+
+def test_a_tokenizer_without_a_length_limit_truncates_nothing(setup, tmp_path):
+    data, _, fresh = setup
+    tokenizer = write_sentencepiece_llama(tmp_path / "tok", model_max_length=int(1e30))  # llava-hf's sentinel
+    reference = write_tiny_reference(tmp_path / "reference", tokenizer)
+    out = tmp_path / "cache"
+    args = [a for a in _args(data, reference, out) if a not in ("--max-length", 160)]
+    assert regate([str(a) for a in args]) == 0  # an OverflowError, "int too big to convert", before the fix
+    assert _summary(out)["truncated"] == 0
+    untruncated = _cache_dict(out)
+    assert len(untruncated) == SAMPLES
+    shorter = [key for key, losses in fresh.items() if key in untruncated]  # the samples --max-length 160 kept whole
+    assert 0 < len(shorter) < SAMPLES, "the data has samples longer than 160 tokens and shorter ones"
+
+
+def test_a_reference_with_a_smaller_vocabulary_is_refused_before_scoring(setup, tmp_path, capsys):
+    data, reference, _ = setup
+    config = transformers.AutoConfig.from_pretrained(reference)
+    config.vocab_size = 100  # the data's token ids go up to the tokenizer's 700
+    small = tmp_path / "small"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    transformers.AutoTokenizer.from_pretrained(reference).save_pretrained(small)
+    out = tmp_path / "cache"
+    assert _run(data, small, out) == 2  # an IndexError inside the forward before the fix
+    err = capsys.readouterr().err
+    assert f"reference LLM {small}" in err and "(100 tokens)" in err and "Traceback" not in err
+    assert re.search(r"token id (\d+) is outside", err) and int(re.search(r"token id (\d+)", err)[1]) >= 100
+    assert not list(out.rglob("shard-*")), "nothing scored"
+
+
+@pytest.mark.parametrize("foreign", ["manifest", "parts"])
+def test_files_the_precompute_did_not_make_are_neither_deleted_nor_replaced(setup, tmp_path, capsys, foreign):
+    data, reference, fresh = setup
+    out = tmp_path / "out"
+    (out / "parts" / "notes").mkdir(parents=True)
+    (out / "parts" / "notes" / "todo.txt").write_text("mine")
+    (out / MANIFEST_NAME).write_text('{"model": "mine"}' if foreign == "manifest" else "")
+    if foreign == "parts":  # a cache's empty manifest (what a run killed before its first shard leaves)
+        (out / MANIFEST_NAME).unlink()
+        ReferenceLossCacheWriter(out, reference="killed", tokenizer_fingerprint="f", reference_mode="gap")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert _run(data, reference, out) == 2  # exit 0 with parts/ deleted and manifest.json replaced before the fix
+    err = capsys.readouterr().err
+    named = out / MANIFEST_NAME if foreign == "manifest" else out / "parts" / "notes"
+    assert str(named) in err and "--overwrite" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "nothing deleted or replaced"
+    assert _run(data, reference, out, "--resume") == 2
+    assert _run(data, reference, out, "--overwrite") == 0
+    _assert_equal(_cache_dict(out), fresh)
+
+
+def _holder(lock: Path) -> dict:
+    try:
+        return json.loads(lock.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(setup, tmp_path):
+    data, reference, fresh = setup
+    slow = write_tiny_reference(tmp_path / "slow", Path(reference), hidden=256, layers=6)  # still going when killed
+    long_data = write_json(tmp_path / "train.json", _text_only(conversation_samples(2000, seed=4)))
+    out, lock = tmp_path / "out", tmp_path / "out" / "precompute.lock"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "regate_plugin.cli", *map(str, _args(long_data, slow, out))]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while _holder(lock).get("pid") != first.pid and time.time() < deadline:
+            time.sleep(0.05)
+        assert _holder(lock)["pid"] == first.pid
+        other_job = [sys.executable, "-m", "regate_plugin.cli", *map(str, _args(data, slow, out, "--resume"))]
+        second = subprocess.run(other_job, env=env, capture_output=True, text=True, timeout=300)  # other data
+        assert _holder(lock)["pid"] == first.pid and first.poll() is None, "the first run still holds the lock"
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"pid {first.pid} on {socket.gethostname()}" in second.stderr and "--data" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert _holder(lock)["pid"] == first.pid, "a killed run leaves its lock file"
+    third = subprocess.run(
+        [sys.executable, "-m", "regate_plugin.cli", *map(str, _args(data, reference, out, "--overwrite"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "taking over" in third.stderr and f"pid {first.pid}" in third.stderr
+    assert not lock.exists(), "the lock is released at the end"
+    _assert_equal(_cache_dict(out), fresh)
+
+
+def _whole(data: Path, reference: Path) -> list[dict[str, torch.Tensor]]:
+    """Every sample as training collates it (the v1 template, nothing cut), one a batch."""
+    tokenizer, template = transformers.AutoTokenizer.from_pretrained(reference), get_template("v1")
+    batches = []
+    for sample in iter_conversations(data):
+        encoded = template.encode(sample, tokenizer, 10**6)
+        ids = torch.tensor([encoded.input_ids])
+        batches.append({"input_ids": ids, "labels": torch.tensor([encoded.labels]), "attention_mask": ids * 0 + 1})
+    return batches
+
+
+@pytest.mark.parametrize("made_with", ["no --max-length", "--max-length 2048", "a --max-length that cuts"])
+def test_a_cache_is_refused_only_for_a_max_length_that_cuts_a_sample_otherwise(setup, tmp_path, made_with):
+    data, reference, _ = setup
+    if made_with == "no --max-length":  # a tokenizer with no limit of its own: nothing is cut
+        reference = write_tiny_reference(
+            tmp_path / "ref", write_sentencepiece_llama(tmp_path / "tok", model_max_length=int(1e30))
+        )
+    batches = _whole(data, reference)
+    longest = max(batch["input_ids"].shape[1] for batch in batches)  # each sample tokenized whole, independently
+    out = tmp_path / "cache"
+    limit = {"no --max-length": None, "--max-length 2048": 2048, "a --max-length that cuts": longest - 1}[made_with]
+    args = [a for a in _args(data, reference, out) if a not in ("--max-length", 160)]
+    assert regate([str(a) for a in [*args, *([] if limit is None else ["--max-length", limit])]]) == 0
+    made = ReferenceLossCache(out).manifest.provenance
+    assert (made.max_length, made.longest) == (limit, longest)
+    elision = build_token_elision("regate", ReGATEConfig(), reference=out)
+
+    def check(run_max_length: int | None) -> None:
+        check_cache_fits(elision, batches[:8], RunFacts(template="v1", max_length=run_max_length))
+
+    if limit is None or limit >= longest:  # before the fix: refused for any other limit
+        for run_max_length in (longest, longest + 1, 4096, limit):
+            check(run_max_length)  # no sample reaches either limit
+        with pytest.raises(CacheMismatchError, match=f"at {longest - 1} tokens .*longest sample \\({longest} rows"):
+            check(longest - 1)  # this run would cut the longest sample, the cache did not
+    else:
+        for run_max_length in (longest, 4096):  # the cache cut the longest sample, this run would not
+            with pytest.raises(CacheMismatchError, match=f"made with --max-length {limit}, this run truncates"):
+                check(run_max_length)

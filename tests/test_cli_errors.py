@@ -15,10 +15,11 @@ from regate_plugin.eval import BenchmarkError, MVBenchError
 from regate_plugin.model_zoo import ZooError, entries
 
 from regate_plugin.cli import main as regate
-from regate_plugin.core import CacheError, ConfigError
+from regate_plugin.core import ConfigError
 from regate_plugin.core.errors import UserError
 from regate_plugin.data import DataError
 from regate_plugin.patching import PatchError
+from regate_plugin.store import CacheError
 
 from .image_fixtures import write_pope, write_scienceqa
 

@@ -8,13 +8,14 @@ from regate_plugin.eval import get_protocol, load_mvbench
 from regate_plugin.eval.base import Request
 from regate_plugin.eval.runners import HFRunner
 
-from regate_plugin.core import ReferenceLossCache, batch_sample_keys
+from regate_plugin.core import batch_sample_keys
 from regate_plugin.data import expand_placeholders, get_template, iter_conversations
 from regate_plugin.demo import DemoConfig, SavedActivations, run_demo
 from regate_plugin.demo import data as demo_data
 from regate_plugin.demo.models import processor_for, train_tokenizer
 from regate_plugin.demo.report import plot_curves
 from regate_plugin.demo.tasks import TASKS
+from regate_plugin.store import ReferenceLossCache
 
 SQUARES = TASKS["squares"]
 

@@ -10,19 +10,18 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from regate_plugin.core import (
+from regate_plugin.core import ReGATEConfig, batch_sample_keys, sample_key, tokenizer_fingerprint
+from regate_plugin.core.compaction import IGNORE_INDEX
+from regate_plugin.store import (
     CacheError,
     CorruptShardError,
+    InMemoryReferenceStore,
     MissingReferenceError,
     ReferenceLossCache,
     ReferenceLossCacheWriter,
-    ReGATEConfig,
+    ReferenceStore,
     TokenizerMismatchError,
-    batch_sample_keys,
-    sample_key,
-    tokenizer_fingerprint,
 )
-from regate_plugin.core.compaction import IGNORE_INDEX
 from regate_plugin.strategies import build_token_elision
 
 
@@ -126,20 +125,6 @@ def test_writer_resumes_and_refuses_a_different_reference(tmp_path):
     assert len(ReferenceLossCache(tmp_path)) == 0
 
 
-def test_a_manifest_that_names_the_reference_teacher_still_opens(tmp_path):
-    """Caches written before the field was renamed call the reference LLM `teacher` in their manifest."""
-    samples = _samples()
-    _write(tmp_path, samples, reference="old-llm")
-    manifest = tmp_path / "manifest.json"
-    raw = json.loads(manifest.read_text())
-    raw["teacher"] = raw.pop("reference")
-    manifest.write_text(json.dumps(raw))
-    cache = ReferenceLossCache(tmp_path)
-    assert cache.manifest.reference == "old-llm" and len(cache) == len(samples)
-    key, losses = next(iter(samples.items()))
-    assert torch.equal(cache[key], losses)
-
-
 def _batch_with_unknown_sample():
     input_ids = torch.tensor([[1, 7, 8, 9, 10, 2]])
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 8, 9, 10, 2]])
@@ -187,22 +172,14 @@ def test_not_a_cache_directory(tmp_path):
         ReferenceLossCache(tmp_path)
 
 
-def test_a_version_1_cache_still_opens(tmp_path):
-    """Caches written before per-sample visual rows: version 1, no `visual_layout`, shards without `visual_rows`."""
-    samples = _samples()
-    _write(tmp_path, samples, visual_tokens=16)
+@pytest.mark.parametrize("version", [2, 4])
+def test_a_cache_of_another_format_version_is_refused_naming_both_versions(tmp_path, version):
+    _write(tmp_path, _samples(), visual_tokens=16)
     manifest = tmp_path / "manifest.json"
     raw = json.loads(manifest.read_text())
-    raw["version"] = 1
-    del raw["visual_layout"]
+    raw["version"] = version
     manifest.write_text(json.dumps(raw))
-    cache = ReferenceLossCache(tmp_path)
-    assert all(torch.equal(cache[key], losses) for key, losses in samples.items())
-    rows = cache.locate(list(samples))
-    assert cache.expected_visual_rows(rows, np.full(len(rows), 2)).tolist() == [32] * len(rows)
-    raw["version"] = 3
-    manifest.write_text(json.dumps(raw))
-    with pytest.raises(CacheError, match="upgrade regate-plugin"):
+    with pytest.raises(CacheError, match=f"has cache format version {version}, this plugin reads version 3: re-run"):
         ReferenceLossCache(tmp_path)
 
 
@@ -245,7 +222,7 @@ def test_lookups_equal_a_dict_of_the_keys_with_colliding_first_halves(tmp_path, 
 def test_the_same_samples_give_the_same_shard_bytes_in_every_process(tmp_path):
     """A shard's sha256 (and so the layout digest a saved EMA is checked against) depends on its content alone."""
     script = (
-        "import sys, torch; from regate_plugin.core import ReferenceLossCacheWriter\n"
+        "import sys, torch; from regate_plugin.store import ReferenceLossCacheWriter\n"
         "w = ReferenceLossCacheWriter(sys.argv[1], reference='r', tokenizer_fingerprint='f', reference_mode='gap')\n"
         "w.add(bytes(range(16)), torch.arange(3.0)); w.close()\n"
     )
@@ -253,3 +230,59 @@ def test_the_same_samples_give_the_same_shard_bytes_in_every_process(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(tmp_path / str(n))], check=True, timeout=120)
     digests = {(tmp_path / str(n) / "shard-00000.safetensors").read_bytes() for n in range(6)}
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("visual", ["per placeholder", "per sample"])
+def test_the_in_memory_store_answers_as_the_on_disk_cache_of_the_same_losses(tmp_path, visual):
+    """Every `ReferenceStore` name, against the on-disk cache the writer makes of the same samples (seven shards)."""
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (40, 16), dtype=np.uint8)
+    raw[1::4, :8] = raw[::4, :8]  # first-half collisions
+    samples = {row.tobytes(): torch.rand(int(rng.integers(0, 9)), dtype=torch.float32) for row in raw}
+    rows_of = {key: int(rng.integers(0, 30)) for key in samples} if visual == "per sample" else None
+    layout = {"per_sample": True} if rows_of else None
+    writer = ReferenceLossCacheWriter(
+        tmp_path, reference="ref", tokenizer_fingerprint="fp", reference_mode="gap", dtype="float32",
+        visual_tokens=None if rows_of else 7, visual_layout=layout, shard_samples=6,
+    )  # fmt: skip
+    for key, losses in samples.items():
+        writer.add(key, losses, rows_of[key] if rows_of else None)
+    disk = writer.close()
+    memory = InMemoryReferenceStore.from_losses(
+        samples, tokenizer_fingerprint="fp", reference="ref", visual_tokens=None if rows_of else 7, visual_rows=rows_of
+    )
+    assert len(disk.manifest.shards) == 7 and isinstance(disk, ReferenceStore) and isinstance(memory, ReferenceStore)
+    absent = [bytes(16), raw[0, :8].tobytes() + bytes(8)]
+    batch = [*list(samples)[::3], *absent, *list(samples)[1::5]]
+    assert len(memory) == len(disk) == len(samples) and memory.tokens == disk.tokens
+    assert list(memory.keys()) == list(disk.keys())
+    assert all((key in memory) == (key in disk) for key in [*samples, *absent])
+    rows = memory.locate(batch)
+    assert np.array_equal(rows, disk.locate(batch)) and [r for r, k in zip(rows, batch) if k in absent] == [-1, -1]
+    for got, want in zip(memory.spans(rows), disk.spans(rows)):
+        assert np.array_equal(got, want)
+    for width in (0, 1, 5, 12):
+        assert np.array_equal(memory.losses_block(rows, width), disk.losses_block(rows, width), equal_nan=True)
+    placeholders = np.arange(len(batch)) % 3
+    assert np.array_equal(
+        memory.expected_visual_rows(rows, placeholders), disk.expected_visual_rows(rows, placeholders)
+    )
+    for key in batch:
+        got, want = memory.get(key), disk.get(key)
+        assert (got is None and want is None) or torch.equal(got, want)
+    assert torch.equal(memory[batch[0]], samples[batch[0]])
+    with pytest.raises(MissingReferenceError, match="in-memory reference store"):
+        memory[absent[0]]
+    memory.check_tokenizer("fp")
+    with pytest.raises(TokenizerMismatchError):
+        memory.check_tokenizer("other")
+    assert memory.directory is None and memory.manifest.samples == len(samples)
+    again = InMemoryReferenceStore.from_losses(samples, tokenizer_fingerprint="fp", visual_rows=rows_of)
+    assert again.layout_digest == memory.layout_digest != disk.layout_digest
+
+
+def test_an_in_memory_store_refuses_what_the_writer_refuses():
+    with pytest.raises(CacheError, match="16 bytes"):
+        InMemoryReferenceStore.from_losses({b"short": torch.ones(2)}, tokenizer_fingerprint="fp")
+    with pytest.raises(CacheError, match="non-finite"):
+        InMemoryReferenceStore.from_losses({bytes(16): torch.tensor([1.0, float("nan")])}, tokenizer_fingerprint="fp")

@@ -267,7 +267,9 @@ def test_a_cache_scored_with_other_visual_rows_fails_at_the_first_batch_naming_t
         timeout=600,
     )
     assert done.returncode != 0
-    message = next(line for line in done.stderr.splitlines() if line.startswith("regate_plugin.core.cache.CacheError"))
+    message = next(
+        line for line in done.stderr.splitlines() if line.startswith("regate_plugin.store.errors.CacheError")
+    )
     assert (
         f"merged {ROWS} visual rows" in message and f"scored with {ROWS + 3} ({ROWS + 3} per placeholder" in message
     ), message

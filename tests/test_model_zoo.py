@@ -278,8 +278,9 @@ def test_precompute_student_uses_the_reference_shipped_with_a_demo_entry(tmp_pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from regate_plugin.core import ReferenceLossCache, batch_sample_keys
+    from regate_plugin.core import batch_sample_keys
     from regate_plugin.data import expand_placeholders, get_template, iter_conversations
+    from regate_plugin.store import ReferenceLossCache
 
     entry = get_entry("regate-demo-tiny-regate")
     splits = demo_data.generate(tmp_path / "data", train_size=3, test_per_task=1, progress=False)

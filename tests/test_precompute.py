@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from regate_plugin.cli import main as regate
-from regate_plugin.core import IGNORE_INDEX, ReferenceLossCache, sample_key
-from regate_plugin.core.cache import MANIFEST_NAME
+from regate_plugin.core import IGNORE_INDEX, sample_key
 from regate_plugin.data import get_template, iter_conversations
 from regate_plugin.data.templates import PLACEHOLDER_IDS
+from regate_plugin.store import MANIFEST_NAME, ReferenceLossCache
 
 from .llava_data import conversation_samples, write_json, write_tiny_reference
 from .ranks import OBSERVER, assert_every_rank_closed_its_process_group, free_port

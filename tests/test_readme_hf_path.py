@@ -11,8 +11,9 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from regate_plugin.core import ReferenceLossCache, batch_sample_keys
+from regate_plugin.core import batch_sample_keys
 from regate_plugin.data import expand_placeholders, get_template, iter_conversations
+from regate_plugin.store import ReferenceLossCache
 
 from .llava_data import conversation_samples, write_json
 from .tiny import IMAGE_ROWS, tiny_llava

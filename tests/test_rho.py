@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import regate_plugin as rg
-from regate_plugin.core import IGNORE_INDEX, ReferenceLossCacheWriter, ReferenceScoredConfig, batch_sample_keys
+from regate_plugin.core import IGNORE_INDEX, ReferenceScoredConfig, batch_sample_keys
+from regate_plugin.store import ReferenceLossCacheWriter
 from regate_plugin.strategies import RhoElision, build_token_elision
 
 from .test_hf_llava import MODELS, _assert_same_grads, _grads

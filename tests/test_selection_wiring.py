@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from regate_plugin.core import ReferenceLossCacheWriter, ReGATEConfig, batch_sample_keys
+from regate_plugin.core import ReGATEConfig, batch_sample_keys
+from regate_plugin.store import ReferenceLossCacheWriter
 from regate_plugin.strategies import build_token_elision
 
 from .tiny import difficulty

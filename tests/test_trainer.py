@@ -12,7 +12,8 @@ from transformers import LlavaForConditionalGeneration
 
 import regate_plugin as rg
 from regate_plugin.adapters import UnsupportedModelError
-from regate_plugin.core import ConfigError, TokenizerMismatchError
+from regate_plugin.core import ConfigError
+from regate_plugin.store import TokenizerMismatchError
 from regate_plugin.training import STATE_FILE
 
 from .ranks import free_port

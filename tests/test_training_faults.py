@@ -20,6 +20,7 @@ from transformers import LlavaForConditionalGeneration, TrainingArguments
 
 import regate_plugin as rg
 from regate_plugin.core import IGNORE_INDEX, DifficultyEMA, batch_sample_keys, first_sparse_step, is_dense_step
+from regate_plugin.store import Provenance
 from regate_plugin.training import STATE_FILE, CacheMismatchError, ResumeStateError
 from regate_plugin.training.preflight import startup_summary
 
@@ -200,7 +201,9 @@ def _reexpanded(rows: list[dict[str, torch.Tensor]], copies: int, token: int) ->
 def _precomputed(directory: Path, rows: list[dict[str, torch.Tensor]], visual_tokens: int = IMAGE_ROWS, **extra):
     """A cache of `rows` whose manifest records settings as `regate precompute` does."""
     settings = {"template": "v1", "max_length": None, "data": ["train.json"], "image_token_id": IMAGE_TOKEN, **extra}
-    return write_cache_for(directory, [collate([r]) for r in rows], visual_tokens=visual_tokens, extra=settings)
+    return write_cache_for(
+        directory, [collate([r]) for r in rows], visual_tokens=visual_tokens, provenance=Provenance.from_dict(settings)
+    )
 
 
 def _fails_before_step_0(trainer: Any, match: str) -> str:

@@ -16,7 +16,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from regate_plugin.core import IGNORE_INDEX, ReferenceLossCacheWriter, batch_sample_keys, shift_targets
+from regate_plugin.core import IGNORE_INDEX, batch_sample_keys, shift_targets
+from regate_plugin.store import Provenance, ReferenceLossCacheWriter
 
 VOCAB = 96
 IMAGE_TOKEN = VOCAB - 1
@@ -114,10 +115,10 @@ def write_cache_for(
     seed: int = 0,
     fingerprint: str = "test",
     visual_tokens: int | None = None,
-    extra: dict | None = None,
+    provenance: Provenance | None = None,
 ) -> Path:
-    """A reference cache with arbitrary (seeded) losses for every sample of `batches`; `visual_tokens` and `extra`
-    are what its manifest records (as `regate precompute` records its settings)."""
+    """A reference cache with arbitrary (seeded) losses for every sample of `batches`; `visual_tokens` and
+    `provenance` are what its manifest records (as `regate precompute` records its settings)."""
     gen = torch.Generator().manual_seed(seed)
     with ReferenceLossCacheWriter(
         directory,
@@ -126,7 +127,7 @@ def write_cache_for(
         reference_mode="gap",
         dtype="float32",
         visual_tokens=visual_tokens,
-        extra=extra,
+        provenance=provenance,
     ) as writer:
         for batch in batches:
             keys = batch_sample_keys(batch["input_ids"], batch["labels"], batch["attention_mask"])

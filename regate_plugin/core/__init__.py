@@ -1,14 +1,5 @@
 """The pure-torch core of ReGATE: no transformers import anywhere below this package."""
 
-from .cache import (
-    CacheError,
-    CacheManifest,
-    CorruptShardError,
-    MissingReferenceError,
-    ReferenceLossCache,
-    ReferenceLossCacheWriter,
-    TokenizerMismatchError,
-)
 from .compaction import (
     IGNORE_INDEX,
     CompactionPlan,
@@ -29,11 +20,8 @@ __all__ = [
     "batch_sample_keys",
     "build_reference_input",
     "build_teacher_input",
-    "CacheError",
-    "CacheManifest",
     "CompactionPlan",
     "ConfigError",
-    "CorruptShardError",
     "DifficultyEMA",
     "elidable_positions",
     "expected_keep_fraction",
@@ -43,11 +31,8 @@ __all__ = [
     "is_dense_step",
     "keep_counts",
     "keep_ratio_at",
-    "MissingReferenceError",
     "next_token_loss",
     "plan_compaction",
-    "ReferenceLossCache",
-    "ReferenceLossCacheWriter",
     "ReferenceScoredConfig",
     "ReGATEConfig",
     "ScheduleConfig",
@@ -59,6 +44,5 @@ __all__ = [
     "ReferenceInput",
     "TeacherInput",
     "tokenizer_fingerprint",
-    "TokenizerMismatchError",
     "TokenLoss",
 ]

@@ -123,6 +123,16 @@ def check_alternating(sample: Conversation, turns: list[tuple[str, str]]) -> Non
             )
 
 
+NO_LIMIT = 10**8
+"""A tokenizer `model_max_length` at or above this is the "no limit" sentinel (int(1e30) in llava-hf tokenizers)."""
+
+
+def tokenizer_limit(tokenizer: Any) -> int | None:
+    """The tokenizer's own length limit (upstream truncates at it), None where it states none."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit < NO_LIMIT else None
+
+
 class ConversationTemplate(ABC):
     """How one upstream codebase tokenizes and masks a conversation."""
 
@@ -158,8 +168,8 @@ class LlavaV1Template(ConversationTemplate):
             ids = tokenizer_image_token(prompt, tokenizer)
             measure = lambda text: len(tokenizer_image_token(text, tokenizer))  # noqa: E731
         else:
-            limit = max_length or tokenizer.model_max_length
-            ids = list(tokenizer(prompt, max_length=limit, truncation=True).input_ids)
+            limit = max_length or tokenizer_limit(tokenizer)
+            ids = list(tokenizer(prompt, max_length=limit, truncation=limit is not None).input_ids)
             measure = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
         labels = list(ids)
         pad_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.pad_token_id
@@ -182,8 +192,8 @@ class LlavaV1Template(ConversationTemplate):
             labels[cur : cur + instruction_len] = [IGNORE_INDEX] * len(labels[cur : cur + instruction_len])
             cur += round_len
         labels[cur:] = [IGNORE_INDEX] * len(labels[cur:])
-        limit = max_length or tokenizer.model_max_length
-        if cur < limit and cur != total:
+        limit = max_length or tokenizer_limit(tokenizer)
+        if (limit is None or cur < limit) and cur != total:
             # Upstream prints "WARNING: tokenization mismatch" and masks the whole sample.
             labels = [IGNORE_INDEX] * len(ids)
         return TokenizedSample(ids, labels)

@@ -12,10 +12,11 @@ Each rank writes committed shards into `OUT/parts/rank-NNNNN`; when all ranks ar
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,17 +26,6 @@ from typing import Any
 import torch
 
 from ..core import distributed
-from ..core.cache import (
-    MANIFEST_NAME,
-    CacheError,
-    CacheManifest,
-    ReferenceLossCacheWriter,
-    check_not_orphaned,
-    committed_keys,
-    read_manifest,
-    repair_cache,
-    shard_files,
-)
 from ..core.compaction import IGNORE_INDEX
 from ..core.config import ConfigError
 from ..core.dtypes import dtype_from_name
@@ -44,11 +34,13 @@ from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from ..data.anyres import AnyresLayout, read_image_size
-from ..data.templates import ConversationTemplate
+from ..data.templates import ConversationTemplate, tokenizer_limit
+from ..store import CacheManifest, Provenance, ReferenceLossCacheWriter, read_manifest
+from ..store.lifecycle import PARTS_DIR, known_keys, locked, merge_parts, prepare_output
 from .model import ReferenceScorer, dtype_kwarg, resolve_reference
 
 logger = logging.getLogger(__name__)
-PARTS_DIR = "parts"
+_UNCUT = 2**31 - 1  # a length limit no sample reaches: the template tokenizes all of it
 SUMMARY_NAME = "precompute_summary.json"
 
 
@@ -100,13 +92,14 @@ class PrecomputeSummary:
     reference_tokens: int = 0  # real (unpadded) tokens the reference LLM ran on
     padded_tokens: int = 0  # batch slots including padding
     truncated: int = 0  # samples cut at the max length
+    longest: int = 0  # the longest sample before truncation, in the student's rows (the maximum, not a sum)
     empty: int = 0  # samples with no answer tokens (recorded with zero losses)
     bad: list[str] = field(default_factory=list)  # skipped with --skip-bad
     seconds: float = 0.0
 
     def merge(self, other: PrecomputeSummary) -> None:
         for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
+            setattr(self, name, max(self.longest, value) if name == "longest" else getattr(self, name) + value)
 
     def format(self) -> str:
         rate = self.reference_tokens / self.seconds if self.seconds else 0.0
@@ -114,7 +107,7 @@ class PrecomputeSummary:
             f"samples        {self.samples}",
             f"scored         {self.scored}  ({self.already_done} already in the cache, {self.duplicates} duplicates)",
             f"answer tokens  {self.answer_tokens}",
-            f"truncated      {self.truncated}",
+            f"truncated      {self.truncated}  (longest sample {self.longest} rows before truncation)",
             f"empty          {self.empty}  (no answer tokens: nothing to elide)",
             f"bad (skipped)  {len(self.bad)}",
             f"time           {self.seconds:.1f} s  ({self.scored / max(self.seconds, 1e-9):.1f} samples/s, "
@@ -129,6 +122,7 @@ class PreparedSample:
     reference_input: ReferenceInput
     truncated: bool
     visual_rows: int  # the rows the student splices in for all of the sample's placeholders
+    full_length: int  # the rows the truncation limit is compared with, before truncation
 
     @property
     def length(self) -> int:
@@ -151,6 +145,9 @@ def prepare_sample(
     (HF-native students) each placeholder is first expanded into that many copies of that token, as the model's
     processor does, and the sample is keyed and truncated in that expanded form."""
     encoded = template.encode(sample, tokenizer, max_length)
+    text_length = len(encoded.input_ids)
+    if max_length is not None and text_length >= max_length:  # the template may have cut it as it tokenized it
+        text_length = len(template.encode(sample, tokenizer, _UNCUT).input_ids)
     placeholders = sum(token in PLACEHOLDER_IDS for token in encoded.input_ids)
     if placeholders and visual_tokens is None:
         raise DataError(
@@ -163,6 +160,8 @@ def prepare_sample(
             "the model pairs them in order, so the counts must match"
         )
     total_rows = placeholders * rows if isinstance(rows, int) else sum(rows)
+    merged = template.truncates_merged or image_token_id is not None  # the limit applies to the merged rows
+    full_length = text_length - placeholders + total_rows if merged else text_length
     if image_token_id is not None:  # HF-native: the processor expands placeholders before anything else
         encoded = expand_placeholders(encoded, image_token_id, rows)
         visual_ids, rows = (image_token_id,), 1
@@ -176,7 +175,7 @@ def prepare_sample(
         cut = reference_input.truncated(max_length)
         truncated = truncated or cut is not reference_input
         reference_input = cut
-    return PreparedSample(key, reference_input, truncated, total_rows)
+    return PreparedSample(key, reference_input, truncated, total_rows, full_length)
 
 
 def visual_paths(cfg: PrecomputeConfig, sample: Conversation) -> list[Path]:
@@ -264,42 +263,6 @@ def load_data(cfg: PrecomputeConfig, summary: PrecomputeSummary) -> list[Convers
     return present
 
 
-def _part_dirs(out: Path) -> list[Path]:
-    """Every rank's part directory under `out/parts` (of any earlier world size)."""
-    parts = out / PARTS_DIR
-    return sorted(p for p in parts.iterdir() if p.is_dir()) if parts.is_dir() else []
-
-
-def _prepare_output(cfg: PrecomputeConfig, header: dict[str, Any], extra: dict[str, Any], rank: int) -> None:
-    """Rank 0: make `cfg.out` ready to write into, and create or check its manifest.
-
-    --overwrite replaces whatever cache is there. A directory holding no shard file (a run that failed or was killed
-    before its first shard) counts as absent. Otherwise the cache is refused unless resuming, and a resumed one is
-    repaired first (`repair_cache`, in `out` and in every part): shards it cannot trust are set aside and scored
-    again, a lost manifest is rebuilt."""
-    out = Path(cfg.out)
-    if rank != 0:
-        return
-    directories = [out, *_part_dirs(out)]
-    if cfg.overwrite or not any(shard_files(directory) for directory in directories):
-        shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
-        ReferenceLossCacheWriter(out, overwrite=True, extra=extra, **header)
-        return
-    if not cfg.resume:
-        for directory in directories:
-            check_not_orphaned(directory)
-        committed = sum(read_manifest(d).samples for d in directories if (d / MANIFEST_NAME).is_file())
-        raise CacheError(
-            f"{out} already holds a reference cache ({committed} samples committed): pass --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    wanted = CacheManifest(**header, extra=extra)
-    for directory in directories:
-        for note in repair_cache(directory, wanted):
-            logger.warning(note)
-    ReferenceLossCacheWriter(out, extra=extra, **header)
-
-
 def _gather(summary: PrecomputeSummary, world: int) -> PrecomputeSummary:
     """Every rank's counters summed (rank 0 reports them)."""
     if world == 1:
@@ -312,15 +275,6 @@ def _gather(summary: PrecomputeSummary, world: int) -> PrecomputeSummary:
     for other in everyone:
         total.merge(other)
     return total
-
-
-def _known_keys(out: Path) -> set[SampleKey]:
-    """Keys already committed: in the merged cache and in every rank's parts (any earlier world size)."""
-    known: set[SampleKey] = set(committed_keys(out))
-    for part in _part_dirs(out):
-        if (part / MANIFEST_NAME).is_file():
-            known.update(committed_keys(part))
-    return known
 
 
 @dataclass
@@ -337,15 +291,33 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     """Score every sample of `cfg.data` with the reference LLM and commit the losses to `cfg.out`.
 
     `model` / `tokenizer` may be passed in already loaded; otherwise they load from `cfg.reference` / `cfg.tokenizer`.
-    Under `torchrun` each rank scores every WORLD_SIZE-th window and rank 0 merges the shards at the end.
+    Under `torchrun` each rank scores every WORLD_SIZE-th window and rank 0 merges the shards at the end. Rank 0
+    holds `cfg.out`'s lock for the whole run: a second precompute into it is refused.
     """
     started = time.perf_counter()
     rank, world = distributed.rank(), distributed.world_size()
     opens_group = world > 1 and distributed.process_group_size() == 1  # `_barrier` opens it; closed at the end
     out = Path(cfg.out)
     encoding = _encoding(cfg, tokenizer)
-    header, extra = _cache_header(cfg, encoding)
+    wanted = _wanted_manifest(cfg, encoding)
+    with locked(out) if rank == 0 else contextlib.nullcontext():
+        summary = _run_locked(cfg, model, encoding, wanted, rank, world, started)
+    _barrier(world)
+    if opens_group:
+        distributed.destroy_process_group()
+    return summary
 
+
+def _run_locked(
+    cfg: PrecomputeConfig,
+    model: Any,
+    encoding: _Encoding,
+    wanted: CacheManifest,
+    rank: int,
+    world: int,
+    started: float,
+) -> PrecomputeSummary:
+    out = Path(cfg.out)
     loaded = PrecomputeSummary()
     samples = load_data(cfg, loaded)
     if not samples:
@@ -354,16 +326,21 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
     model.eval().requires_grad_(False)
     # Built before anything is written: it refuses a mode the reference LLM cannot run.
     scorer = ReferenceScorer(model, cfg.mode, PLACEHOLDER_IDS, cfg.visual_tokens or 1, encoding.pad_id)
-    _prepare_output(cfg, header, extra, rank)
-    _barrier(world)
-    known = _known_keys(out)
-    part = ReferenceLossCacheWriter(out / PARTS_DIR / f"rank-{rank:05d}", extra=extra, **header)
-
-    summary = _score_windows(cfg, samples, encoding, scorer, known, part, rank, world, started)
-    _barrier(world)
     if rank == 0:
-        _merge_parts(out, header)
+        prepare_output(out, wanted, resume=cfg.resume, overwrite=cfg.overwrite)
+    _barrier(world)
+    known = known_keys(out)
+    part = ReferenceLossCacheWriter.like(out / PARTS_DIR / f"rank-{rank:05d}", wanted)
+
+    vocab_size = model.get_input_embeddings().num_embeddings
+    summary = _score_windows(cfg, samples, encoding, scorer, vocab_size, known, part, rank, world, started)
+    _barrier(world)
     summary = _gather(summary, world)
+    if rank == 0:  # the longest sample of the whole cache, this run's data and what an earlier run recorded
+        longest = max(summary.longest, read_manifest(out).provenance.longest or 0)
+        merge_parts(
+            out, dataclasses.replace(wanted, provenance=dataclasses.replace(wanted.provenance, longest=longest))
+        )
     summary.samples = len(samples)
     summary.bad = loaded.bad + summary.bad
     summary.seconds = time.perf_counter() - started
@@ -374,9 +351,6 @@ def run_precompute(cfg: PrecomputeConfig, model: Any = None, tokenizer: Any = No
             write_bytes_atomically(out / SUMMARY_NAME, json.dumps(asdict(summary), indent=2).encode())
         except OSError as err:  # the cache is complete: only the record of this run is missing
             logger.warning("cannot write %s (%s); the reference cache itself is complete", out / SUMMARY_NAME, err)
-    _barrier(world)
-    if opens_group:
-        distributed.destroy_process_group()
     return summary
 
 
@@ -395,7 +369,7 @@ def _encoding(cfg: PrecomputeConfig, tokenizer: Any) -> _Encoding:
             raise FileNotFoundError(
                 f"cannot load the tokenizer of {location} (--tokenizer / --reference): {err}"
             ) from None
-    max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 10**8 else None)
+    max_length = cfg.max_length or tokenizer_limit(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     if cfg.mode == "pad" and pad_id is None:
         raise ConfigError(
@@ -404,24 +378,25 @@ def _encoding(cfg: PrecomputeConfig, tokenizer: Any) -> _Encoding:
     return _Encoding(template, tokenizer, max_length, pad_id)
 
 
-def _cache_header(cfg: PrecomputeConfig, encoding: _Encoding) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What the manifest records: the header a resumed run must match, and the settings kept for reference."""
-    header = dict(
+def _wanted_manifest(cfg: PrecomputeConfig, encoding: _Encoding) -> CacheManifest:
+    """What the manifest records: the header a resumed run must match, and how the samples are made (the longest
+    sample is recorded when the run is done)."""
+    provenance = Provenance(
+        template=encoding.template.name,
+        max_length=encoding.max_length,
+        image_token_id=cfg.image_token_id,
+        image_folder=None if cfg.image_folder is None else str(cfg.image_folder),
+        data=tuple(str(p) for p in cfg.data),
+    )
+    return CacheManifest(
         reference=str(cfg.reference),
         tokenizer_fingerprint=tokenizer_fingerprint(encoding.tokenizer),
         reference_mode=cfg.mode,
         dtype=cfg.cache_dtype,
         visual_tokens=cfg.visual_tokens,
         visual_layout=cfg.anyres.describe() if cfg.anyres is not None else None,
+        provenance=provenance,
     )
-    extra = {
-        "template": encoding.template.name,
-        "max_length": encoding.max_length,
-        "data": [str(p) for p in cfg.data],
-        "image_token_id": cfg.image_token_id,
-        "image_folder": None if cfg.image_folder is None else str(cfg.image_folder),
-    }
-    return header, extra
 
 
 def _load_reference_model(cfg: PrecomputeConfig) -> Any:
@@ -439,6 +414,7 @@ def _score_windows(
     samples: list[Conversation],
     encoding: _Encoding,
     scorer: ReferenceScorer,
+    vocab_size: int,
     known: set[SampleKey],
     part: ReferenceLossCacheWriter,
     rank: int,
@@ -452,7 +428,7 @@ def _score_windows(
     bar = tqdm(total=sum(len(w) for w in mine), unit="sample", disable=not cfg.progress or rank != 0, desc="precompute")
     summary = PrecomputeSummary()
     for window in mine:
-        prepared = _prepare_window(cfg, window, encoding, summary, bar)
+        prepared = _prepare_window(cfg, window, encoding, vocab_size, summary, bar)
         for batch in plan_batches([max(p.length, 1) for p in prepared], cfg.batch_tokens):
             _score_batch([prepared[i] for i in batch], scorer, known, part, summary)
             bar.update(len(batch))
@@ -464,11 +440,17 @@ def _score_windows(
 
 
 def _prepare_window(
-    cfg: PrecomputeConfig, window: list[Conversation], encoding: _Encoding, summary: PrecomputeSummary, bar: Any
+    cfg: PrecomputeConfig,
+    window: list[Conversation],
+    encoding: _Encoding,
+    vocab_size: int,
+    summary: PrecomputeSummary,
+    bar: Any,
 ) -> list[PreparedSample]:
     """Tokenize and key a window's samples; bad ones (with --skip-bad) and repeats are counted and dropped.
 
-    Duplicates are dropped within a window only, so a window's batches never depend on other windows."""
+    Duplicates are dropped within a window only, so a window's batches never depend on other windows. A token id
+    outside the reference LLM's vocabulary is refused before the window is scored."""
     seen: set[SampleKey] = set()
     prepared = []
     for sample in window:
@@ -489,12 +471,18 @@ def _prepare_window(
             summary.bad.append(str(err))
             bar.update(1)
             continue
+        if item.length and (largest := int(item.reference_input.input_ids.max())) >= vocab_size:
+            raise ConfigError(
+                f"{sample.where()}: token id {largest} is outside the vocabulary of reference LLM {cfg.reference} "
+                f"({vocab_size} tokens): the reference must use the student's tokenizer (--reference, --tokenizer)"
+            )
         if item.key in seen:
             summary.duplicates += 1
             bar.update(1)
             continue
         seen.add(item.key)
         prepared.append(item)
+        summary.longest = max(summary.longest, item.full_length)
     return prepared
 
 
@@ -523,11 +511,3 @@ def _score_batch(
         summary.empty += values.numel() == 0
     summary.reference_tokens += sum(p.length for p in with_targets)
     summary.padded_tokens += len(with_targets) * max((p.length for p in with_targets), default=0)
-
-
-def _merge_parts(out: Path, header: dict[str, Any]) -> None:
-    """Rank 0, after every rank is done: move each rank's committed shards into `out` and remove the parts."""
-    merged = ReferenceLossCacheWriter(out, **header)
-    for directory in _part_dirs(out):
-        merged.absorb(directory)
-    shutil.rmtree(out / PARTS_DIR)

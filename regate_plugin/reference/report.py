@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..core.cache import ReferenceLossCache
+from ..store import ReferenceLossCache
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 

@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..core.cache import ReferenceLossCache
 from ..core.compaction import (
     IGNORE_INDEX,
     PaddingSide,
@@ -30,6 +29,7 @@ from ..core.keys import SampleKey
 from ..core.loss import Head, TokenLoss, next_token_loss
 from ..core.schedule import is_dense_step, keep_ratio_at
 from ..core.selection import keep_counts, pair_scores
+from ..store import ReferenceStore
 from .plan import BatchLayout, ElisionPlan
 
 VisualRowCheck = Callable[[list[SampleKey] | None, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -46,7 +46,7 @@ class Capabilities:
     """`plan` needs one `SampleKey` per batch row (the adapters key the batch from its pre-merge ids)."""
     visual_fingerprints: bool = False
     """`plan` uses the batch's visual fingerprints (the adapters hash each sample's pixels)."""
-    reference: ReferenceLossCache | None = None
+    reference: ReferenceStore | None = None
     """The reference store the strategy reads: checked against the run before step 0, shown in the summary."""
     scores_missing_samples: bool = False
     """Samples absent from `reference` are scored without it (counted), not refused (`missing_reference='ema'`)."""

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from ..core import distributed
-from ..core.cache import CacheError, ReferenceLossCache
 from ..core.config import ReferenceScoredConfig
 from ..core.ema import DifficultyEMA, all_gather_observations
 from ..core.errors import UserError
 from ..core.keys import SampleKey, format_key
 from ..core.loss import TokenLoss
 from ..core.selection import select_kept_positions
+from ..store import CacheError, ReferenceStore, open_store
 from .base import Capabilities, TokenElision
 from .plan import BatchLayout, ElisionPlan
 
@@ -53,16 +53,16 @@ class ReferenceScoredElision(TokenElision):
     def __init__(
         self,
         cfg: ReferenceScoredConfig | None = None,
-        reference: ReferenceLossCache | str | os.PathLike[str] | None = None,
+        reference: ReferenceStore | str | os.PathLike[str] | None = None,
         vocab_size: int = 0,
     ) -> None:
         super().__init__(cfg)
         if reference is None:
             raise NeedsReferenceError(
                 f"token elision '{self.name}' needs reference losses: pass reference=<cache directory> "
-                "(--regate_ref_cache), made by `regate precompute`"
+                "(--regate_ref_cache, made by `regate precompute`) or an InMemoryReferenceStore"
             )
-        self.reference = reference if isinstance(reference, ReferenceLossCache) else ReferenceLossCache(reference)
+        self.reference = open_store(reference)
         slots = self.reference.tokens * self.cfg.ema_visual_slots  # the text's span once per visual slot group
         self.ema = DifficultyEMA(self.cfg.ema_beta, slots, vocab_size, self.cfg.ema_dtype)
         self.capabilities = Capabilities(
@@ -109,7 +109,7 @@ class ReferenceScoredElision(TokenElision):
         )
 
     def _locate(self, sample_keys: list[SampleKey]) -> np.ndarray:
-        """The batch's store rows (`ReferenceLossCache.locate`), looked up once for the adapter's visual-row check
+        """The batch's store rows (`ReferenceStore.locate`), looked up once for the adapter's visual-row check
         and the plan of the same batch (the same key list)."""
         if self._located is None or self._located[0] is not sample_keys:
             self._located = (sample_keys, self.reference.locate(sample_keys))

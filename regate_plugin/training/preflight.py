@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..core.cache import CacheError, CacheManifest, ReferenceLossCache
 from ..core.keys import batch_sample_keys, format_key
 from ..core.schedule import first_sparse_step
 from ..data import PLACEHOLDER_IDS, DataError, get_template
+from ..store import CacheError, CacheManifest, ReferenceStore
 from ..strategies import BatchLayout, TokenElision
 
 PREFLIGHT_SAMPLES = 64
@@ -53,19 +53,22 @@ def _max_length_flag(value: Any) -> str:
 
 def manifest_mismatches(manifest: CacheManifest, run: RunFacts) -> list[str]:
     """What the manifest records that contradicts what the run states, each with its fix (caches that do not record
-    a setting are not judged on it)."""
-    extra, causes = manifest.extra, []
-    made_with = extra.get("template")
-    if run.template is not None and made_with is not None and _canonical(made_with) != _canonical(run.template):
+    a setting are not judged on it). Another max length is a contradiction only where it cuts a sample otherwise:
+    the cache records its longest sample before truncation."""
+    made, causes = manifest.provenance, []
+    if made is None:
+        return causes
+    if run.template is not None and made.template is not None and _canonical(made.template) != _canonical(run.template):
         causes.append(
-            f"the cache was made with --template {made_with}, this run preprocesses its samples as "
+            f"the cache was made with --template {made.template}, this run preprocesses its samples as "
             f"{run.template}: re-run `regate precompute` with --template {run.template}"
         )
-    if run.max_length is not None and "max_length" in extra and extra["max_length"] != run.max_length:
+    if run.max_length is not None and not made.truncates_like(run.max_length):
+        longest = "not recorded" if made.longest is None else f"{made.longest} rows"
         causes.append(
-            f"the cache was made with {_max_length_flag(extra['max_length'])}, this run truncates its samples at "
-            f"{run.max_length} tokens (--model_max_length): re-run `regate precompute` with --max-length "
-            f"{run.max_length}"
+            f"the cache was made with {_max_length_flag(made.max_length)}, this run truncates its samples at "
+            f"{run.max_length} tokens (--model_max_length), and its longest sample ({longest} before truncation) is "
+            f"cut differently: re-run `regate precompute` with --max-length {run.max_length}"
         )
     return causes
 
@@ -79,8 +82,8 @@ def _runs_of(ids: np.ndarray, token: int) -> list[int]:
 
 def sample_causes(manifest: CacheManifest, samples: list[np.ndarray], run: RunFacts) -> list[str]:
     """Likely causes, read off the unpadded pre-merge ids of samples the cache misses, each with its fix."""
-    extra, causes = manifest.extra, []
-    image_token = extra.get("image_token_id")
+    made, causes = manifest.provenance, []
+    image_token = made.image_token_id if made is not None else None
     placeholders = any(bool(np.isin(ids, PLACEHOLDER_IDS).any()) for ids in samples)
     run_tokens = [t for t in run.visual_token_ids if any(bool((ids == t).any()) for ids in samples)]
     if placeholders and image_token is not None:
@@ -89,11 +92,11 @@ def sample_causes(manifest: CacheManifest, samples: list[np.ndarray], run: RunFa
             "into that token), but this run's samples carry unexpanded placeholders: re-run `regate precompute` "
             "without --image-token-id"
         )
-    elif not placeholders and run_tokens and "image_token_id" in extra and image_token not in run_tokens:
+    elif not placeholders and run_tokens and made is not None and image_token not in run_tokens:
         wanted = run_tokens[0]
-        made = "without --image-token-id" if image_token is None else f"with --image-token-id {image_token}"
+        how = "without --image-token-id" if image_token is None else f"with --image-token-id {image_token}"
         causes.append(
-            f"this run's samples carry the model's visual token {wanted} expanded, but the cache was made {made}: "
+            f"this run's samples carry the model's visual token {wanted} expanded, but the cache was made {how}: "
             f"re-run `regate precompute` with --image-token-id {wanted}"
         )
     elif image_token is not None and manifest.visual_tokens:
@@ -104,7 +107,7 @@ def sample_causes(manifest: CacheManifest, samples: list[np.ndarray], run: RunFa
                 f"this run's samples hold runs of {runs} copies of token {image_token}: re-run `regate precompute` "
                 "with this model's visual row count (--student-config or --visual-tokens)"
             )
-    limit = extra.get("max_length")
+    limit = made.max_length if made is not None else None
     longest = max((ids.size for ids in samples), default=0)
     if limit is not None and longest > limit:
         causes.append(
@@ -114,14 +117,17 @@ def sample_causes(manifest: CacheManifest, samples: list[np.ndarray], run: RunFa
     return causes
 
 
-def _settings(cache: ReferenceLossCache) -> str:
-    extra = cache.manifest.extra
+def _settings(cache: ReferenceStore) -> str:
+    made = cache.manifest.provenance
+    if made is None:
+        return f"visual rows {cache.manifest.visual_rows}; how its samples were made is not recorded"
     recorded = {
-        "template": extra.get("template", "?"),
-        "max length": extra.get("max_length", "?"),
-        "image token id": extra.get("image_token_id", "?"),
+        "template": made.template or "?",
+        "max length": made.max_length,
+        "longest sample": "?" if made.longest is None else made.longest,
+        "image token id": made.image_token_id,
         "visual rows": cache.manifest.visual_rows,
-        "data": ", ".join(extra.get("data", [])) or "?",
+        "data": ", ".join(made.data) or "?",
     }
     return ", ".join(f"{name} {value}" for name, value in recorded.items())
 
