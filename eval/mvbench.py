@@ -55,7 +55,6 @@ TASKS: tuple[Task, ...] = tuple(
         ("Counterfactual Inference", "counterfactual_inference.json", "clevrer/video_validation/", "video", False),
     )
 )
-TASKS_PER_FULL_RUN = 200
 
 
 class MVBenchError(BenchmarkError):

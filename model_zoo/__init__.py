@@ -169,9 +169,6 @@ def get_entry(name: str) -> ZooEntry:
     return entries()[name]
 
 
-sha256_of = file_sha256  # the name this module exported before the helper moved to core.files
-
-
 def verify_files(entry: ZooEntry, root: Path | None = None) -> Path:
     """Check every shipped file of `entry` (under `root`, default its shipped directory) against its sha256."""
     root = Path(root) if root is not None else entry.path
@@ -404,6 +401,5 @@ __all__ = [
     "parse_entry",
     "reference_for",
     "resolve",
-    "sha256_of",
     "verify_files",
 ]

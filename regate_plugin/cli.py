@@ -397,12 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("precompute", help="score a training set with the reference LLM into a cache")
     pre.add_argument("--data", nargs="+", required=True, help="LLaVA-format .json list or .jsonl file(s)")
-    pre.add_argument(
-        "--reference",
-        "--teacher",
-        dest="reference",
-        help="reference LLM: hub id, local directory, .gguf file, or 'smollm2' (--teacher: its older name)",
-    )
+    pre.add_argument("--reference", help="reference LLM: hub id, local directory, .gguf file, or 'smollm2'")
     pre.add_argument(
         "--template", choices=sorted([*TEMPLATES, *ALIASES]), help="the training run's conversation template"
     )

@@ -31,7 +31,7 @@ from .elision import (
 from .ema import DifficultyEMA
 from .keys import batch_sample_keys, sample_key, tokenizer_fingerprint
 from .loss import TokenLoss, next_token_loss
-from .reference import REFERENCE_MODES, ReferenceInput, TeacherInput, build_reference_input, build_teacher_input
+from .reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from .schedule import expected_keep_fraction, is_dense_step, keep_ratio_at
 from .selection import fused_score, keep_counts, select_kept_positions
 
@@ -39,7 +39,6 @@ __all__ = [
     "available_token_elisions",
     "batch_sample_keys",
     "build_reference_input",
-    "build_teacher_input",
     "build_token_elision",
     "CacheError",
     "CacheManifest",
@@ -71,7 +70,6 @@ __all__ = [
     "target_ordinals",
     "REFERENCE_MODES",
     "ReferenceInput",
-    "TeacherInput",
     "TokenElision",
     "tokenizer_fingerprint",
     "TokenizerMismatchError",
