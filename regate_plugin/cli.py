@@ -285,7 +285,7 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--runner",
-        choices=RUNNERS,
+        choices=RUNNERS.names(),
         default="hf",
         help="hf: transformers (default); llava: haotian-liu/LLaVA's own loader, in its environment",
     )
