@@ -280,7 +280,7 @@ def _eval_options(evaluate: argparse.ArgumentParser) -> None:
     mvbench = eval_commands.add_parser("mvbench", help="MVBench, official (VideoChat2) or VideoLLaMA2 protocol")
     _runner_options(mvbench)
     mvbench.add_argument("--data-root", required=True, help="MVBench root holding json/ and video/")
-    mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
+    mvbench.add_argument("--protocol", choices=PROTOCOLS.names(), default="official")
     mvbench.add_argument("--num-frames", type=int, help="frames per video (official: 16, videollama2: 8)")
     mvbench.add_argument("--tasks", nargs="+", help="task names (default: all 20)")
     mvbench.add_argument("--allow-missing", action="store_true", help="score the tasks present (labelled N-task)")
@@ -292,7 +292,7 @@ def _eval_options(evaluate: argparse.ArgumentParser) -> None:
     )
     score_mvbench.add_argument("--pred", required=True)
     score_mvbench.add_argument("--data-root", help="re-parse raw outputs against this MVBench root")
-    score_mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
+    score_mvbench.add_argument("--protocol", choices=PROTOCOLS.names(), default="official")
     score_mvbench.add_argument("--out", help="write metrics.json and upload_leaderboard.json here")
     score_mvbench.set_defaults(run=_eval_score_mvbench)
 
