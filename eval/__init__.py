@@ -1,7 +1,6 @@
 """Benchmark harnesses scored like the official scripts (docs/EVAL.md): MVBench (`mvbench`) and the LLaVA-1.5
 image benchmarks (`image`, one module per benchmark under `benchmarks`)."""
 
-from . import benchmarks  # noqa: E402,F401  (registers the image benchmarks)
 from .base import ModelRunner, Prompt, Request
 from .image import BENCHMARKS, BenchmarkError, ImageBenchmark, ImageQuestion, Score, get_benchmark, register_benchmark
 from .mvbench import (

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from ..registry import Registry
 from .base import BenchmarkError, ModelRunner, PredictionFile, Prompt, Request, run_resumable, unreadable_lines
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -153,18 +154,25 @@ class ImageBenchmark:
         return path
 
 
-BENCHMARKS: dict[str, type[ImageBenchmark]] = {}
+def _load_builtin_benchmarks() -> None:
+    """Import the benchmark modules that ship with the plugin (each registers itself)."""
+    from . import benchmarks  # noqa: F401
+
+
+BENCHMARKS: Registry[type[ImageBenchmark]] = Registry(
+    "benchmark", group="regate_plugin.benchmarks", builtins=_load_builtin_benchmarks
+)
+"""Image benchmarks by name (each is a `regate eval` command); third-party packages add theirs under the
+`regate_plugin.benchmarks` entry-point group."""
 
 
 def register_benchmark(cls: type[ImageBenchmark]) -> type[ImageBenchmark]:
-    BENCHMARKS[cls.name] = cls
-    return cls
+    """Class decorator: register `cls` under `cls.name` (a name already taken is refused)."""
+    return BENCHMARKS.register(cls.name, cls)
 
 
 def get_benchmark(name: str, root: str | Path, **options: Any) -> ImageBenchmark:
-    if name not in BENCHMARKS:
-        raise BenchmarkError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
-    return BENCHMARKS[name](root, **options)
+    return BENCHMARKS.get(name)(root, **options)
 
 
 def answer_record(question: ImageQuestion, output: str, model_id: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..registry import Registry
 from .base import BenchmarkError, ModelRunner, PredictionFile, Prompt, Request, run_resumable, unreadable_lines
 from .frames import Bound, VisualSource, sample_official, sample_videollama2
 
@@ -55,7 +56,6 @@ TASKS: tuple[Task, ...] = tuple(
         ("Counterfactual Inference", "counterfactual_inference.json", "clevrer/video_validation/", "video", False),
     )
 )
-TASKS_PER_FULL_RUN = 200
 
 
 class MVBenchError(BenchmarkError):
@@ -182,6 +182,7 @@ class MVBenchProtocol:
     """A prompt, a frame rule and an answer rule."""
 
     name = ""
+    default_frames = 16  # frames per video when --num-frames is not given
 
     def __init__(self, num_frames: int, model_type: str = "") -> None:
         self.num_frames = num_frames
@@ -202,6 +203,7 @@ class OfficialProtocol(MVBenchProtocol):
     "Best option:(" pre-filled, 100 new tokens, first line, "(" prepended, `check_ans`."""
 
     name = "official"
+    default_frames = 16
 
     def frames(self, question: Question) -> list[Image.Image]:
         return sample_official(VisualSource(question.video), self.num_frames, question.bound)
@@ -228,6 +230,7 @@ class VideoLLaMA2Protocol(MVBenchProtocol):
     option's text, else option C)."""
 
     name = "videollama2"
+    default_frames = 8
 
     def frames(self, question: Question) -> list[Image.Image]:
         return sample_videollama2(VisualSource(question.video), self.num_frames, question.bound)
@@ -250,13 +253,15 @@ class VideoLLaMA2Protocol(MVBenchProtocol):
         return parsed, letters.index(parsed.letter) == question.answer_index
 
 
-PROTOCOLS: dict[str, type[MVBenchProtocol]] = {"official": OfficialProtocol, "videollama2": VideoLLaMA2Protocol}
+PROTOCOLS: Registry[type[MVBenchProtocol]] = Registry("MVBench protocol")
+"""MVBench protocols by name (`regate eval mvbench --protocol`)."""
+PROTOCOLS.register(OfficialProtocol.name, OfficialProtocol)
+PROTOCOLS.register(VideoLLaMA2Protocol.name, VideoLLaMA2Protocol)
 
 
 def get_protocol(name: str, num_frames: int | None = None, model_type: str = "") -> MVBenchProtocol:
-    if name not in PROTOCOLS:
-        raise MVBenchError(f"unknown MVBench protocol {name!r}; known: {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name](num_frames or (16 if name == "official" else 8), model_type)
+    protocol = PROTOCOLS.get(name)
+    return protocol(num_frames or protocol.default_frames, model_type)
 
 
 def _prompt_hash(prompt: Prompt) -> str:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..core.dtypes import dtype_from_name
-from .base import Request
-
-RUNNERS = ("hf", "llava")
+from ..registry import Registry
+from .base import ModelRunner, Request
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:
@@ -134,6 +133,30 @@ class UpstreamLlavaRunner:
         return outputs
 
 
+class RunnerLoader(Protocol):
+    """Loads a runner for `regate eval --runner NAME`: `model` is a local path or hub id; the keywords are the
+    command's options, which a loader reads as far as it needs them."""
+
+    def __call__(
+        self, model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str
+    ) -> ModelRunner: ...
+
+
+def _load_hf(model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str) -> HFRunner:
+    return HFRunner.from_pretrained(model, None if dtype == "auto" else dtype_from_name(dtype, "--dtype"), device)
+
+
+def _load_llava(model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str) -> UpstreamLlavaRunner:
+    return UpstreamLlavaRunner(model, model_base, conv_mode, device)
+
+
+RUNNERS: Registry[RunnerLoader] = Registry("runner", group="regate_plugin.runners")
+"""Runner loaders by name (`regate eval --runner`); third-party packages add theirs under the
+`regate_plugin.runners` entry-point group."""
+RUNNERS.register("hf", _load_hf)
+RUNNERS.register("llava", _load_llava)
+
+
 def load_runner(
     kind: str,
     model: str,
@@ -141,17 +164,14 @@ def load_runner(
     conv_mode: str = "vicuna_v1",
     device: str = "cpu",
     dtype: str = "auto",
-) -> HFRunner | UpstreamLlavaRunner:
-    """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment).
-    `model` is a directory, a hub id, or a model_zoo entry name (resolved, and verified when shipped): see
-    `model_zoo.locate`, which refuses anything else before a model loads."""
+) -> ModelRunner:
+    """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment); or
+    any other registered runner. `model` is a directory, a hub id, or a model_zoo entry name (resolved, and
+    verified when shipped): see `model_zoo.locate`, which refuses anything else before a model loads."""
     from ..model_zoo import locate
 
+    loader = RUNNERS.get(kind)
     model, entry = locate(model)
     if entry is not None:
         model_base = model_base or entry.model_base
-    if kind == "llava":
-        return UpstreamLlavaRunner(model, model_base, conv_mode, device)
-    if kind != "hf":
-        raise ValueError(f"--runner {kind!r}: expected one of {RUNNERS}")
-    return HFRunner.from_pretrained(model, None if dtype == "auto" else dtype_from_name(dtype, "--dtype"), device)
+    return loader(model, model_base=model_base, conv_mode=conv_mode, device=device, dtype=dtype)

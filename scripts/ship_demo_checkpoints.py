@@ -3,9 +3,9 @@
     regate demo --out /tmp/demo            # the defaults: seed 0, 400 steps
     python scripts/ship_demo_checkpoints.py /tmp/demo
 
-Copies `checkpoints/<mode>/` to `model_zoo/shipped/regate-demo-tiny-<mode>/` (with the run's
-reference LLM in `reference/`) and the MVBench-format test split to `shipped/demo-mvbench/`, then writes each entry
-(sha256 of every file, the recorded MVBench result) and its model card.
+Copies `checkpoints/<mode>/` to `model_zoo/shipped/regate-demo-tiny-<mode>/`, the run's reference LLM (shared by
+the three) to `shipped/regate-demo-tiny-reference/` and the MVBench-format test split to `shipped/demo-mvbench/`,
+then writes each entry (sha256 of every file it uses, the recorded MVBench result) and its model card.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from regate_plugin.demo import DemoConfig
 from regate_plugin.demo.data import TASK_NAMES
 
 DATA = "demo-mvbench"
+REFERENCE = "regate-demo-tiny-reference"
 CARD = """# {name}
 
 The final student of `regate demo` (tiny preset, seed 0) trained with `--token_elision {mode}`.
 
 - Format: `hf-llava` (transformers `LlavaForConditionalGeneration` and its `LlavaProcessor`; 4 frames go in as images).
 - Student: a 2-layer Llama (hidden 64) with a byte-level BPE tokenizer trained on the demo's text, trained on the text
-  alone first; that same LLM is the reference, shipped in `reference/` (what `regate precompute --student {name}`
-  loads). Frozen random CLIP tower (32x32 frames, 16-pixel patches), trainable
-  projector and LLM.
+  alone first; that same LLM is the reference, shipped once for the three demo students in `{reference}/`
+  (what `regate precompute --student {name}` loads). Frozen random CLIP tower (32x32 frames, 16-pixel patches),
+  trainable projector and LLM.
 - Data: {train_size:,} PyAV clips of squares, one coloured and drifting; three MVBench-style tasks ({tasks}), each
   answer a ~30-token templated sentence of which ~7 tokens need the video; {steps:,} steps of {batch_size}, AdamW
   {learning_rate:g}.
@@ -62,13 +63,15 @@ def main(run: Path) -> None:
     data = SHIPPED_DIR / DATA
     shutil.rmtree(data, ignore_errors=True)
     shutil.copytree(run / "data" / "mvbench", data)
+    reference = SHIPPED_DIR / REFERENCE
+    shutil.rmtree(reference, ignore_errors=True)
+    shutil.copytree(run / "reference", reference)  # the demo's reference LLM, for precompute --student
     for checkpoint in sorted((run / "checkpoints").iterdir()):
         mode = checkpoint.name
         name = f"regate-demo-tiny-{mode}"
         target = SHIPPED_DIR / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(checkpoint, target)
-        shutil.copytree(run / "reference", target / "reference")  # the demo's reference LLM, for precompute --student
         result = json.loads((target / "demo_result.json").read_text())
         elision = (
             f", keep ratio {cfg.keep_ratio} on sparse steps, warmup {cfg.warmup_steps}, cycle {cfg.cycle_steps}, "
@@ -82,8 +85,8 @@ def main(run: Path) -> None:
             "location": name,
             "availability": "shipped",
             "student_base": "regate-demo tiny Llama (trained on the demo's text)",
-            "reference_llm": "regate-demo tiny Llama (the student's own base LLM), shipped in reference/",
-            "reference_path": "reference",
+            "reference_llm": f"regate-demo tiny Llama (the student's own base LLM), shipped in {REFERENCE}/",
+            "reference_path": REFERENCE,
             "reference_template": "videollama2",
             "recipe": {
                 "data": f"regate demo video QA ({cfg.train_size:,} PyAV clips, seed 0)",
@@ -113,7 +116,11 @@ def main(run: Path) -> None:
                 }
             ],
             "license": "Apache-2.0",
-            "files": {str(p.relative_to(target)): file_sha256(p) for p in sorted(target.rglob("*")) if p.is_file()},
+            "files": {
+                str(p.relative_to(SHIPPED_DIR)): file_sha256(p)
+                for p in sorted([*target.rglob("*"), *reference.rglob("*")])
+                if p.is_file()
+            },
         }
         (ENTRIES_DIR / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
         (ENTRIES_DIR / f"{name}.md").write_text(
@@ -122,6 +129,7 @@ def main(run: Path) -> None:
                 mode=mode,
                 elision=elision,
                 data=DATA,
+                reference=REFERENCE,
                 tokens=result["answer_tokens"],
                 accuracy=result["curve"][-1]["accuracy"],
                 train_size=cfg.train_size,

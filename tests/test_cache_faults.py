@@ -23,11 +23,12 @@ import torch
 import transformers
 
 from regate_plugin.cli import main as regate
-from regate_plugin.core import ReGATEConfig, build_token_elision
+from regate_plugin.core import ReGATEConfig
 from regate_plugin.core.keys import KEY_BYTES
 from regate_plugin.data import get_template, iter_conversations
 from regate_plugin.store import MANIFEST_NAME, CorruptShardError, ReferenceLossCache, ReferenceLossCacheWriter
 from regate_plugin.store.shards import SET_ASIDE_SUFFIX
+from regate_plugin.strategies import build_token_elision
 from regate_plugin.training.preflight import CacheMismatchError, RunFacts, check_cache_fits
 
 from .llava_data import conversation_samples, write_json, write_tiny_reference

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import huggingface_hub
@@ -178,3 +179,72 @@ def test_a_local_directory_and_a_zoo_entry_still_resolve(tmp_path):
     name = next(e.name for e in entries().values() if e.availability == "shipped")
     path, entry = locate(name)
     assert entry is entries()[name] and Path(path) == entry.path
+
+
+def test_regate_help_imports_neither_torch_nor_transformers():
+    """`regate --help` builds no command's options, so nothing heavy is imported (it took 5-7 s when it did)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "regate_plugin.cli", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "precompute" in done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
+    assert "regate_plugin.cli_options" in imported  # the list is read right: the parser's own modules are in it
+    assert {"torch", "transformers", "numpy"} & imported == set()
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "value"),
+    [
+        (["precompute", "--data", "d.json", "--out", "c", "--max_length", "128"], "max_length", 128),
+        (["precompute", "--data", "d.json", "--out", "c", "--max-length", "128"], "max_length", 128),
+        (["precompute", "--data", "d.json", "--out", "c", "--batch_tokens", "64"], "batch_tokens", 64),
+        (["precompute", "--data", "d.json", "--out", "c", "--skip_bad"], "skip_bad", True),
+        (["precompute", "--data", "d.json", "--out", "c", "--no_progress"], "progress", False),
+        (["demo", "--keep_ratio", "0.5"], "keep_ratio", 0.5),
+        (["demo", "--test_per_task", "3"], "test_per_task", 3),
+        (["eval", "mvbench", "--model", "m", "--data_root", "r", "--num_frames", "8"], "num_frames", 8),
+        (["zoo", "load", "x", "--model_base", "b"], "model_base", "b"),
+    ],
+)
+def test_every_dashed_option_takes_the_underscore_spelling_too(argv, dest, value):
+    from regate_plugin.cli import build_parser
+
+    assert getattr(build_parser(argv[0]).parse_args(argv), dest) == value
+
+
+def test_precompute_options_are_the_config_fields(tmp_path):
+    """One option per PrecomputeConfig field with help, and the parsed values build the config unchanged."""
+    from regate_plugin.cli import build_parser
+    from regate_plugin.cli_options import config_from_args, config_options
+    from regate_plugin.reference.precompute import PrecomputeConfig
+
+    args = build_parser("precompute").parse_args(
+        ["precompute", "--data", "a.json", "b.json", "--reference", "r", "--template", "v1", "--out", "c"]
+        + ["--dtype", "float32", "--max_length", "96", "--resume", "--image-token-id", "7"]
+    )
+    cfg = config_from_args(PrecomputeConfig, args)
+    expected = PrecomputeConfig(
+        data=["a.json", "b.json"],
+        reference="r",
+        template="v1",
+        out="c",
+        cache_dtype="float32",
+        max_length=96,
+        resume=True,
+        image_token_id=7,
+    )
+    assert cfg == expected
+    assert {f.name for f in config_options(PrecomputeConfig)} == {f.name for f in fields(PrecomputeConfig)} - {"anyres"}
+
+
+def test_a_misspelled_elision_flag_names_the_closest_one():
+    from regate_plugin.training.launchers import split_elision_flags
+
+    with pytest.raises(
+        ConfigError, match=r"--regate_keep_ratoi is not a token-elision flag; did you mean --regate_keep_ratio\?"
+    ):
+        split_elision_flags(["--output_dir", "o", "--regate_keep_ratoi", "0.5"])
+    with pytest.raises(ConfigError, match=r"did you mean --token_elision\?"):
+        split_elision_flags(["--token_elison", "regate"])
+    elision_args, rest = split_elision_flags(["--output_dir", "o", "--regate_keep_ratio", "0.5"])
+    assert elision_args.regate_keep_ratio == 0.5 and rest == ["--output_dir", "o"]

@@ -137,7 +137,7 @@ def test_precompute_cli_keys_hf_native_samples_as_the_adapter_does(tmp_path):
             "precompute",
             "--data",
             str(splits.train_json),
-            "--teacher",  # the older name of --reference: still accepted
+            "--reference",
             str(tmp_path / "base"),
             "--template",
             "videollama2",

@@ -6,6 +6,9 @@ LLaVA runner (whose answers must equal upstream `model_vqa_loader.py`'s)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from regate_plugin.eval.runners import HFRunner
 from regate_plugin.eval.vqa_accuracy import contraction_table, normalize_answer
 
 from regate_plugin.cli import main as regate
+from regate_plugin.registry import UnknownEntryError
 
 from .eval_fixtures import write_tiny_hf_llava
 from .image_fixtures import WRITERS, colour, write_mmbench, write_mme, write_pope, write_scienceqa, write_seed
@@ -185,7 +189,7 @@ def test_bad_data_names_the_file(tmp_path):
     benchmark = get_benchmark("gqa", WRITERS["gqa"](tmp_path / "gqa"))
     with pytest.raises(BenchmarkError, match="'999' that the data under"):
         benchmark.score(benchmark.load(), [{"question_id": "999", "prompt": "", "text": "x"}])
-    with pytest.raises(BenchmarkError, match="unknown benchmark 'nope'"):
+    with pytest.raises(UnknownEntryError, match="unknown benchmark .nope."):
         get_benchmark("nope", tmp_path)
 
 
@@ -394,7 +398,7 @@ def tiny_hf_llava(tmp_path_factory) -> Path:
     return write_tiny_hf_llava(root / "model", write_bpe_chat_tokenizer(root / "tok", "chatml"))
 
 
-@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+@pytest.mark.parametrize("name", BENCHMARKS.names())
 def test_end_to_end_run_resumes_and_rescores(tmp_path, tiny_hf_llava, name):
     root = WRITERS[name](tmp_path / "data")
     out = tmp_path / "out"
@@ -511,3 +515,64 @@ def test_upstream_llava_runner_reproduces_model_vqa_loader(tmp_path):
     ).stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert parse_eval_pope(printed) == metrics["groups"]
+
+
+THIRD_PARTY = """
+import json
+
+from regate_plugin.eval.image import ImageBenchmark, ImageQuestion, Score
+
+
+class Parity(ImageBenchmark):
+    name = "parity"
+    title = "Parity"
+    data_layout = "numbers.json"
+
+    def load(self):
+        numbers = json.loads(self._path("numbers.json").read_text())
+        return [ImageQuestion(str(n), f"Is {n} even?", None, "yes" if n % 2 == 0 else "no") for n in numbers]
+
+    def score(self, questions, records):
+        texts = self.answer_texts(questions, records)
+        right = sum(text is not None and text.lower() == q.answer for q, text in zip(questions, texts))
+        return Score(self.name, {"accuracy": 100.0 * right / len(questions)})
+
+
+class AlwaysYes:
+    def generate(self, requests):
+        return ["Yes"] * len(requests)
+
+
+def load_always_yes(model, *, model_base, conv_mode, device, dtype):
+    return AlwaysYes()
+"""
+
+
+def test_a_third_party_benchmark_and_runner_from_entry_points_run_through_regate_eval(tmp_path):
+    """An installed package's entry points add an eval command and a --runner, listed in the help and run for real."""
+    site = tmp_path / "site"
+    (site / "toy_eval-0.1.dist-info").mkdir(parents=True)
+    (site / "toy_eval.py").write_text(THIRD_PARTY)
+    (site / "toy_eval-0.1.dist-info/METADATA").write_text("Metadata-Version: 2.1\nName: toy-eval\nVersion: 0.1\n")
+    (site / "toy_eval-0.1.dist-info/entry_points.txt").write_text(
+        "[regate_plugin.benchmarks]\nparity = toy_eval:Parity\n\n"
+        "[regate_plugin.runners]\nyes = toy_eval:load_always_yes\n"
+    )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/numbers.json").write_text("[1, 2, 3, 4, 6]")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "regate_plugin.cli", *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    assert "parity" in cli("eval", "--help").stdout
+    assert "{hf,llava,yes}" in cli("eval", "parity", "--help").stdout
+    out = tmp_path / "out"
+    done = cli(
+        *("eval", "parity", "--runner", "yes", "--model", str(tmp_path)),
+        *("--data-root", str(tmp_path / "data"), "--out", str(out), "--no-progress"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == {"accuracy": 60.0}
+    assert [json.loads(line)["text"] for line in (out / "answers.jsonl").read_text().splitlines()] == ["Yes"] * 5

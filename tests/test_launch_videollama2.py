@@ -254,7 +254,7 @@ def test_a_cache_scored_with_other_visual_rows_fails_at_the_first_batch_naming_t
     wrong = tmp_path / "wrong_rows"
     _videollama2(
         *("-m", "regate_plugin.cli", "precompute", "--no-progress", "--data", str(setup["data"])),
-        *("--teacher", str(setup["base"]), "--template", "videollama2", "--out", str(wrong)),
+        *("--reference", str(setup["base"]), "--template", "videollama2", "--out", str(wrong)),
         *("--visual-tokens", str(ROWS + 3), "--max-length", "256", "--mode", "pad"),
     )
     out = tmp_path / "o"

@@ -6,14 +6,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from regate_plugin.eval import get_protocol, load_mvbench
 from regate_plugin.eval.base import Request
 from regate_plugin.eval.runners import HFRunner
 from regate_plugin.model_zoo import (
+    FORMATS,
     SHIPPED_DIR,
     ZooError,
+    ZooFormat,
     detect_format,
     entries,
+    format_table,
     get_entry,
     load,
     parse_entry,
@@ -95,17 +99,24 @@ def test_shipped_checkpoint_loads_offline_verifies_and_reproduces_its_result(ent
 
 def test_a_tampered_shipped_file_is_refused(tmp_path):
     entry = SHIPPED[0]
-    copy = shutil.copytree(entry.path, tmp_path / entry.name)
-    assert verify_files(entry, copy) == copy
+    for directory in (entry.location, entry.reference_path):
+        shutil.copytree(SHIPPED_DIR / directory, tmp_path / directory)
+    copy = tmp_path / entry.location
+    assert verify_files(entry, tmp_path) == copy
+    reference = tmp_path / entry.reference_path / "model.safetensors"
+    reference.write_bytes(reference.read_bytes()[:-1])
+    with pytest.raises(ZooError, match=r"regate-demo-tiny-reference/model\.safetensors does not match"):
+        verify_files(entry, tmp_path)
+    shutil.copy(SHIPPED_DIR / entry.reference_path / "model.safetensors", reference)
     weights = copy / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     with pytest.raises(ZooError, match=r"model\.safetensors does not match its recorded sha256"):
-        verify_files(entry, copy)
+        verify_files(entry, tmp_path)
     weights.unlink()
     with pytest.raises(ZooError, match=r"model\.safetensors is missing"):
-        verify_files(entry, copy)
+        verify_files(entry, tmp_path)
 
 
 def test_announced_and_uncached_hub_entries_say_what_to_do(tmp_path, monkeypatch):
@@ -145,6 +156,30 @@ def test_detect_format_of_local_directories(tmp_path, config, files, expected):
     for name in files:
         (tmp_path / name).write_text("{}")
     assert detect_format(tmp_path) == expected
+
+
+def test_the_demo_students_share_one_shipped_reference_llm():
+    assert {e.reference_path for e in SHIPPED} == {"regate-demo-tiny-reference"}
+    assert not list(SHIPPED_DIR.glob("*/reference"))
+
+
+def test_a_registered_format_is_detected_and_loaded(tmp_path):
+    """A third-party format plugs into detection, loading and the schema's list of formats."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "toy"}))
+
+    def load_toy(path, model_base, **kw):
+        return torch.nn.Linear(2, 3), None, None
+
+    toy = ZooFormat(lambda path, config: config.get("model_type") == "toy", load_toy)
+    FORMATS.register("toy", toy)
+    try:
+        with pytest.raises(ValueError, match="format 'toy' is already registered"):
+            FORMATS.register("toy", ZooFormat(toy.detect, load_toy))
+        loaded = load(tmp_path)
+        assert loaded.format == "toy" and loaded.summary().endswith(f"9 parameters, format toy, from {tmp_path}")
+        assert "toy" in format_table()
+    finally:
+        del FORMATS._entries["toy"]  # the registry offers no removal: undo this test's entry for the others
 
 
 def test_detect_format_refuses_what_it_does_not_know(tmp_path):
@@ -308,8 +343,8 @@ def test_precompute_student_uses_the_reference_shipped_with_a_demo_entry(tmp_pat
         capture_output=True,
     )
     cache = ReferenceLossCache(tmp_path / "cache")
-    reference = AutoModelForCausalLM.from_pretrained(entry.path / "reference").eval()
-    tokenizer = AutoTokenizer.from_pretrained(entry.path / "reference")
+    reference = AutoModelForCausalLM.from_pretrained(SHIPPED_DIR / entry.reference_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_DIR / entry.reference_path)
     assert tokenizer.convert_tokens_to_ids("<image>") == 4
     for conversation in iter_conversations(splits.train_json):
         sample = expand_placeholders(get_template("videollama2").encode(conversation, tokenizer), 4, 64)

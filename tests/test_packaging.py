@@ -1,5 +1,6 @@
 """The top-level eval/, model_zoo/ and patches/ folders install inside `regate_plugin`, editable and as a wheel."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -46,6 +47,28 @@ def test_the_editable_install_maps_the_top_level_folders_into_the_package(tmp_pa
     assert found["entries"] == _expected_entries() and found["patches"] == [True, True]
 
 
+# What transformers reads from a checkpoint directory besides its weights: each directory must hold its own copy, so
+# the small config and tokenizer files of checkpoints with the same tokenizer and architecture repeat (< 20 KB each).
+CHECKPOINT_METADATA = {
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "processor_config.json",
+}
+
+
+def _duplicated_contents(wheel: Path) -> list[list[str]]:
+    """Groups of files in `wheel` with the same bytes, leaving out the checkpoint metadata that must repeat."""
+    by_digest: dict[str, list[str]] = {}
+    with zipfile.ZipFile(wheel) as archive:
+        for name in archive.namelist():
+            if not name.endswith("/") and Path(name).name not in CHECKPOINT_METADATA:
+                by_digest.setdefault(hashlib.sha256(archive.read(name)).hexdigest(), []).append(name)
+    return [sorted(names) for names in by_digest.values() if len(names) > 1]
+
+
 def test_a_wheel_holds_the_folders_inside_the_package_and_runs_from_them(tmp_path):
     wheels = tmp_path / "wheels"
     built = subprocess.run(
@@ -66,6 +89,7 @@ def test_a_wheel_holds_the_folders_inside_the_package_and_runs_from_them(tmp_pat
         "regate_plugin/patches/llava-c121f04.diff",
     ):
         assert required in names, required
+    assert _duplicated_contents(wheel) == []
 
     target = tmp_path / "site"
     installed = subprocess.run(

@@ -51,7 +51,7 @@ def test_readme_hf_native_recipe_keys_match_the_cache_and_train(tmp_path):
     # differently: precompute must load the tokenizer from where training does (--tokenizer).
     data = write_json(tmp_path / "train.json", conversation_samples(12, seed=3))
     # README step 2: precompute, with --tokenizer where training loads its tokenizer from.
-    command = [sys.executable, "-m", "regate_plugin.cli", "precompute", "--data", str(data), "--teacher"]
+    command = [sys.executable, "-m", "regate_plugin.cli", "precompute", "--data", str(data), "--reference"]
     command += [str(tmp_path / "reference"), "--tokenizer", str(tmp_path / "student"), "--template", "v1"]
     command += ["--image-token-id", str(student.config.image_token_id), "--student-config", str(tmp_path / "student")]
     command += ["--max-length", str(MAX_LENGTH), "--out", str(tmp_path / "cache"), "--no-progress"]

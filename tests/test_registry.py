@@ -54,3 +54,13 @@ def test_llava_next_video_batches_are_refused_by_the_llava_merge():
 
     with pytest.raises(NotImplementedError, match="LLaVA-NeXT video"):
         merge_llava(object(), {"modalities": ["image", "video"], "labels": None})
+
+
+def test_a_second_adapter_under_a_taken_name_is_refused():
+    from regate_plugin.adapters import Adapter, register_adapter
+    from regate_plugin.adapters.base import ADAPTERS
+
+    hf = ADAPTERS.get("hf")
+    with pytest.raises(ValueError, match="adapter 'hf' is already registered"):
+        register_adapter(Adapter("hf", ("LlamaForCausalLM",), hf.install))
+    assert ADAPTERS.get("hf") is hf and "LlamaForCausalLM" not in rg.supported_models()

@@ -17,8 +17,7 @@ _ENABLED_ATTR = "_regate_enabled"
 
 
 def supported_models() -> list[str]:
-    _load_builtin_adapters()
-    return sorted(name for adapter in ADAPTERS for name in adapter.class_names)
+    return sorted(name for _, adapter in ADAPTERS.items() for name in adapter.class_names)
 
 
 def _unwrap(model: Any) -> Any:
@@ -33,17 +32,13 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-def _load_builtin_adapters() -> None:
-    """Import the adapter modules that ship with the plugin (they import transformers, so only on demand)."""
-    from . import hf, upstream  # noqa: F401
-
-
 def _find_adapter(model: Any) -> Adapter:
-    _load_builtin_adapters()
-    mro_names = [cls.__name__ for cls in type(model).__mro__]
-    for adapter in ADAPTERS:
-        if any(name in adapter.class_names for name in mro_names):
-            return adapter
+    """The adapter of the most derived class in the model's MRO that an adapter names."""
+    adapters = [adapter for _, adapter in ADAPTERS.items()]
+    for cls in type(model).__mro__:
+        for adapter in adapters:
+            if cls.__name__ in adapter.class_names:
+                return adapter
     raise UnsupportedModelError(
         f"token elision has no adapter for {type(model).__name__}; supported models (and their subclasses): "
         f"{', '.join(supported_models())}"

@@ -12,14 +12,13 @@ from .config import ConfigError, ReferenceScoredConfig, ReGATEConfig, ScheduleCo
 from .ema import DifficultyEMA
 from .keys import batch_sample_keys, sample_key, tokenizer_fingerprint
 from .loss import TokenLoss, next_token_loss
-from .reference import REFERENCE_MODES, ReferenceInput, TeacherInput, build_reference_input, build_teacher_input
+from .reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from .schedule import expected_keep_fraction, first_sparse_step, is_dense_step, keep_ratio_at
 from .selection import fused_score, keep_counts, select_kept_positions
 
 __all__ = [
     "batch_sample_keys",
     "build_reference_input",
-    "build_teacher_input",
     "CompactionPlan",
     "ConfigError",
     "DifficultyEMA",
@@ -42,7 +41,6 @@ __all__ = [
     "target_ordinals",
     "REFERENCE_MODES",
     "ReferenceInput",
-    "TeacherInput",
     "tokenizer_fingerprint",
     "TokenLoss",
 ]

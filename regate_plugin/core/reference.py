@@ -77,7 +77,3 @@ def build_reference_input(
         expanded_labels = lab.repeat_interleave(rows)
         return ReferenceInput(expanded_ids, torch.arange(expanded_ids.numel()), expanded_labels)
     raise ValueError(f"reference mode {mode!r} is not one of {list(REFERENCE_MODES)}")
-
-
-TeacherInput = ReferenceInput  # older names, still importable
-build_teacher_input = build_reference_input

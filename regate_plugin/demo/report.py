@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import DemoResult
+from .results import DemoResult
 from .tasks import TASKS
 
 Curve = Sequence[Mapping[str, Any]]

@@ -46,26 +46,48 @@ SUMMARY_NAME = "precompute_summary.json"
 
 @dataclass
 class PrecomputeConfig:
-    data: Sequence[str | os.PathLike[str]]
-    reference: str  # the reference LLM: hub id, local directory, .gguf file or 'smollm2'
-    template: str
-    out: str | os.PathLike[str]
-    tokenizer: str | None = None  # the student's tokenizer; default: the reference's
-    visual_tokens: int | None = None  # rows per placeholder; required when the data has images or videos
+    data: Sequence[str | os.PathLike[str]] = field(metadata={"help": "LLaVA-format .json list or .jsonl file(s)"})
+    reference: str = field(metadata={"help": "reference LLM: hub id, local directory, .gguf file, or 'smollm2'"})
+    template: str = field(metadata={"help": "the training run's conversation template"})
+    out: str | os.PathLike[str] = field(metadata={"help": "cache directory"})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "the student's tokenizer (default: the reference's; they must be identical)"}
+    )
+    visual_tokens: int | None = field(
+        default=None,
+        metadata={"help": "visual rows per <image>/<video> placeholder, needed when the data has any (LLaVA-1.5: 576)"},
+    )
     anyres: AnyresLayout | None = None  # instead: LLaVA-NeXT anyres, rows counted per image from its size
-    image_folder: str | os.PathLike[str] | None = None  # the training run's --image_folder (or data folder)
-    image_token_id: int | None = None  # HF-native student: placeholders are expanded into this token
-    mode: str = "gap"
-    max_length: int | None = None  # the training run's model_max_length; default: the tokenizer's
-    batch_tokens: int = 16384  # padded reference tokens per forward
-    window: int = 2048  # samples tokenized, sorted and batched together
-    cache_dtype: str = "float16"
-    model_dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    skip_bad: bool = False
-    progress: bool = True
+    image_folder: str | os.PathLike[str] | None = field(
+        default=None,
+        metadata={
+            "help": "the training run's --image_folder / --data_folder: image and video paths are relative to it, "
+            "and every sample's files must exist (needed for an anyres student, whose rows depend on each image's "
+            "size)"
+        },
+    )
+    image_token_id: int | None = field(
+        default=None,
+        metadata={
+            "help": "HF-native student: its processor expands each placeholder into this token id, --visual-tokens "
+            "times (LlavaForConditionalGeneration: config.image_token_id)"
+        },
+    )
+    mode: str = field(default="gap", metadata={"help": "gap: skip visual rows, keep positions; pad: pad tokens"})
+    max_length: int | None = field(
+        default=None, metadata={"help": "the training run's --model_max_length (default: the tokenizer's)"}
+    )
+    batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per reference forward"})
+    window: int = field(default=2048, metadata={"help": "samples tokenized, sorted and batched together"})
+    cache_dtype: str = field(default="float16", metadata={"help": "stored loss dtype"})
+    model_dtype: str = field(
+        default="auto", metadata={"help": "reference weights dtype (auto: float32 on CPU, bfloat16 on CUDA)"}
+    )
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace whatever cache --out holds"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip (and count) malformed samples instead of stopping"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
         if self.mode not in REFERENCE_MODES:

@@ -10,6 +10,7 @@ the fields of its own config class only.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -93,6 +94,17 @@ class TokenElisionArguments:
                 stacklevel=2,
             )
         return elision
+
+
+def check_flag_names(argv: list[str]) -> None:
+    """Refuse a `--regate_*` / `--token_elision*` option that is none of ours, naming the closest one (difflib)."""
+    known = TokenElisionArguments.flag_names()
+    for arg in argv:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if name.startswith(("regate_", "token_el")) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"did you mean --{close[0]}?" if close else f"the flags are --{', --'.join(known)}"
+            raise ConfigError(f"--{name} is not a token-elision flag; {hint}")
 
 
 def with_token_elision_arguments(training_args_cls: type) -> type:

