@@ -294,7 +294,12 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv-mode", default="vicuna_v1", help="--runner llava: conversation template (default: vicuna_v1)"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="--runner hf weights dtype")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default="auto",
+        help="model dtype (auto: the checkpoint's for --runner hf; float32 on cpu, float16 on cuda for --runner llava)",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)"
     )
