@@ -10,13 +10,13 @@ $(VENV)/.ready: pyproject.toml scripts/setup.sh scripts/venv.sh
 	REGATE_VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 
-# The upstream-LLaVA env: the real llava-torch on transformers 4.37.2, for the parity and launcher tests.
-$(LLAVA_VENV)/.ready: pyproject.toml scripts/setup_llava_env.sh scripts/venv.sh
+# The upstream-LLaVA env: the real llava-torch on transformers 4.37.2 (constraints/llava.txt), for the parity and launcher tests.
+$(LLAVA_VENV)/.ready: pyproject.toml scripts/setup_llava_env.sh scripts/venv.sh constraints/llava.txt
 	REGATE_LLAVA_VENV=$(LLAVA_VENV) bash scripts/setup_llava_env.sh
 	touch $@
 
-# The VideoLLaMA2-pinned env: transformers 4.40.0, tokenizers 0.19.1, accelerate 0.26.1, peft 0.4.0, numpy 1.24.4.
-$(VIDEOLLAMA2_VENV)/.ready: pyproject.toml scripts/setup_videollama2_env.sh scripts/venv.sh
+# The VideoLLaMA2-pinned env: constraints/videollama2.txt (transformers 4.40.0, accelerate 0.26.1, peft 0.4.0, numpy 1.24.4).
+$(VIDEOLLAMA2_VENV)/.ready: pyproject.toml scripts/setup_videollama2_env.sh scripts/venv.sh constraints/videollama2.txt
 	REGATE_VIDEOLLAMA2_VENV=$(VIDEOLLAMA2_VENV) bash scripts/setup_videollama2_env.sh
 	touch $@
 

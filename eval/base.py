@@ -89,6 +89,21 @@ def unreadable_lines(unreadable: list[str]) -> list[str]:
     return lines
 
 
+SHOWN_MISSING = 20
+
+
+def missing_report(benchmark: str, root: Path, missing: list[Path]) -> str:
+    """What `--check-data` prints: that `root` is complete, or the paths it lacks (the first few, then how many
+    more)."""
+    if not missing:
+        return f"{benchmark}: {root} holds every file and folder it needs"
+    lines = [f"{benchmark}: {root} lacks {len(missing)} path(s) (docs/EVAL.md has the layout):"]
+    lines += [f"  {path}" for path in missing[:SHOWN_MISSING]]
+    if len(missing) > SHOWN_MISSING:
+        lines.append(f"  ... and {len(missing) - SHOWN_MISSING} more")
+    return "\n".join(lines)
+
+
 T = TypeVar("T")
 
 

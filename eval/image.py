@@ -101,6 +101,7 @@ class ImageBenchmark:
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""  # what a results table calls it
     data_layout: ClassVar[str] = ""  # what --data-root must hold
+    image_folder: ClassVar[str] = ""  # the images' folder under --data-root (--image-dir overrides it), if any
     max_new_tokens: ClassVar[int] = 128
     flags: ClassVar[tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = ()
     unique_ids: ClassVar[bool] = True  # question_id alone identifies a question
@@ -111,6 +112,23 @@ class ImageBenchmark:
 
     def load(self) -> list[ImageQuestion]:
         raise NotImplementedError
+
+    @property
+    def image_dir(self) -> Path:
+        return Path(self.options.get("image_dir") or self.root / self.image_folder)
+
+    def data_paths(self) -> list[Path]:
+        """The files and folders a complete --data-root holds, besides the images its questions name."""
+        return [self.image_dir] if self.image_folder else []
+
+    def missing_data(self) -> list[Path]:
+        """What a complete --data-root lacks: its files and folders, or, when they are all there, the images its
+        questions name (`regate eval <benchmark> --check-data`)."""
+        missing = [path for path in self.data_paths() if not path.exists()]
+        if missing:
+            return missing
+        images = dict.fromkeys(q.image for q in self.load() if isinstance(q.image, Path))
+        return [image for image in images if not image.exists()]
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
         raise NotImplementedError

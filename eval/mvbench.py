@@ -96,43 +96,52 @@ def _media_root(root: Path, prefix: str) -> Path:
     return root / "video" / prefix
 
 
+def _wanted(tasks: list[str] | None) -> list[Task]:
+    unknown = sorted(set(tasks or []) - {t.name for t in TASKS})
+    if unknown:
+        raise MVBenchError(f"unknown MVBench task(s) {unknown}; known: {[t.name for t in TASKS]}")
+    return [t for t in TASKS if tasks is None or t.name in tasks]
+
+
+def _task_questions(root: Path, task: Task) -> list[Question]:
+    """The questions of `json/<task>.json` (which must exist); each answer must be one of its candidates."""
+    path = root / "json" / task.json_file
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MVBenchError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(records, list):
+        raise MVBenchError(f"{path}: expected a JSON list of questions, got {type(records).__name__}")
+    media = _media_root(root, task.prefix)
+    loaded = []
+    for i, record in enumerate(records):
+        where = f"{path} record {i}"
+        try:
+            candidates = tuple(record["candidates"])
+            answer = record["answer"]
+            video = record["video"]
+            question = record["question"]
+            bound = (float(record["start"]), float(record["end"])) if task.bounded else None
+        except KeyError as err:
+            raise MVBenchError(f"{where}: missing field {err}") from None
+        except (TypeError, ValueError) as err:
+            raise MVBenchError(f"{where}: {err}") from None
+        if answer not in candidates:
+            raise MVBenchError(f"{where}: answer {answer!r} is not one of its candidates {list(candidates)}")
+        loaded.append(Question(task.name, i, media / video, question, candidates, candidates.index(answer), bound))
+    return loaded
+
+
 def load_mvbench(root: str | Path, tasks: list[str] | None = None, allow_missing: bool = False) -> MVBenchData:
     """Read `json/<task>.json` for every task; each answer must be one of its candidates. A task whose JSON or
     first video is absent is missing: an error unless `allow_missing` (NTU pose videos are no longer distributed)."""
     root = Path(root)
-    wanted = [t for t in TASKS if tasks is None or t.name in tasks]
-    unknown = sorted(set(tasks or []) - {t.name for t in TASKS})
-    if unknown:
-        raise MVBenchError(f"unknown MVBench task(s) {unknown}; known: {[t.name for t in TASKS]}")
     questions, counts, missing = [], {}, []
-    for task in wanted:
-        path = root / "json" / task.json_file
-        if not path.exists():
+    for task in _wanted(tasks):
+        if not (root / "json" / task.json_file).exists():
             missing.append(task.name)
             continue
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise MVBenchError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(records, list):
-            raise MVBenchError(f"{path}: expected a JSON list of questions, got {type(records).__name__}")
-        media = _media_root(root, task.prefix)
-        loaded = []
-        for i, record in enumerate(records):
-            where = f"{path} record {i}"
-            try:
-                candidates = tuple(record["candidates"])
-                answer = record["answer"]
-                video = record["video"]
-                question = record["question"]
-                bound = (float(record["start"]), float(record["end"])) if task.bounded else None
-            except KeyError as err:
-                raise MVBenchError(f"{where}: missing field {err}") from None
-            except (TypeError, ValueError) as err:
-                raise MVBenchError(f"{where}: {err}") from None
-            if answer not in candidates:
-                raise MVBenchError(f"{where}: answer {answer!r} is not one of its candidates {list(candidates)}")
-            loaded.append(Question(task.name, i, media / video, question, candidates, candidates.index(answer), bound))
+        loaded = _task_questions(root, task)
         if loaded and not loaded[0].video.exists():
             missing.append(task.name)
             continue
@@ -140,10 +149,25 @@ def load_mvbench(root: str | Path, tasks: list[str] | None = None, allow_missing
         counts[task.name] = len(loaded)
     if missing and not allow_missing:
         raise MVBenchError(
-            f"MVBench task(s) missing under {root}: {missing} (json/ or video/ absent); pass --allow-missing to "
-            "score the others (the result is then labelled with the number of tasks)"
+            f"MVBench task(s) missing under {root}: {missing} (json/ or video/ absent; `regate eval mvbench "
+            "--check-data` lists the missing paths); pass --allow-missing to score the others (the result is then "
+            "labelled with the number of tasks)"
         )
     return MVBenchData(questions, counts, missing)
+
+
+def missing_paths(root: str | Path, tasks: list[str] | None = None) -> list[Path]:
+    """What a complete MVBench root lacks for `tasks` (default: all 20), as paths: each task's JSON file, its
+    `video/<prefix>` folder, or the videos (or frame folders) its records name (`regate eval mvbench --check-data`)."""
+    root = Path(root)
+    missing: dict[Path, None] = {}
+    for task in _wanted(tasks):
+        path, media = root / "json" / task.json_file, _media_root(root, task.prefix)
+        for absent in (p for p in (path, media) if not p.exists()):
+            missing[absent] = None
+        if path.exists() and media.exists():
+            missing.update(dict.fromkeys(q.video for q in _task_questions(root, task) if not q.video.exists()))
+    return list(missing)
 
 
 OFFICIAL_SYSTEM = (

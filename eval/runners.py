@@ -75,10 +75,20 @@ class HFRunner:
 
 class UpstreamLlavaRunner:
     """A LLaVA-1.5-style checkpoint loaded by `llava.model.builder.load_pretrained_model` (its directory name must
-    contain "llava", as upstream requires). One request per call, as the upstream eval scripts run."""
+    contain "llava", as upstream requires). One request per call, as the upstream eval scripts run.
+
+    Upstream loads in float16, which many CPU kernels lack (`"slow_conv2d_cpu" not implemented for 'Half'` on
+    torch 2.1): `dtype` (default float32 on the CPU, float16 elsewhere, as upstream) casts the loaded model (vision
+    tower and projector included), and the images follow the model. The weights pass through float16 on loading,
+    as upstream's loader has them (exact for float16 checkpoints, as LLaVA releases them)."""
 
     def __init__(
-        self, model_path: str | Path, model_base: str | None = None, conv_mode: str = "vicuna_v1", device: str = "cpu"
+        self,
+        model_path: str | Path,
+        model_base: str | None = None,
+        conv_mode: str = "vicuna_v1",
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
     ) -> None:
         from llava.mm_utils import get_model_name_from_path
         from llava.model.builder import load_pretrained_model
@@ -88,6 +98,9 @@ class UpstreamLlavaRunner:
         self.tokenizer, self.model, self.image_processor, _ = load_pretrained_model(
             path, model_base, get_model_name_from_path(path), device_map=device_map, device=device
         )
+        dtype = dtype or (torch.float32 if device == "cpu" else torch.float16)
+        if dtype != torch.float16:
+            self.model.to(dtype)
         self.conv_mode = conv_mode
 
     def _input_ids(self, request: Request) -> torch.Tensor:
@@ -147,7 +160,9 @@ def _load_hf(model: str, *, model_base: str | None, conv_mode: str, device: str,
 
 
 def _load_llava(model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str) -> UpstreamLlavaRunner:
-    return UpstreamLlavaRunner(model, model_base, conv_mode, device)
+    return UpstreamLlavaRunner(
+        model, model_base, conv_mode, device, None if dtype == "auto" else dtype_from_name(dtype, "--dtype")
+    )
 
 
 RUNNERS: Registry[RunnerLoader] = Registry("runner", group="regate_plugin.runners")
@@ -166,8 +181,9 @@ def load_runner(
     dtype: str = "auto",
 ) -> ModelRunner:
     """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment); or
-    any other registered runner. `model` is a directory, a hub id, or a model_zoo entry name (resolved, and
-    verified when shipped): see `model_zoo.locate`, which refuses anything else before a model loads."""
+    any other registered runner. `dtype` "auto": the checkpoint's own (hf), float32 on the CPU and float16
+    elsewhere (llava). `model` is a directory, a hub id, or a model_zoo entry name (resolved, and verified when
+    shipped): see `model_zoo.locate`, which refuses anything else before a model loads."""
     from ..model_zoo import locate
 
     loader = RUNNERS.get(kind)

@@ -148,6 +148,17 @@ def _write_json(out: Path | None, **files: object) -> None:
     print(f"metrics: {out / 'metrics.json'}")
 
 
+def _check_data(args: argparse.Namespace) -> int:
+    """--check-data: the paths --data-root lacks (exit 1), or that it is complete (exit 0)."""
+    from .eval.base import missing_report
+    from .eval.mvbench import missing_paths
+
+    mvbench = args.eval_command == "mvbench"
+    missing = missing_paths(args.data_root, args.tasks) if mvbench else _benchmark(args).missing_data()
+    print(missing_report(args.eval_command, Path(args.data_root), missing))
+    return 1 if missing else 0
+
+
 def _runner(args: argparse.Namespace):
     from .eval.runners import load_runner
 
@@ -158,6 +169,8 @@ def _eval_mvbench(args: argparse.Namespace) -> int:
     from .eval import aggregate, get_protocol, load_mvbench, predict, read_predictions
     from .eval.mvbench import latest_by_uid, questions_per_task
 
+    if args.check_data:
+        return _check_data(args)
     data = load_mvbench(args.data_root, args.tasks, args.allow_missing)
     if args.limit:
         data.questions = [q for q in data.questions if q.index < args.limit]
@@ -206,6 +219,8 @@ def _benchmark(args: argparse.Namespace):
 def _eval_image(args: argparse.Namespace) -> int:
     from .eval.image import predict, read_answers, score_answers
 
+    if args.check_data:
+        return _check_data(args)
     benchmark = _benchmark(args)
     questions = benchmark.load()
     if args.limit:
@@ -244,11 +259,14 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
     from .core.dtypes import DTYPE_NAMES
     from .eval.runners import RUNNERS
 
-    parser.add_argument(
+    model_or_check = parser.add_mutually_exclusive_group(required=True)
+    model_or_check.add_argument(
         "--model",
-        required=True,
         help="checkpoint: HF-native directory or hub id (--runner hf), "
         "or an upstream LLaVA checkpoint (--runner llava)",
+    )
+    model_or_check.add_argument(
+        "--check-data", action="store_true", help="list what --data-root lacks (exit 1) instead of running a model"
     )
     parser.add_argument(
         "--runner",
@@ -262,7 +280,12 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
         "--conv-mode", default="vicuna_v1", help="--runner llava: conversation template (default: vicuna_v1)"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="--runner hf weights dtype")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default="auto",
+        help="model dtype (auto: the checkpoint's for --runner hf; float32 on cpu, float16 on cuda for --runner llava)",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)"
     )

@@ -446,19 +446,30 @@ def test_hf_runner_batches_give_the_unbatched_answers(tiny_hf_llava):
     assert len(set(one_by_one)) > 1
 
 
-def test_upstream_llava_runner_reproduces_model_vqa_loader(tmp_path):
-    """`regate eval pope --runner llava` in the upstream env answers exactly as upstream `model_vqa_loader.py`
-    (run on CPU), and upstream `eval_pope.py` scores its answer file as we do."""
-    tokenizer = write_sentencepiece_llama(tmp_path / "tok")
-    model = tmp_path / "llava-v1.5-tiny"
+@pytest.fixture(scope="module")
+def upstream_llava_pope(tmp_path_factory) -> dict[str, Path]:
+    """A tiny LLaVA-1.5 checkpoint as upstream writes it (float32 weights), POPE data and LLaVA's question file."""
+    root = tmp_path_factory.mktemp("upstream_llava_pope")
+    model = root / "llava-v1.5-tiny"
     _llava(
         str(Path(__file__).parent / "upstream_llava/make_checkpoint.py"),
-        str(tokenizer),
-        str(tmp_path / "parts"),
+        str(write_sentencepiece_llama(root / "tok")),
+        str(root / "parts"),
         str(model),
     )
-    root = write_pope(tmp_path / "pope", 2)
-    out = tmp_path / "out"
+    pope = write_pope(root / "pope", 2)
+    questions = _write(
+        root / "q.jsonl",
+        [
+            {"question_id": q.question_id, "image": q.image.name, "text": q.text, "category": q.meta["category"]}
+            for q in get_benchmark("pope", pope).load()
+        ],
+    )
+    return {"model": model, "pope": pope, "questions": questions}
+
+
+def _regate_llava_pope(data: dict[str, Path], out: Path, *flags: str) -> list[tuple]:
+    """`regate eval pope --runner llava` in the upstream env: (question_id, prompt, text) of each answer."""
     _llava(
         "-m",
         "regate_plugin.cli",
@@ -467,49 +478,56 @@ def test_upstream_llava_runner_reproduces_model_vqa_loader(tmp_path):
         "--runner",
         "llava",
         "--model",
-        str(model),
+        str(data["model"]),
         "--data-root",
-        str(root),
+        str(data["pope"]),
         "--out",
         str(out),
         "--no-progress",
+        *flags,
     )
-    questions = get_benchmark("pope", root).load()
-    question_file = _write(
-        tmp_path / "q.jsonl",
-        [
-            {"question_id": q.question_id, "image": q.image.name, "text": q.text, "category": q.meta["category"]}
-            for q in questions
-        ],
-    )
+    return _answer_triples(out / "answers.jsonl")
+
+
+def _model_vqa_loader_pope(data: dict[str, Path], answers: Path, *cast: str) -> list[tuple]:
+    """Upstream `model_vqa_loader.py` on the same questions, on CPU (`cast`: `--cast DTYPE`)."""
     _llava(
         str(Path(__file__).parent / "upstream_llava/run_model_vqa_loader.py"),
+        *cast,
         "--model-path",
-        str(model),
+        str(data["model"]),
         "--question-file",
-        str(question_file),
+        str(data["questions"]),
         "--image-folder",
-        str(root / "val2014"),
+        str(data["pope"] / "val2014"),
         "--answers-file",
-        str(tmp_path / "reference.jsonl"),
+        str(answers),
         "--temperature",
         "0",
         "--conv-mode",
         "vicuna_v1",
     )
-    ours = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    reference = [json.loads(line) for line in (tmp_path / "reference.jsonl").read_text().splitlines()]
-    assert [(r["question_id"], r["prompt"], r["text"]) for r in ours] == [
-        (r["question_id"], r["prompt"], r["text"]) for r in reference
-    ]
-    assert len({r["text"] for r in ours}) > 1  # the answers depend on the image and the question
+    return _answer_triples(answers)
+
+
+def _answer_triples(path: Path) -> list[tuple]:
+    return [(r["question_id"], r["prompt"], r["text"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_upstream_llava_runner_reproduces_model_vqa_loader(tmp_path, upstream_llava_pope):
+    """`regate eval pope --runner llava --dtype float16` in the upstream env answers exactly as upstream
+    `model_vqa_loader.py` (run on CPU, in its float16), and upstream `eval_pope.py` scores its answer file as we do."""
+    out = tmp_path / "out"
+    ours = _regate_llava_pope(upstream_llava_pope, out, "--dtype", "float16")
+    assert ours == _model_vqa_loader_pope(upstream_llava_pope, tmp_path / "reference.jsonl")
+    assert len({text for _, _, text in ours}) > 1  # the answers depend on the image and the question
     printed = _llava(
         "-m",
         "llava.eval.eval_pope",
         "--annotation-dir",
-        str(root / "coco"),
+        str(upstream_llava_pope["pope"] / "coco"),
         "--question-file",
-        str(question_file),
+        str(upstream_llava_pope["questions"]),
         "--result-file",
         str(out / "answers.jsonl"),
     ).stdout
@@ -576,3 +594,20 @@ def test_a_third_party_benchmark_and_runner_from_entry_points_run_through_regate
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "metrics.json").read_text())["metrics"] == {"accuracy": 60.0}
     assert [json.loads(line)["text"] for line in (out / "answers.jsonl").read_text().splitlines()] == ["Yes"] * 5
+
+
+def test_upstream_llava_runner_computes_in_float32_on_the_cpu(tmp_path, upstream_llava_pope):
+    """Without --dtype on the CPU, the llava runner's model is float32 throughout (upstream's loader gives float16,
+    which torch 2.1's CPU convolution lacks), and it answers as `model_vqa_loader.py` with its model and images in
+    float32."""
+    probe = (
+        "import json, sys\n"
+        "from regate_plugin.eval.runners import load_runner\n"
+        "model = load_runner('llava', sys.argv[1]).model\n"
+        "print(json.dumps(sorted({str(p.dtype) for p in model.parameters()})))"
+    )
+    loaded = _llava("-c", probe, str(upstream_llava_pope["model"])).stdout.strip().splitlines()[-1]
+    assert json.loads(loaded) == ["torch.float32"]
+    ours = _regate_llava_pope(upstream_llava_pope, tmp_path / "out")
+    assert ours == _model_vqa_loader_pope(upstream_llava_pope, tmp_path / "reference.jsonl", "--cast", "float32")
+    assert len({text for _, _, text in ours}) > 1

@@ -8,6 +8,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+from .test_environments import normalised, pins_of
+from .test_templates import LLAVA_PYTHON, VIDEOLLAMA2_PYTHON
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Imports every relocated package and reads its data the way the code does; prints where each came from.
@@ -108,14 +111,13 @@ def _installed(python: Path) -> dict[str, str]:
     done = subprocess.run(
         [str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True
     )
-    return {row["name"].lower(): row["version"] for row in json.loads(done.stdout)}
+    return {normalised(row["name"]): row["version"] for row in json.loads(done.stdout)}
 
 
 def test_installing_with_dependencies_changes_no_pin_of_the_training_environments(tmp_path):
-    """pip's own resolution of the wheel with its dependencies (`--dry-run --report`) into the LLaVA env
-    (transformers 4.37.2) and the VideoLLaMA2-pinned env (transformers 4.40.0, numpy 1.24.4, ...): it may add
-    the plugin and nothing else, and every package already there stays at its version."""
-    from .test_templates import LLAVA_PYTHON, VIDEOLLAMA2_PYTHON
+    """pip's own resolution of the wheel with its dependencies (`--dry-run --report`) into the LLaVA env and the
+    VideoLLaMA2-pinned env (their constraints/ pins: transformers 4.37.2; transformers 4.40.0, numpy 1.24.4, ...):
+    it may add the plugin and nothing else, and every package already there stays at its version."""
 
     wheels = tmp_path / "wheels"
     subprocess.run(
@@ -124,17 +126,7 @@ def test_installing_with_dependencies_changes_no_pin_of_the_training_environment
         capture_output=True,
     )
     (wheel,) = wheels.glob("regate_plugin-*.whl")
-    pins = {
-        LLAVA_PYTHON: {"transformers": "4.37.2", "tokenizers": "0.15.2", "accelerate": "0.26.1", "peft": "0.7.1"},
-        VIDEOLLAMA2_PYTHON: {
-            "transformers": "4.40.0",
-            "tokenizers": "0.19.1",
-            "accelerate": "0.26.1",
-            "peft": "0.4.0",
-            "einops": "0.6.1",
-            "numpy": "1.24.4",
-        },
-    }
+    pins = {LLAVA_PYTHON: pins_of("llava"), VIDEOLLAMA2_PYTHON: pins_of("videollama2")}
     for python, pinned in pins.items():
         assert python.exists(), f"{python} is missing: run `make setup`"
         before = _installed(python)
@@ -146,6 +138,6 @@ def test_installing_with_dependencies_changes_no_pin_of_the_training_environment
         )
         assert done.returncode == 0, done.stderr[-2000:]
         report = json.loads(done.stdout)
-        changes = {row["metadata"]["name"].lower(): row["metadata"]["version"] for row in report["install"]}
+        changes = {normalised(row["metadata"]["name"]): row["metadata"]["version"] for row in report["install"]}
         assert set(changes) == {"regate-plugin"}, (python, changes)
         assert _installed(python) == before

@@ -17,14 +17,20 @@ class GQA(ImageBenchmark):
     name = "gqa"
     title = "GQA (testdev-balanced)"
     data_layout = "GQA's testdev_balanced_questions.json and images/"
+    image_folder = "images"
     flags = (
         flag("--questions", default="testdev_balanced_questions.json", help="question file under DATA_ROOT"),
         flag("--image-dir", help="GQA images (default: DATA_ROOT/images)"),
     )
 
+    def questions_name(self) -> str:
+        return self.options.get("questions") or "testdev_balanced_questions.json"
+
+    def data_paths(self) -> list[Path]:
+        return [self.root / self.questions_name(), *super().data_paths()]
+
     def load(self) -> list[ImageQuestion]:
-        path = self._path(self.options.get("questions") or "testdev_balanced_questions.json")
-        image_dir = Path(self.options.get("image_dir") or self.root / "images")
+        path = self._path(self.questions_name())
         questions = []
         for qid, record in read_json(path).items():
             where = f"{path} question {qid}"
@@ -32,7 +38,7 @@ class GQA(ImageBenchmark):
                 ImageQuestion(
                     qid,
                     require(record, "question", where) + SHORT_ANSWER,
-                    image_dir / f"{require(record, 'imageId', where)}.jpg",
+                    self.image_dir / f"{require(record, 'imageId', where)}.jpg",
                     require(record, "answer", where),
                     {"structural": record.get("types", {}).get("structural", "")},
                 )

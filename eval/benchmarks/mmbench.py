@@ -8,6 +8,7 @@ import base64
 import csv
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ..image import LETTER_ANSWER, BenchmarkError, ImageBenchmark, ImageQuestion, Score, flag, ratio, register_benchmark
@@ -74,10 +75,16 @@ class MMBench(ImageBenchmark):
         ),
     )
 
+    def tsv_name(self) -> str:
+        return self.options.get("tsv") or "mmbench_dev_20230712.tsv"
+
+    def data_paths(self) -> list[Path]:
+        return [self.root / self.tsv_name()]
+
     def _rows(self) -> Iterator[tuple[str, dict[str, str]]]:
         """(where, row) for each data row of the TSV; `where` names the file and the line."""
         csv.field_size_limit(sys.maxsize)
-        path = self._path(self.options.get("tsv") or "mmbench_dev_20230712.tsv")
+        path = self._path(self.tsv_name())
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         if rows and not {"index", "question", "answer", "image", "A", "B"} <= set(rows[0]):

@@ -3,6 +3,7 @@ cognition sums. LLaVA's prompt swaps MME's " Please answer yes or no." for the s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..image import SHORT_ANSWER, BenchmarkError, ImageBenchmark, ImageQuestion, Score, ratio, register_benchmark
@@ -37,6 +38,9 @@ class MME(ImageBenchmark):
         "MME_Benchmark_release_version's 14 subtask folders (images/ + questions_answers_YN/, or side by side)"
     )
     unique_ids = False  # LLaVA's question_id is "<subtask>/<image>", shared by the image's two questions
+
+    def data_paths(self) -> list[Path]:
+        return [self.root / subtask for subtask in (*PERCEPTION, *COGNITION)]
 
     def _pairs(self, subtask: str) -> list[tuple[str, Any]]:
         """(image file, question file) for each image of a subtask, in file-name order."""

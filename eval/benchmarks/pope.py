@@ -54,6 +54,7 @@ class POPE(ImageBenchmark):
     name = "pope"
     title = "POPE"
     data_layout = "coco/coco_pope_{adversarial,popular,random}.json (POPE's label files) and val2014/ (COCO images)"
+    image_folder = "val2014"
     flags = (
         flag("--image-dir", help="COCO val2014 images (default: DATA_ROOT/val2014)"),
         flag(
@@ -62,8 +63,14 @@ class POPE(ImageBenchmark):
         ),
     )
 
+    def label_file(self, category: str) -> Path:
+        return self.root / "coco" / f"coco_pope_{category}.json"
+
+    def data_paths(self) -> list[Path]:
+        return [*map(self.label_file, CATEGORIES), *super().data_paths()]
+
     def categories(self) -> list[str]:
-        present = [c for c in CATEGORIES if (self.root / "coco" / f"coco_pope_{c}.json").exists()]
+        present = [c for c in CATEGORIES if self.label_file(c).exists()]
         if not present:
             raise BenchmarkError(
                 f"pope: no coco/coco_pope_*.json under {self.root}; --data-root must hold {self.data_layout}"
@@ -71,20 +78,19 @@ class POPE(ImageBenchmark):
         return present
 
     def labels(self, category: str) -> list[dict[str, Any]]:
-        return read_json_lines(self.root / "coco" / f"coco_pope_{category}.json", error=BenchmarkError)
+        return read_json_lines(self.label_file(category), error=BenchmarkError)
 
     def load(self) -> list[ImageQuestion]:
-        image_dir = Path(self.options.get("image_dir") or self.root / "val2014")
         questions = []
         for category in self.categories():
-            path = self.root / "coco" / f"coco_pope_{category}.json"
+            path = self.label_file(category)
             for i, record in enumerate(self.labels(category)):
                 where = f"{path} line {i + 1}"
                 questions.append(
                     ImageQuestion(
                         pope_id(category, require(record, "question_id", where)),
                         require(record, "text", where) + SHORT_ANSWER,
-                        image_dir / require(record, "image", where),
+                        self.image_dir / require(record, "image", where),
                         require(record, "label", where),
                         {"category": category},
                     )

@@ -4,6 +4,7 @@ the whole split and IMG-accuracy over the answers whose prompt holds "<image>"."
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from ..image import LETTER_ANSWER, BenchmarkError, ImageBenchmark, ImageQuestion, Score, flag, ratio, register_benchmark
@@ -46,6 +47,9 @@ class ScienceQA(ImageBenchmark):
             help="img: only the problems with an image (SQA-IMG, default); all: every problem, as LLaVA runs it",
         ),
     )
+
+    def data_paths(self) -> list[Path]:
+        return [self.root / "problems.json", self.root / "pid_splits.json"]
 
     def _problems(self) -> tuple[list[str], dict[str, Any]]:
         split = self.options.get("split") or "test"

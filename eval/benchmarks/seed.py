@@ -24,13 +24,16 @@ class SEEDBench(ImageBenchmark):
     name = "seed"
     title = "SEED-IMG"
     data_layout = "SEED-Bench.json and SEED-Bench-image/"
+    image_folder = "SEED-Bench-image"
     flags = (flag("--image-dir", help="SEED-Bench images (default: DATA_ROOT/SEED-Bench-image)"),)
+
+    def data_paths(self) -> list[Path]:
+        return [self.root / "SEED-Bench.json", *super().data_paths()]
 
     def load(self) -> list[ImageQuestion]:
         path = self._path("SEED-Bench.json")
         data = read_json(path)
         names = {v: k for k, v in require(data, "question_type", str(path)).items()}
-        image_dir = Path(self.options.get("image_dir") or self.root / "SEED-Bench-image")
         questions = []
         for i, q in enumerate(require(data, "questions", str(path))):
             where = f"{path} question {i}"
@@ -41,7 +44,7 @@ class SEEDBench(ImageBenchmark):
                 ImageQuestion(
                     require(q, "question_id", where),
                     require(q, "question", where) + options + LETTER_ANSWER,
-                    image_dir / require(q, "data_id", where),
+                    self.image_dir / require(q, "data_id", where),
                     require(q, "answer", where),
                     {"type": names.get(q["question_type_id"], str(q["question_type_id"]))},
                 )

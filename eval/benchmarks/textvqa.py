@@ -36,6 +36,7 @@ class TextVQA(ImageBenchmark):
     name = "textvqa"
     title = "TextVQA (val)"
     data_layout = f"TextVQA_0.5.1_val.json, {OCR_FILE} (for --ocr-tokens on) and train_images/"
+    image_folder = "train_images"
     flags = (
         flag(
             "--ocr-tokens",
@@ -46,6 +47,10 @@ class TextVQA(ImageBenchmark):
         flag("--image-dir", help="TextVQA images (default: DATA_ROOT/train_images)"),
     )
 
+    def data_paths(self) -> list[Path]:
+        ocr = [self.root / OCR_FILE] if self.options.get("ocr_tokens", "on") == "on" else []
+        return [self.root / "TextVQA_0.5.1_val.json", *ocr, *super().data_paths()]
+
     def _ocr_tokens(self) -> dict[str, list[str]]:
         if self.options.get("ocr_tokens", "on") == "off":
             return {}
@@ -55,7 +60,6 @@ class TextVQA(ImageBenchmark):
     def load(self) -> list[ImageQuestion]:
         path = self._path("TextVQA_0.5.1_val.json")
         ocr = self._ocr_tokens()
-        image_dir = Path(self.options.get("image_dir") or self.root / "train_images")
         questions = []
         for i, record in enumerate(require(read_json(path), "data", str(path))):
             where = f"{path} record {i}"
@@ -66,7 +70,7 @@ class TextVQA(ImageBenchmark):
                 ImageQuestion(
                     image_id,
                     require(record, "question", where) + reference + SHORT_ANSWER,
-                    image_dir / f"{image_id}.jpg",
+                    self.image_dir / f"{image_id}.jpg",
                     annotator_answers(record, where),
                     {"question": record["question"]},
                 )

@@ -17,11 +17,14 @@ class VizWiz(ImageBenchmark):
     name = "vizwiz"
     title = "VizWiz (val)"
     data_layout = "VizWiz's val.json and val/ (images)"
+    image_folder = "val"
     flags = (flag("--image-dir", help="VizWiz val images (default: DATA_ROOT/val)"),)
+
+    def data_paths(self) -> list[Path]:
+        return [self.root / "val.json", *super().data_paths()]
 
     def load(self) -> list[ImageQuestion]:
         path = self._path("val.json")
-        image_dir = Path(self.options.get("image_dir") or self.root / "val")
         questions = []
         for i, record in enumerate(read_json(path)):
             where = f"{path} record {i}"
@@ -31,7 +34,7 @@ class VizWiz(ImageBenchmark):
                 ImageQuestion(
                     image,
                     require(record, "question", where) + UNANSWERABLE + SHORT_ANSWER,
-                    image_dir / image,
+                    self.image_dir / image,
                     answers,
                     {"answer_type": record.get("answer_type", "")},
                 )
