@@ -3,9 +3,13 @@ oversized images, empty videos, a float16 EMA fed a huge loss."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from regate_plugin.core import DifficultyEMA
+from regate_plugin.data import DataError, iter_conversations
 
 
 def test_a_float16_ema_saturates_at_its_largest_value_instead_of_holding_inf():
@@ -23,3 +27,46 @@ def test_a_float16_ema_saturates_at_its_largest_value_instead_of_holding_inf():
     assert torch.isfinite(half.values[0])
     torch.testing.assert_close(half.values[0].float(), reference.values[0], rtol=1e-3, atol=0)
     assert torch.isfinite(half.per_token[1])  # the per-token table is float32: the huge loss is kept as it is
+
+
+SAMPLE = {"id": "s0", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+
+
+def _sample(n: int) -> dict:
+    return {**SAMPLE, "id": f"s{n}"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps([_sample(0), _sample(1)]) + "\n" + json.dumps([_sample(2)]),  # two lists one after another
+        json.dumps([_sample(0)], indent=1) + "\n  junk\n",  # junk after the closing bracket
+        json.dumps([_sample(0)]) + "]",
+        "[" + json.dumps(_sample(0)) + "\n " + json.dumps(_sample(1)) + "]",  # a missing comma
+        "[" + json.dumps(_sample(0)) + ",," + json.dumps(_sample(1)) + "]",  # a doubled comma
+        "[" + json.dumps(_sample(0)) + ",\n]",  # a trailing comma
+        "[,\n" + json.dumps(_sample(0)) + "]",
+    ],
+    ids=["two-lists", "junk", "bracket", "missing-comma", "double-comma", "trailing-comma", "leading-comma"],
+)
+def test_train_json_is_read_as_strictly_as_json_load(tmp_path, text):
+    """Every file upstream's `json.load` refuses is refused, naming the file and the line and column json names."""
+    path = tmp_path / "train.json"
+    path.write_text(text)
+    with pytest.raises(json.JSONDecodeError) as upstream:
+        json.loads(text)
+    with pytest.raises(DataError) as ours:
+        list(iter_conversations(path))
+    message = str(ours.value)
+    assert "\n" not in message and str(path) in message
+    assert message.startswith(f"{path}:{upstream.value.lineno}:")
+    if "sample" not in message.split(": ")[1]:  # a break between samples: the column too
+        assert message.startswith(f"{path}:{upstream.value.lineno}:{upstream.value.colno}: ")
+
+
+def test_a_well_formed_train_json_reads_as_json_load_reads_it(tmp_path):
+    samples = [_sample(n) for n in range(3)]
+    for text in (json.dumps(samples), json.dumps(samples, indent=2) + "\n\n", " [ ]\n", "[\n]"):
+        path = tmp_path / "train.json"
+        path.write_text(text)
+        assert [c.sample_id for c in iter_conversations(path)] == [s["id"] for s in json.loads(text)]
