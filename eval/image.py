@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from .base import BenchmarkError, ModelRunner, PredictionFile, Prompt, Request, run_resumable, unreadable_lines
+from .provenance import RUN_FIELD, resumable
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
@@ -103,6 +104,8 @@ class ImageBenchmark:
     max_new_tokens: ClassVar[int] = 128
     flags: ClassVar[tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = ()
     unique_ids: ClassVar[bool] = True  # question_id alone identifies a question
+    # options that say where files are, not what is asked: left out of an answer file's settings
+    location_options: ClassVar[tuple[str, ...]] = ("image_dir", "question_file")
 
     def __init__(self, root: str | Path, **options: Any) -> None:
         self.root = Path(root)
@@ -110,6 +113,11 @@ class ImageBenchmark:
 
     def load(self) -> list[ImageQuestion]:
         raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes an answer besides the model: the benchmark and its options (file locations left out)."""
+        options = {k: v for k, v in sorted(self.options.items()) if k not in self.location_options}
+        return {"benchmark": self.name, "max_new_tokens": self.max_new_tokens, **options}
 
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
         raise NotImplementedError
@@ -167,15 +175,18 @@ def get_benchmark(name: str, root: str | Path, **options: Any) -> ImageBenchmark
     return BENCHMARKS[name](root, **options)
 
 
-def answer_record(question: ImageQuestion, output: str, model_id: str) -> dict[str, Any]:
-    """The line LLaVA's `model_vqa_loader.py` writes (its answer_id is a random uuid, which no scorer reads)."""
+def answer_record(
+    question: ImageQuestion, output: str, model_id: str, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The line LLaVA's `model_vqa_loader.py` writes (its answer_id is a random uuid, which no scorer reads), with
+    the run's description in `metadata` (eval/provenance.py)."""
     return {
         "question_id": question.question_id,
         "prompt": question.prompt_field,
         "text": output.strip(),
         "answer_id": f"regate-{question.question_id}",
         "model_id": model_id,
-        "metadata": {},
+        "metadata": {} if run is None else {RUN_FIELD: run},
     }
 
 
@@ -187,15 +198,19 @@ def predict(
     model_id: str = "",
     batch_size: int = 1,
     progress: bool = True,
+    run: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Answer every question not yet in `out` (LLaVA answer jsonl, appended and flushed per line)."""
-    done = [benchmark.record_key(r) for r in read_answers(out, missing_ok=True).records]
+    """Answer every question not yet in `out` (LLaVA answer jsonl, appended and flushed per line). With `run`
+    (eval/provenance.py), every record carries it and a file of another run is refused; `overwrite` starts the
+    file again."""
+    resumed = resumable(out, lambda path: read_answers(path, missing_ok=True), run, overwrite)
     return run_resumable(
         questions,
         benchmark.question_key,
-        done,
+        [benchmark.record_key(r) for r in resumed.records],
         benchmark.request,
-        lambda q, output: answer_record(q, output, model_id),
+        lambda q, output: answer_record(q, output, model_id, run),
         runner,
         out,
         batch_size,

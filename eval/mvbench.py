@@ -19,6 +19,7 @@ from PIL import Image
 
 from .base import BenchmarkError, ModelRunner, PredictionFile, Prompt, Request, run_resumable, unreadable_lines
 from .frames import Bound, VisualSource, sample_official, sample_videollama2
+from .provenance import RUN_FIELD, resumable
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,11 @@ def _prompt_hash(prompt: Prompt) -> str:
     return hashlib.blake2b(json.dumps(asdict(prompt), sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-def prediction_record(question: Question, protocol: MVBenchProtocol, output: str) -> dict[str, Any]:
+def prediction_record(
+    question: Question, protocol: MVBenchProtocol, output: str, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One question's prediction, parsed by `protocol`, with the run's description in `metadata`
+    (eval/provenance.py)."""
     parsed, correct = protocol.parse(question, output)
     return {
         "uid": question.uid,
@@ -276,6 +281,7 @@ def prediction_record(question: Question, protocol: MVBenchProtocol, output: str
         "gt": question.letters[question.answer_index],
         "correct": correct,
         "fallback": parsed.fallback,
+        "metadata": {} if run is None else {RUN_FIELD: run},
     }
 
 
@@ -296,14 +302,19 @@ def predict(
     out: Path,
     progress: bool = True,
     batch_size: int = 1,
+    run: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Run every question not yet in `out` (jsonl, appended and flushed per line); yields new records."""
+    """Run every question not yet in `out` (jsonl, appended and flushed per line); yields new records. With `run`
+    (eval/provenance.py), every record carries it and a file of another run is refused; `overwrite` starts the
+    file again."""
+    resumed = resumable(out, read_predictions, run, overwrite)
     return run_resumable(
         data.questions,
         lambda q: q.uid,
-        latest_by_uid(read_predictions(out).records),
+        latest_by_uid(resumed.records),
         lambda q: Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True),
-        lambda q, output: prediction_record(q, protocol, output),
+        lambda q, output: prediction_record(q, protocol, output, run),
         runner,
         out,
         batch_size,

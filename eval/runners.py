@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..core.dtypes import dtype_from_name
 from .base import Request
+
+if TYPE_CHECKING:
+    from ..model_zoo import ZooEntry
 
 RUNNERS = ("hf", "llava")
 
@@ -134,6 +137,34 @@ class UpstreamLlavaRunner:
         return outputs
 
 
+def locate_model(model: str) -> tuple[str, ZooEntry | None]:
+    """What `--model` names, decided before anything loads (`model_zoo.locate`): the path or hub id to load, and
+    its model_zoo entry."""
+    from ..model_zoo import locate
+
+    return locate(model)
+
+
+def load_located(
+    kind: str,
+    model: str,
+    entry: ZooEntry | None = None,
+    model_base: str | None = None,
+    conv_mode: str = "vicuna_v1",
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> HFRunner | UpstreamLlavaRunner:
+    """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment);
+    `model` and `entry` as `locate_model` gives them."""
+    if entry is not None:
+        model_base = model_base or entry.model_base
+    if kind == "llava":
+        return UpstreamLlavaRunner(model, model_base, conv_mode, device)
+    if kind != "hf":
+        raise ValueError(f"--runner {kind!r}: expected one of {RUNNERS}")
+    return HFRunner.from_pretrained(model, None if dtype == "auto" else dtype_from_name(dtype, "--dtype"), device)
+
+
 def load_runner(
     kind: str,
     model: str,
@@ -142,16 +173,6 @@ def load_runner(
     device: str = "cpu",
     dtype: str = "auto",
 ) -> HFRunner | UpstreamLlavaRunner:
-    """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment).
-    `model` is a directory, a hub id, or a model_zoo entry name (resolved, and verified when shipped): see
-    `model_zoo.locate`, which refuses anything else before a model loads."""
-    from ..model_zoo import locate
-
-    model, entry = locate(model)
-    if entry is not None:
-        model_base = model_base or entry.model_base
-    if kind == "llava":
-        return UpstreamLlavaRunner(model, model_base, conv_mode, device)
-    if kind != "hf":
-        raise ValueError(f"--runner {kind!r}: expected one of {RUNNERS}")
-    return HFRunner.from_pretrained(model, None if dtype == "auto" else dtype_from_name(dtype, "--dtype"), device)
+    """`load_located` of what `model` names: a directory, a hub id, or a model_zoo entry name (resolved, and
+    verified when shipped); anything else is refused before a model loads."""
+    return load_located(kind, *locate_model(model), model_base, conv_mode, device, dtype)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .core import distributed
@@ -15,6 +17,9 @@ from .core.reference import REFERENCE_MODES
 from .data import DataError
 from .eval.mvbench import PROTOCOLS
 from .patching import PATCHES, apply_patch
+
+if TYPE_CHECKING:
+    from .eval.base import ModelRunner, PredictionFile
 
 # What the command reports on one line (exit 2): the plugin's own errors for bad input, and a file the user
 # named that does not exist (its message names it). Anything else is a bug and keeps its traceback.
@@ -184,24 +189,40 @@ def _write_json(out: Path | None, **files: object) -> None:
     print(f"metrics: {out / 'metrics.json'}")
 
 
-def _runner(args: argparse.Namespace):
-    from .eval.runners import load_runner
+def _runner_and_run(
+    args: argparse.Namespace, settings: dict[str, Any], answers: Path, read: Callable[[Path], PredictionFile]
+) -> tuple[ModelRunner, dict[str, Any]]:
+    """The model runner, and the run description its answers carry (eval/provenance.py). The answer file is
+    checked to be this run's before the model loads (after, for a hub id not yet in the local cache)."""
+    from .eval.provenance import model_fingerprint, resumable, run_description
+    from .eval.runners import load_located, locate_model
 
-    return load_runner(args.runner, args.model, args.model_base, args.conv_mode, args.device, args.dtype)
+    model, entry = locate_model(args.model)
+    settings = {"runner": args.runner, "dtype": args.dtype, "model_base": args.model_base, **settings}
+    if args.runner == "llava":
+        settings["conv_mode"] = args.conv_mode
+    weights = model_fingerprint(model)
+    if weights is not None and not args.overwrite:
+        resumable(answers, read, run_description(args.model, weights, settings), overwrite=False)
+    runner = load_located(args.runner, model, entry, args.model_base, args.conv_mode, args.device, args.dtype)
+    return runner, run_description(args.model, weights or model_fingerprint(model) or model, settings)
 
 
 def _eval_mvbench(args: argparse.Namespace) -> int:
     from .eval import aggregate, get_protocol, load_mvbench, predict, read_predictions
     from .eval.mvbench import latest_by_uid, questions_per_task
+    from .eval.provenance import default_out
 
     data = load_mvbench(args.data_root, args.tasks, args.allow_missing)
     if args.limit:
         data.questions = [q for q in data.questions if q.index < args.limit]
-    runner = _runner(args)
-    protocol = get_protocol(args.protocol, args.num_frames, getattr(runner.model.config, "model_type", ""))
-    out = Path(args.out or "eval_out/mvbench")
-    predictions = out / f"predictions-{protocol.name}.jsonl"
-    for _ in predict(data, protocol, runner, predictions, not args.no_progress, args.batch_size):
+    out = Path(args.out) if args.out else default_out(args.model, "mvbench")
+    predictions = out / f"predictions-{args.protocol}.jsonl"
+    num_frames = get_protocol(args.protocol, args.num_frames).num_frames
+    settings = {"protocol": args.protocol, "num_frames": num_frames}
+    runner, run = _runner_and_run(args, settings, predictions, read_predictions)
+    protocol = get_protocol(args.protocol, num_frames, getattr(runner.model.config, "model_type", ""))
+    for _ in predict(data, protocol, runner, predictions, not args.no_progress, args.batch_size, run, args.overwrite):
         pass
     wanted = {q.uid for q in data.questions}
     written = read_predictions(predictions)
@@ -241,16 +262,26 @@ def _benchmark(args: argparse.Namespace):
 
 def _eval_image(args: argparse.Namespace) -> int:
     from .eval.image import predict, read_answers, score_answers
+    from .eval.provenance import default_out
 
     benchmark = _benchmark(args)
     questions = benchmark.load()
     if args.limit:
         questions = questions[: args.limit]
-    out = Path(args.out or f"eval_out/{benchmark.name}")
+    out = Path(args.out) if args.out else default_out(args.model, benchmark.name)
     answers = out / "answers.jsonl"
     print(f"{benchmark.title}: {len(questions)} questions from {benchmark.root}")
+    runner, run = _runner_and_run(args, benchmark.settings(), answers, lambda path: read_answers(path, missing_ok=True))
     for _ in predict(
-        benchmark, questions, _runner(args), answers, Path(args.model).name, args.batch_size, not args.no_progress
+        benchmark,
+        questions,
+        runner,
+        answers,
+        Path(args.model).name,
+        args.batch_size,
+        not args.no_progress,
+        run,
+        args.overwrite,
     ):
         pass
     score = score_answers(benchmark, questions, read_answers(answers), asked_only=True)
@@ -298,6 +329,12 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="answer every question again into --out's answer file, whatever model or settings its answers came from "
+        "(without it, a rerun adds only to a file of the same model and settings)",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -317,7 +354,9 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     mvbench.add_argument("--tasks", nargs="+", help="task names (default: all 20)")
     mvbench.add_argument("--allow-missing", action="store_true", help="score the tasks present (labelled N-task)")
     mvbench.add_argument("--limit", type=int, default=0, help="first N questions of each task (smoke runs)")
-    mvbench.add_argument("--out", help="predictions (resumable) and metrics.json (default: eval_out/mvbench)")
+    mvbench.add_argument(
+        "--out", help="predictions (resumable) and metrics.json (default: eval_out/<model name>/mvbench)"
+    )
     mvbench.set_defaults(run=_eval_mvbench)
     score_mvbench = score_commands.add_parser(
         "mvbench", help="ours (re-parsed) or VideoLLaMA2's {vid, task_type, pred, gt}"
@@ -340,7 +379,8 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             parser.set_defaults(benchmark=name, benchmark_options=dests)
         run.add_argument("--limit", type=int, default=0, help="first N questions (smoke runs)")
         run.add_argument(
-            "--out", help=f"answers.jsonl (resumable, LLaVA's format) and metrics.json (default: eval_out/{name})"
+            "--out",
+            help=f"answers.jsonl (resumable, LLaVA's format) and metrics.json (default: eval_out/<model name>/{name})",
         )
         run.set_defaults(run=_eval_image)
         rescore.set_defaults(run=_eval_score_image)

@@ -13,10 +13,11 @@ from regate_plugin.eval.mvbench import prediction_record
 
 from regate_plugin.cli import main as regate
 
-from .eval_fixtures import write_mvbench
+from .eval_fixtures import write_mvbench, write_tiny_hf_llava
 from .image_fixtures import WRITERS, write_pope
 from .test_image_benchmarks import VARIED, parse_eval_pope
 from .test_launch_llava import _llava
+from .tokenizers_fixture import write_bpe_chat_tokenizer
 
 
 def _lines(path: Path, records: list[dict]) -> Path:
@@ -282,3 +283,125 @@ def test_resume_cuts_a_torn_last_line_off_and_answers_its_question_again(tmp_pat
 
     out.write_text(complete.rstrip("\n"))  # killed after the last record, before its newline: kept
     assert _resume(out, items) == [] and out.read_text() == complete
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny LLaVA checkpoints of the same architecture and shapes: B is A with its weights perturbed."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("models")
+    a = write_tiny_hf_llava(root / "a" / "model-a", write_bpe_chat_tokenizer(root / "tok", "chatml"))
+    b = root / "b" / "model-b"
+    shutil.copytree(a, b)
+    model = LlavaForConditionalGeneration.from_pretrained(a)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    model.save_pretrained(b)
+    return a, b
+
+
+def _eval_pope(model: Path, root: Path, *flags: str) -> int:
+    return regate(["eval", "pope", "--model", str(model), "--data-root", str(root), "--no-progress", *flags])
+
+
+def _runs(answers: Path) -> list[dict]:
+    return [json.loads(line)["metadata"]["run"] for line in answers.read_text().splitlines()]
+
+
+def test_a_rerun_with_another_model_is_refused_and_overwrite_answers_again(tmp_path, two_models, capsys):
+    """B resumed into A's answer file was scored on A's answers (exit 0). Now it is refused naming both models'
+    weights; --overwrite answers every question again, and the result equals B's run into an empty directory."""
+    from regate_plugin.eval.provenance import weights_fingerprint
+
+    a, b = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    out = tmp_path / "x"
+    assert _eval_pope(a, root, "--out", str(out)) == 0
+    answers = out / "answers.jsonl"
+    assert {r["weights"] for r in _runs(answers)} == {weights_fingerprint(a)}
+    assert {r["model"] for r in _runs(answers)} == {str(a)}
+    first = answers.read_text()
+    capsys.readouterr()
+
+    assert _eval_pope(b, root, "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(answers) in err and "--overwrite" in err
+    assert weights_fingerprint(a) in err and weights_fingerprint(b) in err
+    assert answers.read_text() == first  # nothing written
+
+    assert _eval_pope(b, root, "--out", str(tmp_path / "fresh-b")) == 0
+    assert _eval_pope(b, root, "--out", str(out), "--overwrite") == 0
+    assert {r["weights"] for r in _runs(answers)} == {weights_fingerprint(b)}
+    assert _metrics(out) == _metrics(tmp_path / "fresh-b")
+    assert [json.loads(x)["text"] for x in answers.read_text().splitlines()] == [
+        json.loads(x)["text"] for x in (tmp_path / "fresh-b" / "answers.jsonl").read_text().splitlines()
+    ]
+
+
+def test_the_default_out_is_per_model(tmp_path, two_models, monkeypatch):
+    a, b = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    monkeypatch.chdir(tmp_path)
+    assert _eval_pope(a, root) == 0 and _eval_pope(b, root) == 0
+    for model in (a, b):
+        runs = _runs(tmp_path / "eval_out" / model.name / "pope" / "answers.jsonl")
+        assert {r["model"] for r in runs} == {str(model)}
+
+
+def test_a_rerun_with_other_settings_or_into_a_file_that_records_no_model_is_refused(tmp_path, two_models, capsys):
+    a, _ = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    out = tmp_path / "x"
+    assert _eval_pope(a, root, "--out", str(out), "--limit", "2") == 0
+    capsys.readouterr()
+    assert _eval_pope(a, root, "--out", str(out), "--dtype", "float32") == 2
+    assert "dtype 'auto', this run's is 'float32'" in capsys.readouterr().err
+    assert _eval_pope(a, root, "--out", str(out), "--image-dir", str(root / "val2014")) == 0  # a location only
+
+    llava = tmp_path / "llava" / "answers.jsonl"  # an answer file of LLaVA's own scripts
+    llava.parent.mkdir()
+    llava.write_text(json.dumps({"question_id": "random/1", "prompt": "", "text": "Yes", "metadata": {}}) + "\n")
+    assert _eval_pope(a, root, "--out", str(llava.parent)) == 2
+    assert "does not record the model and settings" in capsys.readouterr().err
+
+
+def test_mvbench_predictions_record_the_model_and_refuse_another(tmp_path, two_models, capsys):
+    from regate_plugin.eval.provenance import weights_fingerprint
+
+    a, b = two_models
+    root = write_mvbench(tmp_path / "mvbench", per_task=1)
+    out = tmp_path / "m"
+    flags = ["--data-root", str(root), "--allow-missing", "--num-frames", "2", "--out", str(out), "--no-progress"]
+    assert regate(["eval", "mvbench", "--model", str(a), *flags]) == 0
+    predictions = out / "predictions-official.jsonl"
+    runs = _runs(predictions)
+    assert len(runs) == 3 and {r["weights"] for r in runs} == {weights_fingerprint(a)}
+    assert runs[0]["settings"]["protocol"] == "official" and runs[0]["settings"]["num_frames"] == 2
+    capsys.readouterr()
+    assert regate(["eval", "mvbench", "--model", str(b), *flags]) == 2
+    assert str(predictions) in capsys.readouterr().err
+    flags[flags.index("--num-frames") + 1] = "4"
+    assert regate(["eval", "mvbench", "--model", str(a), *flags]) == 2
+    assert "num_frames 2, this run's is 4" in capsys.readouterr().err
+
+
+def test_the_weights_fingerprint_tells_checkpoints_apart_from_sampled_bytes(tmp_path, two_models):
+    from regate_plugin.eval.provenance import BLOCK_BYTES, SAMPLED_BLOCKS, weights_fingerprint
+
+    a, b = two_models
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(a, moved)
+    assert weights_fingerprint(moved) == weights_fingerprint(a)  # the same weights, wherever they are
+    big = tmp_path / "big"
+    big.mkdir()
+    data = bytearray(range(256)) * (4 * SAMPLED_BLOCKS * BLOCK_BYTES // 256)
+    (big / "model.safetensors").write_bytes(data)
+    before = weights_fingerprint(big)
+    data[10] ^= 1  # inside the first sampled block
+    (big / "model.safetensors").write_bytes(data)
+    assert weights_fingerprint(big) != before
