@@ -70,6 +70,21 @@ class PredictionFile:
             return cls(path, [], unreadable)
         return cls(path, read_json_lines(path, skip_invalid=True, skipped=unreadable), unreadable)
 
+    def by_key(self, key: Callable[[dict[str, Any]], Hashable]) -> dict[Hashable, dict[str, Any]]:
+        """Each record under its question's `key`; two records for one question are an error naming the file
+        and the question (neither is taken over the other: which one was meant cannot be known)."""
+        found: dict[Hashable, dict[str, Any]] = {}
+        position: dict[Hashable, int] = {}
+        for n, record in enumerate(self.records, start=1):
+            k = key(record)
+            if k in found:
+                raise BenchmarkError(
+                    f"{self.path}: question {k!r} is answered twice (records {position[k]} and {n}); keep one of "
+                    "the two lines, or answer again into a new file"
+                )
+            found[k], position[k] = record, n
+        return found
+
     def require(self, *fields: str, kind: str) -> PredictionFile:
         """Itself, once every record is checked to be a JSON object with `fields` (else an error naming it)."""
         for n, record in enumerate(self.records, start=1):

@@ -135,8 +135,9 @@ class ImageBenchmark:
     def answers_by_question(
         self, questions: list[ImageQuestion], records: list[dict[str, Any]]
     ) -> dict[Hashable, dict[str, Any]]:
-        """Each question's answer record, paired by question id, never by position (the last record wins);
-        a record for a question the data does not have is an error."""
+        """Each question's answer record, paired by question id, never by position; a record for a question the
+        data does not have is an error (an answer file with two records for one question is refused when it is
+        scored: `PredictionFile.by_key`)."""
         known = {self.question_key(q) for q in questions}
         answers: dict[Hashable, dict[str, Any]] = {}
         for record in records:
@@ -229,7 +230,7 @@ def score_answers(
 ) -> Score:
     """Score an answer file on `questions`, its unreadable lines reported; `asked_only` leaves out answers to
     other questions of the data (a `--limit` run over an answer file of a longer one)."""
-    records = answers.records
+    records = list(answers.by_key(benchmark.record_key).values())
     if asked_only:
         asked = {benchmark.question_key(q) for q in questions}
         records = [r for r in records if benchmark.record_key(r) in asked]

@@ -290,9 +290,9 @@ def read_predictions(path: Path, missing_ok: bool = True) -> PredictionFile:
     return PredictionFile.read(path, missing_ok).require("uid", "task", "correct", kind="an MVBench prediction")
 
 
-def latest_by_uid(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One record per question: the last one written."""
-    return {record["uid"]: record for record in records}
+def by_uid(predictions: PredictionFile) -> dict[str, dict[str, Any]]:
+    """One record per question (two for one question are an error naming the file)."""
+    return predictions.by_key(lambda record: record["uid"])
 
 
 def predict(
@@ -312,7 +312,7 @@ def predict(
     return run_resumable(
         data.questions,
         lambda q: q.uid,
-        latest_by_uid(resumed.records),
+        by_uid(resumed),
         lambda q: Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True),
         lambda q, output: prediction_record(q, protocol, output, run),
         runner,
@@ -412,7 +412,7 @@ def questions_per_task(questions: list[Question]) -> dict[str, int]:
 
 
 def load_prediction_file(path: Path, protocol: MVBenchProtocol | None, data: MVBenchData | None) -> PredictionFile:
-    """Our jsonl (one record per question, the last written; re-parsed from raw outputs with `protocol` when data
+    """Our jsonl (one record per question; re-parsed from raw outputs with `protocol` when data
     is given), or VideoLLaMA2's `{vid, task_type, pred, gt}` lines (indices, scored as its eval script does);
     the unreadable lines kept."""
     lines = PredictionFile.read(path)
@@ -422,11 +422,11 @@ def load_prediction_file(path: Path, protocol: MVBenchProtocol | None, data: MVB
         return PredictionFile(path, records, lines.unreadable)
     reparse = protocol is not None and data is not None
     fields = ("uid", "task", "correct", "output") if reparse else ("uid", "task", "correct")
-    records = list(latest_by_uid(lines.require(*fields, kind="an MVBench prediction").records).values())
+    records = list(by_uid(lines.require(*fields, kind="an MVBench prediction")).values())
     if reparse:
-        by_uid = {q.uid: q for q in data.questions}
-        unknown = [r["uid"] for r in records if r["uid"] not in by_uid]
+        questions = {q.uid: q for q in data.questions}
+        unknown = [r["uid"] for r in records if r["uid"] not in questions]
         if unknown:
             raise MVBenchError(f"{path}: {len(unknown)} prediction(s) for questions not in the data, e.g. {unknown[0]}")
-        records = [prediction_record(by_uid[r["uid"]], protocol, r["output"]) for r in records]
+        records = [prediction_record(questions[r["uid"]], protocol, r["output"]) for r in records]
     return PredictionFile(path, records, lines.unreadable)

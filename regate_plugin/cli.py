@@ -210,7 +210,7 @@ def _runner_and_run(
 
 def _eval_mvbench(args: argparse.Namespace) -> int:
     from .eval import aggregate, get_protocol, load_mvbench, predict, read_predictions
-    from .eval.mvbench import latest_by_uid, questions_per_task
+    from .eval.mvbench import by_uid, questions_per_task
     from .eval.provenance import default_out
 
     data = load_mvbench(args.data_root, args.tasks, args.allow_missing)
@@ -226,7 +226,7 @@ def _eval_mvbench(args: argparse.Namespace) -> int:
         pass
     wanted = {q.uid for q in data.questions}
     written = read_predictions(predictions)
-    records = [r for uid, r in latest_by_uid(written.records).items() if uid in wanted]
+    records = [r for uid, r in by_uid(written).items() if uid in wanted]
     result = aggregate(records, data.missing, questions_per_task(data.questions), written.unreadable)
     print(result.table())
     _write_json(out, metrics=result.to_dict(), upload_leaderboard=result.leaderboard())

@@ -405,3 +405,26 @@ def test_the_weights_fingerprint_tells_checkpoints_apart_from_sampled_bytes(tmp_
     data[10] ^= 1  # inside the first sampled block
     (big / "model.safetensors").write_bytes(data)
     assert weights_fingerprint(big) != before
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_two_answers_to_one_question_are_refused_naming_the_file_and_the_question(tmp_path, name, capsys):
+    """The last one won, silently; which of the two was meant cannot be known."""
+    root = WRITERS[name](tmp_path / "data")
+    questions = get_benchmark(name, root).load()
+    records = [{"question_id": q.question_id, "prompt": q.prompt_field, "text": "A"} for q in questions]
+    pred = _lines(tmp_path / "answers.jsonl", [*records, {**records[1], "text": "B"}])
+    assert regate(["eval", "score", name, "--pred", str(pred), "--data-root", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(pred) in err and "answered twice" in err
+    assert repr(str(questions[1].question_id)) in err and f"records 2 and {len(records) + 1}" in err
+
+
+def test_two_mvbench_predictions_for_one_question_are_refused(tmp_path, capsys):
+    root = write_mvbench(tmp_path / "mvbench", per_task=2)
+    _, records = _mvbench_predictions(root)
+    pred = _lines(tmp_path / "predictions-official.jsonl", [*records, records[0]])
+    for flags in ([], ["--data-root", str(root)]):
+        assert regate(["eval", "score", "mvbench", "--pred", str(pred), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(pred) in err and repr(records[0]["uid"]) in err and "twice" in err
