@@ -70,3 +70,27 @@ def test_a_well_formed_train_json_reads_as_json_load_reads_it(tmp_path):
         path = tmp_path / "train.json"
         path.write_text(text)
         assert [c.sample_id for c in iter_conversations(path)] == [s["id"] for s in json.loads(text)]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_non_utf8_bytes_in_training_data_are_named_by_file_and_byte_offset(tmp_path, suffix):
+    turns = [{"from": "human", "value": "caf\u00e9"}, SAMPLE["conversations"][1]]
+    samples = [_sample(0), {**_sample(1), "conversations": turns}]
+    text = (
+        json.dumps(samples, indent=1, ensure_ascii=False)
+        if suffix == ".json"
+        else "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    )
+    data = text.encode("utf-8").replace("caf\u00e9".encode(), "caf\u00e9".encode("latin-1"))  # a latin-1 é
+    assert data != text.encode("utf-8")
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(data)
+    offset = data.index(b"caf") + 3
+    with pytest.raises(UnicodeDecodeError):
+        json.loads(data)  # upstream's json.load fails on it too
+    with pytest.raises(DataError) as err:
+        list(iter_conversations(path))
+    message = str(err.value)
+    line = data.count(b"\n", 0, offset) + 1
+    assert "\n" not in message and message.startswith(f"{path}:{line}: not UTF-8")
+    assert f"byte offset {offset}" in message

@@ -122,7 +122,15 @@ def iter_conversations(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte offset {err.start}: {data[err.start : err.start + 4]!r}); JSON "
+            "data must be UTF-8: re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     decoder = json.JSONDecoder()
 
     def checked(raw: Any, index: int, line: int) -> Conversation | None:
