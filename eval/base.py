@@ -4,15 +4,16 @@ resumable JSON-lines prediction file."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from PIL import Image
 
 from ..core.errors import UserError
-from ..core.files import read_json_lines
+from ..core.files import MAX_LINE_BYTES, read_json_lines
 
 SHOWN_UNREADABLE = 5  # unreadable lines a results table lists by name; metrics.json keeps them all
 
@@ -107,21 +108,38 @@ def unreadable_lines(unreadable: list[str]) -> list[str]:
 T = TypeVar("T")
 
 
+def _last_line_start(handle: BinaryIO, size: int) -> int:
+    """The offset after the last newline of a file (0 if none), found by reading back from its end in blocks."""
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        handle.seek(start)
+        newline = handle.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
 def _end_cleanly(path: Path) -> None:
     """A killed run can leave its last line half written: cut it off when it does not parse (that question was
-    not done, so it is asked again), or end it with a newline when it does, so the next record starts clean."""
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    start = data.rfind(b"\n") + 1
-    try:
-        json.loads(data[start:])
-    except ValueError:  # JSONDecodeError, or bytes cut inside a UTF-8 character
-        with path.open("r+b") as f:
-            f.truncate(start)
-        return
-    with path.open("ab") as f:
-        f.write(b"\n")
+    not done, so it is asked again), or end it with a newline when it does, so the next record starts clean.
+    Only the last line is read."""
+    with path.open("r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        start = _last_line_start(handle, size)
+        if start == size:
+            return
+        try:
+            if size - start > MAX_LINE_BYTES:
+                raise ValueError("longer than a line may be")
+            handle.seek(start)
+            json.loads(handle.read().decode("utf-8"))
+        except ValueError:  # JSONDecodeError, bytes cut inside a UTF-8 character, or an over-long line
+            handle.truncate(start)
+            return
+        handle.seek(0, os.SEEK_END)
+        handle.write(b"\n")
 
 
 def run_resumable(

@@ -428,3 +428,77 @@ def test_two_mvbench_predictions_for_one_question_are_refused(tmp_path, capsys):
         assert regate(["eval", "score", "mvbench", "--pred", str(pred), *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and str(pred) in err and repr(records[0]["uid"]) in err and "twice" in err
+
+
+def _spoil(path: Path, line: int, how: str) -> None:
+    """Line `line` (1-based) of `path` made unreadable: latin-1 bytes in its text, or an answer of 3 MiB."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[line - 1])
+    if how == "latin-1":
+        lines[line - 1] = json.dumps({**record, "text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n"
+    else:
+        lines[line - 1] = json.dumps({**record, "text": "yes " * (3 << 18)}).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+
+
+@pytest.mark.parametrize("how", ["latin-1", "huge"])
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_a_non_utf8_or_huge_answer_line_is_named_and_its_question_unanswered(tmp_path, name, how, capsys):
+    """Such a line was a UnicodeDecodeError traceback (non-UTF-8), or read and tokenized whole (a 1 GB answer
+    aborted the process); now it scores as if that answer were absent, as a torn line does."""
+    root = WRITERS[name](tmp_path / "data")
+    benchmark = get_benchmark(name, root)
+    questions = benchmark.load()
+    records = [
+        {"question_id": q.question_id, "prompt": q.prompt_field, "text": q.answer if isinstance(q.answer, str) else "A"}
+        for q in questions
+    ]
+    middle = len(records) // 2
+    pred = _lines(tmp_path / "answers.jsonl", records)
+    _spoil(pred, middle + 1, how)
+    out = tmp_path / "m"
+    assert regate(["eval", "score", name, "--pred", str(pred), "--data-root", str(root), "--out", str(out)]) == 0
+    spoiled = _metrics(out)
+    expected = json.loads(json.dumps(benchmark.score(questions, records[:middle] + records[middle + 1 :]).to_dict()))
+    assert [json.dumps(spoiled[k], sort_keys=True) for k in ("metrics", "groups", "counts")] == [
+        json.dumps(expected[k], sort_keys=True) for k in ("metrics", "groups", "counts")
+    ]
+    assert spoiled["unanswered"] == benchmark.score(questions, records).unanswered + 1
+    problem = "not UTF-8 text" if how == "latin-1" else "too long (3145"
+    assert len(spoiled["unreadable"]) == 1 and f"{pred} line {middle + 1}: {problem}" in spoiled["unreadable"][0]
+    assert f"{pred} line {middle + 1}: {problem}" in capsys.readouterr().out
+
+
+def test_an_mvbench_prediction_line_that_is_not_utf8_counts_as_unanswered(tmp_path):
+    root = write_mvbench(tmp_path / "mvbench", per_task=2)
+    questions, records = _mvbench_predictions(root)
+    pred = _lines(tmp_path / "predictions-official.jsonl", records)
+    _spoil(pred, 2, "latin-1")
+    out = tmp_path / "m"
+    assert regate(["eval", "score", "mvbench", "--pred", str(pred), "--data-root", str(root), "--out", str(out)]) == 0
+    metrics = _metrics(out)
+    assert metrics["unanswered"] == 1 and metrics["total"] == len(questions)
+    assert metrics["correct"] == sum(r["correct"] for i, r in enumerate(records) if i != 1)
+    assert f"{pred} line 2: not UTF-8 text" in metrics["unreadable"][0]
+
+
+def test_a_huge_line_is_never_held_in_memory_whole(tmp_path):
+    """Reading a file with a 64 MiB line allocates about one line's cap (1 MiB), not the line; a resume cuts such
+    a line off when it is the torn last one."""
+    import tracemalloc
+
+    from regate_plugin.eval.image import read_answers
+
+    pred = tmp_path / "answers.jsonl"
+    head = json.dumps({"question_id": 1, "prompt": "", "text": "yes"}) + "\n"
+    pred.write_text(head + '{"question_id": 2, "prompt": "", "text": "' + "y" * (64 << 20) + '"}\n' + head)
+    tracemalloc.start()
+    answers = read_answers(pred)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(answers.records) == 2 and len(answers.unreadable) == 1 and peak < 8 << 20
+
+    done = json.dumps({"id": "q1", "out": "q1"}) + "\n"
+    pred.write_text(done + '{"id": "q2", "out": "' + "y" * (4 << 20))  # torn while writing, no newline
+    assert _resume(pred, ["q1", "q2"]) == [{"id": "q2", "out": "q2"}]
+    assert pred.read_text() == done + json.dumps({"id": "q2", "out": "q2"}) + "\n"
