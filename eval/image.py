@@ -43,7 +43,7 @@ class ImageQuestion:
         source = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
         try:
             return Image.open(source).convert("RGB")
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise BenchmarkError(
                 f"question {self.question_id}: cannot read its image "
                 f"{self.image if isinstance(self.image, Path) else '(inline)'}: {err}"

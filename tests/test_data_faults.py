@@ -4,10 +4,14 @@ oversized images, empty videos, a float16 EMA fed a huge loss."""
 from __future__ import annotations
 
 import json
+import struct
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
+from regate_plugin.cli import main as regate
 from regate_plugin.core import DifficultyEMA
 from regate_plugin.data import DataError, iter_conversations
 
@@ -94,3 +98,104 @@ def test_non_utf8_bytes_in_training_data_are_named_by_file_and_byte_offset(tmp_p
     line = data.count(b"\n", 0, offset) + 1
     assert "\n" not in message and message.startswith(f"{path}:{line}: not UTF-8")
     assert f"byte offset {offset}" in message
+
+
+def write_bomb_png(path: Path, side: int = 100_000) -> Path:
+    """A PNG whose header claims side x side pixels (10^10 for the default): PIL refuses it on open."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" + b"\0" * 3)  # one row of one pixel: far too little, never read
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_header_claiming_10_billion_pixels_is_named(tmp_path):
+    from PIL import Image
+
+    from regate_plugin.data.anyres import read_image_size
+
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)  # what upstream's loader meets
+    with pytest.raises(DataError) as err:
+        read_image_size(bomb)
+    assert str(err.value).startswith(f"{bomb}: ") and "\n" not in str(err.value)
+    assert read_image_size(write_bomb_png(tmp_path / "fine.png", 64)) == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def anyres_bomb_setup(tmp_path_factory):
+    """A tiny reference, an anyres student config, and 6 samples; the image of the first is a bomb."""
+    from PIL import Image
+
+    from .llava_data import conversation_samples, write_tiny_reference
+    from .test_anyres_precompute import STUDENT
+    from .tokenizers_fixture import write_sentencepiece_llama
+
+    root = tmp_path_factory.mktemp("bomb")
+    reference = write_tiny_reference(root / "reference", write_sentencepiece_llama(root / "tok"))
+    (root / "student").mkdir()
+    (root / "student" / "config.json").write_text(json.dumps(STUDENT))
+    samples = [s for s in conversation_samples(8, seed=3) if "image" in s][:6]
+    for n, sample in enumerate(samples):
+        if n == 0:
+            write_bomb_png(root / "images" / sample["image"])
+        else:
+            Image.new("RGB", (40 + 8 * n, 30), (n, 2 * n, 3 * n)).save(root / "images" / sample["image"], "PNG")
+    return root, reference, samples
+
+
+def _precompute(setup, out: Path, data: Path, *extra: str) -> int:
+    root, reference, _ = setup
+    return regate(
+        [
+            "precompute",
+            "--no-progress",
+            "--dtype",
+            "float32",
+            "--data",
+            str(data),
+            "--reference",
+            str(reference),
+            "--template",
+            "v1",
+            "--out",
+            str(out),
+            "--max-length",
+            "160",
+            "--student-config",
+            str(root / "student"),
+            "--image-folder",
+            str(root / "images"),
+            *extra,
+        ]
+    )
+
+
+def test_precompute_names_an_image_bomb_and_skips_it_with_skip_bad(anyres_bomb_setup, tmp_path, capsys):
+    """A DecompressionBombError traceback with or without --skip-bad; now one line naming the file, and with
+    --skip-bad the sample is skipped: the cache equals one made without it."""
+    from regate_plugin.core import ReferenceLossCache
+
+    from .llava_data import write_json
+
+    root, _, samples = anyres_bomb_setup
+    bomb = root / "images" / samples[0]["image"]
+    data = write_json(tmp_path / "train.json", samples)
+    assert _precompute(anyres_bomb_setup, tmp_path / "a", data) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the reference's loading progress bar
+    assert err.startswith("regate precompute: error: ") and f"{bomb}: " in err and "decompression bomb" in err
+
+    assert _precompute(anyres_bomb_setup, tmp_path / "b", data, "--skip-bad") == 0
+    skipped_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped_lines) == 1 and f"{bomb}: " in skipped_lines[0]
+    without = write_json(tmp_path / "without.json", samples[1:])
+    assert _precompute(anyres_bomb_setup, tmp_path / "c", without) == 0
+    skipped, reference = ReferenceLossCache(tmp_path / "b"), ReferenceLossCache(tmp_path / "c")
+    assert sorted(skipped.keys()) == sorted(reference.keys()) and len(list(reference.keys())) == 5
+    for key in reference.keys():
+        torch.testing.assert_close(skipped[key], reference[key])

@@ -502,3 +502,24 @@ def test_a_huge_line_is_never_held_in_memory_whole(tmp_path):
     pred.write_text(done + '{"id": "q2", "out": "' + "y" * (4 << 20))  # torn while writing, no newline
     assert _resume(pred, ["q1", "q2"]) == [{"id": "q2", "out": "q2"}]
     assert pred.read_text() == done + json.dumps({"id": "q2", "out": "q2"}) + "\n"
+
+
+def test_an_image_bomb_or_an_empty_video_is_one_line_naming_the_file(tmp_path, two_models, capsys):
+    """PIL's DecompressionBombError and PyAV's InvalidDataError were tracebacks."""
+    from .test_data_faults import write_bomb_png
+
+    a, _ = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    bomb = get_benchmark("pope", root).load()[1].image
+    write_bomb_png(bomb)
+    assert _eval_pope(a, root, "--out", str(tmp_path / "p")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("regate eval: error: ") and str(bomb) in err and "decompression bomb" in err
+
+    root = write_mvbench(tmp_path / "mvbench", per_task=1)
+    videos = [q.video for q in load_mvbench(root, allow_missing=True).questions if q.video.is_file()]
+    videos[0].write_bytes(b"")
+    flags = ["--data-root", str(root), "--allow-missing", "--num-frames", "2", "--out", str(tmp_path / "m")]
+    assert regate(["eval", "mvbench", "--model", str(a), *flags, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"regate eval: error: {videos[0]}: the video file is empty (0 bytes); download or extract it again"
