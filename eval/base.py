@@ -142,6 +142,20 @@ def _end_cleanly(path: Path) -> None:
         handle.write(b"\n")
 
 
+def _append(handle: BinaryIO, data: bytes, out: Path) -> None:
+    """Write all of `data` to an unbuffered file; a failed write (a full disk) is an error naming `out`: what was
+    written before it stays, a torn last line included, which the rerun cuts off."""
+    written = 0
+    try:
+        while written < len(data):
+            written += handle.write(data[written:])
+    except OSError as err:
+        raise BenchmarkError(
+            f"cannot write {out}: {err.strerror or err}. The answers written before it are kept: free space (or "
+            "fix the cause) and rerun the same command, which answers the rest"
+        ) from None
+
+
 def run_resumable(
     items: Sequence[T],
     key: Callable[[T], Hashable],
@@ -154,8 +168,9 @@ def run_resumable(
     desc: str = "eval",
     progress: bool = True,
 ) -> Iterator[dict[str, Any]]:
-    """Answer every item whose key is not in `done`, `batch_size` requests per runner call; each record is
-    appended to `out` and flushed as it comes, so a killed run loses at most one batch. Yields the new records."""
+    """Answer every item whose key is not in `done`, `batch_size` requests per runner call; each batch's records
+    are appended to `out` as they come (unbuffered), so a killed run loses at most one batch. Yields the new
+    records."""
     from tqdm.auto import tqdm
 
     finished = set(done)
@@ -164,15 +179,13 @@ def run_resumable(
     if out.exists():
         _end_cleanly(out)
     with (
-        out.open("a") as f,
+        out.open("ab", buffering=0) as f,
         tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress) as bar,
     ):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             outputs = runner.generate([request(item) for item in batch])
-            for item, output in zip(batch, outputs, strict=True):
-                line = record(item, output)
-                f.write(json.dumps(line) + "\n")
-                yield line
-            f.flush()
+            lines = [record(item, output) for item, output in zip(batch, outputs, strict=True)]
+            _append(f, "".join(json.dumps(line) + "\n" for line in lines).encode(), out)
+            yield from lines
             bar.update(len(batch))

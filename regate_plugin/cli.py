@@ -183,9 +183,14 @@ def _write_json(out: Path | None, **files: object) -> None:
 
     if out is None:
         return
-    out.mkdir(parents=True, exist_ok=True)
+    from .core.files import write_bytes_atomically
+    from .eval import BenchmarkError
+
     for name, content in files.items():
-        (out / f"{name}.json").write_text(json.dumps(content, indent=2))
+        try:
+            write_bytes_atomically(out / f"{name}.json", json.dumps(content, indent=2).encode())
+        except OSError as err:
+            raise BenchmarkError(f"cannot write {out / f'{name}.json'}: {err.strerror or err}") from None
     print(f"metrics: {out / 'metrics.json'}")
 
 

@@ -3,7 +3,11 @@ a line that does not parse is named and its question counts as unanswered, score
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
+import pathlib
 import shutil
 from pathlib import Path
 
@@ -523,3 +527,52 @@ def test_an_image_bomb_or_an_empty_video_is_one_line_naming_the_file(tmp_path, t
     assert regate(["eval", "mvbench", "--model", str(a), *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"regate eval: error: {videos[0]}: the video file is empty (0 bytes); download or extract it again"
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk with `room` bytes left: a write past them writes what fits, then fails with ENOSPC, as
+    write(2) does."""
+
+    room = 0
+
+    def write(self, data) -> int:
+        data = data.encode() if isinstance(data, str) else data
+        if _FullDisk.room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = min(len(data), _FullDisk.room)
+        _FullDisk.room -= n
+        return super().write(bytes(data[:n]))
+
+
+def test_a_full_disk_while_eval_writes_is_named_and_the_rerun_completes_the_file(
+    tmp_path, two_models, monkeypatch, capsys
+):
+    a, _ = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    assert _eval_pope(a, root, "--out", str(tmp_path / "clean"), "--batch-size", "2") == 0
+    clean = (tmp_path / "clean" / "answers.jsonl").read_text().splitlines(keepends=True)
+
+    out = tmp_path / "full"
+    answers = out / "answers.jsonl"
+    real_open = pathlib.Path.open
+
+    def open_on_a_full_disk(self, mode="r", *args, **kwargs):
+        if self == answers and "a" in mode:
+            return _FullDisk(self, "a")
+        return real_open(self, mode, *args, **kwargs)
+
+    _FullDisk.room = len("".join(clean[:3])) + 40  # three records and part of the fourth
+    monkeypatch.setattr(pathlib.Path, "open", open_on_a_full_disk)
+    code = _eval_pope(a, root, "--out", str(out), "--batch-size", "2")
+    monkeypatch.undo()
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"regate eval: error: cannot write {answers}: No space left on device. The answers written before it are "
+        "kept: free space (or fix the cause) and rerun the same command, which answers the rest"
+    )
+    assert answers.read_text() == "".join(clean[:3]) + clean[3][:40]  # nothing written is lost
+    assert not (out / "metrics.json").exists()
+
+    assert _eval_pope(a, root, "--out", str(out), "--batch-size", "2") == 0  # the rerun cuts the torn line off
+    assert answers.read_text() == "".join(clean)
+    assert _metrics(out) == _metrics(tmp_path / "clean")
