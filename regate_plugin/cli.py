@@ -310,6 +310,21 @@ def _patch_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     from .eval.runners import RUNNERS
 
@@ -332,7 +347,10 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="--runner hf weights dtype")
     parser.add_argument(
-        "--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)"
+        "--batch-size",
+        type=_at_least(1),
+        default=1,
+        help="requests per generate call (--runner hf batches with left padding)",
     )
     parser.add_argument(
         "--overwrite",
@@ -355,10 +373,12 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     _add_runner_arguments(mvbench)
     mvbench.add_argument("--data-root", required=True, help="MVBench root holding json/ and video/")
     mvbench.add_argument("--protocol", choices=sorted(PROTOCOLS), default="official")
-    mvbench.add_argument("--num-frames", type=int, help="frames per video (official: 16, videollama2: 8)")
+    mvbench.add_argument("--num-frames", type=_at_least(1), help="frames per video (official: 16, videollama2: 8)")
     mvbench.add_argument("--tasks", nargs="+", help="task names (default: all 20)")
     mvbench.add_argument("--allow-missing", action="store_true", help="score the tasks present (labelled N-task)")
-    mvbench.add_argument("--limit", type=int, default=0, help="first N questions of each task (smoke runs)")
+    mvbench.add_argument(
+        "--limit", type=_at_least(0), default=0, help="first N questions of each task (smoke runs; 0: all)"
+    )
     mvbench.add_argument(
         "--out", help="predictions (resumable) and metrics.json (default: eval_out/<model name>/mvbench)"
     )
@@ -382,7 +402,7 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
             parser.add_argument("--data-root", required=True, help=f"holds {benchmark.data_layout}")
             dests = [parser.add_argument(*names, **kwargs).dest for names, kwargs in benchmark.flags]
             parser.set_defaults(benchmark=name, benchmark_options=dests)
-        run.add_argument("--limit", type=int, default=0, help="first N questions (smoke runs)")
+        run.add_argument("--limit", type=_at_least(0), default=0, help="first N questions (smoke runs; 0: all)")
         run.add_argument(
             "--out",
             help=f"answers.jsonl (resumable, LLaVA's format) and metrics.json (default: eval_out/<model name>/{name})",

@@ -576,3 +576,26 @@ def test_a_full_disk_while_eval_writes_is_named_and_the_rerun_completes_the_file
     assert _eval_pope(a, root, "--out", str(out), "--batch-size", "2") == 0  # the rerun cuts the torn line off
     assert answers.read_text() == "".join(clean)
     assert _metrics(out) == _metrics(tmp_path / "clean")
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "problem"),
+    [
+        ("pope", "--batch-size", "0", "must be at least 1, got 0"),  # was a traceback
+        ("pope", "--batch-size", "-1", "must be at least 1, got -1"),  # was exit 0 with nothing answered
+        ("pope", "--limit", "-1", "must be at least 0, got -1"),  # dropped the last question
+        ("mvbench", "--batch-size", "0", "must be at least 1, got 0"),
+        ("mvbench", "--limit", "-1", "must be at least 0, got -1"),
+        ("mvbench", "--num-frames", "0", "must be at least 1, got 0"),
+    ],
+)
+def test_counts_out_of_range_are_refused_by_the_parser(tmp_path, capsys, command, flag, value, problem):
+    """Refused before anything loads or is written, naming the flag."""
+    argv = ["eval", command, "--model", str(tmp_path / "never-read"), "--data-root", str(tmp_path)]
+    with pytest.raises(SystemExit) as exited:
+        regate([*argv, "--out", str(tmp_path / "out"), flag, value])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"regate eval {command}: error: argument {flag}: {problem}"
+    )
+    assert not (tmp_path / "out").exists()
