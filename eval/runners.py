@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,11 +139,36 @@ class UpstreamLlavaRunner:
         return outputs
 
 
+def looks_like_path(model: str) -> bool:
+    """Whether `--model` can only mean a local path: it starts with "/", "." or "~", holds a separator other than
+    a hub id's one "/" (two or more, or os.sep / os.altsep where they are not "/"), or its first component exists
+    here (`checkpoints/llava-7b-typo` beside a `checkpoints/` folder)."""
+    separators = {s for s in (os.sep, os.altsep) if s and s != "/"}
+    return (
+        model.startswith(("/", ".", "~"))
+        or model.count("/") > 1
+        or any(s in model for s in separators)
+        or ("/" in model and Path(model.split("/")[0]).exists())
+    )
+
+
 def locate_model(model: str) -> tuple[str, ZooEntry | None]:
     """What `--model` names, decided before anything loads (`model_zoo.locate`): the path or hub id to load, and
-    its model_zoo entry."""
-    from ..model_zoo import locate
+    its model_zoo entry. A path that names no directory is refused here, naming it and the closest directory
+    beside it, rather than being asked of the hub."""
+    from ..model_zoo import ZooError, entries, locate
 
+    path = Path(model).expanduser()
+    if not path.is_dir() and model not in entries() and looks_like_path(model):
+        if path.exists():
+            raise ZooError(f"--model {model}: is a file, not a checkpoint directory")
+        if not path.parent.is_dir():
+            missing = next(p for p in reversed([path, *path.parents]) if not p.exists())
+            raise ZooError(f"--model {model}: no such checkpoint directory ({missing} does not exist)")
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+        close = difflib.get_close_matches(path.name, siblings, n=1)
+        hint = f"; did you mean {path.parent / close[0]}?" if close else ""
+        raise ZooError(f"--model {model}: no such checkpoint directory in {path.parent}{hint}")
     return locate(model)
 
 

@@ -4,7 +4,13 @@ checkpoint path, an upstream LLaVA checkpoint given to the HF runner, a processo
 from __future__ import annotations
 
 import json
+import socket
 
+import pytest
+
+from regate_plugin.cli import main as regate
+
+from .image_fixtures import write_pope
 from .test_launch_llava import _llava
 
 TEMPLATE_OF_VERSIONS = r"""
@@ -35,3 +41,46 @@ def test_an_upstream_version_without_a_plugin_template_is_named_with_those_that_
         message = found[version]
         assert message.startswith(f"error: --version {version} ") and "\n" not in message
         assert "it has one for: v1 (v1), vicuna_v1 (v1), plain (plain), v0_plain (plain)" in message
+
+
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [
+        (
+            "checkpoints/llava-v1.5-7b-tpyo",
+            "no such checkpoint directory in checkpoints; did you mean checkpoints/llava-v1.5-7b-typo?",
+        ),  # exists partially: checkpoints/ is here
+        ("./llava-v1.5-7b", "no such checkpoint directory in ."),
+        ("runs/a/b", "(runs does not exist)"),  # more separators than a hub id has
+        ("~/regate-no-such-checkpoint", "no such checkpoint directory in "),
+        ("{tmp}/checkpoints/gone", "no such checkpoint directory in {tmp}/checkpoints"),
+    ],
+)
+def test_a_mistyped_checkpoint_path_is_refused_at_once_naming_it(tmp_path, monkeypatch, capsys, model, named):
+    """It went to the hub (53 s of retries, then a raw OSError). Here the hub is not switched off, and the error
+    comes before anything is asked of it (a socket opened would fail the test)."""
+    (tmp_path / "checkpoints" / "llava-v1.5-7b-typo").mkdir(parents=True)
+    root = write_pope(tmp_path / "pope", per_category=1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    model, named = model.format(tmp=tmp_path), named.format(tmp=tmp_path)
+    assert regate(["eval", "pope", "--model", model, "--data-root", str(root), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"regate eval: error: --model {model}: ") and named in err and "\n" not in err
+    assert not (tmp_path / "eval_out").exists()
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("the hub was asked")
+
+
+def test_a_hub_id_is_not_taken_for_a_path(tmp_path, monkeypatch, capsys):
+    from regate_plugin.eval.runners import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_path("llava-hf/llava-1.5-7b-hf")
+    assert looks_like_path("./llava-hf") and looks_like_path("a/b/c") and looks_like_path("/a")
+    (tmp_path / "llava-hf").mkdir()
+    assert looks_like_path("llava-hf/llava-1.5-7b-hf")  # a folder of that name is here: a path it is
