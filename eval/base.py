@@ -4,15 +4,16 @@ resumable JSON-lines prediction file."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from PIL import Image
 
 from ..core.errors import UserError
-from ..core.files import read_json_lines
+from ..core.files import MAX_LINE_BYTES, read_json_lines
 
 SHOWN_UNREADABLE = 5  # unreadable lines a results table lists by name; metrics.json keeps them all
 
@@ -70,6 +71,21 @@ class PredictionFile:
             return cls(path, [], unreadable)
         return cls(path, read_json_lines(path, skip_invalid=True, skipped=unreadable), unreadable)
 
+    def by_key(self, key: Callable[[dict[str, Any]], Hashable]) -> dict[Hashable, dict[str, Any]]:
+        """Each record under its question's `key`; two records for one question are an error naming the file
+        and the question (neither is taken over the other: which one was meant cannot be known)."""
+        found: dict[Hashable, dict[str, Any]] = {}
+        position: dict[Hashable, int] = {}
+        for n, record in enumerate(self.records, start=1):
+            k = key(record)
+            if k in found:
+                raise BenchmarkError(
+                    f"{self.path}: question {k!r} is answered twice (records {position[k]} and {n}); keep one of "
+                    "the two lines, or answer again into a new file"
+                )
+            found[k], position[k] = record, n
+        return found
+
     def require(self, *fields: str, kind: str) -> PredictionFile:
         """Itself, once every record is checked to be a JSON object with `fields` (else an error naming it)."""
         for n, record in enumerate(self.records, start=1):
@@ -107,21 +123,52 @@ def missing_report(benchmark: str, root: Path, missing: list[Path]) -> str:
 T = TypeVar("T")
 
 
+def _last_line_start(handle: BinaryIO, size: int) -> int:
+    """The offset after the last newline of a file (0 if none), found by reading back from its end in blocks."""
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        handle.seek(start)
+        newline = handle.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
 def _end_cleanly(path: Path) -> None:
     """A killed run can leave its last line half written: cut it off when it does not parse (that question was
-    not done, so it is asked again), or end it with a newline when it does, so the next record starts clean."""
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    start = data.rfind(b"\n") + 1
+    not done, so it is asked again), or end it with a newline when it does, so the next record starts clean.
+    Only the last line is read."""
+    with path.open("r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        start = _last_line_start(handle, size)
+        if start == size:
+            return
+        try:
+            if size - start > MAX_LINE_BYTES:
+                raise ValueError("longer than a line may be")
+            handle.seek(start)
+            json.loads(handle.read().decode("utf-8"))
+        except ValueError:  # JSONDecodeError, bytes cut inside a UTF-8 character, or an over-long line
+            handle.truncate(start)
+            return
+        handle.seek(0, os.SEEK_END)
+        handle.write(b"\n")
+
+
+def _append(handle: BinaryIO, data: bytes, out: Path) -> None:
+    """Write all of `data` to an unbuffered file; a failed write (a full disk) is an error naming `out`: what was
+    written before it stays, a torn last line included, which the rerun cuts off."""
+    written = 0
     try:
-        json.loads(data[start:])
-    except ValueError:  # JSONDecodeError, or bytes cut inside a UTF-8 character
-        with path.open("r+b") as f:
-            f.truncate(start)
-        return
-    with path.open("ab") as f:
-        f.write(b"\n")
+        while written < len(data):
+            written += handle.write(data[written:])
+    except OSError as err:
+        raise BenchmarkError(
+            f"cannot write {out}: {err.strerror or err}. The answers written before it are kept: free space (or "
+            "fix the cause) and rerun the same command, which answers the rest"
+        ) from None
 
 
 def run_resumable(
@@ -136,8 +183,9 @@ def run_resumable(
     desc: str = "eval",
     progress: bool = True,
 ) -> Iterator[dict[str, Any]]:
-    """Answer every item whose key is not in `done`, `batch_size` requests per runner call; each record is
-    appended to `out` and flushed as it comes, so a killed run loses at most one batch. Yields the new records."""
+    """Answer every item whose key is not in `done`, `batch_size` requests per runner call; each batch's records
+    are appended to `out` as they come (unbuffered), so a killed run loses at most one batch. Yields the new
+    records."""
     from tqdm.auto import tqdm
 
     finished = set(done)
@@ -146,15 +194,13 @@ def run_resumable(
     if out.exists():
         _end_cleanly(out)
     with (
-        out.open("a") as f,
+        out.open("ab", buffering=0) as f,
         tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress) as bar,
     ):
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             outputs = runner.generate([request(item) for item in batch])
-            for item, output in zip(batch, outputs, strict=True):
-                line = record(item, output)
-                f.write(json.dumps(line) + "\n")
-                yield line
-            f.flush()
+            lines = [record(item, output) for item, output in zip(batch, outputs, strict=True)]
+            _append(f, "".join(json.dumps(line) + "\n" for line in lines).encode(), out)
+            yield from lines
             bar.update(len(batch))

@@ -6,9 +6,12 @@ Two index rules, each reproducing its reference code (docs/EVAL.md):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -47,6 +50,22 @@ def videollama2_frame_indices(n_frames: int, fps: float, num_frames: int, bound:
     return [f_start + round((i + 0.5) * seg + 1e-6) for i in range(num_frames)]
 
 
+@contextmanager
+def _video(path: Path) -> Iterator[Any]:
+    """An open PyAV container of `path`'s video; an empty, damaged or video-less file is an error naming it."""
+    import av
+
+    if path.stat().st_size == 0:
+        raise BenchmarkError(f"{path}: the video file is empty (0 bytes); download or extract it again")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BenchmarkError(f"{path}: holds no video stream")
+            yield container
+    except av.error.FFmpegError as err:
+        raise BenchmarkError(f"{path}: cannot read the video ({err}); download or extract it again") from None
+
+
 @dataclass(frozen=True)
 class VisualSource:
     """A video file, a GIF, or a folder of frame images."""
@@ -69,9 +88,7 @@ class VisualSource:
         if self.kind == "gif":
             with Image.open(self.path) as gif:
                 return getattr(gif, "n_frames", 1), GIF_FPS
-        import av
-
-        with av.open(str(self.path)) as container:
+        with _video(self.path) as container:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or Fraction(25)
             count = stream.frames or sum(1 for _ in container.decode(video=0))
@@ -93,9 +110,7 @@ class VisualSource:
                         gif.seek(i)
                         found[i] = gif.convert("RGB")
         else:
-            import av
-
-            with av.open(str(self.path)) as container:
+            with _video(self.path) as container:
                 for position, frame in enumerate(container.decode(video=0)):
                     if position in wanted:
                         found[position] = frame.to_image().convert("RGB")

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..registry import Registry
 from .base import BenchmarkError, ModelRunner, PredictionFile, Prompt, Request, run_resumable, unreadable_lines
+from .provenance import RUN_FIELD, resumable
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
@@ -43,7 +44,7 @@ class ImageQuestion:
         source = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
         try:
             return Image.open(source).convert("RGB")
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise BenchmarkError(
                 f"question {self.question_id}: cannot read its image "
                 f"{self.image if isinstance(self.image, Path) else '(inline)'}: {err}"
@@ -105,6 +106,8 @@ class ImageBenchmark:
     max_new_tokens: ClassVar[int] = 128
     flags: ClassVar[tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = ()
     unique_ids: ClassVar[bool] = True  # question_id alone identifies a question
+    # options that say where files are, not what is asked: left out of an answer file's settings
+    location_options: ClassVar[tuple[str, ...]] = ("image_dir", "question_file")
 
     def __init__(self, root: str | Path, **options: Any) -> None:
         self.root = Path(root)
@@ -130,6 +133,11 @@ class ImageBenchmark:
         images = dict.fromkeys(q.image for q in self.load() if isinstance(q.image, Path))
         return [image for image in images if not image.exists()]
 
+    def settings(self) -> dict[str, Any]:
+        """What shapes an answer besides the model: the benchmark and its options (file locations left out)."""
+        options = {k: v for k, v in sorted(self.options.items()) if k not in self.location_options}
+        return {"benchmark": self.name, "max_new_tokens": self.max_new_tokens, **options}
+
     def score(self, questions: list[ImageQuestion], records: list[dict[str, Any]]) -> Score:
         raise NotImplementedError
 
@@ -146,8 +154,9 @@ class ImageBenchmark:
     def answers_by_question(
         self, questions: list[ImageQuestion], records: list[dict[str, Any]]
     ) -> dict[Hashable, dict[str, Any]]:
-        """Each question's answer record, paired by question id, never by position (the last record wins);
-        a record for a question the data does not have is an error."""
+        """Each question's answer record, paired by question id, never by position; a record for a question the
+        data does not have is an error (an answer file with two records for one question is refused when it is
+        scored: `PredictionFile.by_key`)."""
         known = {self.question_key(q) for q in questions}
         answers: dict[Hashable, dict[str, Any]] = {}
         for record in records:
@@ -193,15 +202,18 @@ def get_benchmark(name: str, root: str | Path, **options: Any) -> ImageBenchmark
     return BENCHMARKS.get(name)(root, **options)
 
 
-def answer_record(question: ImageQuestion, output: str, model_id: str) -> dict[str, Any]:
-    """The line LLaVA's `model_vqa_loader.py` writes (its answer_id is a random uuid, which no scorer reads)."""
+def answer_record(
+    question: ImageQuestion, output: str, model_id: str, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The line LLaVA's `model_vqa_loader.py` writes (its answer_id is a random uuid, which no scorer reads), with
+    the run's description in `metadata` (eval/provenance.py)."""
     return {
         "question_id": question.question_id,
         "prompt": question.prompt_field,
         "text": output.strip(),
         "answer_id": f"regate-{question.question_id}",
         "model_id": model_id,
-        "metadata": {},
+        "metadata": {} if run is None else {RUN_FIELD: run},
     }
 
 
@@ -213,15 +225,19 @@ def predict(
     model_id: str = "",
     batch_size: int = 1,
     progress: bool = True,
+    run: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Answer every question not yet in `out` (LLaVA answer jsonl, appended and flushed per line)."""
-    done = [benchmark.record_key(r) for r in read_answers(out, missing_ok=True).records]
+    """Answer every question not yet in `out` (LLaVA answer jsonl, appended and flushed per line). With `run`
+    (eval/provenance.py), every record carries it and a file of another run is refused; `overwrite` starts the
+    file again."""
+    resumed = resumable(out, lambda path: read_answers(path, missing_ok=True), run, overwrite)
     return run_resumable(
         questions,
         benchmark.question_key,
-        done,
+        [benchmark.record_key(r) for r in resumed.records],
         benchmark.request,
-        lambda q, output: answer_record(q, output, model_id),
+        lambda q, output: answer_record(q, output, model_id, run),
         runner,
         out,
         batch_size,
@@ -240,7 +256,7 @@ def score_answers(
 ) -> Score:
     """Score an answer file on `questions`, its unreadable lines reported; `asked_only` leaves out answers to
     other questions of the data (a `--limit` run over an answer file of a longer one)."""
-    records = answers.records
+    records = list(answers.by_key(benchmark.record_key).values())
     if asked_only:
         asked = {benchmark.question_key(q) for q in questions}
         records = [r for r in records if benchmark.record_key(r) in asked]

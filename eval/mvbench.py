@@ -20,6 +20,7 @@ from PIL import Image
 from ..registry import Registry
 from .base import BenchmarkError, ModelRunner, PredictionFile, Prompt, Request, run_resumable, unreadable_lines
 from .frames import Bound, VisualSource, sample_official, sample_videollama2
+from .provenance import RUN_FIELD, resumable
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,11 @@ def _prompt_hash(prompt: Prompt) -> str:
     return hashlib.blake2b(json.dumps(asdict(prompt), sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-def prediction_record(question: Question, protocol: MVBenchProtocol, output: str) -> dict[str, Any]:
+def prediction_record(
+    question: Question, protocol: MVBenchProtocol, output: str, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One question's prediction, parsed by `protocol`, with the run's description in `metadata`
+    (eval/provenance.py)."""
     parsed, correct = protocol.parse(question, output)
     return {
         "uid": question.uid,
@@ -305,6 +310,7 @@ def prediction_record(question: Question, protocol: MVBenchProtocol, output: str
         "gt": question.letters[question.answer_index],
         "correct": correct,
         "fallback": parsed.fallback,
+        "metadata": {} if run is None else {RUN_FIELD: run},
     }
 
 
@@ -313,9 +319,9 @@ def read_predictions(path: Path, missing_ok: bool = True) -> PredictionFile:
     return PredictionFile.read(path, missing_ok).require("uid", "task", "correct", kind="an MVBench prediction")
 
 
-def latest_by_uid(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One record per question: the last one written."""
-    return {record["uid"]: record for record in records}
+def by_uid(predictions: PredictionFile) -> dict[str, dict[str, Any]]:
+    """One record per question (two for one question are an error naming the file)."""
+    return predictions.by_key(lambda record: record["uid"])
 
 
 def predict(
@@ -325,14 +331,19 @@ def predict(
     out: Path,
     progress: bool = True,
     batch_size: int = 1,
+    run: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Run every question not yet in `out` (jsonl, appended and flushed per line); yields new records."""
+    """Run every question not yet in `out` (jsonl, appended and flushed per line); yields new records. With `run`
+    (eval/provenance.py), every record carries it and a file of another run is refused; `overwrite` starts the
+    file again."""
+    resumed = resumable(out, read_predictions, run, overwrite)
     return run_resumable(
         data.questions,
         lambda q: q.uid,
-        latest_by_uid(read_predictions(out).records),
+        by_uid(resumed),
         lambda q: Request(tuple(protocol.frames(q)), protocol.prompt(q), video=True),
-        lambda q, output: prediction_record(q, protocol, output),
+        lambda q, output: prediction_record(q, protocol, output, run),
         runner,
         out,
         batch_size,
@@ -430,7 +441,7 @@ def questions_per_task(questions: list[Question]) -> dict[str, int]:
 
 
 def load_prediction_file(path: Path, protocol: MVBenchProtocol | None, data: MVBenchData | None) -> PredictionFile:
-    """Our jsonl (one record per question, the last written; re-parsed from raw outputs with `protocol` when data
+    """Our jsonl (one record per question; re-parsed from raw outputs with `protocol` when data
     is given), or VideoLLaMA2's `{vid, task_type, pred, gt}` lines (indices, scored as its eval script does);
     the unreadable lines kept."""
     lines = PredictionFile.read(path)
@@ -440,11 +451,11 @@ def load_prediction_file(path: Path, protocol: MVBenchProtocol | None, data: MVB
         return PredictionFile(path, records, lines.unreadable)
     reparse = protocol is not None and data is not None
     fields = ("uid", "task", "correct", "output") if reparse else ("uid", "task", "correct")
-    records = list(latest_by_uid(lines.require(*fields, kind="an MVBench prediction").records).values())
+    records = list(by_uid(lines.require(*fields, kind="an MVBench prediction")).values())
     if reparse:
-        by_uid = {q.uid: q for q in data.questions}
-        unknown = [r["uid"] for r in records if r["uid"] not in by_uid]
+        questions = {q.uid: q for q in data.questions}
+        unknown = [r["uid"] for r in records if r["uid"] not in questions]
         if unknown:
             raise MVBenchError(f"{path}: {len(unknown)} prediction(s) for questions not in the data, e.g. {unknown[0]}")
-        records = [prediction_record(by_uid[r["uid"]], protocol, r["output"]) for r in records]
+        records = [prediction_record(questions[r["uid"]], protocol, r["output"]) for r in records]
     return PredictionFile(path, records, lines.unreadable)

@@ -10,15 +10,20 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ..core.dtypes import dtype_from_name
 from ..registry import Registry
 from .base import ModelRunner, Request
+
+if TYPE_CHECKING:
+    from ..model_zoo import ZooEntry
 
 
 def _cut(text: str, stops: tuple[str, ...]) -> str:
@@ -172,6 +177,57 @@ RUNNERS.register("hf", _load_hf)
 RUNNERS.register("llava", _load_llava)
 
 
+def looks_like_path(model: str) -> bool:
+    """Whether `--model` can only mean a local path: it starts with "/", "." or "~", holds a separator other than
+    a hub id's one "/" (two or more, or os.sep / os.altsep where they are not "/"), or its first component exists
+    here (`checkpoints/llava-7b-typo` beside a `checkpoints/` folder)."""
+    separators = {s for s in (os.sep, os.altsep) if s and s != "/"}
+    return (
+        model.startswith(("/", ".", "~"))
+        or model.count("/") > 1
+        or any(s in model for s in separators)
+        or ("/" in model and Path(model.split("/")[0]).exists())
+    )
+
+
+def locate_model(model: str) -> tuple[str, ZooEntry | None]:
+    """What `--model` names, decided before anything loads (`model_zoo.locate`): the path or hub id to load, and
+    its model_zoo entry. A path that names no directory is refused here, naming it and the closest directory
+    beside it, rather than being asked of the hub."""
+    from ..model_zoo import ZooError, entries, locate
+
+    path = Path(model).expanduser()
+    if not path.is_dir() and model not in entries() and looks_like_path(model):
+        if path.exists():
+            raise ZooError(f"--model {model}: is a file, not a checkpoint directory")
+        if not path.parent.is_dir():
+            missing = next(p for p in reversed([path, *path.parents]) if not p.exists())
+            raise ZooError(f"--model {model}: no such checkpoint directory ({missing} does not exist)")
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+        close = difflib.get_close_matches(path.name, siblings, n=1)
+        hint = f"; did you mean {path.parent / close[0]}?" if close else ""
+        raise ZooError(f"--model {model}: no such checkpoint directory in {path.parent}{hint}")
+    return locate(model)
+
+
+def load_located(
+    kind: str,
+    model: str,
+    entry: ZooEntry | None = None,
+    model_base: str | None = None,
+    conv_mode: str = "vicuna_v1",
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> ModelRunner:
+    """The runner registered as `kind` (`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint, run in
+    the upstream environment) on `model` and `entry` as `locate_model` gives them. `dtype` "auto": the checkpoint's
+    own (hf), float32 on the CPU and float16 elsewhere (llava)."""
+    loader = RUNNERS.get(kind)
+    if entry is not None:
+        model_base = model_base or entry.model_base
+    return loader(model, model_base=model_base, conv_mode=conv_mode, device=device, dtype=dtype)
+
+
 def load_runner(
     kind: str,
     model: str,
@@ -180,14 +236,6 @@ def load_runner(
     device: str = "cpu",
     dtype: str = "auto",
 ) -> ModelRunner:
-    """`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint (run in the upstream environment); or
-    any other registered runner. `dtype` "auto": the checkpoint's own (hf), float32 on the CPU and float16
-    elsewhere (llava). `model` is a directory, a hub id, or a model_zoo entry name (resolved, and verified when
-    shipped): see `model_zoo.locate`, which refuses anything else before a model loads."""
-    from ..model_zoo import locate
-
-    loader = RUNNERS.get(kind)
-    model, entry = locate(model)
-    if entry is not None:
-        model_base = model_base or entry.model_base
-    return loader(model, model_base=model_base, conv_mode=conv_mode, device=device, dtype=dtype)
+    """`load_located` of what `model` names: a directory, a hub id, or a model_zoo entry name (resolved, and
+    verified when shipped); anything else is refused before a model loads."""
+    return load_located(kind, *locate_model(model), model_base, conv_mode, device, dtype)

@@ -10,9 +10,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .cli_options import Parser, add_config_options, config_from_args
+
+if TYPE_CHECKING:
+    from .eval.base import ModelRunner, PredictionFile
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -142,9 +146,14 @@ def _write_json(out: Path | None, **files: object) -> None:
 
     if out is None:
         return
-    out.mkdir(parents=True, exist_ok=True)
+    from .core.files import write_bytes_atomically
+    from .eval import BenchmarkError
+
     for name, content in files.items():
-        (out / f"{name}.json").write_text(json.dumps(content, indent=2))
+        try:
+            write_bytes_atomically(out / f"{name}.json", json.dumps(content, indent=2).encode())
+        except OSError as err:
+            raise BenchmarkError(f"cannot write {out / f'{name}.json'}: {err.strerror or err}") from None
     print(f"metrics: {out / 'metrics.json'}")
 
 
@@ -159,30 +168,46 @@ def _check_data(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
-def _runner(args: argparse.Namespace):
-    from .eval.runners import load_runner
+def _runner_and_run(
+    args: argparse.Namespace, settings: dict[str, Any], answers: Path, read: Callable[[Path], PredictionFile]
+) -> tuple[ModelRunner, dict[str, Any]]:
+    """The model runner, and the run description its answers carry (eval/provenance.py). The answer file is
+    checked to be this run's before the model loads (after, for a hub id not yet in the local cache)."""
+    from .eval.provenance import model_fingerprint, resumable, run_description
+    from .eval.runners import load_located, locate_model
 
-    return load_runner(args.runner, args.model, args.model_base, args.conv_mode, args.device, args.dtype)
+    model, entry = locate_model(args.model)
+    settings = {"runner": args.runner, "dtype": args.dtype, "model_base": args.model_base, **settings}
+    if args.runner == "llava":
+        settings["conv_mode"] = args.conv_mode
+    weights = model_fingerprint(model)
+    if weights is not None and not args.overwrite:
+        resumable(answers, read, run_description(args.model, weights, settings), overwrite=False)
+    runner = load_located(args.runner, model, entry, args.model_base, args.conv_mode, args.device, args.dtype)
+    return runner, run_description(args.model, weights or model_fingerprint(model) or model, settings)
 
 
 def _eval_mvbench(args: argparse.Namespace) -> int:
     from .eval import aggregate, get_protocol, load_mvbench, predict, read_predictions
-    from .eval.mvbench import latest_by_uid, questions_per_task
+    from .eval.mvbench import by_uid, questions_per_task
+    from .eval.provenance import default_out
 
     if args.check_data:
         return _check_data(args)
     data = load_mvbench(args.data_root, args.tasks, args.allow_missing)
     if args.limit:
         data.questions = [q for q in data.questions if q.index < args.limit]
-    runner = _runner(args)
-    protocol = get_protocol(args.protocol, args.num_frames, getattr(runner.model.config, "model_type", ""))
-    out = Path(args.out or "eval_out/mvbench")
-    predictions = out / f"predictions-{protocol.name}.jsonl"
-    for _ in predict(data, protocol, runner, predictions, not args.no_progress, args.batch_size):
+    out = Path(args.out) if args.out else default_out(args.model, "mvbench")
+    predictions = out / f"predictions-{args.protocol}.jsonl"
+    num_frames = get_protocol(args.protocol, args.num_frames).num_frames
+    settings = {"protocol": args.protocol, "num_frames": num_frames}
+    runner, run = _runner_and_run(args, settings, predictions, read_predictions)
+    protocol = get_protocol(args.protocol, num_frames, getattr(runner.model.config, "model_type", ""))
+    for _ in predict(data, protocol, runner, predictions, not args.no_progress, args.batch_size, run, args.overwrite):
         pass
     wanted = {q.uid for q in data.questions}
     written = read_predictions(predictions)
-    records = [r for uid, r in latest_by_uid(written.records).items() if uid in wanted]
+    records = [r for uid, r in by_uid(written).items() if uid in wanted]
     result = aggregate(records, data.missing, questions_per_task(data.questions), written.unreadable)
     print(result.table())
     _write_json(out, metrics=result.to_dict(), upload_leaderboard=result.leaderboard())
@@ -218,6 +243,7 @@ def _benchmark(args: argparse.Namespace):
 
 def _eval_image(args: argparse.Namespace) -> int:
     from .eval.image import predict, read_answers, score_answers
+    from .eval.provenance import default_out
 
     if args.check_data:
         return _check_data(args)
@@ -225,11 +251,20 @@ def _eval_image(args: argparse.Namespace) -> int:
     questions = benchmark.load()
     if args.limit:
         questions = questions[: args.limit]
-    out = Path(args.out or f"eval_out/{benchmark.name}")
+    out = Path(args.out) if args.out else default_out(args.model, benchmark.name)
     answers = out / "answers.jsonl"
     print(f"{benchmark.title}: {len(questions)} questions from {benchmark.root}")
+    runner, run = _runner_and_run(args, benchmark.settings(), answers, lambda path: read_answers(path, missing_ok=True))
     for _ in predict(
-        benchmark, questions, _runner(args), answers, Path(args.model).name, args.batch_size, not args.no_progress
+        benchmark,
+        questions,
+        runner,
+        answers,
+        Path(args.model).name,
+        args.batch_size,
+        not args.no_progress,
+        run,
+        args.overwrite,
     ):
         pass
     score = score_answers(benchmark, questions, read_answers(answers), asked_only=True)
@@ -253,6 +288,21 @@ def _patch_apply(args: argparse.Namespace) -> int:
 
     print(apply_patch(args.codebase, args.repo))
     return 0
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _runner_options(parser: argparse.ArgumentParser) -> None:
@@ -287,7 +337,16 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
         help="model dtype (auto: the checkpoint's for --runner hf; float32 on cpu, float16 on cuda for --runner llava)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=1, help="requests per generate call (--runner hf batches with left padding)"
+        "--batch-size",
+        type=_at_least(1),
+        default=1,
+        help="requests per generate call (--runner hf batches with left padding)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="answer every question again into --out's answer file, whatever model or settings its answers came from "
+        "(without it, a rerun adds only to a file of the same model and settings)",
     )
     parser.add_argument("--no-progress", action="store_true")
 
@@ -304,11 +363,15 @@ def _eval_options(evaluate: argparse.ArgumentParser) -> None:
     _runner_options(mvbench)
     mvbench.add_argument("--data-root", required=True, help="MVBench root holding json/ and video/")
     mvbench.add_argument("--protocol", choices=PROTOCOLS.names(), default="official")
-    mvbench.add_argument("--num-frames", type=int, help="frames per video (official: 16, videollama2: 8)")
+    mvbench.add_argument("--num-frames", type=_at_least(1), help="frames per video (official: 16, videollama2: 8)")
     mvbench.add_argument("--tasks", nargs="+", help="task names (default: all 20)")
     mvbench.add_argument("--allow-missing", action="store_true", help="score the tasks present (labelled N-task)")
-    mvbench.add_argument("--limit", type=int, default=0, help="first N questions of each task (smoke runs)")
-    mvbench.add_argument("--out", help="predictions (resumable) and metrics.json (default: eval_out/mvbench)")
+    mvbench.add_argument(
+        "--limit", type=_at_least(0), default=0, help="first N questions of each task (smoke runs; 0: all)"
+    )
+    mvbench.add_argument(
+        "--out", help="predictions (resumable) and metrics.json (default: eval_out/<model name>/mvbench)"
+    )
     mvbench.set_defaults(run=_eval_mvbench)
     score_mvbench = score_commands.add_parser(
         "mvbench", help="ours (re-parsed) or VideoLLaMA2's {vid, task_type, pred, gt}"
@@ -329,9 +392,10 @@ def _eval_options(evaluate: argparse.ArgumentParser) -> None:
             parser.add_argument("--data-root", required=True, help=f"holds {benchmark.data_layout}")
             dests = [parser.add_argument(*names, **kwargs).dest for names, kwargs in benchmark.flags]
             parser.set_defaults(benchmark=name, benchmark_options=dests)
-        run.add_argument("--limit", type=int, default=0, help="first N questions (smoke runs)")
+        run.add_argument("--limit", type=_at_least(0), default=0, help="first N questions (smoke runs; 0: all)")
         run.add_argument(
-            "--out", help=f"answers.jsonl (resumable, LLaVA's format) and metrics.json (default: eval_out/{name})"
+            "--out",
+            help=f"answers.jsonl (resumable, LLaVA's format) and metrics.json (default: eval_out/<model name>/{name})",
         )
         run.set_defaults(run=_eval_image)
         rescore.set_defaults(run=_eval_score_image)

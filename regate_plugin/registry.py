@@ -62,6 +62,12 @@ class Registry(Generic[T]):
         self._load()
         yield from sorted(self._entries.items())
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._entries

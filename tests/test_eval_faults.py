@@ -3,7 +3,11 @@ a line that does not parse is named and its question counts as unanswered, score
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
+import pathlib
 import shutil
 from pathlib import Path
 
@@ -13,10 +17,11 @@ from regate_plugin.eval.mvbench import prediction_record
 
 from regate_plugin.cli import main as regate
 
-from .eval_fixtures import write_mvbench
+from .eval_fixtures import write_mvbench, write_tiny_hf_llava
 from .image_fixtures import WRITERS, write_pope
 from .test_image_benchmarks import VARIED, parse_eval_pope
 from .test_launch_llava import _llava
+from .tokenizers_fixture import write_bpe_chat_tokenizer
 
 
 def _lines(path: Path, records: list[dict]) -> Path:
@@ -282,3 +287,315 @@ def test_resume_cuts_a_torn_last_line_off_and_answers_its_question_again(tmp_pat
 
     out.write_text(complete.rstrip("\n"))  # killed after the last record, before its newline: kept
     assert _resume(out, items) == [] and out.read_text() == complete
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny LLaVA checkpoints of the same architecture and shapes: B is A with its weights perturbed."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("models")
+    a = write_tiny_hf_llava(root / "a" / "model-a", write_bpe_chat_tokenizer(root / "tok", "chatml"))
+    b = root / "b" / "model-b"
+    shutil.copytree(a, b)
+    model = LlavaForConditionalGeneration.from_pretrained(a)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    model.save_pretrained(b)
+    return a, b
+
+
+def _eval_pope(model: Path, root: Path, *flags: str) -> int:
+    return regate(["eval", "pope", "--model", str(model), "--data-root", str(root), "--no-progress", *flags])
+
+
+def _runs(answers: Path) -> list[dict]:
+    return [json.loads(line)["metadata"]["run"] for line in answers.read_text().splitlines()]
+
+
+def test_a_rerun_with_another_model_is_refused_and_overwrite_answers_again(tmp_path, two_models, capsys):
+    """B resumed into A's answer file was scored on A's answers (exit 0). Now it is refused naming both models'
+    weights; --overwrite answers every question again, and the result equals B's run into an empty directory."""
+    from regate_plugin.eval.provenance import weights_fingerprint
+
+    a, b = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    out = tmp_path / "x"
+    assert _eval_pope(a, root, "--out", str(out)) == 0
+    answers = out / "answers.jsonl"
+    assert {r["weights"] for r in _runs(answers)} == {weights_fingerprint(a)}
+    assert {r["model"] for r in _runs(answers)} == {str(a)}
+    first = answers.read_text()
+    capsys.readouterr()
+
+    assert _eval_pope(b, root, "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(answers) in err and "--overwrite" in err
+    assert weights_fingerprint(a) in err and weights_fingerprint(b) in err
+    assert answers.read_text() == first  # nothing written
+
+    assert _eval_pope(b, root, "--out", str(tmp_path / "fresh-b")) == 0
+    assert _eval_pope(b, root, "--out", str(out), "--overwrite") == 0
+    assert {r["weights"] for r in _runs(answers)} == {weights_fingerprint(b)}
+    assert _metrics(out) == _metrics(tmp_path / "fresh-b")
+    assert [json.loads(x)["text"] for x in answers.read_text().splitlines()] == [
+        json.loads(x)["text"] for x in (tmp_path / "fresh-b" / "answers.jsonl").read_text().splitlines()
+    ]
+
+
+def test_the_default_out_is_per_model(tmp_path, two_models, monkeypatch):
+    a, b = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    monkeypatch.chdir(tmp_path)
+    assert _eval_pope(a, root) == 0 and _eval_pope(b, root) == 0
+    for model in (a, b):
+        runs = _runs(tmp_path / "eval_out" / model.name / "pope" / "answers.jsonl")
+        assert {r["model"] for r in runs} == {str(model)}
+
+
+def test_a_rerun_with_other_settings_or_into_a_file_that_records_no_model_is_refused(tmp_path, two_models, capsys):
+    a, _ = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    out = tmp_path / "x"
+    assert _eval_pope(a, root, "--out", str(out), "--limit", "2") == 0
+    capsys.readouterr()
+    assert _eval_pope(a, root, "--out", str(out), "--dtype", "float32") == 2
+    assert "dtype 'auto', this run's is 'float32'" in capsys.readouterr().err
+    assert _eval_pope(a, root, "--out", str(out), "--image-dir", str(root / "val2014")) == 0  # a location only
+
+    llava = tmp_path / "llava" / "answers.jsonl"  # an answer file of LLaVA's own scripts
+    llava.parent.mkdir()
+    llava.write_text(json.dumps({"question_id": "random/1", "prompt": "", "text": "Yes", "metadata": {}}) + "\n")
+    assert _eval_pope(a, root, "--out", str(llava.parent)) == 2
+    assert "does not record the model and settings" in capsys.readouterr().err
+
+
+def test_mvbench_predictions_record_the_model_and_refuse_another(tmp_path, two_models, capsys):
+    from regate_plugin.eval.provenance import weights_fingerprint
+
+    a, b = two_models
+    root = write_mvbench(tmp_path / "mvbench", per_task=1)
+    out = tmp_path / "m"
+    flags = ["--data-root", str(root), "--allow-missing", "--num-frames", "2", "--out", str(out), "--no-progress"]
+    assert regate(["eval", "mvbench", "--model", str(a), *flags]) == 0
+    predictions = out / "predictions-official.jsonl"
+    runs = _runs(predictions)
+    assert len(runs) == 3 and {r["weights"] for r in runs} == {weights_fingerprint(a)}
+    assert runs[0]["settings"]["protocol"] == "official" and runs[0]["settings"]["num_frames"] == 2
+    capsys.readouterr()
+    assert regate(["eval", "mvbench", "--model", str(b), *flags]) == 2
+    assert str(predictions) in capsys.readouterr().err
+    flags[flags.index("--num-frames") + 1] = "4"
+    assert regate(["eval", "mvbench", "--model", str(a), *flags]) == 2
+    assert "num_frames 2, this run's is 4" in capsys.readouterr().err
+
+
+def test_the_weights_fingerprint_tells_checkpoints_apart_from_sampled_bytes(tmp_path, two_models):
+    from regate_plugin.eval.provenance import BLOCK_BYTES, SAMPLED_BLOCKS, weights_fingerprint
+
+    a, b = two_models
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(a, moved)
+    assert weights_fingerprint(moved) == weights_fingerprint(a)  # the same weights, wherever they are
+    big = tmp_path / "big"
+    big.mkdir()
+    data = bytearray(range(256)) * (4 * SAMPLED_BLOCKS * BLOCK_BYTES // 256)
+    (big / "model.safetensors").write_bytes(data)
+    before = weights_fingerprint(big)
+    data[10] ^= 1  # inside the first sampled block
+    (big / "model.safetensors").write_bytes(data)
+    assert weights_fingerprint(big) != before
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_two_answers_to_one_question_are_refused_naming_the_file_and_the_question(tmp_path, name, capsys):
+    """The last one won, silently; which of the two was meant cannot be known."""
+    root = WRITERS[name](tmp_path / "data")
+    questions = get_benchmark(name, root).load()
+    records = [{"question_id": q.question_id, "prompt": q.prompt_field, "text": "A"} for q in questions]
+    pred = _lines(tmp_path / "answers.jsonl", [*records, {**records[1], "text": "B"}])
+    assert regate(["eval", "score", name, "--pred", str(pred), "--data-root", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(pred) in err and "answered twice" in err
+    assert repr(str(questions[1].question_id)) in err and f"records 2 and {len(records) + 1}" in err
+
+
+def test_two_mvbench_predictions_for_one_question_are_refused(tmp_path, capsys):
+    root = write_mvbench(tmp_path / "mvbench", per_task=2)
+    _, records = _mvbench_predictions(root)
+    pred = _lines(tmp_path / "predictions-official.jsonl", [*records, records[0]])
+    for flags in ([], ["--data-root", str(root)]):
+        assert regate(["eval", "score", "mvbench", "--pred", str(pred), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(pred) in err and repr(records[0]["uid"]) in err and "twice" in err
+
+
+def _spoil(path: Path, line: int, how: str) -> None:
+    """Line `line` (1-based) of `path` made unreadable: latin-1 bytes in its text, or an answer of 3 MiB."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[line - 1])
+    if how == "latin-1":
+        lines[line - 1] = json.dumps({**record, "text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n"
+    else:
+        lines[line - 1] = json.dumps({**record, "text": "yes " * (3 << 18)}).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+
+
+@pytest.mark.parametrize("how", ["latin-1", "huge"])
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_a_non_utf8_or_huge_answer_line_is_named_and_its_question_unanswered(tmp_path, name, how, capsys):
+    """Such a line was a UnicodeDecodeError traceback (non-UTF-8), or read and tokenized whole (a 1 GB answer
+    aborted the process); now it scores as if that answer were absent, as a torn line does."""
+    root = WRITERS[name](tmp_path / "data")
+    benchmark = get_benchmark(name, root)
+    questions = benchmark.load()
+    records = [
+        {"question_id": q.question_id, "prompt": q.prompt_field, "text": q.answer if isinstance(q.answer, str) else "A"}
+        for q in questions
+    ]
+    middle = len(records) // 2
+    pred = _lines(tmp_path / "answers.jsonl", records)
+    _spoil(pred, middle + 1, how)
+    out = tmp_path / "m"
+    assert regate(["eval", "score", name, "--pred", str(pred), "--data-root", str(root), "--out", str(out)]) == 0
+    spoiled = _metrics(out)
+    expected = json.loads(json.dumps(benchmark.score(questions, records[:middle] + records[middle + 1 :]).to_dict()))
+    assert [json.dumps(spoiled[k], sort_keys=True) for k in ("metrics", "groups", "counts")] == [
+        json.dumps(expected[k], sort_keys=True) for k in ("metrics", "groups", "counts")
+    ]
+    assert spoiled["unanswered"] == benchmark.score(questions, records).unanswered + 1
+    problem = "not UTF-8 text" if how == "latin-1" else "too long (3145"
+    assert len(spoiled["unreadable"]) == 1 and f"{pred} line {middle + 1}: {problem}" in spoiled["unreadable"][0]
+    assert f"{pred} line {middle + 1}: {problem}" in capsys.readouterr().out
+
+
+def test_an_mvbench_prediction_line_that_is_not_utf8_counts_as_unanswered(tmp_path):
+    root = write_mvbench(tmp_path / "mvbench", per_task=2)
+    questions, records = _mvbench_predictions(root)
+    pred = _lines(tmp_path / "predictions-official.jsonl", records)
+    _spoil(pred, 2, "latin-1")
+    out = tmp_path / "m"
+    assert regate(["eval", "score", "mvbench", "--pred", str(pred), "--data-root", str(root), "--out", str(out)]) == 0
+    metrics = _metrics(out)
+    assert metrics["unanswered"] == 1 and metrics["total"] == len(questions)
+    assert metrics["correct"] == sum(r["correct"] for i, r in enumerate(records) if i != 1)
+    assert f"{pred} line 2: not UTF-8 text" in metrics["unreadable"][0]
+
+
+def test_a_huge_line_is_never_held_in_memory_whole(tmp_path):
+    """Reading a file with a 64 MiB line allocates about one line's cap (1 MiB), not the line; a resume cuts such
+    a line off when it is the torn last one."""
+    import tracemalloc
+
+    from regate_plugin.eval.image import read_answers
+
+    pred = tmp_path / "answers.jsonl"
+    head = json.dumps({"question_id": 1, "prompt": "", "text": "yes"}) + "\n"
+    pred.write_text(head + '{"question_id": 2, "prompt": "", "text": "' + "y" * (64 << 20) + '"}\n' + head)
+    tracemalloc.start()
+    answers = read_answers(pred)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(answers.records) == 2 and len(answers.unreadable) == 1 and peak < 8 << 20
+
+    done = json.dumps({"id": "q1", "out": "q1"}) + "\n"
+    pred.write_text(done + '{"id": "q2", "out": "' + "y" * (4 << 20))  # torn while writing, no newline
+    assert _resume(pred, ["q1", "q2"]) == [{"id": "q2", "out": "q2"}]
+    assert pred.read_text() == done + json.dumps({"id": "q2", "out": "q2"}) + "\n"
+
+
+def test_an_image_bomb_or_an_empty_video_is_one_line_naming_the_file(tmp_path, two_models, capsys):
+    """PIL's DecompressionBombError and PyAV's InvalidDataError were tracebacks."""
+    from .test_data_faults import write_bomb_png
+
+    a, _ = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    bomb = get_benchmark("pope", root).load()[1].image
+    write_bomb_png(bomb)
+    assert _eval_pope(a, root, "--out", str(tmp_path / "p")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("regate eval: error: ") and str(bomb) in err and "decompression bomb" in err
+
+    root = write_mvbench(tmp_path / "mvbench", per_task=1)
+    videos = [q.video for q in load_mvbench(root, allow_missing=True).questions if q.video.is_file()]
+    videos[0].write_bytes(b"")
+    flags = ["--data-root", str(root), "--allow-missing", "--num-frames", "2", "--out", str(tmp_path / "m")]
+    assert regate(["eval", "mvbench", "--model", str(a), *flags, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"regate eval: error: {videos[0]}: the video file is empty (0 bytes); download or extract it again"
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk with `room` bytes left: a write past them writes what fits, then fails with ENOSPC, as
+    write(2) does."""
+
+    room = 0
+
+    def write(self, data) -> int:
+        data = data.encode() if isinstance(data, str) else data
+        if _FullDisk.room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = min(len(data), _FullDisk.room)
+        _FullDisk.room -= n
+        return super().write(bytes(data[:n]))
+
+
+def test_a_full_disk_while_eval_writes_is_named_and_the_rerun_completes_the_file(
+    tmp_path, two_models, monkeypatch, capsys
+):
+    a, _ = two_models
+    root = write_pope(tmp_path / "pope", per_category=2)
+    assert _eval_pope(a, root, "--out", str(tmp_path / "clean"), "--batch-size", "2") == 0
+    clean = (tmp_path / "clean" / "answers.jsonl").read_text().splitlines(keepends=True)
+
+    out = tmp_path / "full"
+    answers = out / "answers.jsonl"
+    real_open = pathlib.Path.open
+
+    def open_on_a_full_disk(self, mode="r", *args, **kwargs):
+        if self == answers and "a" in mode:
+            return _FullDisk(self, "a")
+        return real_open(self, mode, *args, **kwargs)
+
+    _FullDisk.room = len("".join(clean[:3])) + 40  # three records and part of the fourth
+    monkeypatch.setattr(pathlib.Path, "open", open_on_a_full_disk)
+    code = _eval_pope(a, root, "--out", str(out), "--batch-size", "2")
+    monkeypatch.undo()
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"regate eval: error: cannot write {answers}: No space left on device. The answers written before it are "
+        "kept: free space (or fix the cause) and rerun the same command, which answers the rest"
+    )
+    assert answers.read_text() == "".join(clean[:3]) + clean[3][:40]  # nothing written is lost
+    assert not (out / "metrics.json").exists()
+
+    assert _eval_pope(a, root, "--out", str(out), "--batch-size", "2") == 0  # the rerun cuts the torn line off
+    assert answers.read_text() == "".join(clean)
+    assert _metrics(out) == _metrics(tmp_path / "clean")
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "problem"),
+    [
+        ("pope", "--batch-size", "0", "must be at least 1, got 0"),  # was a traceback
+        ("pope", "--batch-size", "-1", "must be at least 1, got -1"),  # was exit 0 with nothing answered
+        ("pope", "--limit", "-1", "must be at least 0, got -1"),  # dropped the last question
+        ("mvbench", "--batch-size", "0", "must be at least 1, got 0"),
+        ("mvbench", "--limit", "-1", "must be at least 0, got -1"),
+        ("mvbench", "--num-frames", "0", "must be at least 1, got 0"),
+    ],
+)
+def test_counts_out_of_range_are_refused_by_the_parser(tmp_path, capsys, command, flag, value, problem):
+    """Refused before anything loads or is written, naming the flag."""
+    argv = ["eval", command, "--model", str(tmp_path / "never-read"), "--data-root", str(tmp_path)]
+    with pytest.raises(SystemExit) as exited:
+        regate([*argv, "--out", str(tmp_path / "out"), flag, value])
+    assert exited.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"regate eval {command}: error: argument {flag}")  # its underscore spelling may follow
+    assert line.endswith(f": {problem}")
+    assert not (tmp_path / "out").exists()

@@ -137,7 +137,10 @@ def fold_ema(table: torch.Tensor, index: torch.Tensor, losses: torch.Tensor, bet
     prefix = torch.cumsum(weight * x, 0)
     total = prefix[last] - torch.where(first > 0, prefix[(first - 1).clamp(min=0)], torch.zeros_like(prefix))
     kept = torch.where(unseen, torch.zeros_like(old), old * beta ** count.to(torch.float64))
-    table[entry] = (kept + total).to(table.dtype)  # every observation of an entry writes the same value
+    # every observation of an entry writes the same value; a float16 table saturates at its largest finite value
+    # (65504) rather than overflowing to an inf that no later observation could bring back
+    bound = torch.finfo(table.dtype).max
+    table[entry] = (kept + total).clamp(-bound, bound).to(table.dtype)
     table[-1] = float("nan")
 
 

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -64,6 +64,22 @@ def write_bytes_atomically(path: str | os.PathLike[str], data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+MAX_LINE_BYTES = 1 << 20  # a JSON line longer than this is not read (no answer or label line comes near it)
+
+
+def _byte_lines(handle: BinaryIO, limit: int) -> Iterator[bytes | int]:
+    """Each line of a binary file, newline included; a line longer than `limit` bytes as its length instead (it
+    is skipped in chunks, never held in memory whole)."""
+    while line := handle.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n") and (line := handle.readline(limit)):
+            size += len(line)
+        yield size
+
+
 def read_json_lines(
     path: str | os.PathLike[str],
     *,
@@ -71,22 +87,32 @@ def read_json_lines(
     error: Callable[[str], Exception] = ValueError,
     skipped: list[str] | None = None,
 ) -> list[Any]:
-    """The JSON value of every non-blank line of `path`.
+    """The JSON value of every non-blank line of `path` (lines end at "\\n").
 
-    `skip_invalid=True` drops lines that do not parse (a file a killed run was appending to, whose torn last
-    line the resumed run completes) and appends "<path> line N: ..." for each to `skipped` when given; otherwise
-    the first such line raises `error("<path> line N: ...")`.
+    A line that is not UTF-8, longer than `MAX_LINE_BYTES`, or not valid JSON is a problem "<path> line N: ...":
+    `skip_invalid=True` drops such lines (a file a killed run was appending to, whose torn last line the resumed
+    run completes) and appends each problem to `skipped` when given; otherwise the first one raises
+    `error(problem)`.
     """
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            problem = f"{path} line {number}: not valid JSON ({err})"
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(_byte_lines(handle, MAX_LINE_BYTES), start=1):
+            start, offset = offset, offset + (line if isinstance(line, int) else len(line))
+            if isinstance(line, int):
+                problem = f"{path} line {number}: too long ({line} bytes, over {MAX_LINE_BYTES}), left unread"
+            elif not line.strip():
+                continue
+            else:
+                try:
+                    records.append(json.loads(line.decode("utf-8")))
+                    continue
+                except UnicodeDecodeError as err:
+                    problem = f"{path} line {number}: not UTF-8 text (byte offset {start + err.start})"
+                except json.JSONDecodeError as err:
+                    problem = f"{path} line {number}: not valid JSON ({err})"
             if not skip_invalid:
-                raise error(problem) from None
+                raise error(problem)
             if skipped is not None:
                 skipped.append(problem)
     return records

@@ -136,5 +136,7 @@ def read_image_size(path: str | os.PathLike[str]) -> Size:
     try:
         with Image.open(path) as image:
             return image.size
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: {err} Upstream's loader refuses it too: replace or drop the image") from None
     except (OSError, UnidentifiedImageError) as err:
         raise DataError(f"{path}: cannot read the image size: {err}") from err

@@ -22,6 +22,7 @@ from ..core.errors import UserError
 ROLES = ("human", "gpt", "system")
 # LLaVA-NeXT's `preprocess_qwen` also reads {"role", "content"} turns, with chat roles or the LLaVA ones.
 CHAT_ROLES = {"user": "human", "assistant": "gpt", "system": "system", "human": "human", "gpt": "gpt"}
+JSON_SPACE = " \t\r\n"
 
 
 class DataError(UserError, ValueError):
@@ -44,6 +45,30 @@ class Conversation:
 
 def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
+
+
+def _skip_space(text: str, offset: int) -> int:
+    """The offset of the first character at or after `offset` that is not JSON whitespace."""
+    while offset < len(text) and text[offset] in JSON_SPACE:
+        offset += 1
+    return offset
+
+
+def _syntax_error(path: Path, text: str, offset: int, problem: str) -> DataError:
+    where = json.JSONDecodeError(problem, text, offset)  # counts the line and column
+    return DataError(f"{path}:{where.lineno}:{where.colno}: {problem}")
+
+
+def _check_nothing_after(path: Path, text: str, offset: int) -> None:
+    """Refuse anything but whitespace after the closing bracket of a JSON list, as `json.load` does."""
+    if (rest := _skip_space(text, offset)) < len(text):
+        raise _syntax_error(
+            path,
+            text,
+            rest,
+            "more data after the closing bracket of the JSON list (a second list, or junk); upstream's json.load "
+            "refuses the file: keep one list, or write one sample per line as .jsonl",
+        )
 
 
 def _turn(turn: Any) -> tuple[Any, Any]:
@@ -97,7 +122,15 @@ def iter_conversations(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte offset {err.start}: {data[err.start : err.start + 4]!r}); JSON "
+            "data must be UTF-8: re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     decoder = json.JSONDecoder()
 
     def checked(raw: Any, index: int, line: int) -> Conversation | None:
@@ -112,15 +145,13 @@ def iter_conversations(
 
     start = len(text) - len(text.lstrip())
     if text[start : start + 1] == "[":
-        offset, index = start + 1, 0
+        # read as strictly as upstream's `json.load`: samples separated by single commas, nothing after the list
+        offset, index = _skip_space(text, start + 1), 0
         line, counted_to = 1, 0  # line numbers are counted incrementally: the file can be a gigabyte
+        if text[offset : offset + 1] == "]":
+            _check_nothing_after(path, text, offset + 1)
+            return
         while True:
-            while offset < len(text) and text[offset] in " \t\r\n,":
-                offset += 1
-            if offset >= len(text):
-                raise DataError(f"{path}: the JSON list is not closed")
-            if text[offset] == "]":
-                return
             line += text.count("\n", counted_to, offset)
             counted_to = offset
             try:
@@ -130,6 +161,15 @@ def iter_conversations(
             if (sample := checked(raw, index, line)) is not None:
                 yield sample
             index += 1
+            offset = _skip_space(text, offset)
+            if offset >= len(text):
+                raise DataError(f"{path}: the JSON list is not closed")
+            if text[offset] == "]":
+                _check_nothing_after(path, text, offset + 1)
+                return
+            if text[offset] != ",":
+                raise _syntax_error(path, text, offset, f"expected ',' or ']' after sample {index - 1}")
+            offset = _skip_space(text, offset + 1)
     index = 0
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

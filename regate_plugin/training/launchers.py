@@ -21,6 +21,7 @@ from transformers import HfArgumentParser
 from ..core import distributed
 from ..data.templates import VICUNA_V1_SYSTEM
 from .arguments import TokenElisionArguments, check_flag_names, with_token_elision_arguments
+from .preflight import CacheMismatchError
 from .trainer import add_token_elision, with_token_elision
 
 
@@ -50,17 +51,33 @@ def split_elision_flags(argv: list[str]) -> tuple[TokenElisionArguments, list[st
     return elision_args, rest
 
 
-def llava_template(trainer: Any) -> str | None:
-    """The plugin template equal to LLaVA's `preprocess` under the conversation `train()` chose from `--version`
-    (`llava.conversation.default_conversation`); None for one the plugin has no template of."""
-    from llava import conversation
-
-    chosen = conversation.default_conversation
+def _plugin_template(conversation: Any, chosen: Any) -> str | None:
+    """The plugin template equal to LLaVA's `preprocess` under the conversation template `chosen`, or None."""
     if chosen.sep_style == conversation.SeparatorStyle.PLAIN:
         return "plain"
     if chosen.sep_style == conversation.SeparatorStyle.TWO and chosen.version == "v1":
         return "v1" if chosen.system == VICUNA_V1_SYSTEM else None  # llava_v1 words its system prompt otherwise
     return "qwen_1_5" if chosen.version == "qwen" else None  # LLaVA-NeXT's preprocess_qwen
+
+
+def llava_template(trainer: Any) -> str:
+    """The plugin template equal to LLaVA's `preprocess` under the conversation `train()` chose from `--version`
+    (`llava.conversation.default_conversation`). One the plugin has no template of is an error naming the
+    `--version` and those that have one (asked only when a reference cache is given: none could fit)."""
+    from llava import conversation
+
+    chosen = conversation.default_conversation
+    template = _plugin_template(conversation, chosen)
+    if template is not None:
+        return template
+    names = [name for name, known in conversation.conv_templates.items() if known is chosen] or ["?"]
+    usable = {name: _plugin_template(conversation, known) for name, known in conversation.conv_templates.items()}
+    raise CacheMismatchError(
+        f"--version {' / '.join(names)} (conversation version {chosen.version!r}, {chosen.sep_style.name}): the "
+        "plugin has no template equal to its preprocess, so no reference cache fits this run. --version values "
+        f"it has one for: {', '.join(f'{name} ({t})' for name, t in usable.items() if t)}; train with one of "
+        "those, or with --token_elision none or random, which read no cache"
+    )
 
 
 def launch_llava(argv: list[str]) -> None:
