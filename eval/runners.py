@@ -20,7 +20,7 @@ import torch
 
 from ..core.dtypes import dtype_from_name
 from ..registry import Registry
-from .base import ModelRunner, Request
+from .base import BenchmarkError, ModelRunner, Request
 
 if TYPE_CHECKING:
     from ..model_zoo import ZooEntry
@@ -40,11 +40,23 @@ class HFRunner:
         self.video = "video" in getattr(processor, "valid_modalities", ()) or hasattr(processor, "video_processor")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> HFRunner:
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu", chat_template: str | None = None
+    ) -> HFRunner:
+        """The checkpoint at `path` (a directory or hub id); `chat_template` (Jinja) replaces its processor's, and
+        is needed where it has none."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         local = Path(path).is_dir()
         processor = AutoProcessor.from_pretrained(path, local_files_only=local)
+        if chat_template is not None:
+            processor.chat_template = chat_template
+        if getattr(processor, "chat_template", None) is None:
+            raise BenchmarkError(
+                f"--model {path}: its processor has no chat template, which the HF runner renders every prompt "
+                "with: pass --chat-template FILE (a Jinja chat template, e.g. the chat_template.jinja of the model "
+                "it was fine-tuned from)"
+            )
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=local, dtype=dtype).to(device)
         return cls(model, processor)
 
@@ -153,18 +165,46 @@ class UpstreamLlavaRunner:
 
 class RunnerLoader(Protocol):
     """Loads a runner for `regate eval --runner NAME`: `model` is a local path or hub id; the keywords are the
-    command's options, which a loader reads as far as it needs them."""
+    command's options, which a loader reads as far as it needs them (`chat_template`: the text of
+    `--chat-template`, or None)."""
 
     def __call__(
-        self, model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str
+        self, model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str, chat_template: str | None
     ) -> ModelRunner: ...
 
 
-def _load_hf(model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str) -> HFRunner:
-    return HFRunner.from_pretrained(model, None if dtype == "auto" else dtype_from_name(dtype, "--dtype"), device)
+def _refuse_upstream_llava(model: str) -> None:
+    """An upstream (haotian-liu/LLaVA) checkpoint given to the HF runner is an error saying to use `--runner llava`
+    (its model class is not in transformers, which refused to load it without saying what to do)."""
+    from ..model_zoo import ZooError, detect_format
+
+    if not Path(model).is_dir():
+        return
+    try:
+        found = detect_format(model)
+    except ZooError:  # a format model_zoo does not know: transformers may
+        return
+    if found in ("llava", "llava-lora"):
+        raise ZooError(
+            f"--model {model} is an upstream LLaVA checkpoint (format {found!r}, from its config.json), which "
+            "transformers cannot load: use --runner llava, in the upstream LLaVA environment"
+        )
 
 
-def _load_llava(model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str) -> UpstreamLlavaRunner:
+def _load_hf(
+    model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str, chat_template: str | None
+) -> HFRunner:
+    _refuse_upstream_llava(model)
+    return HFRunner.from_pretrained(
+        model, None if dtype == "auto" else dtype_from_name(dtype, "--dtype"), device, chat_template
+    )
+
+
+def _load_llava(
+    model: str, *, model_base: str | None, conv_mode: str, device: str, dtype: str, chat_template: str | None
+) -> UpstreamLlavaRunner:
+    if chat_template is not None:
+        raise BenchmarkError("--chat-template is for --runner hf; --runner llava renders prompts by --conv-mode")
     return UpstreamLlavaRunner(
         model, model_base, conv_mode, device, None if dtype == "auto" else dtype_from_name(dtype, "--dtype")
     )
@@ -218,14 +258,18 @@ def load_located(
     conv_mode: str = "vicuna_v1",
     device: str = "cpu",
     dtype: str = "auto",
+    chat_template: str | None = None,
 ) -> ModelRunner:
     """The runner registered as `kind` (`hf`: an HF-native checkpoint; `llava`: an upstream LLaVA checkpoint, run in
     the upstream environment) on `model` and `entry` as `locate_model` gives them. `dtype` "auto": the checkpoint's
-    own (hf), float32 on the CPU and float16 elsewhere (llava)."""
+    own (hf), float32 on the CPU and float16 elsewhere (llava). `chat_template` (Jinja text, hf) replaces the
+    processor's own."""
     loader = RUNNERS.get(kind)
     if entry is not None:
         model_base = model_base or entry.model_base
-    return loader(model, model_base=model_base, conv_mode=conv_mode, device=device, dtype=dtype)
+    return loader(
+        model, model_base=model_base, conv_mode=conv_mode, device=device, dtype=dtype, chat_template=chat_template
+    )
 
 
 def load_runner(

@@ -5,6 +5,7 @@ imports neither torch nor transformers; the demo and precompute options are gene
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import tempfile
 from collections.abc import Callable
@@ -180,10 +181,15 @@ def _runner_and_run(
     settings = {"runner": args.runner, "dtype": args.dtype, "model_base": args.model_base, **settings}
     if args.runner == "llava":
         settings["conv_mode"] = args.conv_mode
+    chat_template = Path(args.chat_template).read_text() if args.chat_template else None
+    if chat_template is not None:
+        settings["chat_template_sha256"] = hashlib.sha256(chat_template.encode()).hexdigest()
     weights = model_fingerprint(model)
     if weights is not None and not args.overwrite:
         resumable(answers, read, run_description(args.model, weights, settings), overwrite=False)
-    runner = load_located(args.runner, model, entry, args.model_base, args.conv_mode, args.device, args.dtype)
+    runner = load_located(
+        args.runner, model, entry, args.model_base, args.conv_mode, args.device, args.dtype, chat_template
+    )
     return runner, run_description(args.model, weights or model_fingerprint(model) or model, settings)
 
 
@@ -328,6 +334,10 @@ def _runner_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-base", help="--runner llava: base LLM of a LoRA or projector-only checkpoint")
     parser.add_argument(
         "--conv-mode", default="vicuna_v1", help="--runner llava: conversation template (default: vicuna_v1)"
+    )
+    parser.add_argument(
+        "--chat-template",
+        help="--runner hf: a Jinja chat template file, for a processor that has none (or to replace its own)",
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument(

@@ -4,7 +4,9 @@ checkpoint path, an upstream LLaVA checkpoint given to the HF runner, a processo
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,76 @@ def test_a_hub_id_is_not_taken_for_a_path(tmp_path, monkeypatch, capsys):
     assert looks_like_path("./llava-hf") and looks_like_path("a/b/c") and looks_like_path("/a")
     (tmp_path / "llava-hf").mkdir()
     assert looks_like_path("llava-hf/llava-1.5-7b-hf")  # a folder of that name is here: a path it is
+
+
+@pytest.fixture(scope="module")
+def upstream_llava_checkpoint(tmp_path_factory) -> Path:
+    """A tiny LLaVA-1.5 checkpoint as upstream LLaVA's fine-tuning writes it (made in the upstream env)."""
+    from .tokenizers_fixture import write_sentencepiece_llama
+
+    root = tmp_path_factory.mktemp("upstream")
+    model = root / "llava-v1.5-tiny"
+    script = Path(__file__).parent / "upstream_llava" / "make_checkpoint.py"
+    _llava(str(script), str(write_sentencepiece_llama(root / "tok")), str(root / "parts"), str(model))
+    return model
+
+
+def test_an_upstream_llava_checkpoint_without_runner_llava_says_to_use_it(tmp_path, upstream_llava_checkpoint, capsys):
+    """transformers cannot load LlavaLlamaForCausalLM: it raised an error that did not say what to do."""
+    root = write_pope(tmp_path / "pope", per_category=1)
+    model = upstream_llava_checkpoint
+    assert regate(["eval", "pope", "--model", str(model), "--data-root", str(root), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"regate eval: error: --model {model} is an upstream LLaVA checkpoint (format 'llava', from its "
+        "config.json), which transformers cannot load: use --runner llava, in the upstream LLaVA environment"
+    )
+
+
+def test_a_processor_without_a_chat_template_is_named_and_chat_template_supplies_one(tmp_path, capsys):
+    """It was a ValueError traceback from apply_chat_template. With --chat-template (the template the model was
+    made with), the answers equal those of the model with its own template."""
+    from .eval_fixtures import CHAT_TEMPLATE, write_tiny_hf_llava
+    from .tokenizers_fixture import write_bpe_chat_tokenizer
+
+    model = write_tiny_hf_llava(tmp_path / "with", write_bpe_chat_tokenizer(tmp_path / "tok", "chatml"))
+    bare = tmp_path / "without"
+    shutil.copytree(model, bare)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bare / name).unlink(missing_ok=True)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        if (bare / name).is_file():
+            config = json.loads((bare / name).read_text())
+            config.pop("chat_template", None)
+            (bare / name).write_text(json.dumps(config))
+    root = write_pope(tmp_path / "pope", per_category=1)
+    flags = ["--data-root", str(root), "--no-progress"]
+    assert regate(["eval", "pope", "--model", str(bare), *flags, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"regate eval: error: --model {bare}: its processor has no chat template")
+    assert "pass --chat-template FILE" in err
+
+    template = tmp_path / "template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    assert (
+        regate(
+            [
+                "eval",
+                "pope",
+                "--model",
+                str(bare),
+                *flags,
+                "--chat-template",
+                str(template),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
+    assert regate(["eval", "pope", "--model", str(model), *flags, "--out", str(tmp_path / "c")]) == 0
+    texts = [
+        [json.loads(line)["text"] for line in (tmp_path / d / "answers.jsonl").read_text().splitlines()]
+        for d in ("b", "c")
+    ]
+    assert texts[0] == texts[1]

@@ -561,7 +561,7 @@ class AlwaysYes:
         return ["Yes"] * len(requests)
 
 
-def load_always_yes(model, *, model_base, conv_mode, device, dtype):
+def load_always_yes(model, *, model_base, conv_mode, device, dtype, chat_template):
     return AlwaysYes()
 """
 
