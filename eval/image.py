@@ -228,7 +228,7 @@ def predict(
     run: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Answer every question not yet in `out` (LLaVA answer jsonl, appended and flushed per line). With `run`
+    """Answer every question not yet in `out` (LLaVA answer jsonl, appended a batch at a time). With `run`
     (eval/provenance.py), every record carries it and a file of another run is refused; `overwrite` starts the
     file again."""
     resumed = resumable(out, lambda path: read_answers(path, missing_ok=True), run, overwrite)

@@ -334,7 +334,7 @@ def predict(
     run: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Run every question not yet in `out` (jsonl, appended and flushed per line); yields new records. With `run`
+    """Run every question not yet in `out` (jsonl, appended a batch at a time); yields new records. With `run`
     (eval/provenance.py), every record carries it and a file of another run is refused; `overwrite` starts the
     file again."""
     resumed = resumable(out, read_predictions, run, overwrite)

@@ -599,3 +599,20 @@ def test_counts_out_of_range_are_refused_by_the_parser(tmp_path, capsys, command
     assert line.startswith(f"regate eval {command}: error: argument {flag}")  # its underscore spelling may follow
     assert line.endswith(f": {problem}")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_is_fingerprinted_by_the_revision_its_local_cache_holds(tmp_path, monkeypatch):
+    """The HF cache layout (models--owner--name/refs/main -> snapshots/<commit>/): the revision names the weights;
+    a hub id the cache does not hold has no fingerprint until it loads."""
+    import huggingface_hub.constants
+    from regate_plugin.eval.provenance import model_fingerprint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--owner--tiny-llava"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert model_fingerprint("owner/tiny-llava") == f"owner/tiny-llava@{commit}"
+    assert model_fingerprint("owner/not-cached") is None
