@@ -179,7 +179,7 @@ def _precompute(setup, out: Path, data: Path, *extra: str) -> int:
 def test_precompute_names_an_image_bomb_and_skips_it_with_skip_bad(anyres_bomb_setup, tmp_path, capsys):
     """A DecompressionBombError traceback with or without --skip-bad; now one line naming the file, and with
     --skip-bad the sample is skipped: the cache equals one made without it."""
-    from regate_plugin.core import ReferenceLossCache
+    from regate_plugin.store import ReferenceLossCache
 
     from .llava_data import write_json
 
