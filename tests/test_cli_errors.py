@@ -203,6 +203,7 @@ def test_regate_help_imports_neither_torch_nor_transformers():
         (["demo", "--keep_ratio", "0.5"], "keep_ratio", 0.5),
         (["demo", "--test_per_task", "3"], "test_per_task", 3),
         (["eval", "mvbench", "--model", "m", "--data_root", "r", "--num_frames", "8"], "num_frames", 8),
+        (["eval", "pope", "--check_data", "--data_root", "r"], "check_data", True),
         (["zoo", "load", "x", "--model_base", "b"], "model_base", "b"),
     ],
 )
