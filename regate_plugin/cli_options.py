@@ -27,9 +27,11 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
 
-    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
-        underscored = ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
-        return super().add_argument(*names, *underscored, **kwargs)
+    def _add_action(self, action: argparse.Action) -> argparse.Action:
+        # Every option reaches the parser here, also through a mutually exclusive group.
+        names = action.option_strings
+        names += ["--" + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+        return super()._add_action(action)
 
 
 class _Formatter(argparse.HelpFormatter):

@@ -232,3 +232,25 @@ def test_exact_match_is_what_greedy_decoding_writes(short_demo):
         assert generated[:agreed] == answer[:agreed]
         if agreed < len(answer) and agreed < len(generated):
             assert generated[agreed] != answer[agreed]
+
+
+def test_the_public_names_a_research_script_needs_resolve():
+    import regate_plugin.demo as demo
+
+    assert {"collate", "train_reference", "TrainSample", "encode_split", "prepare", "train_mode"} <= set(demo.__all__)
+    assert all(getattr(demo, name) is not None for name in demo.__all__)
+
+
+def test_collate_right_pads_each_row_to_the_longest():
+    from regate_plugin.core import IGNORE_INDEX
+    from regate_plugin.demo import TrainSample, collate
+
+    rows = [
+        TrainSample([5, 6, 7], [IGNORE_INDEX, 6, 7], torch.zeros(2, 3, 4, 4)),
+        TrainSample([8], [8], torch.ones(2, 3, 4, 4)),
+    ]
+    batch = collate(rows, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert torch.equal(batch["pixel_values"], torch.cat([rows[0].pixel_values, rows[1].pixel_values]))

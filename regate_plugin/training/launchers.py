@@ -19,6 +19,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from ..core import distributed
+from ..core.config import ConfigError
 from ..data.templates import VICUNA_V1_SYSTEM
 from .arguments import TokenElisionArguments, check_flag_names, with_token_elision_arguments
 from .preflight import CacheMismatchError
@@ -41,7 +42,6 @@ def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
 
 def split_elision_flags(argv: list[str]) -> tuple[TokenElisionArguments, list[str]]:
     """Take `--token_elision` / `--regate_*` out of argv (parsed, with their errors) and return the rest."""
-    check_flag_names(argv)
     ours, rest = [], list(argv)
     for name in TokenElisionArguments.flag_names():
         value, rest = _pop_option(rest, f"--{name}")
@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     at = next((i for i, arg in enumerate(argv) if arg in LAUNCHERS), len(argv))
     ours = parser.parse_args(argv[: at + 1])  # exits with the usage when the codebase is missing or unknown
     upstream = argv[at + 1 :]
+    try:
+        check_flag_names(upstream)
+    except ConfigError as err:
+        parser.error(str(err))  # the usage and one line, before anything upstream is imported
     if ours.local_rank is not None:
         upstream.append(f"--local_rank={ours.local_rank}")
     LAUNCHERS[ours.codebase](upstream)
