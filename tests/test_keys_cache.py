@@ -286,3 +286,22 @@ def test_an_in_memory_store_refuses_what_the_writer_refuses():
         InMemoryReferenceStore.from_losses({b"short": torch.ones(2)}, tokenizer_fingerprint="fp")
     with pytest.raises(CacheError, match="non-finite"):
         InMemoryReferenceStore.from_losses({bytes(16): torch.tensor([1.0, float("nan")])}, tokenizer_fingerprint="fp")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_batch_reads_across_many_shards_equal_the_written_losses(tmp_path, dtype):
+    """Shards mapped side by side, empty ones among them: each batch row equals what was written, in that dtype."""
+    gen = torch.Generator().manual_seed(3)
+    samples = {bytes([i, 7]) * 8: torch.rand(i % 9, generator=gen) * 5 for i in range(60)}
+    _write(tmp_path, samples, dtype=dtype, shard_samples=1)  # 60 shards, seven of them empty
+    cache = ReferenceLossCache(tmp_path)
+    assert len(cache.manifest.shards) == 60
+    keys = [*samples][::-1] + [bytes(16)]
+    rows = cache.locate(keys)
+    block = cache.losses_block(rows, 6)
+    for b, key in enumerate(keys):
+        want = samples.get(key, torch.zeros(0)).to(getattr(torch, dtype)).float()
+        assert torch.equal(torch.from_numpy(block[b, : min(want.numel(), 6)]), want[:6])
+        assert np.isnan(block[b, want.numel() :]).all()
+        assert key not in samples or torch.equal(cache[key], want)
+    assert torch.equal(cache.all_losses(), torch.cat([v.to(getattr(torch, dtype)).float() for v in samples.values()]))
