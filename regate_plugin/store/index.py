@@ -1,12 +1,13 @@
 """The read side of the reference store: a sorted index over every sample's key, and its losses in one token space.
 
 Every store (on disk, `ReferenceLossCache`, or in memory, `InMemoryReferenceStore`) is an `IndexedStore`: the
-keys' two 8-byte halves (big endian, signed int64) sorted together, each sample's start in the token space (its
-losses' address, global over all shards), its length, its shard, and its visual rows when the store records them
-per sample; about 30 B a sample. The losses stay where they are: the shard files, memory-mapped side by side into
-one range of virtual memory (`SideBySide`), or one array in memory. Batch lookups are one `searchsorted`, a batch
-read one gather at addresses computed for the whole batch, whatever the number of shards. A key stored twice keeps
-its first occurrence in token-space order.
+keys' two 8-byte halves (big endian, signed int64) sorted together, each sample's address (where its losses are in
+the one array that holds every shard's), its length, its shard, and its visual rows when the store records them
+per sample; about 31 B a sample. The losses stay where they are: the shard files, memory-mapped side by side into
+one range of virtual memory (`SideBySide`), or one array in memory. The token space (what `spans` and `tokens`
+describe, and the EMA is aligned to) is the shards' losses end to end; an address is a sample's start there plus
+its shard's gap. Batch lookups are one `searchsorted`, a batch read one gather at addresses computed for the whole
+batch, whatever the number of shards. A key stored twice keeps its first occurrence in token-space order.
 """
 
 from __future__ import annotations
