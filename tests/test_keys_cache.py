@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from regate_plugin.core import ReGATEConfig, batch_sample_keys, sample_key, tokenizer_fingerprint
+from regate_plugin.core import ReGATEConfig, batch_sample_keys, sample_key, shift_targets, tokenizer_fingerprint
 from regate_plugin.core.compaction import IGNORE_INDEX
 from regate_plugin.store import (
     CacheError,
@@ -286,3 +286,39 @@ def test_an_in_memory_store_refuses_what_the_writer_refuses():
         InMemoryReferenceStore.from_losses({b"short": torch.ones(2)}, tokenizer_fingerprint="fp")
     with pytest.raises(CacheError, match="non-finite"):
         InMemoryReferenceStore.from_losses({bytes(16): torch.tensor([1.0, float("nan")])}, tokenizer_fingerprint="fp")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_batch_reads_across_many_shards_equal_the_written_losses(tmp_path, dtype):
+    """Shards mapped side by side, empty ones among them: each batch row equals what was written, in that dtype."""
+    gen = torch.Generator().manual_seed(3)
+    samples = {bytes([i, 7]) * 8: torch.rand(i % 9, generator=gen) * 5 for i in range(60)}
+    _write(tmp_path, samples, dtype=dtype, shard_samples=1)  # 60 shards, seven of them empty
+    cache = ReferenceLossCache(tmp_path)
+    assert len(cache.manifest.shards) == 60
+    keys = [*samples][::-1] + [bytes(16)]
+    rows = cache.locate(keys)
+    block = cache.losses_block(rows, 6)
+    for b, key in enumerate(keys):
+        want = samples.get(key, torch.zeros(0)).to(getattr(torch, dtype)).float()
+        assert torch.equal(torch.from_numpy(block[b, : min(want.numel(), 6)]), want[:6])
+        assert np.isnan(block[b, want.numel() :]).all()
+        assert key not in samples or torch.equal(cache[key], want)
+    assert torch.equal(cache.all_losses(), torch.cat([v.to(getattr(torch, dtype)).float() for v in samples.values()]))
+
+
+@pytest.mark.parametrize("strategy", ["regate", "rho"])
+def test_a_strategy_plans_the_same_from_an_in_memory_store_as_from_the_cache(tmp_path, strategy):
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 90, (6, 20), generator=gen)
+    labels = torch.where(torch.rand(6, 20, generator=gen) < 0.6, ids, IGNORE_INDEX)
+    mask = (torch.arange(20) < torch.tensor([[20], [17], [20], [9], [14], [20]])).long()
+    keys = batch_sample_keys(ids, labels, mask)
+    targets = (shift_targets(labels, mask) != IGNORE_INDEX).sum(1).tolist()
+    losses = {key: torch.rand(n, generator=gen) * 4 for key, n in zip(keys, targets)}
+    _write(tmp_path, losses)
+    memory = InMemoryReferenceStore.from_losses(losses, tokenizer_fingerprint="fp")
+    cfg = ReGATEConfig(warmup_steps=0, dense_steps=0, keep_ratio=0.4)
+    plans = [build_token_elision(strategy, cfg, reference=ref).plan(labels, mask, keys) for ref in (tmp_path, memory)]
+    assert (plans[0].kept_mask & plans[0].candidates).sum() < plans[0].candidates.sum(), "a sparse step"
+    assert torch.equal(plans[0].kept_mask, plans[1].kept_mask)

@@ -305,7 +305,7 @@ def test_bad_flags_fail_before_training(setup, tmp_path):
 @pytest.mark.parametrize(
     "changes, named",
     [
-        ({"--model_max_length": "128"}, "made with --max-length 256, this run truncates its samples at 128 tokens"),
+        ({"--model_max_length": "64"}, "made with --max-length 256, this run truncates its samples at 64 tokens"),
         ({"--version": "plain"}, "made with --template v1, this run preprocesses its samples as plain"),
     ],
 )

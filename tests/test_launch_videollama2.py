@@ -279,7 +279,7 @@ def test_a_cache_scored_with_other_visual_rows_fails_at_the_first_batch_naming_t
 @pytest.mark.parametrize(
     "changes, named",
     [
-        ({"--model_max_length": "128"}, "made with --max-length 256, this run truncates its samples at 128 tokens"),
+        ({"--model_max_length": "64"}, "made with --max-length 256, this run truncates its samples at 64 tokens"),
         (
             {"--tune_mm_mlp_adapter": "True"},
             "made with --template videollama2, this run preprocesses its samples as videollama2_plain",

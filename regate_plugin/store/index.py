@@ -1,12 +1,13 @@
 """The read side of the reference store: a sorted index over every sample's key, and its losses in one token space.
 
 Every store (on disk, `ReferenceLossCache`, or in memory, `InMemoryReferenceStore`) is an `IndexedStore`: the
-keys' two 8-byte halves (big endian, signed int64) sorted together, each sample's start in the token space (its
-losses' address, global over all shards), its length, its shard, and its visual rows when the store records them
-per sample; about 30 B a sample. The losses stay where they are (memory-mapped shard files, or one array), each
-shard addressed from its global base. Batch lookups are one `searchsorted`; a batch read is one gather per shard it
-touches, each a single fancy index of positions computed for the whole batch at once. A key stored twice keeps its
-first occurrence in token-space order.
+keys' two 8-byte halves (big endian, signed int64) sorted together, each sample's address (where its losses are in
+the one array that holds every shard's), its length, its shard, and its visual rows when the store records them
+per sample; about 31 B a sample. The losses stay where they are: the shard files, memory-mapped side by side into
+one range of virtual memory (`SideBySide`), or one array in memory. The token space (what `spans` and `tokens`
+describe, and the EMA is aligned to) is the shards' losses end to end; an address is a sample's start there plus
+its shard's gap. Batch lookups are one `searchsorted`, a batch read one gather at addresses computed for the whole
+batch, whatever the number of shards. A key stored twice keeps its first occurrence in token-space order.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from ..core.files import file_sha256
 from ..core.keys import KEY_BYTES, SampleKey, format_key
 from .errors import CacheError, CorruptShardError, MissingReferenceError, TokenizerMismatchError
 from .manifest import MANIFEST_NAME, CacheManifest, ShardInfo, read_manifest, verify_cache
-from .shards import as_float32, read_shard
+from .shards import SideBySide, as_float32, read_shard
 
 _SIGN = 1 << 63  # adding it maps signed int64 order onto unsigned order
+_LOW = (1 << 64) - 1
 
 
 def key_halves(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,15 +52,19 @@ class IndexedStore:
         lengths: np.ndarray,
         shard_of: np.ndarray,
         visual: np.ndarray | None,
-        losses: list[np.ndarray],
+        shard_tokens: list[int],
+        space: np.ndarray,
+        gaps: list[int],
     ) -> None:
         """Index samples (keys uint8 [N, 16], starts within their shard, lengths, shard numbers, visual rows or None,
-        in token-space order) over the per-shard loss arrays `losses`."""
-        if len(losses) >= np.iinfo(np.uint16).max:
-            raise CacheError(f"{self._where} has {len(losses)} shards; at most 65534 are supported")
-        self._losses = losses
-        self._bases = np.cumsum([0] + [array.size for array in losses[:-1]]).astype(np.int64)
-        self.tokens = int(sum(array.size for array in losses))
+        in token-space order) of shards holding `shard_tokens` losses each; shard k's losses are `space` from
+        element `gaps[k]` + its start in the token space."""
+        if len(shard_tokens) >= np.iinfo(np.uint16).max:
+            raise CacheError(f"{self._where} has {len(shard_tokens)} shards; at most 65534 are supported")
+        self._space, self._gaps = space, np.asarray(gaps, np.int64)
+        bases = np.cumsum([0, *shard_tokens[:-1]]).astype(np.int64)
+        self.tokens = int(sum(shard_tokens))
+        self._shard_spans = [(int(b) + g, n) for b, g, n in zip(bases, gaps, shard_tokens)]  # in `space`
         hi, lo = key_halves(keys)
         order = np.lexsort((lo, hi))  # stable: equal keys stay in token-space order, so the first one is kept
         hi, lo = hi[order], lo[order]
@@ -66,10 +72,9 @@ class IndexedStore:
         first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
         order = order[first]
         self._hi, self._lo = hi[first], lo[first]
-        self._local = starts.astype(np.int64)[order]
-        self._length = lengths.astype(np.int32)[order]
         self._shard = shard_of.astype(np.uint16)[order]
-        self._start = self._local + self._bases[self._shard] if self._local.size else self._local
+        self._address = starts.astype(np.int64)[order] + (bases + self._gaps)[self._shard]  # in `space`
+        self._length = lengths.astype(np.int32)[order]
         self._visual = None if visual is None else visual.astype(np.int32)[order]
         # Rows of the keys whose first half has each top-`bits` prefix, about 4 keys a bucket (1 B a sample): a
         # single-key lookup scans one bucket instead of bisecting.
@@ -78,6 +83,12 @@ class IndexedStore:
         top = (self._hi.view(np.uint64) ^ np.uint64(_SIGN)) >> np.uint64(self._bucket_shift)  # (hi + _SIGN) >> shift
         bucket = np.searchsorted(top, np.arange((1 << bits) + 1, dtype=np.uint64))
         self._bucket = bucket.astype(np.int32 if self._hi.size < 2**31 else np.int64)
+        # The same arrays as memoryviews: one key at a time they index as Python ints, several times faster than
+        # numpy scalars.
+        self._his, self._los = memoryview(self._hi.view(np.uint64)), memoryview(self._lo.view(np.uint64))
+        self._buckets = memoryview(self._bucket)
+        self._bfloat16 = space.dtype == np.uint16  # stored as bfloat16 bits, converted by `as_float32`
+        self._addresses, self._lengths = memoryview(self._address), memoryview(self._length)
 
     @property
     def _where(self) -> str:
@@ -92,22 +103,14 @@ class IndexedStore:
         """Row of `key` in the sorted index, -1 when absent."""
         if len(key) != KEY_BYTES:
             return -1
-        hi = int.from_bytes(key[:8], "big", signed=True)
-        lo = int.from_bytes(key[8:], "big", signed=True)
-        his, los, buckets = self._scalar[:3]
-        bucket = (hi + _SIGN) >> self._bucket_shift
+        value = int.from_bytes(key, "big")
+        hi, lo = value >> 64, value & _LOW  # the halves unsigned, as `_his` and `_los` read them
+        his, los, buckets = self._his, self._los, self._buckets
+        bucket = (hi ^ _SIGN) >> self._bucket_shift  # the sorted (signed) order
         for row in range(buckets[bucket], buckets[bucket + 1]):
             if his[row] == hi and los[row] == lo:
                 return row
         return -1
-
-    @functools.cached_property
-    def _scalar(self) -> tuple[memoryview, ...]:
-        """hi, lo, bucket, local start, length, shard as memoryviews: one key at a time they index as Python ints,
-        several times faster than numpy scalars."""
-        return tuple(
-            memoryview(getattr(self, f"_{name}")) for name in ("hi", "lo", "bucket", "local", "length", "shard")
-        )
 
     def locate(self, keys: Sequence[SampleKey]) -> np.ndarray:
         """Index rows of a batch of keys (int64 [B], -1 where the store has no such sample), vectorised."""
@@ -129,10 +132,11 @@ class IndexedStore:
     def spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(start in token space, number of losses) of located rows; (-1, 0) where a row is -1."""
         found = rows >= 0
-        if self._start.size == 0:
+        if self._address.size == 0:
             return np.full(rows.shape, -1, np.int64), np.zeros(rows.shape, np.int64)
         safe = np.where(found, rows, 0)
-        return np.where(found, self._start[safe], -1), np.where(found, self._length[safe], 0).astype(np.int64)
+        starts = self._address[safe] - self._gaps[self._shard[safe]]
+        return np.where(found, starts, -1), np.where(found, self._length[safe], 0).astype(np.int64)
 
     def expected_visual_rows(self, rows: np.ndarray, placeholders: np.ndarray) -> np.ndarray:
         """Int64 [B]: the visual rows each located sample was scored with (its own count, or `placeholders` x the
@@ -149,26 +153,13 @@ class IndexedStore:
     def losses_block(self, rows: np.ndarray, width: int) -> np.ndarray:
         """float32 [B, width]: each located row's first `width` losses, NaN past its length and where it is -1."""
         out = np.full((rows.size, width), np.nan, dtype=np.float32)
-        if self._start.size == 0 or width == 0:
+        if self._address.size == 0:
             return out
         found = rows >= 0
         safe = np.where(found, rows, 0)
-        shard = self._shard[safe]
-        by_shard = np.argsort(shard, kind="stable")  # batch rows grouped by shard: their positions come out grouped
-        lengths = np.where(found, np.minimum(self._length[safe], width), 0)[by_shard]
-        batch_row, column = np.nonzero(np.arange(width)[None, :] < lengths[:, None])
-        if batch_row.size == 0:
-            return out
-        positions = self._local[safe][by_shard][batch_row] + column  # within each row's shard
-        shards, first = np.unique(shard[by_shard][batch_row], return_index=True)
-        if shards.size == 1:
-            values = self._losses[shards[0]][positions]
-        else:
-            values = np.empty(positions.size, self._losses[shards[0]].dtype)
-            bounds = [*first.tolist(), positions.size]
-            for k, begin, end in zip(shards.tolist(), bounds[:-1], bounds[1:]):
-                values[begin:end] = self._losses[k][positions[begin:end]]
-        out[by_shard[batch_row], column] = as_float32(values)
+        take = np.arange(width) < np.where(found, self._length[safe], 0)[:, None]
+        addresses = self._address[safe][:, None] + np.arange(width)
+        out[take] = as_float32(self._space[addresses[take]])
         return out
 
     def __len__(self) -> int:
@@ -187,9 +178,9 @@ class IndexedStore:
         row = self._find(key)
         if row < 0:
             return None
-        starts, lengths, shards = self._scalar[3:]
-        start = starts[row]
-        return torch.from_numpy(as_float32(self._losses[shards[row]][start : start + lengths[row]]))
+        address = self._addresses[row]
+        values = self._space[address : address + self._lengths[row]]
+        return torch.from_numpy(as_float32(values) if self._bfloat16 else values.astype(np.float32))
 
     def __getitem__(self, key: SampleKey) -> torch.Tensor:
         losses = self.get(key)
@@ -221,21 +212,22 @@ class ReferenceLossCache(IndexedStore):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         opened = [self._open_shard(shard, verify) for shard in self.manifest.shards]
-        counts = [keys.shape[0] for keys, _, _, _ in opened]
+        counts = [keys.shape[0] for keys, _, _ in opened]
+        side = SideBySide([self.directory / shard.file for shard in self.manifest.shards])
         per_sample = self.manifest.visual_layout is not None
         self._index(
-            np.concatenate([k for k, _, _, _ in opened]) if opened else np.zeros((0, KEY_BYTES), np.uint8),
-            np.concatenate([o[:-1] for _, o, _, _ in opened]) if opened else np.zeros(0),
-            np.concatenate([np.diff(o) for _, o, _, _ in opened]) if opened else np.zeros(0),
+            np.concatenate([k for k, _, _ in opened]) if opened else np.zeros((0, KEY_BYTES), np.uint8),
+            np.concatenate([o[:-1] for _, o, _ in opened]) if opened else np.zeros(0),
+            np.concatenate([np.diff(o) for _, o, _ in opened]) if opened else np.zeros(0),
             np.repeat(np.arange(len(opened)), counts),
-            (np.concatenate([v for _, _, _, v in opened]) if opened else np.zeros(0)) if per_sample else None,
-            [losses for _, _, losses, _ in opened],
+            (np.concatenate([v for _, _, v in opened]) if opened else np.zeros(0)) if per_sample else None,
+            [int(o[-1]) for _, o, _ in opened],
+            side.array,
+            side.gaps,
         )
 
-    def _open_shard(
-        self, shard: ShardInfo, verify: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        """Check and map one shard: its keys, offsets, memory-mapped losses and visual rows."""
+    def _open_shard(self, shard: ShardInfo, verify: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Check one shard: its keys, offsets and visual rows."""
         path = self.directory / shard.file
         if not path.is_file():
             raise CorruptShardError(f"shard {path} is listed in {MANIFEST_NAME} but missing")
@@ -246,13 +238,13 @@ class ReferenceLossCache(IndexedStore):
                     f"shard {path} is corrupted: sha256 {actual} != {shard.sha256} recorded in {MANIFEST_NAME}; "
                     "re-run `regate precompute --resume` to rebuild it"
                 )
-        keys, offsets, losses, visual = read_shard(path)
+        keys, offsets, _, visual = read_shard(path)
         if (visual is None) != (self.manifest.visual_layout is None):
             raise CorruptShardError(
                 f"shard {path} {'lacks' if visual is None else 'has'} per-sample visual rows, its manifest says "
                 f"{'it has them' if visual is None else 'it has none'}"
             )
-        return keys, offsets, losses, visual
+        return keys, offsets, visual
 
     @functools.cached_property
     def layout_digest(self) -> str:
@@ -261,7 +253,8 @@ class ReferenceLossCache(IndexedStore):
 
     def all_losses(self) -> torch.Tensor:
         """Every stored loss of every shard, float32, in shard order (for statistics)."""
-        return torch.from_numpy(as_float32(np.concatenate(self._losses))) if self._losses else torch.zeros(0)
+        spans = [self._space[a : a + n] for a, n in self._shard_spans]
+        return torch.from_numpy(as_float32(np.concatenate(spans))) if spans else torch.zeros(0)
 
     def verify(self) -> list[str]:
         """Re-hash and parse every shard (`verify_cache`); a message per problem (empty when all is well)."""

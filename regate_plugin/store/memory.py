@@ -48,7 +48,9 @@ class InMemoryReferenceStore(IndexedStore):
             lengths,
             np.zeros(len(keys), np.int64),
             None if visual_rows is None else np.array([visual_rows[key] for key in keys], np.int32),
-            [flat],
+            [int(flat.size)],
+            flat,
+            [0],
         )
 
     @classmethod
@@ -81,8 +83,8 @@ class InMemoryReferenceStore(IndexedStore):
     @functools.cached_property
     def layout_digest(self) -> str:
         """Identifies the token space: a hash of the keys in token-space order, their lengths and losses."""
-        order = np.argsort(self._start, kind="stable")
+        order = np.argsort(self._address, kind="stable")
         digest = hashlib.sha256(np.stack([self._hi, self._lo], axis=1)[order].tobytes())
         digest.update(self._length[order].tobytes())
-        digest.update(self._losses[0].tobytes())
+        digest.update(self._space.tobytes())
         return digest.hexdigest()[:32]

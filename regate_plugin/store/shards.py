@@ -7,8 +7,11 @@ lookup reads only its slice. A shard records, in its metadata, the header of the
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +45,77 @@ def describe_shards(paths: list[Path], most: int = 5) -> str:
     return f"{len(paths)} shard files ({shown}" + (f" and {len(paths) - most} more)" if len(paths) > most else ")")
 
 
-def map_losses(path: Path) -> np.ndarray:
-    """A shard's losses as a read-only memory-mapped array (no copy into RAM); bfloat16 as its uint16 bits."""
+def _losses_location(path: Path) -> tuple[np.dtype, int, int]:
+    """(dtype, byte offset in the file, count) of a shard's losses, read off its safetensors header."""
     with open(path, "rb") as handle:
         header_size = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(header_size))
     info = header["losses"]
     dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
     begin, end = info["data_offsets"]
-    count = (end - begin) // dtype.itemsize
+    return dtype, 8 + header_size + begin, (end - begin) // dtype.itemsize
+
+
+def map_losses(path: Path) -> np.ndarray:
+    """A shard's losses as a read-only memory-mapped array (no copy into RAM); bfloat16 as its uint16 bits."""
+    dtype, offset, count = _losses_location(path)
     if count == 0:
         return np.zeros(0, dtype)
-    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=8 + header_size + begin, shape=(count,)))
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FIXED = 0x10  # the same on Linux and macOS; Python's mmap module exports neither this nor PROT_NONE
+_PROT_NONE = 0
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _mmap(address: int | None, size: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    result = _libc.mmap(address, size, prot, flags, fd, offset)
+    if result in (None, _MAP_FAILED) or (address is not None and result != address):
+        raise OSError(ctypes.get_errno(), f"mmap failed: {os.strerror(ctypes.get_errno())}")
+    return result
+
+
+class SideBySide:
+    """Every shard's losses memory-mapped next to each other in one range of virtual memory, read as one array.
+
+    Shard k's losses start at element `gaps[k]` + (their start in the token space): each file is mapped from the
+    page holding its first loss into its own page-aligned slot, so a batch read is a single gather however many
+    shards it touches. Nothing is read into RAM; the range is unmapped when `array` and every view of it are gone."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        located = [_losses_location(path) for path in paths]
+        dtypes = {dtype for dtype, _, _ in located}
+        if len(dtypes) > 1:
+            raise CorruptShardError(f"the shards of {paths[0].parent} store their losses in {sorted(map(str, dtypes))}")
+        self.dtype = dtypes.pop() if dtypes else np.dtype(np.float16)
+        page, slots, self.gaps = mmap.PAGESIZE, [], []
+        size = tokens = 0
+        for path, (_, offset, count) in zip(paths, located):
+            lead = offset % page
+            if lead % self.dtype.itemsize:
+                raise CorruptShardError(f"shard {path}: its losses are not aligned to their {self.dtype} elements")
+            slots.append((path, size, offset - lead, -(-(lead + count * self.dtype.itemsize) // page) * page))
+            self.gaps.append((size + lead) // self.dtype.itemsize - tokens)
+            size, tokens = size + slots[-1][3], tokens + count
+        self.size = max(size, page)
+        self.address = _mmap(None, self.size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        unmap = weakref.finalize(self, _libc.munmap, self.address, self.size)  # until the array holds the range
+        for path, slot, file_offset, length in slots:
+            if length:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    _mmap(self.address + slot, length, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, file_offset)
+                finally:
+                    os.close(fd)
+        self.array = np.frombuffer((ctypes.c_char * self.size).from_address(self.address), dtype=self.dtype)
+        self.array.flags.writeable = False
+        unmap.detach()
+        weakref.finalize(self.array, _libc.munmap, self.address, self.size)  # when no view of it is left
 
 
 def as_float32(values: np.ndarray) -> np.ndarray:
