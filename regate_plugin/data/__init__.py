@@ -1,6 +1,7 @@
 """Training data: the LLaVA conversation format and the upstream templates that tokenize it."""
 
 from .conversations import Conversation, DataError, iter_conversations, parse_sample
+from .hf_dataset import HFVisionCollator, LlavaHFDataset, encode_for_hf
 from .templates import (
     IMAGE_TOKEN_INDEX,
     PLACEHOLDER_IDS,
@@ -20,7 +21,10 @@ __all__ = [
     "Conversation",
     "ConversationTemplate",
     "DataError",
+    "HFVisionCollator",
+    "LlavaHFDataset",
     "TokenizedSample",
+    "encode_for_hf",
     "expand_placeholders",
     "get_template",
     "iter_conversations",
