@@ -108,7 +108,8 @@ class LlavaHFDataset(torch.utils.data.Dataset):
 
 class HFVisionCollator:
     """Right-pads `input_ids` with `pad_token_id` and `labels` with IGNORE_INDEX, adds `attention_mask`, and stacks
-    the batch's `pixel_values` (images in sample order, as the model pairs them with its image tokens)."""
+    the batch's `pixel_values` (images in sample order, as the model pairs them with its image tokens; a text-only
+    sample has none, or None as a `datasets.Dataset` column gives it)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
@@ -124,7 +125,7 @@ class HFVisionCollator:
             n = item["input_ids"].numel()
             batch["input_ids"][row, :n], batch["labels"][row, :n] = item["input_ids"], item["labels"]
             batch["attention_mask"][row, :n] = 1
-        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+        pixels = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
         return batch
