@@ -12,10 +12,12 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from regate_plugin.eval.base import Prompt, Request
+from regate_plugin.eval.runners import HFRunner
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
 from regate_plugin.core import batch_sample_keys
-from regate_plugin.data import DataError, HFVisionCollator, LlavaHFDataset
+from regate_plugin.data import V1_CHAT_TEMPLATE, DataError, HFVisionCollator, LlavaHFDataset
 from regate_plugin.store import ReferenceLossCache
 
 from .image_fixtures import write_image
@@ -40,7 +42,11 @@ def _student(tmp_path):
     )
     image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default"
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS row, which the "default" strategy drops: IMAGE_ROWS rows
     )
     student.save_pretrained(tmp_path / "student")
     processor.save_pretrained(tmp_path / "student")
@@ -110,3 +116,23 @@ def test_dataset_names_a_sample_whose_image_is_not_in_the_folder(tmp_path):
     (images / records[2]["image"]).unlink()
     with pytest.raises(DataError, match=rf"sample id 's0002'.*{records[2]['image']}.*not in the image folder"):
         LlavaHFDataset(data, images, processor, "v1", student.config.image_token_id, ROWS, MAX_LENGTH)
+
+
+def test_v1_chat_template_makes_the_eval_runners_prompt_the_training_prompt(tmp_path):
+    """`regate eval --runner hf` renders with the processor's chat template: with V1_CHAT_TEMPLATE its input ids for a
+    question are the ids a `v1` training sample of that question has before its answer."""
+    student, _ = _student(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path / "student")
+    question = "what colour is the square?"
+    records = [{"id": "q", "image": "q.jpg", "conversations": [{"from": "human", "value": f"{question} <image>"}]}]
+    records[0]["conversations"].append({"from": "gpt", "value": "red it is."})
+    data = write_json(tmp_path / "q.json", records)
+    images = _images(tmp_path / "images", records)
+    item = LlavaHFDataset(data, images, processor, "v1", student.config.image_token_id, ROWS)[0]
+    answer_start = int((item["labels"] != -100).nonzero()[0])
+    processor.chat_template = V1_CHAT_TEMPLATE
+    runner = HFRunner(student, processor)
+    image = Image.open(images / "q.jpg")
+    text = runner._text(Request((image,), Prompt(user=question)))
+    ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0]
+    assert ids.tolist() == item["input_ids"][:answer_start].tolist()

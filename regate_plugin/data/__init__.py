@@ -1,7 +1,7 @@
 """Training data: the LLaVA conversation format and the upstream templates that tokenize it."""
 
 from .conversations import Conversation, DataError, iter_conversations, parse_sample
-from .hf_dataset import HFVisionCollator, LlavaHFDataset, encode_for_hf
+from .hf_dataset import V1_CHAT_TEMPLATE, HFVisionCollator, LlavaHFDataset, encode_for_hf
 from .templates import (
     IMAGE_TOKEN_INDEX,
     PLACEHOLDER_IDS,
@@ -17,6 +17,7 @@ __all__ = [
     "IMAGE_TOKEN_INDEX",
     "PLACEHOLDER_IDS",
     "TEMPLATES",
+    "V1_CHAT_TEMPLATE",
     "VIDEO_TOKEN_INDEX",
     "Conversation",
     "ConversationTemplate",

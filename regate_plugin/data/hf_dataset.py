@@ -17,7 +17,20 @@ from PIL import Image, UnidentifiedImageError
 
 from ..core.compaction import IGNORE_INDEX
 from .conversations import Conversation, DataError, iter_conversations
-from .templates import ConversationTemplate, TokenizedSample, expand_placeholders, get_template
+from .templates import VICUNA_V1_SYSTEM, ConversationTemplate, TokenizedSample, expand_placeholders, get_template
+
+V1_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'][0]['text'] %}"
+    '{% set messages = messages[1:] %}{% else %}{% set system = "' + VICUNA_V1_SYSTEM + '" %}{% endif %}'
+    "{{ system }} {% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+"""A processor chat template that renders the `v1` template's prompt (Vicuna's system line, `USER: <image>\n...
+ASSISTANT:`): set `processor.chat_template` to it so `regate eval --runner hf` asks a `v1`-trained model in the
+format it was trained on (content lists of image and text items, as the eval runner sends them)."""
 
 
 def encode_for_hf(
