@@ -40,3 +40,25 @@ def test_rows_without_answer_tokens_train_and_an_empty_batch_gives_zero_loss():
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.token_elision["candidates"] == 0
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
+
+
+def test_statistics_are_each_targets_log_prob_entropy_and_top1_chunked_or_not():
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(2, 7, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 7), generator=gen)
+    targets[0, :3] = IGNORE_INDEX
+    supervised = targets != IGNORE_INDEX
+    for chunk in (0, 3):
+        logp = torch.log_softmax(head(hidden).float(), -1)
+        expected = logp[supervised].gather(1, targets[supervised][:, None]).squeeze(1)
+        entropy = -(logp.exp() * logp).sum(-1)[supervised]
+        top1 = logp.argmax(-1)[supervised] == targets[supervised]
+        result = next_token_loss(hidden, targets, head, chunk_size=chunk, statistics=True)
+        torch.testing.assert_close(result.log_probs, expected)
+        torch.testing.assert_close(result.entropy, entropy.detach())
+        assert torch.equal(result.is_top1, top1)
+        (grad,) = torch.autograd.grad(result.log_probs.sum(), hidden)
+        (want,) = torch.autograd.grad(expected.sum(), hidden)
+        torch.testing.assert_close(grad, want)
+    assert next_token_loss(hidden, targets, head).log_probs is None

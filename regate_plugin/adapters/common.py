@@ -3,10 +3,14 @@
 An adapter supplies one function, `elided(model, kwargs) -> ElidedCausalLMOutput`, for a training call with
 labels; `replace_forward` installs it on the instance and leaves every other call (eval, generate, no labels) to
 the model's own forward.
+
+A training call with `fused_lm_head=True` (TRL's trainers, which patch in a fused LM head and read its per-token
+outputs) gets the elided output with TRL's fields added, over the kept targets (`FUSED_LM_HEAD`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 from collections.abc import Callable
@@ -35,7 +39,17 @@ class ElidedCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    # TRL's fused-LM-head fields, only for a call with `fused_lm_head=True`: one entry per kept target (flat, in the
+    # loss's order), so the sums and counts TRL takes of them are over the kept targets.
+    log_probs: torch.FloatTensor | None = None
+    entropy: torch.FloatTensor | None = None
+    is_top1: torch.BoolTensor | None = None
+    label_mask: torch.BoolTensor | None = None
 
+
+FUSED_LM_HEAD = "fused_lm_head"
+"""The keyword with which TRL asks a model patched by `trl.trainer.utils.add_fused_lm_head` for per-token fields."""
+_FUSED_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("regate_fused_lm_head", default=False)
 
 PLANNED_BATCH = "regate_batch"
 """Input key under which the Trainer integration hands the forward a `PlannedBatch` (popped before the model)."""
@@ -93,7 +107,11 @@ def elided_output(
 ) -> ElidedCausalLMOutput:
     """The loss over the kept targets of the decoder's compact hidden states, and the plan's report."""
     hidden = decoder_outputs[0] if isinstance(decoder_outputs, tuple) else decoder_outputs.last_hidden_state
-    result = elision.loss(plan, hidden, head, num_items_in_batch)
+    fused = _FUSED_CALL.get()
+    result = elision.loss(plan, hidden, head, num_items_in_batch, statistics=fused)
+    if fused:
+        extra |= {"log_probs": result.log_probs, "entropy": result.entropy, "is_top1": result.is_top1}
+        extra["label_mask"] = torch.ones_like(result.per_token, dtype=torch.bool)
     return ElidedCausalLMOutput(
         loss=result.loss,
         token_elision=plan.report(),
@@ -120,7 +138,14 @@ def replace_forward(model: Any, elided: ElidedForward) -> Callable[[], None]:
             if var_keyword is None:  # the Trainer passes it once elision is on; the model's own forward may not take it
                 kwargs.pop("num_items_in_batch", None)
             return original(**kwargs)
-        return elided(self, {**kwargs, PLANNED_BATCH: planned})
+        token = _FUSED_CALL.set(bool(kwargs.pop(FUSED_LM_HEAD, False)))
+        try:
+            return elided(self, {**kwargs, PLANNED_BATCH: planned})
+        finally:
+            _FUSED_CALL.reset(token)
 
+    previous = model.__dict__.get("forward")  # an instance forward already there (TRL's fused head) stays under ours
     model.forward = MethodType(forward, model)
-    return lambda: model.__dict__.pop("forward", None)
+    if previous is None:
+        return lambda: model.__dict__.pop("forward", None)
+    return lambda: setattr(model, "forward", previous)

@@ -251,8 +251,10 @@ class TokenElision:
         hidden_states: torch.Tensor,
         head: Head,
         num_items_in_batch: int | torch.Tensor | None = None,
+        statistics: bool = False,
     ) -> TokenLoss:
-        """Loss over the kept targets of a compact batch; observed per-token losses update the strategy."""
+        """Loss over the kept targets of a compact batch (with `statistics`, also their log-probabilities, entropy
+        and top-1 hits); observed per-token losses update the strategy."""
         compact_targets = plan.compact_targets()
         result = next_token_loss(
             hidden_states,
@@ -261,6 +263,7 @@ class TokenElision:
             num_items_in_batch,
             self.cfg.loss_chunk_size,
             num_targets=plan.counts["targets"],
+            statistics=statistics,
         )
         self.observe(plan, compact_targets, result)
         nonfinite = (~torch.isfinite(result.per_token)).sum()

@@ -13,6 +13,7 @@ from ..adapters.common import PLANNED_BATCH, plan_ahead
 from .arguments import TokenElisionArguments
 from .callback import TokenElisionCallback
 from .preflight import PREFLIGHT_SAMPLES, RunFacts, check_cache_fits
+from .trl import check_trl_options
 
 RunTemplate = Callable[[Any], "str | None"]
 """The plugin template a run's preprocessing equals, read off the trainer (the launchers know their codebase's)."""
@@ -47,6 +48,7 @@ class TokenElisionTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        check_trl_options(self)
         elision_args = self.token_elision_args or TokenElisionArguments.from_object(self.args)
         tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
         self.token_elision = elision_args.build(tokenizer=_text_tokenizer(tokenizer))
