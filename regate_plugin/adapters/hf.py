@@ -121,6 +121,7 @@ register_adapter(
             "LlavaForConditionalGeneration",
             "LlavaNextVideoForConditionalGeneration",
             "Qwen2VLForConditionalGeneration",
+            "Qwen2_5_VLForConditionalGeneration",
         ),
         install=install_hf,
     )
