@@ -20,13 +20,11 @@ from regate_plugin.core import IGNORE_INDEX
 
 from .test_hf_llava import _assert_same_grads, _grads
 from .tiny import write_cache_for
-from .tiny_students import (
-    make_qwen_vl_batch,
-    tiny_qwen2_5_vl,
-)
+from .tiny_students import make_internvl_batch, make_qwen_vl_batch, tiny_internvl, tiny_qwen2_5_vl
 
 STUDENTS = {  # builder, batch maker
     "qwen2_5_vl": (tiny_qwen2_5_vl, make_qwen_vl_batch),
+    "internvl": (tiny_internvl, make_internvl_batch),
 }
 
 

@@ -1,11 +1,11 @@
-"""HF-native vision-language models (transformers 5.x): LLaVA, LLaVA-NeXT-Video, Qwen2-VL.
+"""HF-native vision-language models (transformers 5.x): LLaVA, LLaVA-NeXT-Video, Qwen2-VL, Qwen2.5-VL, InternVL.
 
 These models merge the projected visual features into `inputs_embeds` inside `self.model` and then call the
 text decoder `self.model.language_model(inputs_embeds=..., attention_mask=..., position_ids=...)` as a module, so
 the merge point is that call: a forward pre-hook on the decoder swaps in the compact batch. Placeholders are
 expanded in `input_ids` already, so pre- and post-merge positions agree and the plan is made from `input_ids` /
-`labels` before `self.model` runs. Qwen2-VL's 3-row M-RoPE position ids are computed by `self.model` and reach the
-hook, which gathers them along the sequence (never recomputes them).
+`labels` before `self.model` runs. The Qwen models' multi-row M-RoPE position ids are computed by `self.model`
+and reach the hook, which gathers them along the sequence (never recomputes them).
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ register_adapter(
             "LlavaNextVideoForConditionalGeneration",
             "Qwen2VLForConditionalGeneration",
             "Qwen2_5_VLForConditionalGeneration",
+            "InternVLForConditionalGeneration",
         ),
         install=install_hf,
     )
