@@ -19,12 +19,20 @@ import regate_plugin as rg
 from regate_plugin.core import IGNORE_INDEX
 
 from .test_hf_llava import _assert_same_grads, _grads
-from .tiny import write_cache_for
-from .tiny_students import make_internvl_batch, make_qwen_vl_batch, tiny_internvl, tiny_qwen2_5_vl
+from .tiny import IMAGE_TOKEN, write_cache_for
+from .tiny_students import (
+    make_internvl_batch,
+    make_qwen3_vl_batch,
+    make_qwen_vl_batch,
+    tiny_internvl,
+    tiny_qwen2_5_vl,
+    tiny_qwen3_vl,
+)
 
 STUDENTS = {  # builder, batch maker
     "qwen2_5_vl": (tiny_qwen2_5_vl, make_qwen_vl_batch),
     "internvl": (tiny_internvl, make_internvl_batch),
+    "qwen3_vl": (tiny_qwen3_vl, make_qwen3_vl_batch),
 }
 
 
@@ -75,9 +83,14 @@ def _full_position_ids(full: dict[str, Any], length: int) -> torch.Tensor:
     return ids if ids.ndim == 3 else ids.unsqueeze(0)
 
 
-def _elided(tmp_path, name: str, keep_ratio: float, seed: int = 1):
+def _elided(tmp_path, name: str, keep_ratio: float, seed: int = 1, visual_labelled: bool = False):
+    """A batch, the student, and a copy of it with regate at `keep_ratio`; `visual_labelled` supervises the image
+    rows too, so that they become candidates and some are elided."""
     build, make = STUDENTS[name]
     batch = make(batch=3, seed=seed)
+    if visual_labelled:
+        image = batch["input_ids"] == IMAGE_TOKEN
+        batch["labels"] = torch.where(image, batch["input_ids"], batch["labels"])
     reference_model = build(seed=seed)
     reference_model.train()
     model = copy.deepcopy(reference_model)
@@ -144,11 +157,14 @@ def _kept_tokens_alone_loss(model: Any, batch: dict[str, torch.Tensor], kept_mas
     return F.cross_entropy(torch.cat(logits), torch.cat(scored))
 
 
+@pytest.mark.parametrize("visual_labelled", [False, True])
 @pytest.mark.parametrize("name", sorted(STUDENTS))
-def test_keep_ratio_half_equals_the_kept_tokens_alone(tmp_path, name):
-    batch, reference_model, model = _elided(tmp_path, name, keep_ratio=0.5)
+def test_keep_ratio_half_equals_the_kept_tokens_alone(tmp_path, name, visual_labelled):
+    batch, reference_model, model = _elided(tmp_path, name, keep_ratio=0.5, visual_labelled=visual_labelled)
     out = model(**batch)
     assert not out.token_elision["dense"] and 0 < out.token_elision["kept"] < out.token_elision["candidates"]
+    image = batch["input_ids"] == IMAGE_TOKEN
+    assert bool((image & ~out.token_elision["kept_mask"]).any()) == visual_labelled
     expected = _kept_tokens_alone_loss(reference_model, batch, out.token_elision["kept_mask"])
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
     out.loss.backward()
