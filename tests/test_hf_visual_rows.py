@@ -1,0 +1,118 @@
+"""Visual rows per image of the Qwen-VL and InternVL processors (`data/hf_visual.py`) against the processors' own
+expansion of generated images: each processor, built from the same student directory, is run on a PIL image and
+its expanded placeholder counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from transformers import AutoTokenizer, InternVLProcessor, ProcessorMixin, Qwen2_5_VLProcessor, Qwen3VLProcessor
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from regate_plugin.data import DataError
+from regate_plugin.data.hf_visual import InternVLRows, QwenVLRows, hf_visual_rows
+
+from .tiny import tiny_llava
+from .tiny_students import tiny_internvl, tiny_qwen2_5_vl, tiny_qwen3_vl
+from .tokenizers_fixture import write_bpe_chat_tokenizer
+
+SIZES = [(333, 200), (200, 333), (448, 448), (1000, 400), (40, 30), (3000, 2000), (25, 1500), (900, 901)]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+INTERNVL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    directory = write_bpe_chat_tokenizer(tmp_path_factory.mktemp("tok"), "chatml")
+    tok = AutoTokenizer.from_pretrained(directory, extra_special_tokens=INTERNVL_TOKENS)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    return tok
+
+
+@pytest.fixture
+def without_video_processor(monkeypatch):
+    """The processors insist on a video processor, which needs torchvision; images need none. Skip that class check."""
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
+
+
+def _student(directory: Path, model, preprocessor: dict, processor: dict | None = None) -> Path:
+    model.config.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    if processor is not None:
+        (directory / "processor_config.json").write_text(json.dumps(processor))
+    return directory
+
+
+QWEN = {  # processor class, tiny model, preprocessor_config.json (the hub checkpoints' keys, smaller limits)
+    "qwen2_5_vl": (Qwen2_5_VLProcessor, tiny_qwen2_5_vl, {"patch_size": 14, "min_pixels": 3136, "max_pixels": 401408}),
+    "qwen3_vl": (
+        Qwen3VLProcessor,
+        tiny_qwen3_vl,
+        {"patch_size": 16, "merge_size": 2, "size": {"shortest_edge": 65536, "longest_edge": 524288}},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN))
+def test_qwen_vl_rows_match_the_processors_expansion(tmp_path, tokenizer, without_video_processor, name):
+    cls, build, preprocessor = QWEN[name]
+    student = _student(tmp_path, build(), preprocessor)
+    rule = hf_visual_rows(student)
+    assert isinstance(rule, QwenVLRows)
+    processor = cls(
+        image_processor=Qwen2VLImageProcessorPil.from_pretrained(student), tokenizer=tokenizer, video_processor=None
+    )
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    counts = []
+    for size in SIZES:
+        out = processor(
+            text=["look <|vision_start|><|image_pad|><|vision_end|> here"],
+            images=[Image.new("RGB", size, (size[0] % 256, 90, 30))],
+            return_tensors="pt",
+        )
+        counts.append(int((out["input_ids"] == pad).sum()))
+    assert [rule.rows(size) for size in SIZES] == counts
+    assert len(set(counts)) > 4  # the sizes exercise the rounding and both pixel limits
+
+
+def test_internvl_rows_match_the_processors_expansion(tmp_path, tokenizer, without_video_processor):
+    # As the InternVL3-hf checkpoints ship it: crop_to_patches false in the file, which the processor overrides.
+    preprocessor = {"crop_to_patches": False, "size": {"height": 448, "width": 448}, "min_patches": 1, "max_patches": 6}
+    student = _student(tmp_path, tiny_internvl(), preprocessor, {"image_seq_length": 64})
+    rule = hf_visual_rows(student)
+    assert isinstance(rule, InternVLRows)
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessorPil.from_pretrained(student),
+        tokenizer=tokenizer,
+        video_processor=None,
+        image_seq_length=64,
+    )
+    context, start, end = tokenizer.convert_tokens_to_ids(["<IMG_CONTEXT>", "<img>", "</img>"])
+    counts = []
+    for size in SIZES:
+        ids = processor(
+            text=["look <IMG_CONTEXT> here"], images=[Image.new("RGB", size, (30, 90, 150))], return_tensors="pt"
+        )["input_ids"][0].tolist()
+        rows = ids.count(context)
+        assert ids[ids.index(context) - 1] == start and ids[ids.index(context) + rows] == end  # <img> rows </img>
+        counts.append(rows)
+    assert [rule.rows(size) for size in SIZES] == counts
+    assert len(set(counts)) > 2  # one tile, and grids of several sizes plus their thumbnail
+
+
+def test_other_students_have_no_per_image_rule_and_bad_sizes_are_named(tmp_path):
+    assert hf_visual_rows(_student(tmp_path, tiny_llava(), {})) is None
+    rule = QwenVLRows(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=401408)
+    with pytest.raises(DataError, match="aspect ratio"):
+        rule.rows((10, 3000))
+    with pytest.raises(DataError, match="positive"):
+        rule.rows((0, 10))
