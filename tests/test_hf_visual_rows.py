@@ -8,17 +8,22 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoTokenizer, InternVLProcessor, ProcessorMixin, Qwen2_5_VLProcessor, Qwen3VLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from regate_plugin.data import DataError
+from regate_plugin.core import IGNORE_INDEX, batch_sample_keys
+from regate_plugin.data import PLACEHOLDER_IDS, DataError, get_template, iter_conversations
 from regate_plugin.data.hf_visual import InternVLRows, QwenVLRows, hf_visual_rows
+from regate_plugin.reference.precompute import PrecomputeConfig, run_precompute
+from regate_plugin.store import ReferenceLossCache
 
+from .llava_data import caption_samples, write_json, write_tiny_reference
 from .tiny import tiny_llava
 from .tiny_students import tiny_internvl, tiny_qwen2_5_vl, tiny_qwen3_vl
-from .tokenizers_fixture import write_bpe_chat_tokenizer
+from .tokenizers_fixture import write_bpe_chat_tokenizer, write_sentencepiece_llama
 
 SIZES = [(333, 200), (200, 333), (448, 448), (1000, 400), (40, 30), (3000, 2000), (25, 1500), (900, 901)]
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -116,3 +121,86 @@ def test_other_students_have_no_per_image_rule_and_bad_sizes_are_named(tmp_path)
         rule.rows((10, 3000))
     with pytest.raises(DataError, match="positive"):
         rule.rows((0, 10))
+
+
+def _student_tokenizer(directory: Path):
+    """A sentencepiece Llama tokenizer with the Qwen-VL and InternVL image tokens, saved to `directory`."""
+    write_sentencepiece_llama(directory)
+    tok = AutoTokenizer.from_pretrained(directory, extra_special_tokens=INTERNVL_TOKENS)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS, "pad_token": "<pad>"})
+    tok.save_pretrained(directory)
+    return tok
+
+
+def _processor_run(processor, tokenizer, name: str, image: Image.Image) -> list[int]:
+    """The ids the processor puts in place of one placeholder for `image`."""
+    placeholder = "<|image_pad|>" if name != "internvl" else "<IMG_CONTEXT>"
+    ids = processor(text=[placeholder], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+    if name == "internvl":
+        start, end = tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
+        return ids[ids.index(start) : ids.index(end) + 1]
+    return [t for t in ids if t == tokenizer.convert_tokens_to_ids(placeholder)]
+
+
+PRECOMPUTE = {  # student builder, processor class, image processor class, preprocessor_config.json, processor kwargs
+    "qwen2_5_vl": (tiny_qwen2_5_vl, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, QWEN["qwen2_5_vl"][2], {}),
+    "internvl": (
+        tiny_internvl,
+        InternVLProcessor,
+        GotOcr2ImageProcessorPil,
+        {"size": {"height": 448, "width": 448}, "max_patches": 4},
+        {"image_seq_length": 16},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRECOMPUTE))
+def test_precompute_keys_samples_as_the_processor_expands_their_images(tmp_path, without_video_processor, name):
+    build, processor_cls, image_processor_cls, preprocessor, processor_kwargs = PRECOMPUTE[name]
+    tokenizer = _student_tokenizer(tmp_path / "student")
+    student = _student(tmp_path / "student", build(), preprocessor, processor_kwargs or None)
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>" if name != "internvl" else "<IMG_CONTEXT>")
+    processor = processor_cls(
+        image_processor=image_processor_cls.from_pretrained(student),
+        tokenizer=AutoTokenizer.from_pretrained(student),
+        video_processor=None,
+        **processor_kwargs,
+    )
+    samples = caption_samples(10, seed=4)  # `plain`: every answer survives this tokenizer's round trip
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, sample in enumerate(samples):
+        Image.new("RGB", SIZES[i % len(SIZES)], (40, 80, 120)).save(images / sample["image"])
+    data = write_json(tmp_path / "train.json", samples)
+    reference = write_tiny_reference(tmp_path / "reference", tmp_path / "student")
+    config = PrecomputeConfig(
+        data=[data],
+        reference=str(reference),
+        tokenizer=str(student),  # where training loads it from
+        template="plain",
+        out=tmp_path / "cache",
+        image_folder=images,
+        image_token_id=image_token,
+        processor_rows=hf_visual_rows(student),
+        max_length=4096,
+        progress=False,
+    )
+    assert run_precompute(config).empty == 0
+
+    cache = ReferenceLossCache(tmp_path / "cache")
+    template, tokenizer = get_template("plain"), AutoTokenizer.from_pretrained(student)
+    runs = set()
+    for record, conversation in zip(samples, iter_conversations(data)):
+        encoded = template.encode(conversation, tokenizer)
+        ids, labels = [], []
+        for token, label in zip(encoded.input_ids, encoded.labels):
+            if token in PLACEHOLDER_IDS:  # the processor's own expansion of this sample's image
+                with Image.open(images / record["image"]) as image:
+                    run = _processor_run(processor, tokenizer, name, image.convert("RGB"))
+                runs.add(len(run))
+                ids, labels = ids + run, labels + [IGNORE_INDEX] * len(run)
+            else:
+                ids, labels = ids + [token], labels + [label]
+        key = batch_sample_keys(torch.tensor([ids]), torch.tensor([labels]))[0]
+        assert key in cache, record["id"]
+    assert len(runs) > 2  # images of several sizes, several counts

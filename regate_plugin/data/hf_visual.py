@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .anyres import Size
 from .conversations import DataError
@@ -53,6 +53,8 @@ class QwenVLRows:
             h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
         return (h // factor) * (w // factor)
 
+    wrap: ClassVar[tuple[str, str] | None] = None  # the processor adds no tokens around an image's rows
+
     def describe(self) -> dict[str, Any]:
         return {"processor": "qwen_vl", **asdict(self)}
 
@@ -83,6 +85,7 @@ class InternVLRows:
     crop_to_patches: bool
     min_patches: int
     max_patches: int
+    wrap: tuple[str, str] = ("<img>", "</img>")  # the tokenizer's start_image_token, end_image_token
 
     def tiles(self, size: Size) -> int:
         if size[0] <= 0 or size[1] <= 0:
@@ -96,7 +99,7 @@ class InternVLRows:
         return self.image_seq_length * self.tiles(size)
 
     def describe(self) -> dict[str, Any]:
-        return {"processor": "internvl", **asdict(self)}
+        return {"processor": "internvl", **asdict(self), "wrap": list(self.wrap)}  # as JSON reads it back
 
 
 HFVisualRows = QwenVLRows | InternVLRows
@@ -129,6 +132,11 @@ def hf_visual_rows(directory: str | Path) -> HFVisualRows | None:
             max_pixels=int(pre.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))),
         )
     processor = _read_json(directory / "processor_config.json", required=False)
+    tokenizer = _read_json(directory / "tokenizer_config.json", required=False)
+    tokens = {  # where transformers 4 (`extra_special_tokens`) and 5 (top level) save the tokenizer's named tokens
+        **(extra if isinstance(extra := tokenizer.get("extra_special_tokens"), dict) else {}),
+        **tokenizer,
+    }
     return InternVLRows(
         tile_width=int(size.get("width", 384)),
         tile_height=int(size.get("height", 384)),
@@ -137,4 +145,5 @@ def hf_visual_rows(directory: str | Path) -> HFVisualRows | None:
         crop_to_patches=True,
         min_patches=int(pre.get("min_patches", 1)),
         max_patches=int(pre.get("max_patches", 12)),
+        wrap=(str(tokens.get("start_image_token", "<img>")), str(tokens.get("end_image_token", "</img>"))),
     )
