@@ -17,6 +17,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from regate_plugin.core import IGNORE_INDEX, batch_sample_keys
 from regate_plugin.data import PLACEHOLDER_IDS, DataError, get_template, iter_conversations
 from regate_plugin.data.hf_visual import InternVLRows, QwenVLRows, hf_visual_rows
+from regate_plugin.data.visual import visual_rows_from_path
 from regate_plugin.reference.precompute import PrecomputeConfig, run_precompute
 from regate_plugin.store import ReferenceLossCache
 
@@ -115,7 +116,10 @@ def test_internvl_rows_match_the_processors_expansion(tmp_path, tokenizer, witho
 
 
 def test_other_students_have_no_per_image_rule_and_bad_sizes_are_named(tmp_path):
-    assert hf_visual_rows(_student(tmp_path, tiny_llava(), {})) is None
+    assert hf_visual_rows(_student(tmp_path / "llava", tiny_llava(), {})) is None
+    # --student-config reads one count per placeholder: for these students it names the per-image rule instead
+    with pytest.raises(DataError, match="qwen3_vl student.*processor_rows=hf_visual_rows"):
+        visual_rows_from_path(_student(tmp_path / "qwen3", tiny_qwen3_vl(), {}))
     rule = QwenVLRows(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=401408)
     with pytest.raises(DataError, match="aspect ratio"):
         rule.rows((10, 3000))
