@@ -1,11 +1,13 @@
-"""HF-native vision-language models (transformers 5.x): LLaVA, LLaVA-NeXT-Video, Qwen2-VL.
+"""HF-native VLMs (transformers 5.x): LLaVA, LLaVA-NeXT-Video, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL.
 
 These models merge the projected visual features into `inputs_embeds` inside `self.model` and then call the
 text decoder `self.model.language_model(inputs_embeds=..., attention_mask=..., position_ids=...)` as a module, so
 the merge point is that call: a forward pre-hook on the decoder swaps in the compact batch. Placeholders are
 expanded in `input_ids` already, so pre- and post-merge positions agree and the plan is made from `input_ids` /
-`labels` before `self.model` runs. Qwen2-VL's 3-row M-RoPE position ids are computed by `self.model` and reach the
-hook, which gathers them along the sequence (never recomputes them).
+`labels` before `self.model` runs. The Qwen models' multi-row M-RoPE position ids are computed by `self.model`
+and reach the hook, which gathers them along the sequence (never recomputes them). Qwen3-VL's decoder also takes
+deepstack features, added to its first layers' hidden states at `visual_pos_masks`: the hook compacts that mask
+and keeps the features of the kept visual rows.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def _compact_decoder_inputs(pending: _PendingPlan, module: Any, args: tuple, kwa
     kwargs["inputs_embeds"] = plan.compact_embeddings(embeds)
     kwargs["attention_mask"] = plan.compact_attention_mask(mask)
     kwargs["position_ids"] = plan.compact_position_ids(kwargs.get("position_ids"))
+    visual = kwargs.get("visual_pos_masks")
+    if visual is not None and not plan.compaction.identity:
+        # Qwen3-VL's deepstack: one [visual rows, D] feature per early decoder layer, added to the hidden states at
+        # `visual_pos_masks` in row-major order; keep the mask's kept positions and those positions' features.
+        kept = plan.kept_mask[visual]
+        kwargs["visual_pos_masks"] = plan.compact_embeddings(visual)
+        kwargs["deepstack_visual_embeds"] = [features[kept] for features in kwargs["deepstack_visual_embeds"]]
     return args, kwargs
 
 
@@ -121,6 +130,9 @@ register_adapter(
             "LlavaForConditionalGeneration",
             "LlavaNextVideoForConditionalGeneration",
             "Qwen2VLForConditionalGeneration",
+            "Qwen2_5_VLForConditionalGeneration",
+            "InternVLForConditionalGeneration",
+            "Qwen3VLForConditionalGeneration",
         ),
         install=install_hf,
     )

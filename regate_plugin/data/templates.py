@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,15 +53,22 @@ class TokenizedSample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def expand_placeholders(sample: TokenizedSample, token_id: int, rows: int) -> TokenizedSample:
+def expand_placeholders(
+    sample: TokenizedSample, token_id: int, rows: int | Sequence[int], wrap: tuple[int, int] | None = None
+) -> TokenizedSample:
     """What an HF-native processor feeds its model: each placeholder becomes `rows` copies of the model's image
-    token (unsupervised), so keys and positions are those of the expanded sequence the HF adapter sees."""
+    token (one count for all, or one per placeholder in order), between the `wrap` pair where the processor adds one
+    (InternVL's `<img>` ... `</img>`), all unsupervised; keys and positions are those of the expanded sequence the HF
+    adapter sees."""
+    counts = iter([rows] * sum(t in PLACEHOLDER_IDS for t in sample.input_ids) if isinstance(rows, int) else rows)
     ids: list[int] = []
     labels: list[int] = []
     for token, label in zip(sample.input_ids, sample.labels):
         if token in PLACEHOLDER_IDS:
-            ids += [token_id] * rows
-            labels += [IGNORE_INDEX] * rows
+            run = [token_id] * next(counts)
+            run = [wrap[0], *run, wrap[1]] if wrap is not None else run
+            ids += run
+            labels += [IGNORE_INDEX] * len(run)
         else:
             ids.append(token)
             labels.append(label)

@@ -10,6 +10,7 @@ from typing import Any
 
 from .anyres import AnyresLayout, anyres_layout, is_anyres
 from .conversations import DataError
+from .hf_visual import QWEN_VL_TYPES
 
 VisualRows = int | AnyresLayout  # rows per placeholder: one count for all, or LLaVA-NeXT's rule from each image's size
 
@@ -20,6 +21,7 @@ KNOWN_TOWERS = {
     "siglip-so400m-patch14-384": (384, 14),
 }
 DEFAULT_FRAMES = 8  # VideoLLaMA2's NUM_FRAMES
+SIZE_DEPENDENT_HF = (*QWEN_VL_TYPES, "internvl")  # HF-native students whose rows hf_visual.py counts per image
 SINGLE_CROP_MERGES = {"spatial": 0, "spatial_unpad": 1}  # LLaVA-NeXT rows added to a lone crop: one newline
 
 
@@ -83,6 +85,13 @@ def visual_tokens_from_config(config: dict[str, Any], source: str = "student con
 
 def visual_rows_from_config(config: dict[str, Any], source: str = "student config") -> VisualRows:
     """The anyres layout of a LLaVA-NeXT anyres / anyres_max_N config, else `visual_tokens_from_config`."""
+    if config.get("model_type") in SIZE_DEPENDENT_HF:
+        raise DataError(
+            f"{source}: a {config['model_type']} student's processor gives each image a row count that depends on "
+            "its size; precompute with PrecomputeConfig(processor_rows=hf_visual_rows(<student dir>)) "
+            "(docs/TRAINING.md, 'Qwen2.5-VL, Qwen3-VL and InternVL'), or --visual-tokens only if every image has "
+            "one size"
+        )
     if is_anyres(str(config.get("image_aspect_ratio", ""))):
         return anyres_layout(config, *tower_geometry(config, source), source)
     return visual_tokens_from_config(config, source)

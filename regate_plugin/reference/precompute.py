@@ -34,6 +34,7 @@ from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from ..data.anyres import AnyresLayout, read_image_size
+from ..data.hf_visual import HFVisualRows
 from ..data.templates import ConversationTemplate, tokenizer_limit
 from ..store import CacheManifest, Provenance, ReferenceLossCacheWriter, read_manifest
 from ..store.lifecycle import PARTS_DIR, known_keys, locked, merge_parts, prepare_output
@@ -58,6 +59,7 @@ class PrecomputeConfig:
         metadata={"help": "visual rows per <image>/<video> placeholder, needed when the data has any (LLaVA-1.5: 576)"},
     )
     anyres: AnyresLayout | None = None  # instead: LLaVA-NeXT anyres, rows counted per image from its size
+    processor_rows: HFVisualRows | None = None  # HF-native Qwen-VL / InternVL: its processor's rows per image size
     image_folder: str | os.PathLike[str] | None = field(
         default=None,
         metadata={
@@ -99,6 +101,11 @@ class PrecomputeConfig:
         if self.anyres is not None and (self.visual_tokens is not None or self.image_token_id is not None):
             raise ConfigError(
                 "an anyres student counts its visual rows per image: pass neither --visual-tokens nor --image-token-id"
+            )
+        if self.processor_rows is not None and (self.visual_tokens is not None or self.image_token_id is None):
+            raise ConfigError(
+                "a Qwen-VL / InternVL student counts its visual rows per image: pass --image-token-id (its "
+                "config.image_token_id) and not --visual-tokens"
             )
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues a cache and --overwrite replaces it: pass one of them")
@@ -160,12 +167,14 @@ def prepare_sample(
     mode: str,
     pad_token_id: int | None,
     image_token_id: int | None = None,
+    wrap: tuple[int, int] | None = None,
 ) -> PreparedSample:
     """Tokenize as upstream does, truncate as its collator (and merge) do, key it, and build the reference LLM's input.
 
     `visual_tokens`: rows per placeholder, one count or one per placeholder in order. With `image_token_id`
     (HF-native students) each placeholder is first expanded into that many copies of that token, as the model's
-    processor does, and the sample is keyed and truncated in that expanded form."""
+    processor does (between the `wrap` pair, for InternVL), and the sample is keyed and truncated in that expanded
+    form."""
     encoded = template.encode(sample, tokenizer, max_length)
     text_length = len(encoded.input_ids)
     if max_length is not None and text_length >= max_length:  # the template may have cut it as it tokenized it
@@ -183,10 +192,11 @@ def prepare_sample(
         )
     total_rows = placeholders * rows if isinstance(rows, int) else sum(rows)
     merged = template.truncates_merged or image_token_id is not None  # the limit applies to the merged rows
-    full_length = text_length - placeholders + total_rows if merged else text_length
+    wrapped = placeholders * len(wrap or ())
+    full_length = text_length - placeholders + total_rows + wrapped if merged else text_length
     if image_token_id is not None:  # HF-native: the processor expands placeholders before anything else
-        encoded = expand_placeholders(encoded, image_token_id, rows)
-        visual_ids, rows = (image_token_id,), 1
+        encoded = expand_placeholders(encoded, image_token_id, rows, wrap)
+        visual_ids, rows = (image_token_id, *(wrap or ())), 1  # the wrap tokens are the processor's, not text
     ids, labels = encoded.input_ids, encoded.labels
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
@@ -206,20 +216,35 @@ def visual_paths(cfg: PrecomputeConfig, sample: Conversation) -> list[Path]:
 
 
 def placeholder_rows(cfg: PrecomputeConfig, sample: Conversation) -> int | list[int] | None:
-    """The rows the student splices in per placeholder of `sample`: `--visual-tokens`, or for an anyres student one
-    count per image, from its size (read from the file's header) or, in a sample with several images, of one padded
-    crop each."""
-    if cfg.anyres is None:
+    """The rows the student splices in per placeholder of `sample`: `--visual-tokens`, or for an anyres or Qwen-VL /
+    InternVL student one count per image, from its size (read from the file's header) or, in an anyres sample with
+    several images, of one padded crop each."""
+    layout = cfg.anyres or cfg.processor_rows
+    if layout is None:
         return cfg.visual_tokens
     if sample.modality == "video":
-        raise DataError(f"{sample.where()}: video samples of an anyres (LLaVA-NeXT) student are not supported")
+        raise DataError(
+            f"{sample.where()}: video samples of a student whose rows depend on the image size "
+            "(LLaVA-NeXT anyres, Qwen-VL, InternVL) are not supported"
+        )
     paths = visual_paths(cfg, sample)
-    if len(paths) > 1:  # upstream pads every image of a multi-image sample to one crop
+    if cfg.anyres is not None and len(paths) > 1:  # upstream pads every image of a multi-image sample to one crop
         return [cfg.anyres.padded_rows()] * len(paths)
     try:
-        return [cfg.anyres.rows(read_image_size(path)) for path in paths]
+        return [layout.rows(read_image_size(path)) for path in paths]
     except DataError as err:
         raise DataError(f"{sample.where()}: {err}") from None
+
+
+def wrap_ids(cfg: PrecomputeConfig, tokenizer: Any) -> tuple[int, int] | None:
+    """The ids of the tokens an InternVL processor puts around each image's rows (None for other students)."""
+    wrap = cfg.processor_rows.wrap if cfg.processor_rows is not None else None
+    if wrap is None:
+        return None
+    ids = tuple(tokenizer.convert_tokens_to_ids(list(wrap)))
+    if tokenizer.unk_token_id in ids or None in ids:
+        raise DataError(f"the tokenizer has no single token for {' / '.join(wrap)}, which InternVL puts around images")
+    return ids
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -270,7 +295,7 @@ def load_data(cfg: PrecomputeConfig, summary: PrecomputeSummary) -> list[Convers
     samples: list[Conversation] = []
     for path in cfg.data:
         samples.extend(iter_conversations(path, skip_bad=cfg.skip_bad, bad=summary.bad))
-    if cfg.image_folder is None and cfg.anyres is None:
+    if cfg.image_folder is None and cfg.anyres is None and cfg.processor_rows is None:
         return samples
     present = []
     for sample in samples:
@@ -416,7 +441,7 @@ def _wanted_manifest(cfg: PrecomputeConfig, encoding: _Encoding) -> CacheManifes
         reference_mode=cfg.mode,
         dtype=cfg.cache_dtype,
         visual_tokens=cfg.visual_tokens,
-        visual_layout=cfg.anyres.describe() if cfg.anyres is not None else None,
+        visual_layout=layout.describe() if (layout := cfg.anyres or cfg.processor_rows) is not None else None,
         provenance=provenance,
     )
 
@@ -486,6 +511,7 @@ def _prepare_window(
                 cfg.mode,
                 encoding.pad_id,
                 cfg.image_token_id,
+                wrap_ids(cfg, encoding.tokenizer),
             )
         except DataError as err:
             if not cfg.skip_bad:
