@@ -70,10 +70,11 @@ def _precompute(args: argparse.Namespace) -> int:
     from .core import distributed
     from .data import DataError
     from .data.anyres import AnyresLayout
+    from .data.hf_visual import hf_visual_rows
     from .data.visual import visual_rows_from_path
     from .reference.precompute import PrecomputeConfig, run_precompute
 
-    visual_tokens, anyres = args.visual_tokens, None
+    visual_tokens, anyres, processor_rows = args.visual_tokens, None, None
     if args.student:
         from .model_zoo import get_entry, reference_for
 
@@ -88,14 +89,21 @@ def _precompute(args: argparse.Namespace) -> int:
     if args.student_config:
         if visual_tokens is not None:
             raise DataError("pass --visual-tokens or --student-config (which reads them off the student), not both")
-        rows = visual_rows_from_path(args.student_config)
-        if isinstance(rows, AnyresLayout):
+        processor_rows = hf_visual_rows(args.student_config) if Path(args.student_config).is_dir() else None
+        rows = processor_rows or visual_rows_from_path(args.student_config)
+        if processor_rows is not None:
+            print(f"visual rows per image, from {args.student_config}: from each image's size, as its processor counts")
+        elif isinstance(rows, AnyresLayout):
             anyres = rows
             print(f"visual rows per image, from {args.student_config}: from each image's size ({rows.merge} merge)")
         else:
             visual_tokens = rows
             print(f"visual rows per placeholder, from {args.student_config}: {visual_tokens}")
-    summary = run_precompute(config_from_args(PrecomputeConfig, args, visual_tokens=visual_tokens, anyres=anyres))
+    summary = run_precompute(
+        config_from_args(
+            PrecomputeConfig, args, visual_tokens=visual_tokens, anyres=anyres, processor_rows=processor_rows
+        )
+    )
     if distributed.rank() == 0:
         print(summary.format())
         for problem in summary.bad[:20]:

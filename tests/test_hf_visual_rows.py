@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, InternVLProcessor, ProcessorMixin, Qwen2
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from regate_plugin.cli import main as regate
 from regate_plugin.core import IGNORE_INDEX, batch_sample_keys
 from regate_plugin.data import PLACEHOLDER_IDS, DataError, get_template, iter_conversations
 from regate_plugin.data.hf_visual import InternVLRows, QwenVLRows, hf_visual_rows
@@ -158,8 +159,11 @@ PRECOMPUTE = {  # student builder, processor class, image processor class, prepr
 }
 
 
+@pytest.mark.parametrize("via", ["config", "cli"])
 @pytest.mark.parametrize("name", sorted(PRECOMPUTE))
-def test_precompute_keys_samples_as_the_processor_expands_their_images(tmp_path, without_video_processor, name):
+def test_precompute_keys_samples_as_the_processor_expands_their_images(tmp_path, without_video_processor, name, via):
+    """Through `PrecomputeConfig(processor_rows=...)`, and through `regate precompute --student-config <dir>`, which
+    reads the same rule off the student's directory."""
     build, processor_cls, image_processor_cls, preprocessor, processor_kwargs = PRECOMPUTE[name]
     tokenizer = _student_tokenizer(tmp_path / "student")
     student = _student(tmp_path / "student", build(), preprocessor, processor_kwargs or None)
@@ -177,19 +181,25 @@ def test_precompute_keys_samples_as_the_processor_expands_their_images(tmp_path,
         Image.new("RGB", SIZES[i % len(SIZES)], (40, 80, 120)).save(images / sample["image"])
     data = write_json(tmp_path / "train.json", samples)
     reference = write_tiny_reference(tmp_path / "reference", tmp_path / "student")
-    config = PrecomputeConfig(
-        data=[data],
-        reference=str(reference),
-        tokenizer=str(student),  # where training loads it from
-        template="plain",
-        out=tmp_path / "cache",
-        image_folder=images,
-        image_token_id=image_token,
-        processor_rows=hf_visual_rows(student),
-        max_length=4096,
-        progress=False,
-    )
-    assert run_precompute(config).empty == 0
+    if via == "config":
+        config = PrecomputeConfig(
+            data=[data],
+            reference=str(reference),
+            tokenizer=str(student),  # where training loads it from
+            template="plain",
+            out=tmp_path / "cache",
+            image_folder=images,
+            image_token_id=image_token,
+            processor_rows=hf_visual_rows(student),
+            max_length=4096,
+            progress=False,
+        )
+        assert run_precompute(config).empty == 0
+    else:
+        command = ["precompute", "--data", str(data), "--reference", str(reference), "--tokenizer", str(student)]
+        command += ["--template", "plain", "--out", str(tmp_path / "cache"), "--image-folder", str(images)]
+        command += ["--image-token-id", str(image_token), "--student-config", str(student), "--max-length", "4096"]
+        assert regate([*command, "--no-progress"]) == 0
 
     cache = ReferenceLossCache(tmp_path / "cache")
     template, tokenizer = get_template("plain"), AutoTokenizer.from_pretrained(student)

@@ -88,7 +88,8 @@ def visual_rows_from_config(config: dict[str, Any], source: str = "student confi
     if config.get("model_type") in SIZE_DEPENDENT_HF:
         raise DataError(
             f"{source}: a {config['model_type']} student's processor gives each image a row count that depends on "
-            "its size; precompute with PrecomputeConfig(processor_rows=hf_visual_rows(<student dir>)) "
+            "its size; pass the student's directory (with its preprocessor_config.json) to --student-config, or "
+            "PrecomputeConfig(processor_rows=hf_visual_rows(<student dir>)) "
             "(docs/TRAINING.md, 'Qwen2.5-VL, Qwen3-VL and InternVL'), or --visual-tokens only if every image has "
             "one size"
         )
