@@ -323,6 +323,19 @@ def test_resume_without_state_fresh_continues_the_schedule_with_an_empty_ema(tmp
     assert 0 < elision.ema.observed() < saved["final"].token_elision.ema.observed()
 
 
+def test_a_truncated_state_file_is_named_and_fresh_gets_past_it(tmp_path, saved):
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(saved["checkpoint"], checkpoint)
+    state = checkpoint / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a write cut short
+    with pytest.raises(ResumeStateError, match=f"{state} cannot be read .*--regate_resume_without_state fresh"):
+        _resume(tmp_path / "a", saved, saved["flags"], checkpoint)
+    flags = {**saved["flags"], "regate_resume_without_state": "fresh"}
+    with pytest.warns(UserWarning, match=f"{state} cannot be read .*fresh state"):
+        trainer = _resume(tmp_path / "b", saved, flags, checkpoint)
+    assert trainer.token_elision.step == 6 and trainer.token_elision.stats.batches == 3
+
+
 def test_a_state_saved_with_other_settings_is_refused_naming_them(tmp_path, saved):
     changed = {**saved["flags"], "regate_keep_ratio": 0.25, "regate_ema_beta": 0.8}
     with pytest.raises(

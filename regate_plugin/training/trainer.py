@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from transformers import DefaultFlowCallback
 
 from ..adapters import enable_token_elision
 from ..adapters.common import PLANNED_BATCH, plan_ahead
@@ -36,10 +37,10 @@ class TokenElisionTrainerMixin:
 
     On construction it builds the strategy from `token_elision_args` (or from the `--token_elision` /
     `--regate_*` fields of `args`), checks it against the tokenizer, installs it on the model (before any
-    DeepSpeed / DDP wrapping) and adds a `TokenElisionCallback` ahead of the logging callbacks. `train` first runs
-    the pre-flight check of the reference cache against the run and its first training samples
-    (`training/preflight.py`). Under gradient accumulation `num_items_in_batch` counts the loss terms elision keeps,
-    so the loss stays the mean over kept targets of the whole accumulated batch.
+    DeepSpeed / DDP wrapping) and adds a `TokenElisionCallback` after the Trainer's flow callback and ahead of the
+    logging callbacks. `train` first runs the pre-flight check of the reference cache against the run and its first
+    training samples (`training/preflight.py`). Under gradient accumulation `num_items_in_batch` counts the loss
+    terms elision keeps, so the loss stays the mean over kept targets of the whole accumulated batch.
     """
 
     token_elision_args: TokenElisionArguments | None = None
@@ -52,7 +53,9 @@ class TokenElisionTrainerMixin:
         self.token_elision = elision_args.build(tokenizer=_text_tokenizer(tokenizer))
         enable_token_elision(self.model, self.token_elision)
         self.token_elision_callback = TokenElisionCallback(self.token_elision)
-        self.callback_handler.callbacks.insert(0, self.token_elision_callback)
+        callbacks = self.callback_handler.callbacks  # after the flow callback (it decides saves), before the loggers
+        flow = [i for i, callback in enumerate(callbacks) if isinstance(callback, DefaultFlowCallback)]
+        callbacks.insert(flow[-1] + 1 if flow else 0, self.token_elision_callback)
         self.model_accepts_loss_kwargs = True  # the elided forward honours num_items_in_batch
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
