@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, TrainerCallback
 
-from regate_plugin.training import STATE_FILE
+from regate_plugin.store import ReferenceLossCache, ReferenceLossCacheWriter
+from regate_plugin.training import STATE_FILE, ResumeStateError
 
 from .trainer_helpers import cache_for, make_trainer, samples
 
@@ -85,3 +86,75 @@ def test_a_kill_during_a_checkpoint_save_leaves_a_checkpoint_with_its_state(tmp_
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6 and resumed.token_elision.step == 6
     assert resumed.token_elision.ema.observed() > 0
+
+
+def _rebuilt(source: Path, directory: Path, drop: int = 0) -> Path:
+    """`source`'s samples and losses written again in reverse order, three samples a shard (another layout of the
+    same token space, as a repaired cache has), without the last `drop` samples of that order."""
+    cache = ReferenceLossCache(source)
+    keys = list(cache.keys())[::-1][: len(cache) - drop]
+    manifest = cache.manifest
+    with ReferenceLossCacheWriter(
+        directory,
+        reference=manifest.reference,
+        tokenizer_fingerprint=manifest.tokenizer_fingerprint,
+        reference_mode=manifest.reference_mode,
+        dtype=manifest.dtype,
+        shard_samples=3,
+    ) as writer:
+        for key in keys:
+            writer.add(key, cache[key])
+    return directory
+
+
+def _per_key(values: torch.Tensor, keys: list[bytes], starts: Any, lengths: Any) -> dict[bytes, torch.Tensor]:
+    return {key: values[int(s) : int(s) + int(n)] for key, s, n in zip(keys, starts, lengths)}
+
+
+class _RestoredEMA(TrainerCallback):
+    """The EMA tables as the resumed run starts its first step."""
+
+    def __init__(self, elision: Any) -> None:
+        self.elision = elision
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.values = self.elision.ema.values[:-1].clone()
+        self.per_token = self.elision.ema.per_token[:-1].clone()
+
+
+def test_a_resume_into_a_rebuilt_cache_re_places_the_ema_by_sample_key(tmp_path):
+    rows = samples(8)
+    cache = cache_for(tmp_path / "cache", rows)
+    first = make_trainer(tmp_path / "a", rows, _regate(cache), max_steps=3, save_strategy="steps", save_steps=3)
+    first.train()
+    checkpoint = tmp_path / "a/out/checkpoint-3"
+    saved = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    layout = saved["reference_samples"]
+    keys = [bytes(k) for k in layout["keys"].numpy()]
+    want = _per_key(saved["ema"]["values"], keys, layout["starts"], layout["lengths"])
+    assert sum(int((~torch.isnan(v)).sum()) for v in want.values()) > 0
+
+    rebuilt = _rebuilt(cache, tmp_path / "rebuilt")
+    other = ReferenceLossCache(rebuilt)
+    assert other.layout_digest != ReferenceLossCache(cache).layout_digest and len(other.manifest.shards) == 3
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint)
+    resumed = make_trainer(tmp_path / "b", rows, _regate(rebuilt), model=model, max_steps=4)
+    restored = _RestoredEMA(resumed.token_elision)
+    resumed.add_callback(restored)  # after the token elision callback, which restores the state
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    starts, lengths = other.spans(other.locate(keys))
+    got = _per_key(restored.values, keys, starts, lengths)
+    for key in keys:
+        torch.testing.assert_close(got[key], want[key], equal_nan=True)
+    torch.testing.assert_close(restored.per_token, saved["ema"]["per_token"], equal_nan=True)
+
+    short = _rebuilt(cache, tmp_path / "short", drop=1)
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint)
+    flags = {**_regate(short), "regate_missing_reference": "ema"}  # the pre-flight check only warns of one miss
+    refused = make_trainer(tmp_path / "c", rows, flags, model=model, max_steps=4)
+    with (
+        pytest.warns(UserWarning, match="1 of the first 8"),
+        pytest.raises(ResumeStateError, match="1 of its 8 samples are missing .*--regate_resume_without_state fresh"),
+    ):
+        refused.train(resume_from_checkpoint=str(checkpoint))

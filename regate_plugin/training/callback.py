@@ -18,6 +18,7 @@ from ..core import distributed
 from ..core.config import is_state_neutral
 from ..core.errors import UserError
 from ..core.files import write_bytes_atomically
+from ..store import CacheError
 from ..strategies import ElisionStats, TokenElision
 from .arguments import CONFIG_FLAGS
 from .preflight import startup_summary
@@ -149,35 +150,40 @@ class TokenElisionCallback(TrainerCallback):
         """Restore the state saved in `checkpoint` on every rank (rank 0 carries the summed counts, the others
         restart theirs at 0).
 
-        A state that is missing, unreadable (a truncated file), another strategy's, or saved with other settings
-        (state-neutral ones aside) cannot continue the run: for a strategy that learns from the student's losses
+        A state that is missing, unreadable (a truncated file), another strategy's, saved with other settings
+        (state-neutral ones aside), or with an EMA that cannot be re-placed into this run's reference cache cannot
+        continue the run: for a strategy that learns from the student's losses
         that is a `ResumeStateError` unless `resume_without_state='fresh'`, which continues the schedule with an
         empty EMA and zeroed counts, as a strategy that learns nothing always does; both with a warning."""
         path = Path(checkpoint) / STATE_FILE
         state, problem = _read_state(path)
         if state is not None:
             problem = _unusable(state, self.elision)
-        if problem is not None:
-            if self.elision.capabilities.learns and self.elision.cfg.resume_without_state == "error":
-                raise ResumeStateError(
-                    f"resuming at step {global_step}: {problem}, so the student EMA of token elision "
-                    f"'{self.elision.name}' cannot be restored. Resume from a checkpoint this run's settings saved, "
-                    "or pass --regate_resume_without_state fresh (ReGATEConfig.resume_without_state='fresh') to "
-                    "continue the schedule from this step with an empty student EMA"
-                )
-            warnings.warn(
-                f"resuming at step {global_step}: {problem}; token elision '{self.elision.name}' continues the "
-                "schedule from this step with a fresh state (no student EMA learnt yet, counts from 0)",
-                stacklevel=2,
+        if problem is None:
+            if distributed.rank() != 0:
+                state["stats"] = {**state["stats"], **dict.fromkeys(_SUMMED_STATS, 0)}
+            try:
+                self.elision.load_state_dict(state)
+            except CacheError as err:  # an EMA that cannot be re-placed into this run's reference cache
+                problem = str(err)
+            else:
+                if self.elision.step != global_step:
+                    raise ValueError(
+                        f"{path} was saved at step {self.elision.step}, but the Trainer resumes at step {global_step}"
+                    )
+                return
+        if self.elision.capabilities.learns and self.elision.cfg.resume_without_state == "error":
+            raise ResumeStateError(
+                f"resuming at step {global_step}: {problem}, so the student EMA of token elision "
+                f"'{self.elision.name}' cannot be restored. Resume from a checkpoint this run's settings saved, "
+                "or pass --regate_resume_without_state fresh (ReGATEConfig.resume_without_state='fresh') to "
+                "continue the schedule from this step with an empty student EMA"
             )
-            return
-        if distributed.rank() != 0:
-            state["stats"] = {**state["stats"], **dict.fromkeys(_SUMMED_STATS, 0)}
-        self.elision.load_state_dict(state)
-        if self.elision.step != global_step:
-            raise ValueError(
-                f"{path} was saved at step {self.elision.step}, but the Trainer resumes at step {global_step}"
-            )
+        warnings.warn(
+            f"resuming at step {global_step}: {problem}; token elision '{self.elision.name}' continues the "
+            "schedule from this step with a fresh state (no student EMA learnt yet, counts from 0)",
+            stacklevel=2,
+        )
 
 
 def _read_state(path: Path) -> tuple[dict[str, Any] | None, str | None]:
