@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tokenizers
 import torch
+import transformers
 from transformers import LlavaForConditionalGeneration, TrainingArguments
 
 import regate_plugin as rg
@@ -265,6 +267,23 @@ def test_a_cache_of_other_data_fails_before_step_0_under_either_policy(tmp_path,
     cache = _precomputed(tmp_path / "cache", samples(4, seed=1))
     trainer = make_trainer(tmp_path, rows, _regate(cache, regate_missing_reference=policy))
     _fails_before_step_0(trainer, "4 of the first 4 training samples .* built from other data")
+
+
+def test_a_cache_tokenized_under_other_library_versions_names_them(tmp_path):
+    made = Provenance()  # as `regate precompute` records it: the installed versions
+    assert made.versions == {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    rows = samples(4)
+    other = {"transformers": "4.37.2", "tokenizers": "0.15.1"}
+    cache = _precomputed(tmp_path / "other", samples(4, seed=1), versions=other)  # its token ids differ
+    message = _fails_before_step_0(
+        make_trainer(tmp_path, rows, _regate(cache)),
+        "4 of the first 4 .* Likely cause: the cache was tokenized with tokenizers 0.15.1, transformers 4.37.2, this "
+        f"run has tokenizers {tokenizers.__version__}, transformers {transformers.__version__}",
+    )
+    assert "re-run `regate precompute` in this run's environment" in message
+    same = _precomputed(tmp_path / "same", samples(4, seed=1), versions=made.versions)
+    message = _fails_before_step_0(make_trainer(tmp_path, rows, _regate(same)), "built from other data")
+    assert "tokenized with tokenizers" not in message.split("The cache records")[0]
 
 
 def test_a_cache_given_to_a_strategy_that_reads_none_warns(tmp_path):
