@@ -1,7 +1,8 @@
 """Checkpoints under faults, through the real HF Trainer: a kill while a checkpoint is saved under
 `save_total_limit=1` (the state file is written atomically before the Trainer saves the model and rotates older
-checkpoints away), and a resume into a reference cache whose shards were rebuilt in another order (the EMA is
-re-placed by sample key)."""
+checkpoints away), a resume into a reference cache whose shards were rebuilt in another order (the EMA is
+re-placed by sample key), and an HF-native resume on transformers 5 (the checkpoint's keys renamed as
+`from_pretrained` renames them)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers import LlavaForConditionalGeneration, TrainerCallback
 from regate_plugin.store import ReferenceLossCache, ReferenceLossCacheWriter
 from regate_plugin.training import STATE_FILE, ResumeStateError
 
+from .tiny import tiny_llava
 from .trainer_helpers import cache_for, make_trainer, samples
 
 SCHEDULE = {"regate_warmup_steps": 2, "regate_cycle_steps": 4, "regate_dense_steps": 1}
@@ -158,3 +160,30 @@ def test_a_resume_into_a_rebuilt_cache_re_places_the_ema_by_sample_key(tmp_path)
         pytest.raises(ResumeStateError, match="1 of its 8 samples are missing .*--regate_resume_without_state fresh"),
     ):
         refused.train(resume_from_checkpoint=str(checkpoint))
+
+
+class _WeightsAtStart(TrainerCallback):
+    """The model's weights as the resumed run starts its first step (after the Trainer reloaded them)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+
+
+def test_an_hf_native_resume_loads_the_checkpoint_s_weights_into_a_fresh_model(tmp_path):
+    rows = samples(4)
+    flags = _regate(cache_for(tmp_path / "cache", rows))
+    make_trainer(tmp_path / "a", rows, flags, max_steps=2, save_strategy="steps", save_steps=2).train()
+    checkpoint = tmp_path / "a/out/checkpoint-2"
+    want = LlavaForConditionalGeneration.from_pretrained(checkpoint).state_dict()  # transformers' own loading
+    fresh = tiny_llava(seed=1)
+    initial = {name: value.detach().clone() for name, value in fresh.state_dict().items()}
+    assert initial.keys() == want.keys() and not torch.equal(initial["lm_head.weight"], want["lm_head.weight"])
+    resumed = make_trainer(tmp_path / "b", rows, flags, model=fresh, max_steps=3)
+    weights = _WeightsAtStart(fresh)
+    resumed.add_callback(weights)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, value in want.items():
+        torch.testing.assert_close(weights.state[name], value, rtol=0, atol=0, msg=name)
