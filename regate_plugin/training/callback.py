@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import pickle
 import warnings
@@ -17,7 +16,7 @@ from transformers import TrainerCallback
 from ..core import distributed
 from ..core.config import is_state_neutral
 from ..core.errors import UserError
-from ..core.files import write_bytes_atomically
+from ..core.files import replaced_on_success
 from ..store import CacheError
 from ..strategies import ElisionStats, TokenElision
 from .arguments import CONFIG_FLAGS
@@ -137,11 +136,11 @@ class TokenElisionCallback(TrainerCallback):
         totals = _global_sum([stats[name] for name in _SUMMED_STATS])
         saved["stats"] = {**saved["stats"], **dict(zip(_SUMMED_STATS, totals))}
         if distributed.rank() == 0:
-            buffer = io.BytesIO()
-            torch.save(saved, buffer)
-            write_bytes_atomically(
-                Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE, buffer.getvalue()
-            )
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+            with replaced_on_success(path) as staging, open(staging, "wb") as handle:
+                torch.save(saved, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
         if distributed.process_group_size() > 1:
             dist.barrier()
         self._saved_step = state.global_step
@@ -152,9 +151,9 @@ class TokenElisionCallback(TrainerCallback):
 
         A state that is missing, unreadable (a truncated file), another strategy's, saved with other settings
         (state-neutral ones aside), or with an EMA that cannot be re-placed into this run's reference cache cannot
-        continue the run: for a strategy that learns from the student's losses
-        that is a `ResumeStateError` unless `resume_without_state='fresh'`, which continues the schedule with an
-        empty EMA and zeroed counts, as a strategy that learns nothing always does; both with a warning."""
+        continue the run: for a strategy that learns from the student's losses that is a `ResumeStateError` unless
+        `resume_without_state='fresh'`, which continues the schedule with an empty EMA and zeroed counts, as a
+        strategy that learns nothing always does; both with a warning."""
         path = Path(checkpoint) / STATE_FILE
         state, problem = _read_state(path)
         if state is not None:
