@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
 
 import regate_plugin as rg
 from regate_plugin.adapters import UnsupportedModelError
@@ -60,9 +59,9 @@ def test_checkpoint_holds_the_state_and_resume_continues_schedule_and_ema(tmp_pa
     saved = torch.load(tmp_path / "a/out/checkpoint-3" / STATE_FILE, weights_only=True)
     assert saved["step"] == 3 and (~torch.isnan(saved["ema"]["values"])).sum() > 0
 
-    # transformers 5 saves LLaVA under its legacy key names, which only `from_pretrained` maps back (the Trainer's
-    # own reload does not), so the resumed run starts from a model loaded that way.
-    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a/out/checkpoint-3")
+    # A freshly initialised model: the Trainer's reload must bring the checkpoint's weights (on transformers 5 the
+    # integration renames the legacy keys LLaVA is saved under, as `from_pretrained` does).
+    model = tiny_llava(seed=1)
     resumed = make_trainer(tmp_path / "b", rows, flags, model=model, max_steps=6, save_strategy="steps", save_steps=3)
     assert resumed.token_elision.step == 0 and resumed.token_elision.ema.observed() == 0
     resumed.train(resume_from_checkpoint=str(tmp_path / "a/out/checkpoint-3"))

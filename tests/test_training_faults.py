@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tokenizers
 import torch
+import transformers
 from transformers import LlavaForConditionalGeneration, TrainingArguments
 
 import regate_plugin as rg
@@ -267,6 +269,23 @@ def test_a_cache_of_other_data_fails_before_step_0_under_either_policy(tmp_path,
     _fails_before_step_0(trainer, "4 of the first 4 training samples .* built from other data")
 
 
+def test_a_cache_tokenized_under_other_library_versions_names_them(tmp_path):
+    made = Provenance()  # as `regate precompute` records it: the installed versions
+    assert made.versions == {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    rows = samples(4)
+    other = {"transformers": "4.37.2", "tokenizers": "0.15.1"}
+    cache = _precomputed(tmp_path / "other", samples(4, seed=1), versions=other)  # its token ids differ
+    message = _fails_before_step_0(
+        make_trainer(tmp_path, rows, _regate(cache)),
+        "4 of the first 4 .* Likely cause: the cache was tokenized with tokenizers 0.15.1, transformers 4.37.2, this "
+        f"run has tokenizers {tokenizers.__version__}, transformers {transformers.__version__}",
+    )
+    assert "re-run `regate precompute` in this run's environment" in message
+    same = _precomputed(tmp_path / "same", samples(4, seed=1), versions=made.versions)
+    message = _fails_before_step_0(make_trainer(tmp_path, rows, _regate(same)), "built from other data")
+    assert "tokenized with tokenizers" not in message.split("The cache records")[0]
+
+
 def test_a_cache_given_to_a_strategy_that_reads_none_warns(tmp_path):
     rows = samples(2)
     cache = cache_for(tmp_path / "cache", rows)
@@ -321,6 +340,19 @@ def test_resume_without_state_fresh_continues_the_schedule_with_an_empty_ema(tmp
     elision = trainer.token_elision
     assert elision.step == 6 and elision.stats.batches == 3  # steps 3, 4, 5 only: the counts restarted
     assert 0 < elision.ema.observed() < saved["final"].token_elision.ema.observed()
+
+
+def test_a_truncated_state_file_is_named_and_fresh_gets_past_it(tmp_path, saved):
+    checkpoint = tmp_path / "checkpoint-3"
+    shutil.copytree(saved["checkpoint"], checkpoint)
+    state = checkpoint / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a write cut short
+    with pytest.raises(ResumeStateError, match=f"{state} cannot be read .*--regate_resume_without_state fresh"):
+        _resume(tmp_path / "a", saved, saved["flags"], checkpoint)
+    flags = {**saved["flags"], "regate_resume_without_state": "fresh"}
+    with pytest.warns(UserWarning, match=f"{state} cannot be read .*fresh state"):
+        trainer = _resume(tmp_path / "b", saved, flags, checkpoint)
+    assert trainer.token_elision.step == 6 and trainer.token_elision.stats.batches == 3
 
 
 def test_a_state_saved_with_other_settings_is_refused_naming_them(tmp_path, saved):

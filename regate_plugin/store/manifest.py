@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,21 @@ from .shards import CACHE_FORMAT, describe_shards, read_shard, shard_files
 
 MANIFEST_NAME = "manifest.json"
 CACHE_VERSION = 3  # 2 added per-sample visual rows, 3 the typed provenance
+
+
+TOKENIZING_PACKAGES = ("transformers", "tokenizers")
+"""Packages whose version can change how the same tokenizer files tokenize a sample."""
+
+
+def tokenization_versions() -> dict[str, str]:
+    """The installed versions of `TOKENIZING_PACKAGES` (those installed)."""
+    found = {}
+    for name in TOKENIZING_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 @dataclass(frozen=True)
@@ -27,6 +43,7 @@ class Provenance:
     image_token_id: int | None = None  # HF-native student: placeholders were expanded into this token
     image_folder: str | None = None
     data: tuple[str, ...] = ()  # the data files
+    versions: dict[str, str] | None = field(default_factory=tokenization_versions)  # None: not recorded
 
     def truncates_like(self, max_length: int | None) -> bool:
         """Whether a run that truncates at `max_length` (None: nowhere) cuts every sample as these samples were
@@ -38,7 +55,7 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Provenance:
-        return cls(**{**raw, "data": tuple(raw.get("data", ()))})
+        return cls(**{"versions": None, **raw, "data": tuple(raw.get("data", ()))})
 
 
 @dataclass

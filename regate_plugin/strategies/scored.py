@@ -16,7 +16,7 @@ from ..core import distributed
 from ..core.config import ReferenceScoredConfig
 from ..core.ema import DifficultyEMA, all_gather_observations
 from ..core.errors import UserError
-from ..core.keys import SampleKey, format_key
+from ..core.keys import KEY_BYTES, SampleKey, format_key
 from ..core.loss import TokenLoss
 from ..core.selection import select_kept_positions
 from ..store import CacheError, ReferenceStore, open_store
@@ -203,20 +203,84 @@ class ReferenceScoredElision(TokenElision):
             self.ema.update(slots, token_ids, losses)
 
     def state_dict(self) -> dict[str, Any]:
+        """The base state, the EMA, and the token-space layout it is aligned to: the digest, and each sample's key,
+        start and length, by which `load_state_dict` re-places the EMA into a store laid out otherwise."""
         if self._pending is not None:
             raise RuntimeError("the EMA holds observations not yet exchanged: call sync() on every rank first")
+        keys = list(self.reference.keys())
+        starts, lengths = self.reference.spans(self.reference.locate(keys))
         return {
             **super().state_dict(),
             "ema": self.ema.state_dict(),
             "reference_layout": self.reference.layout_digest,
+            "reference_samples": {
+                "keys": torch.from_numpy(np.frombuffer(b"".join(keys), np.uint8).reshape(-1, KEY_BYTES).copy()),
+                "starts": torch.from_numpy(starts),
+                "lengths": torch.from_numpy(lengths),
+                "tokens": self.reference.tokens,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        """Restore a saved state; an EMA saved over another layout of the same samples (a cache rebuilt or
+        repaired, its shards in another order) is re-placed by sample key. Raises `CacheError` when saved samples
+        are missing from the store or have other lengths, before anything is restored."""
+        ema = state["ema"]
         if state.get("reference_layout") != self.reference.layout_digest:
-            raise ValueError(
-                f"the saved EMA is aligned to another reference cache (layout {state.get('reference_layout')}), "
-                f"not {self.reference.directory} ({self.reference.layout_digest})"
-            )
-        self.ema.load_state_dict(state["ema"])
+            ema = {**ema, "values": self._replaced(ema["values"], state)}
+        super().load_state_dict(state)
+        self.ema.load_state_dict(ema)
         self._pending = None
+
+    def _replaced(self, values: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """The saved EMA `values`, laid out over the saved samples, re-placed into this store's token space."""
+        where = (
+            f"the saved EMA is aligned to another layout of reference cache (layout {state.get('reference_layout')})"
+        )
+        saved = state.get("reference_samples")
+        if saved is None:
+            raise CacheError(
+                f"{where}, not {self.reference.directory} ({self.reference.layout_digest}), and records no sample "
+                "keys to re-place it by: resume with the cache the checkpoint was trained with"
+            )
+        keys = [bytes(k) for k in saved["keys"].numpy()]
+        starts, lengths = self.reference.spans(self.reference.locate(keys))
+        saved_lengths = saved["lengths"].numpy()
+        wrong = np.flatnonzero((starts < 0) | (lengths != saved_lengths))
+        if wrong.size:
+            missing = int((starts < 0).sum())
+            first = int(wrong[0])
+            detail = (
+                "is not in it"
+                if starts[first] < 0
+                else f"has {lengths[first]} losses in it, {saved_lengths[first]} when saved"
+            )
+            raise CacheError(
+                f"{where}; re-placing it by sample key into {self.reference.directory}: {missing} of its "
+                f"{len(keys)} samples are missing and {wrong.size - missing} have other lengths (first: sample "
+                f"{format_key(keys[first])} {detail}): resume with the cache the checkpoint was trained with"
+            )
+        old_starts, old_tokens = saved["starts"].numpy(), int(saved["tokens"])
+        return replace_spans(
+            values, old_starts, starts, lengths, old_tokens, self.reference.tokens, self.cfg.ema_visual_slots
+        )
+
+
+def replace_spans(
+    values: torch.Tensor,
+    old_starts: np.ndarray,
+    new_starts: np.ndarray,
+    lengths: np.ndarray,
+    old_tokens: int,
+    new_tokens: int,
+    groups: int = 1,
+) -> torch.Tensor:
+    """EMA slot values over `groups` copies of an `old_tokens` token space, with each sample's span moved from its
+    old start to its new one in every copy (of `new_tokens` each); NaN where no saved span lands."""
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    group = np.arange(groups)[:, None]
+    source = (np.repeat(old_starts, lengths) + within)[None, :] + group * old_tokens
+    target = (np.repeat(new_starts, lengths) + within)[None, :] + group * new_tokens
+    out = torch.full((groups * new_tokens,), float("nan"), dtype=values.dtype)
+    out[torch.from_numpy(target.ravel())] = values[torch.from_numpy(source.ravel())]
+    return out

@@ -5,7 +5,8 @@ message that cannot say why. `check_cache_fits` first compares what the cache's 
 length; the tokenizer fingerprint is checked when the strategy is built) with what the run states, then keys the
 first samples of the training set, collated as training collates them, and looks them up. A miss fails naming the
 likely cause, read off the missing samples themselves: placeholders expanded or not (`--image-token-id`), the runs
-of expanded visual rows (`--visual-tokens`), samples longer than the cache's max length.
+of expanded visual rows (`--visual-tokens`), samples longer than the cache's max length, a cache tokenized under
+other `transformers` / `tokenizers` versions.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..core.keys import batch_sample_keys, format_key
 from ..core.schedule import first_sparse_step
 from ..data import PLACEHOLDER_IDS, DataError, get_template
 from ..store import CacheError, CacheManifest, ReferenceStore
+from ..store.manifest import tokenization_versions
 from ..strategies import BatchLayout, TokenElision
 
 PREFLIGHT_SAMPLES = 64
@@ -114,7 +116,17 @@ def sample_causes(manifest: CacheManifest, samples: list[np.ndarray], run: RunFa
             f"this run has samples of {longest} tokens, but the cache was made with --max-length {limit}, which "
             f"truncated them: re-run `regate precompute` with this run's max length"
         )
+    if made is not None and made.versions is not None and made.versions != (installed := tokenization_versions()):
+        causes.append(
+            f"the cache was tokenized with {_versions(made.versions)}, this run has {_versions(installed)}; the "
+            "same tokenizer files can tokenize a sample into other tokens under another version: re-run "
+            "`regate precompute` in this run's environment"
+        )
     return causes
+
+
+def _versions(versions: dict[str, str]) -> str:
+    return ", ".join(f"{name} {version}" for name, version in sorted(versions.items())) or "none recorded"
 
 
 def _settings(cache: ReferenceStore) -> str:
@@ -128,6 +140,7 @@ def _settings(cache: ReferenceStore) -> str:
         "image token id": made.image_token_id,
         "visual rows": cache.manifest.visual_rows,
         "data": ", ".join(made.data) or "?",
+        "tokenized with": "?" if made.versions is None else _versions(made.versions),
     }
     return ", ".join(f"{name} {value}" for name, value in recorded.items())
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from transformers import DefaultFlowCallback
 
 from ..adapters import enable_token_elision
 from ..adapters.common import PLANNED_BATCH, plan_ahead
@@ -32,15 +33,39 @@ def _visual_token_ids(model: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0))
 
 
+def _checkpoint_key_renamer(model: Any) -> Callable[[str], str] | None:
+    """How `from_pretrained` renames `model`'s checkpoint keys to its module names (transformers 5's weight
+    renamings), or None where it renames none (transformers 4, a model without renamings, or one whose mapping also
+    converts tensors, which the Trainer's reload cannot do by renaming)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: checkpoints hold the module names
+        return None
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    transforms = get_model_conversion_mapping(model)
+    if not transforms or not all(isinstance(t, WeightRenaming) for t in transforms):
+        return None
+    expected = model.state_dict()
+
+    def rename(key: str) -> str:
+        return rename_source_key(key, transforms, [], model.base_model_prefix, expected)[0]
+
+    return rename
+
+
 class TokenElisionTrainerMixin:
     """Put in front of a `transformers.Trainer` subclass: `class MyTrainer(TokenElisionTrainerMixin, Trainer)`.
 
     On construction it builds the strategy from `token_elision_args` (or from the `--token_elision` /
     `--regate_*` fields of `args`), checks it against the tokenizer, installs it on the model (before any
-    DeepSpeed / DDP wrapping) and adds a `TokenElisionCallback` ahead of the logging callbacks. `train` first runs
-    the pre-flight check of the reference cache against the run and its first training samples
-    (`training/preflight.py`). Under gradient accumulation `num_items_in_batch` counts the loss terms elision keeps,
-    so the loss stays the mean over kept targets of the whole accumulated batch.
+    DeepSpeed / DDP wrapping) and adds a `TokenElisionCallback` after the Trainer's flow callback and ahead of the
+    logging callbacks. `train` first runs the pre-flight check of the reference cache against the run and its first
+    training samples (`training/preflight.py`). Under gradient accumulation `num_items_in_batch` counts the loss
+    terms elision keeps, so the loss stays the mean over kept targets of the whole accumulated batch.
     """
 
     token_elision_args: TokenElisionArguments | None = None
@@ -54,7 +79,9 @@ class TokenElisionTrainerMixin:
         self.token_elision = elision_args.build(tokenizer=_text_tokenizer(tokenizer))
         enable_token_elision(self.model, self.token_elision)
         self.token_elision_callback = TokenElisionCallback(self.token_elision)
-        self.callback_handler.callbacks.insert(0, self.token_elision_callback)
+        callbacks = self.callback_handler.callbacks  # after the flow callback (it decides saves), before the loggers
+        flow = [i for i, callback in enumerate(callbacks) if isinstance(callback, DefaultFlowCallback)]
+        callbacks.insert(flow[-1] + 1 if flow else 0, self.token_elision_callback)
         self.model_accepts_loss_kwargs = True  # the elided forward honours num_items_in_batch
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -66,6 +93,29 @@ class TokenElisionTrainerMixin:
             self.token_elision_callback.resume_from_checkpoint = resume_from_checkpoint
         self.check_reference_cache()
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """The Trainer's own weight reload, with the checkpoint's keys renamed as `from_pretrained` renames them.
+
+        transformers 5 saves some models (LLaVA-family, Qwen2-VL, ...) under their older key names and maps them back
+        only in `from_pretrained`; the Trainer's reload (`model.load_state_dict(checkpoint, strict=False)`, per
+        shard) does not, so a resumed run went on from the weights the model already had, with a "missing keys"
+        warning (upstream transformers issue 43701). transformers 4 saves the module names: nothing to rename."""
+        target = model if model is not None else self.model
+        rename = _checkpoint_key_renamer(target)
+        if rename is None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_state_dict = target.load_state_dict
+
+        def load_renamed(state_dict: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            return load_state_dict({rename(key): value for key, value in state_dict.items()}, *args, **kwargs)
+
+        target.load_state_dict = load_renamed
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        finally:
+            del target.load_state_dict
 
     def check_reference_cache(self) -> None:
         """The pre-flight check: the cache's manifest against this run, and its first training samples' keys
