@@ -82,13 +82,19 @@ class DifficultyEMA:
         if slots.numel() == 0:
             return
         losses = losses.detach().to(self.device, torch.float64)
-        finite = torch.isfinite(losses)
-        losses = torch.where(finite, losses, torch.zeros_like(losses))  # the discard entry gets them, as zeros
-        dropped = torch.full_like(finite, -1, dtype=torch.int64)
-        slots = torch.where(finite, slots.to(self.device), dropped)
-        token_ids = torch.where(finite, token_ids.to(self.device), dropped)
-        fold_ema(self.values, self._index(slots, self.slots), losses, self.beta)
-        fold_ema(self.per_token, self._index(token_ids, self.vocab_size), losses, self.beta)
+        dropped = ~torch.isfinite(losses)  # the discard entries get them, as zeros
+        slots = self._index(slots.to(self.device), self.slots).masked_fill(dropped, self.slots)
+        token_ids = self._index(token_ids.to(self.device), self.vocab_size).masked_fill(dropped, self.vocab_size)
+        losses = losses.masked_fill(dropped, 0.0)
+        # Both tables in one fold: the per-token entries follow the slot entries in one index space.
+        old = torch.cat([self.values[slots].to(torch.float64), self.per_token[token_ids].to(torch.float64)])
+        new = fold_ema(torch.cat([slots, token_ids + (self.slots + 1)]), losses.repeat(2), old, self.beta)
+        n = slots.numel()
+        # every observation of an entry writes the same value; a float16 table saturates at its largest finite value
+        # (65504) rather than overflowing to an inf that no later observation could bring back
+        self.values[slots] = _saturated(new[:n], self.values.dtype)
+        self.per_token[token_ids] = _saturated(new[n:], self.per_token.dtype)
+        self.values[-1] = self.per_token[-1] = float("nan")
 
     @staticmethod
     def _index(ids: torch.Tensor, size: int) -> torch.Tensor:
@@ -111,37 +117,35 @@ class DifficultyEMA:
         self.per_token = torch.cat([per_token.float(), nan]).to(self.device)
 
 
-def fold_ema(table: torch.Tensor, index: torch.Tensor, losses: torch.Tensor, beta: float) -> None:
-    """Apply the sequential EMA updates table[index[i]] <- losses[i], i = 0, 1, ... in place (closed form).
+def _saturated(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    bound = torch.finfo(dtype).max
+    return values.clamp(-bound, bound).to(dtype)
 
-    The last entry of `table` is the discard entry (reset to NaN). Sums run in float64 over a stable sort by
-    entry, so the result depends only on the sequence, not on the device's scatter order.
+
+def fold_ema(index: torch.Tensor, losses: torch.Tensor, old: torch.Tensor, beta: float) -> torch.Tensor:
+    """The value of each observation's entry after the sequential EMA updates m[index[i]] <- losses[i], i = 0, 1, ...
+    (closed form), from `old` (float64, each observation's entry before; NaN: no value yet). Float64.
+
+    Sums run in float64 over a stable sort by entry, so the result depends only on the sequence, not on the device's
+    scatter order; no host sync.
     """
     n = index.numel()
     order = torch.sort(index, stable=True).indices
-    entry, x = index[order], losses[order].to(torch.float64)
+    entry, x, before = index[order], losses[order].to(torch.float64), old[order]
     position = torch.arange(n, device=index.device)
     starts = torch.ones(n, dtype=torch.bool, device=index.device)
     starts[1:] = entry[1:] != entry[:-1]
-    ends = torch.ones_like(starts)
-    ends[:-1] = starts[1:]
-    first = torch.cummax(torch.where(starts, position, torch.zeros_like(position)), 0).values
-    last = torch.flip(
-        torch.cummin(torch.flip(torch.where(ends, position, torch.full_like(position, n)), [0]), 0).values, [0]
-    )
-    rank, count = position - first, last - first + 1  # i and k of each observation within its entry
-    old = table[entry].to(torch.float64)
-    unseen = torch.isnan(old)
-    decay = torch.pow(torch.full_like(x, beta), (count - 1 - rank).to(torch.float64))
+    first = torch.cummax(torch.where(starts, position, 0), 0).values  # each observation's entry's first one
+    count = torch.zeros_like(position).index_add_(0, first, torch.ones_like(position))[first]
+    rank = position - first  # i and k of each observation within its entry
+    unseen = torch.isnan(before)
+    decay = torch.pow(beta, (count - 1 - rank).to(torch.float64))
     weight = torch.where(unseen & (rank == 0), decay, (1.0 - beta) * decay)
-    prefix = torch.cumsum(weight * x, 0)
-    total = prefix[last] - torch.where(first > 0, prefix[(first - 1).clamp(min=0)], torch.zeros_like(prefix))
-    kept = torch.where(unseen, torch.zeros_like(old), old * beta ** count.to(torch.float64))
-    # every observation of an entry writes the same value; a float16 table saturates at its largest finite value
-    # (65504) rather than overflowing to an inf that no later observation could bring back
-    bound = torch.finfo(table.dtype).max
-    table[entry] = (kept + total).clamp(-bound, bound).to(table.dtype)
-    table[-1] = float("nan")
+    terms = weight * x
+    prefix = torch.cumsum(terms, 0)
+    total = prefix[first + count - 1] - (prefix - terms)[first]
+    kept = torch.where(unseen, 0.0, before * torch.pow(beta, count.to(torch.float64)))
+    return torch.empty_like(kept).index_put_((order,), kept + total)
 
 
 def all_gather_observations(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -133,8 +133,7 @@ def train_mode(
     model = copy.deepcopy(setup.start)
     model.train()
     tokenizer = setup.processor.tokenizer
-    reference = {"reference": setup.cache_dir, "tokenizer": tokenizer} if mode == "regate" else {}
-    elision = build_token_elision(mode, schedule, **reference)
+    elision = build_token_elision(mode, schedule, reference=setup.cache_dir, tokenizer=tokenizer)
     enable_token_elision(model, elision)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     meter = SavedActivations(model)

@@ -34,7 +34,8 @@ class SampleRows:
 
     starts: torch.Tensor  # int64 [B]: each row's first EMA slot (its start in the store's token space, plus its visual
     # slot group x the store's tokens), -1 if absent
-    reference: torch.Tensor  # float32 [B, W]: each row's reference losses by answer ordinal, NaN past its end
+    reference: torch.Tensor | None  # float32 [B, W]: each row's reference losses by answer ordinal, NaN past its
+    # end; None on a dense step (nothing is selected)
 
 
 def ema_slots(starts: torch.Tensor, ordinals: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,8 @@ class ReferenceScoredElision(TokenElision):
         device: torch.device,
         visual_fingerprints: torch.Tensor | None = None,
     ) -> SampleRows:
-        """Locate the batch in the store (host, vectorised), check it, and stage its reference losses on `device`.
+        """Locate the batch in the store (host, vectorised), check it, and stage its reference losses on `device`
+        (on sparse steps: a dense one selects nothing).
         With `ema_visual_slots` V > 1, a row's EMA slots are those of its text in group fingerprint mod V (group 0
         without a fingerprint); the reference losses are the text's."""
         assert sample_keys is not None
@@ -151,15 +153,15 @@ class ReferenceScoredElision(TokenElision):
                 f"{lengths[b]} reference losses in {self.reference.directory}: the cache was built with another "
                 "template or max length"
             )
-        width = max(int(layout.targets.max(initial=0)), 1)
         ema_starts = torch.from_numpy(starts).to(device, non_blocking=True)
         if visual_fingerprints is not None and self.cfg.ema_visual_slots > 1:
             group = torch.remainder(visual_fingerprints, self.cfg.ema_visual_slots)
             ema_starts = torch.where(ema_starts >= 0, ema_starts + group * self.reference.tokens, ema_starts)
-        return SampleRows(
-            starts=ema_starts,
-            reference=torch.from_numpy(self.reference.losses_block(rows, width)).to(device, non_blocking=True),
-        )
+        if self.is_dense():
+            return SampleRows(starts=ema_starts, reference=None)
+        width = max(int(layout.targets.max(initial=0)), 1)
+        reference = torch.from_numpy(self.reference.losses_block(rows, width)).to(device, non_blocking=True)
+        return SampleRows(starts=ema_starts, reference=reference)
 
     def select(
         self,
@@ -169,6 +171,7 @@ class ReferenceScoredElision(TokenElision):
         rows: SampleRows,
         keep: torch.Tensor,
     ) -> torch.Tensor:
+        assert rows.reference is not None  # staged on every sparse step
         reference = rows.reference.gather(1, ordinals.clamp(0, rows.reference.shape[1] - 1))
         difficulty = self.ema.lookup(ema_slots(rows.starts, ordinals, candidates), targets)
         scores = self.score(difficulty, reference, candidates)
