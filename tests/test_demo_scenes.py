@@ -11,7 +11,14 @@ from regate_plugin.eval.runners import HFRunner
 from regate_plugin.data import expand_placeholders, get_template, iter_conversations
 from regate_plugin.demo import DemoConfig, run_demo
 from regate_plugin.demo.models import processor_for, train_tokenizer
-from regate_plugin.demo.scenes import CELLS, COLOURS, EMPTY, SceneBenchmark, generate_describe, generate_refer_back
+from regate_plugin.demo.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    COUNTS,
+    SceneBenchmark,
+    generate_describe,
+    generate_refer_back,
+)
 from regate_plugin.demo.tasks import TASKS
 
 
@@ -22,11 +29,9 @@ def _read(root, row) -> np.ndarray:
 
 
 def _colour_of(pixels: np.ndarray) -> str:
-    """The named colour nearest to the brightest pixels of a region; `empty` where the region is dark."""
+    """The named colour nearest to the bright pixels of a black image."""
     bright = pixels.reshape(-1, 3)
     bright = bright[bright.sum(axis=1) > 150]
-    if len(bright) < 20:
-        return EMPTY
     mean = bright.mean(axis=0)
     return min(COLOURS, key=lambda c: float(np.abs(mean - np.array(COLOURS[c])).sum()))
 
@@ -43,35 +48,39 @@ def describe(tmp_path_factory):
     )
 
 
-def test_refer_back_images_show_the_colour_and_side_the_answer_states_twice(refer):
+def test_refer_back_images_show_the_colour_and_size_the_answer_states_twice(refer):
     rows = json.loads(refer.train_json.read_text()) + json.loads(refer.test_json.read_text())
     for row in rows:
         image = _read(refer.root, row)
-        half = image.shape[1] // 2
-        sides = {"left": image[:, :half], "right": image[:, half:]}
-        side = max(sides, key=lambda s: float(sides[s].sum()))
-        colour = _colour_of(sides[side])
+        colour = _colour_of(image)
+        lit = int((image.sum(axis=2) > 150).sum())
+        size = "big" if lit > 100 else "small"  # 14 x 14 = 196 pixels against 6 x 6 = 36, JPEG edges aside
         answer = row["conversations"][1]["value"]
-        assert answer == f"The square is {colour} and on the {side}. So the {colour} square is the one on the {side}."
+        assert answer == f"The square is {colour} and {size}. So the {size} square is the {colour} one."
         if "visual_spans" in row:  # the first mentions need the image, the restatements do not
-            assert [answer[a:b] for a, b in row["visual_spans"]] == [colour, side]
+            assert [answer[a:b] for a, b in row["visual_spans"]] == [colour, size]
             assert row["visual_spans"][1][1] <= answer.index(". So")
 
 
-def test_describe_images_show_each_cell_the_answer_describes(describe):
+def test_describe_images_show_the_four_facts_the_answer_states(describe):
     for row in json.loads(describe.train_json.read_text()) + json.loads(describe.test_json.read_text()):
         image = _read(describe.root, row)
+        near = {b: int((np.abs(image - np.array(v)).sum(axis=2) < 60).sum()) for b, v in BACKGROUNDS.items()}
+        background = max(near, key=near.__getitem__)
+        square = np.abs(image - np.array(BACKGROUNDS[background])).sum(axis=2) > 120
         cell = image.shape[0] // 2
-        contents = [
-            _colour_of(image[(i // 2) * cell : (i // 2 + 1) * cell, (i % 2) * cell : (i % 2 + 1) * cell])
-            for i in range(4)
+        quarters = [
+            square[(q // 2) * cell : (q // 2 + 1) * cell, (q % 2) * cell : (q % 2 + 1) * cell] for q in range(4)
         ]
+        count = COUNTS[sum(int(q.sum()) > 16 for q in quarters) - 1]
+        size = "big" if square.sum() / (COUNTS.index(count) + 1) > 100 else "small"  # 196 against 36 pixels
+        colour = min(COLOURS, key=lambda c: float(np.abs(image[square].mean(axis=0) - COLOURS[c]).sum()))
         answer = row["conversations"][1]["value"]
-        for name, content in zip(CELLS, contents):
-            said = f"the {name} cell is empty" if content == EMPTY else f"the {name} cell holds a {content} square"
-            assert said in answer.lower(), (answer, contents)
+        assert f"The background is {background}." in answer and f"{count} square" in answer
+        assert f"{'is' if count == 'one' else 'are'} {size}." in answer and answer.endswith(f"colour is {colour}.")
         if "visual_spans" in row:
-            assert [answer[a:b] for a, b in row["visual_spans"]] == contents
+            verb = "is" if count == "one" else "are"
+            assert [answer[a:b] for a, b in row["visual_spans"]] == [background, verb, count, size, colour]
 
 
 def test_the_whole_answer_is_scored_by_gqa_s_rule(refer):

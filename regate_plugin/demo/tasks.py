@@ -3,7 +3,7 @@
 - `squares` (the default): video clips we draw with PyAV (`demo.data`), scored by the MVBench harness's official
   protocol.
 - `easy-vqa`: images and questions a third party made (`demo.easy_vqa`), scored by the harness's GQA rule.
-- `refer-back`, `describe`: drawn images whose answers refer back to the facts they state, or describe four cells
+- `refer-back`, `describe`: drawn images whose answers refer back to the facts they state, or state four facts
   (`demo.scenes`), scored by the whole generated answer under the GQA rule.
 """
 
@@ -37,7 +37,7 @@ class DemoTask:
     video: bool  # clips (frames sampled by MVBench's official rule) or single images
     steps: int  # the demo's default training steps per mode
     test_per_task: int  # the demo's default test questions per MVBench task (squares) / per colour (easy-vqa) / per
-    # group of facts (refer-back: colour and side; describe: the first cell)
+    # group of facts (refer-back: colour and size; describe: all four facts)
     generate: Callable[[Path, int, int, int, bool], DemoSplits]  # root, train size, test per task, seed, progress
     score: Scorer
 
@@ -92,7 +92,7 @@ TASKS: dict[str, DemoTask] = {
         generate=easy_vqa.generate,
         score=partial(_score_image, easy_vqa.EasyVQABenchmark),
     ),
-    # 8-pixel patches of a 32-pixel image: 16 visual rows, the left and right halves 8 each
+    # 8-pixel patches of a 32-pixel image: 16 visual rows
     "refer-back": DemoTask(
         "refer-back",
         "whole answer",
@@ -104,7 +104,7 @@ TASKS: dict[str, DemoTask] = {
         generate=scenes.generate_refer_back,
         score=partial(_score_image, scenes.SceneBenchmark),
     ),
-    # 8-pixel patches of a 32-pixel image: 16 visual rows, 4 per cell
+    # 8-pixel patches of a 32-pixel image: 16 visual rows
     "describe": DemoTask(
         "describe",
         "whole answer",
@@ -112,7 +112,7 @@ TASKS: dict[str, DemoTask] = {
         patch=8,
         video=False,
         steps=600,
-        test_per_task=12,
+        test_per_task=1,
         generate=scenes.generate_describe,
         score=partial(_score_image, scenes.SceneBenchmark),
     ),
