@@ -92,8 +92,8 @@ TASKS: dict[str, DemoTask] = {
         generate=easy_vqa.generate,
         score=partial(_score_image, easy_vqa.EasyVQABenchmark),
     ),
-    # 8-pixel patches of a 32-pixel image: 16 visual rows. `none` plateaus by 800 steps (seed 0: exact match 71.9,
-    # 96.9, 98.4 at 600, 700, 800; docs/BENCHMARKS.md)
+    # 8-pixel patches of a 32-pixel image: 16 visual rows. `none` plateaus by 800 steps on seed 0 (exact match 71.9,
+    # 96.9, 98.4 at 600, 700, 800) but has not left the text prior on seed 1 (14.1; docs/BENCHMARKS.md)
     "refer-back": DemoTask(
         "refer-back",
         "whole answer",
