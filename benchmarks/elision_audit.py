@@ -26,8 +26,8 @@ import torch
 from sample_efficiency import SETTINGS, VARIANTS, load_records, record_of, run_key, settings_of, write_records
 
 from regate_plugin.adapters import enable_token_elision
-from regate_plugin.core import IGNORE_INDEX, build_token_elision
-from regate_plugin.core.keys import sample_key
+from regate_plugin.core import IGNORE_INDEX
+from regate_plugin.core.keys import SampleKey, sample_key
 from regate_plugin.demo import (
     CLOCKS,
     CurvePoint,
@@ -35,7 +35,7 @@ from regate_plugin.demo import (
     DemoResult,
     DemoSetup,
     TrainSample,
-    _collate,
+    collate,
     easy_vqa,
     evaluate,
     prepare,
@@ -43,6 +43,8 @@ from regate_plugin.demo import (
 )
 from regate_plugin.demo import data as squares
 from regate_plugin.demo.tasks import TASKS
+from regate_plugin.strategies import build_token_elision
+from regate_plugin.strategies.scored import ReferenceScoredElision, ema_slots
 
 WORDS = {
     **{c: "colour" for c in (*scenes.COLOURS, *squares.COLOURS, *easy_vqa.COLOURS)},
@@ -77,7 +79,7 @@ def token_accuracy(model: torch.nn.Module, test: list[TrainSample], test_roles: 
     hits: dict[str, list[bool]] = defaultdict(list)
     for i in range(0, len(test), 16):
         rows = test[i : i + 16]
-        batch = _collate(rows, pad_id)
+        batch = collate(rows, pad_id)
         labels = batch.pop("labels")
         right = model(**batch).logits[:, :-1].argmax(-1) == labels[:, 1:]
         supervised = labels[:, 1:] != IGNORE_INDEX
@@ -87,7 +89,19 @@ def token_accuracy(model: torch.nn.Module, test: list[TrainSample], test_roles: 
     return {role: 100.0 * sum(v) / len(v) for role, v in hits.items()}
 
 
-def scores(elision: Any, samples: list[TrainSample], sample_roles: list[list[str]]) -> dict[str, dict[str, float]]:
+def difficulty(elision: ReferenceScoredElision, key: SampleKey, targets: torch.Tensor) -> list[float]:
+    """The student EMA of one sample's answer tokens (by ordinal and target id); NaN where unseen."""
+    elision.sync()
+    (start,), _ = elision.reference.spans(elision.reference.locate([key]))
+    device = elision.ema.device
+    ordinals = torch.arange(len(targets), device=device).unsqueeze(0)
+    slots = ema_slots(torch.tensor([start], device=device), ordinals, torch.ones_like(ordinals, dtype=torch.bool))
+    return elision.ema.lookup(slots[0], targets.to(device)).tolist()
+
+
+def scores(
+    elision: ReferenceScoredElision, samples: list[TrainSample], sample_roles: list[list[str]]
+) -> dict[str, dict[str, float]]:
     """Mean reference loss and student EMA per role over the audited training samples (EMA: NaN where unseen)."""
     reference: dict[str, list[float]] = defaultdict(list)
     ema: dict[str, list[float]] = defaultdict(list)
@@ -95,8 +109,7 @@ def scores(elision: Any, samples: list[TrainSample], sample_roles: list[list[str
         key = sample_key(sample.input_ids, [label != IGNORE_INDEX for label in sample.labels])
         targets = torch.tensor([label for label in sample.labels if label != IGNORE_INDEX])
         losses = elision.reference[key][: len(targets)].tolist()
-        difficulty = elision.difficulty(key, torch.arange(len(targets)), targets).tolist()
-        for role, r, d in zip(row_roles, losses, difficulty):
+        for role, r, d in zip(row_roles, losses, difficulty(elision, key, targets)):
             reference[role].append(r)
             if d == d:
                 ema[role].append(d)
@@ -118,8 +131,7 @@ def audit_run(setup: DemoSetup, run: str, keep: float) -> tuple[dict[str, Any], 
     tokenizer = setup.processor.tokenizer
     model = copy.deepcopy(setup.start)
     model.train()
-    reference = {"reference": setup.cache_dir, "tokenizer": tokenizer} if mode == "regate" else {}
-    elision = build_token_elision(mode, schedule, **reference)
+    elision = build_token_elision(mode, schedule, reference=setup.cache_dir, tokenizer=tokenizer)
     enable_token_elision(model, elision)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     train_roles = [roles(s, tokenizer) for s in setup.samples]
@@ -131,7 +143,7 @@ def audit_run(setup: DemoSetup, run: str, keep: float) -> tuple[dict[str, Any], 
     answer_tokens, seconds, clock = 0, 0.0, CLOCKS[cfg.clock]
     for step in range(cfg.steps):
         index = [(step * cfg.batch_size + j) % len(setup.samples) for j in range(cfg.batch_size)]
-        batch = _collate([setup.samples[i] for i in index], tokenizer.pad_token_id)
+        batch = collate([setup.samples[i] for i in index], tokenizer.pad_token_id)
         began = clock()
         elision.set_step(step)
         out = model(**batch)
@@ -159,7 +171,7 @@ def audit_run(setup: DemoSetup, run: str, keep: float) -> tuple[dict[str, Any], 
             model.eval()
             accuracy = token_accuracy(model, setup.test_samples, test_roles, tokenizer.pad_token_id)
             point: dict[str, Any] = {"step": step + 1, "accuracy": accuracy}
-            if mode == "regate":
+            if isinstance(elision, ReferenceScoredElision):
                 point["scores"] = scores(elision, setup.samples[:AUDITED], train_roles[:AUDITED])
             model.train()
             curve.append(point)
