@@ -46,6 +46,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ema_dense": {"elision_unit": "target", "ema_observe": "dense"},
     "lam0": {"elision_unit": "target", "lam": 0.0},
     "lam1": {"elision_unit": "target", "lam": 1.0},
+    # issue 25's options: each kept target's input kept too; restated tokens ranked last; both; the schedule scaled
+    # to the run (`--steps`)
+    "with_input": {"elision_unit": "with_input"},
+    "repeats_last": {"elision_unit": "target", "repeats": "last"},
+    "with_input_repeats": {"elision_unit": "with_input", "repeats": "last"},
+    "auto": {"elision_unit": "target", "schedule": "auto"},
+    "with_input_auto": {"elision_unit": "with_input", "repeats": "last", "schedule": "auto"},
     # the library's schedule (the paper's) instead of the demo's, which is scaled to its 400 steps
     "library_schedule": {
         "elision_unit": "target",
@@ -99,9 +106,23 @@ def write_records(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(handle.name, path)
 
 
+def plateau(curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's last two evaluations (step, accuracy, exact match) and their changes: `none` has reached its
+    plateau when both changes are within the test split's noise."""
+    before, last = curve[-2], curve[-1]
+    return {
+        "steps": [before["step"], last["step"]],
+        "accuracy": [before["accuracy"], last["accuracy"]],
+        "exact_match": [before["exact_match"], last["exact_match"]],
+        "change": {m: last[m] - before[m] for m in ("accuracy", "exact_match")},
+    }
+
+
 def record_of(result: DemoResult, task: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     curve = [asdict(point) for point in result.curve]
     return {
+        "run_length": settings["steps"],
+        "plateau": plateau(curve),
         "task": task,
         "mode": result.mode,
         "variant": result.variant,
@@ -152,7 +173,7 @@ def run_grid(args: argparse.Namespace, settings: dict[str, Any], path: Path) -> 
         work = Path(tempfile.mkdtemp(prefix=f"sample-efficiency-{seed}-", dir=args.work))
         setup = prepare(work, cfg)
         for mode, variant, keep in pending:
-            schedule = cfg.schedule(keep_ratio=keep, **VARIANTS.get(variant, {}))
+            schedule = cfg.schedule(keep_ratio=keep, **VARIANTS.get(variant, {})).scaled_to(cfg.steps)
             result = train_mode(setup, mode, schedule, variant, save=False)
             records = load_records(path)  # another invocation may have appended meanwhile
             records.append(record_of(result, args.task, seed, settings))
@@ -276,6 +297,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "answer_tokens": [seeds[s]["final"]["answer_tokens"] for s in sorted(seeds)],
             "train_seconds": [seeds[s]["final"]["train_seconds"] for s in sorted(seeds)],
             "reach_none_peak": reach,
+            "last_change": [plateau(seeds[s]["curve"])["change"] for s in sorted(seeds)],
         }
         control = by_run.get(("random", "target", run[2]), {})
         if run[0] != "random" and run[0] != "none" and control:
@@ -347,6 +369,14 @@ def table(rows: dict[str, Any]) -> str:
             f"| {statistics.fmean(row['answer_tokens']):,.0f} | {_mean_sd(row['train_seconds'])} "
             f"| {_shares(row, 'tokens')} | {_shares(row, 'seconds')} | {_reached(row, 0.6)} | {_reached(row, 0.35)} |"
         )
+    lines += [
+        "",
+        "| run | change over its last two evaluations, per seed (accuracy / exact match) |",
+        "|---|---|",
+    ]
+    for name, row in rows.items():
+        changes = " ".join(f"{c['accuracy']:+.1f}/{c['exact_match']:+.1f}" for c in row["last_change"])
+        lines.append(f"| {name} | {changes} |")
     lines += [
         "",
         "| run | against | seeds | Δ final acc (wins, t-test p, sign p) | Δ exact match (wins, p) "

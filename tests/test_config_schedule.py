@@ -95,6 +95,9 @@ _NON_DEFAULT = {
     "ema_observe": ("dense", "dense"),
     "ema_visual_slots": ("4", 4),
     "resume_without_state": ("fresh", "fresh"),
+    "repeats": ("last", "last"),
+    "schedule": ("auto", "auto"),
+    "total_steps": ("600", 600),
 }
 _OLD_FLAG_NAMES = {"lam": "--regate_lambda"}  # the names users have been passing; they must keep working
 

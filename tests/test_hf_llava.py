@@ -282,7 +282,7 @@ def _keys(batch):
     return batch_sample_keys(batch["input_ids"], batch["labels"], batch["attention_mask"])
 
 
-UNITS = ("target", "pair", "loss_only")
+UNITS = ("target", "pair", "with_input", "loss_only")
 
 
 @pytest.mark.parametrize("mode", ["regate", "random"])

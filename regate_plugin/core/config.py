@@ -14,7 +14,9 @@ from .errors import UserError
 ScoreNorm = Literal["none", "zscore"]
 MissingReference = Literal["error", "ema"]
 EMADtype = Literal["float32", "float16"]
-ElisionUnit = Literal["target", "pair", "loss_only"]
+ElisionUnit = Literal["target", "pair", "with_input", "loss_only"]
+Repeats = Literal["score", "last"]
+Schedule = Literal["fixed", "auto"]
 EMAObserve = Literal["all", "dense"]
 ResumeWithoutState = Literal["error", "fresh"]
 
@@ -23,6 +25,8 @@ MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
 EMA_DTYPES: tuple[str, ...] = get_args(EMADtype)
 ELISION_UNITS: tuple[str, ...] = get_args(ElisionUnit)
 EMA_OBSERVE: tuple[str, ...] = get_args(EMAObserve)
+REPEATS: tuple[str, ...] = get_args(Repeats)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 RESUME_WITHOUT_STATE_POLICIES: tuple[str, ...] = get_args(ResumeWithoutState)
 
 C = TypeVar("C", bound="ScheduleConfig")
@@ -78,13 +82,22 @@ class ScheduleConfig:
         "What a sparse step elides: 'target' drops an unselected candidate from the forward (its input token and "
         "its target's loss term); 'pair' selects as 'target' with each candidate scored by the larger of its target's "
         "score and its input token's (the previous candidate's), so an important token is kept as a target and as "
-        "an input; 'loss_only' keeps every token in the forward and drops only the unselected loss terms (a control "
+        "an input; 'with_input' keeps the best-ranked targets each with its input token (the next candidate), as many "
+        "as fit in k; 'loss_only' keeps every token in the forward and drops only the unselected loss terms (a control "
         "that saves no compute).",
+    )
+    schedule: Schedule = _knob(
+        "fixed",
+        "'fixed' uses warmup_steps, cycle_steps and dense_steps as given (the paper's by default); 'auto' sets them "
+        "from the run's total optimizer steps (`ScheduleConfig.scaled_to`).",
+    )
+    total_steps: int = _knob(
+        0, "The run's optimizer steps under schedule='auto', set by `scaled_to` (0: not yet known)."
     )
 
     def __post_init__(self) -> None:
         _check_range(self, "keep_ratio", "(0, 1]", lambda v: 0.0 < v <= 1.0)
-        for name in ("warmup_steps", "cycle_steps", "dense_steps", "seed", "loss_chunk_size"):
+        for name in ("warmup_steps", "cycle_steps", "dense_steps", "seed", "loss_chunk_size", "total_steps"):
             _check_int(self, name)
         _check_range(self, "warmup_steps", "integers >= 0", lambda v: v >= 0)
         _check_range(self, "cycle_steps", "integers >= 1", lambda v: v >= 1)
@@ -97,6 +110,7 @@ class ScheduleConfig:
         _check_range(self, "loss_chunk_size", "integers >= 0", lambda v: v >= 0)
         _check_choice(self, "resume_without_state", RESUME_WITHOUT_STATE_POLICIES)
         _check_choice(self, "elision_unit", ELISION_UNITS)
+        _check_choice(self, "schedule", SCHEDULES)
 
     @classmethod
     def of(cls: type[C], other: ScheduleConfig) -> C:
@@ -109,6 +123,15 @@ class ScheduleConfig:
     def replace(self: C, **changes: Any) -> C:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def scaled_to(self: C, total_steps: int) -> C:
+        """Under `schedule='auto'`, a copy whose warm-up, cycle and dense steps scale with a run of `total_steps`
+        optimizer steps (`schedule.auto_schedule`); under 'fixed', this config as it is."""
+        if self.schedule == "fixed":
+            return self
+        from .schedule import auto_schedule
+
+        return self.replace(total_steps=total_steps, **auto_schedule(total_steps))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,6 +171,12 @@ class ReferenceScoredConfig(ScheduleConfig):
         "apart EMA entries (a fingerprint of each sample's pixels picks its group); the EMA's memory grows by this "
         "factor. Reference losses stay keyed by text.",
     )
+    repeats: Repeats = _knob(
+        "score",
+        "Candidates whose target token already appeared earlier among the sample's supervised tokens: 'score' ranks "
+        "them by their score like any other; 'last' ranks them after every other candidate (a restated fact is "
+        "predictable from the answer so far, whatever an under-trained reference scores it).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,6 +186,7 @@ class ReferenceScoredConfig(ScheduleConfig):
         _check_choice(self, "missing_reference", MISSING_REFERENCE_POLICIES)
         _check_choice(self, "ema_dtype", EMA_DTYPES)
         _check_choice(self, "ema_observe", EMA_OBSERVE)
+        _check_choice(self, "repeats", REPEATS)
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,29 @@ def keep_counts(n_candidates: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return torch.where(n_candidates > 0, k.clamp(min=1), torch.zeros_like(k)).clamp(max=n_candidates)
 
 
-def select_kept_positions(scores: torch.Tensor, candidates: torch.Tensor, keep: float | torch.Tensor) -> torch.Tensor:
-    """Per row, keep the top k candidates by score, ties to the earlier position.
+def candidate_ranks(scores: torch.Tensor, candidates: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    """Int64 [B, L]: each position's rank in its row (0 = kept first): candidates by score, descending, ties to the
+    earlier position; the candidates in `last` (bool [B, L]) after every other candidate; every non-candidate after
+    every candidate."""
+    values = scores.float()
+    values = torch.where(torch.isnan(values), torch.full_like(values, -math.inf), values)
+    # Stable sorts: by score (descending, equal scores stay in position order, so ties go to the earlier
+    # position), then by tier (candidates, then `last` candidates, then non-candidates), whatever the score.
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    tier = 2 * (~candidates).to(torch.int8)
+    if last is not None:
+        tier = tier + (last & candidates).to(torch.int8)
+    order = order.gather(1, torch.sort(tier.gather(1, order), dim=1, stable=True).indices)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return rank
+
+
+def select_kept_positions(
+    scores: torch.Tensor, candidates: torch.Tensor, keep: float | torch.Tensor, last: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per row, keep the top k candidates by score, ties to the earlier position (those in `last` after the others,
+    `candidate_ranks`).
 
     `keep` is either a keep ratio (k = ceil(keep * n_candidates), `keep_counts`) or the counts themselves, int64 [B]
     on the scores' device. `scores` is float [B, L] (values off the candidates are ignored), `candidates` bool
@@ -75,15 +96,56 @@ def select_kept_positions(scores: torch.Tensor, candidates: torch.Tensor, keep: 
         return candidates.clone()
     else:
         k = keep_counts(candidates.sum(dim=1), keep)
-    values = scores.float()
-    values = torch.where(torch.isnan(values), torch.full_like(values, -math.inf), values)
-    # Stable sorts: by score (descending, equal scores stay in position order, so ties go to the earlier
-    # position), then by candidacy, so every candidate ranks before every non-candidate whatever its score.
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    order = order.gather(1, torch.sort((~candidates).gather(1, order).to(torch.int8), dim=1, stable=True).indices)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return candidates & (rank < k.unsqueeze(1))
+    return candidates & (candidate_ranks(scores, candidates, last) < k.unsqueeze(1))
+
+
+def select_with_inputs(
+    scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor, last: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The `with_input` unit: per row exactly `keep[b]` candidates (int64 [B]), the best-ranked ones each with the
+    candidate after it (whose input token is the kept target), as many as fit, then the best remaining candidate
+    where one slot is left. Vectorised, without a host sync.
+
+    With m best-ranked candidates taken, the kept set is those m plus their successors that are candidates and not
+    among them: count(m) = m + #{p: rank p < m <= rank p+1}, which never falls as m grows and rises by at most 2 a
+    candidate; the largest m with count(m) <= k leaves at most one slot, filled by the next-ranked candidate.
+    """
+    rank = candidate_ranks(scores, candidates, last)
+    batch, length = candidates.shape
+    has_next = torch.zeros_like(candidates)
+    has_next[:, :-1] = candidates[:, :-1] & candidates[:, 1:]
+    next_rank = torch.zeros_like(rank)
+    next_rank[:, :-1] = rank[:, 1:]
+    adds = has_next & (rank < next_rank)  # p's successor is new to the kept set for rank p < m <= rank p+1
+    steps = torch.zeros((batch, length + 2), dtype=torch.int64, device=rank.device)
+    steps.scatter_add_(1, torch.where(adds, rank + 1, length + 1), adds.long())
+    steps.scatter_add_(1, torch.where(adds, next_rank + 1, length + 1), -adds.long())
+    m = torch.arange(length + 1, device=rank.device)
+    count = m + steps[:, : length + 1].cumsum(dim=1)  # [B, L + 1]: kept set size with the m best-ranked taken
+    fits = (count <= keep.unsqueeze(1)) & (m <= candidates.sum(dim=1, keepdim=True))
+    best = fits.long().sum(dim=1, keepdim=True) - 1  # count is non-decreasing, so the fitting m are 0..best
+    taken = candidates & (rank < best)
+    kept = taken.clone()
+    kept[:, 1:] |= taken[:, :-1] & candidates[:, 1:]
+    left = keep - kept.sum(dim=1)
+    rest = candidates & ~kept
+    return kept | (rest & (candidate_ranks(torch.where(rest, rank, length).neg().float(), rest) < left.unsqueeze(1)))
+
+
+def repeated_targets(targets: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+    """Bool [B, L]: the supervised positions whose target token is the target of an earlier supervised position of
+    the same row (a fact the answer already stated). Sorts, no host sync."""
+    batch, length = targets.shape
+    positions = torch.arange(length, device=targets.device).expand(batch, length)
+    # unsupervised positions get keys no token id has (negative, unique), so they never match
+    keys = torch.where(supervised, targets, -1 - positions)
+    order = torch.sort(keys, dim=1, stable=True).indices  # equal tokens stay in position order
+    sorted_keys = keys.gather(1, order)
+    repeat = torch.zeros_like(supervised)
+    repeat[:, 1:] = sorted_keys[:, 1:] == sorted_keys[:, :-1]
+    out = torch.zeros_like(supervised)
+    out.scatter_(1, order, repeat)
+    return out & supervised
 
 
 def pair_scores(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

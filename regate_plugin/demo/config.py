@@ -28,7 +28,8 @@ class DemoConfig:
     task: str = _option(
         "squares",
         "squares: video clips drawn here, scored as MVBench; easy-vqa: the easy-vqa package's images and colour "
-        "questions, scored by GQA's rule",
+        "questions, scored by GQA's rule; refer-back, describe: drawn images whose answers restate their facts or "
+        "state four, scored by the whole answer",
         choices=tuple(TASKS),
     )
     steps: int | None = _option(None, "optimizer steps per mode (default: 400 squares, 800 easy-vqa)")

@@ -28,7 +28,7 @@ from ..core.config import ScheduleConfig
 from ..core.keys import SampleKey
 from ..core.loss import Head, TokenLoss, next_token_loss
 from ..core.schedule import is_dense_step, keep_ratio_at
-from ..core.selection import keep_counts, pair_scores
+from ..core.selection import keep_counts, pair_scores, select_kept_positions, select_with_inputs
 from ..store import ReferenceStore
 from .plan import BatchLayout, ElisionPlan
 
@@ -125,6 +125,15 @@ class TokenElision:
     def unit_scores(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """The scores a built-in `select` ranks by, under `cfg.elision_unit` (`pair`: `selection.pair_scores`)."""
         return pair_scores(scores, candidates) if self.cfg.elision_unit == "pair" else scores
+
+    def choose(
+        self, scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The kept candidates under `cfg.elision_unit`: exactly `keep[b]` per row, ranked by `scores` (those in
+        `last` after the others); `with_input` takes each kept target's input along (`selection.select_with_inputs`)."""
+        if self.cfg.elision_unit == "with_input":
+            return select_with_inputs(scores, candidates, keep, last)
+        return select_kept_positions(self.unit_scores(scores, candidates), candidates, keep, last)
 
     def keep_counts(self, n_candidates: np.ndarray) -> np.ndarray:
         """Int64 [B]: how many of each row's `n_candidates` the current step keeps, on the host.

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..core.selection import random_scores, select_kept_positions
+from ..core.selection import random_scores
 from .base import TokenElision
 
 
@@ -27,5 +27,4 @@ class RandomElision(TokenElision):
         generator = torch.Generator().manual_seed(
             int.from_bytes(hashlib.blake2b(stream, digest_size=8).digest(), "little") >> 1
         )
-        scores = random_scores(tuple(candidates.shape), generator).to(candidates.device)
-        return select_kept_positions(self.unit_scores(scores, candidates), candidates, keep)
+        return self.choose(random_scores(tuple(candidates.shape), generator).to(candidates.device), candidates, keep)

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from ..core import distributed
+from ..core.compaction import IGNORE_INDEX
 from ..core.config import ReferenceScoredConfig
 from ..core.ema import DifficultyEMA, all_gather_observations
 from ..core.errors import UserError
 from ..core.keys import KEY_BYTES, SampleKey, format_key
 from ..core.loss import TokenLoss
-from ..core.selection import select_kept_positions
+from ..core.selection import repeated_targets
 from ..store import CacheError, ReferenceStore, open_store
 from .base import Capabilities, TokenElision
 from .plan import BatchLayout, ElisionPlan
@@ -175,7 +176,8 @@ class ReferenceScoredElision(TokenElision):
         reference = rows.reference.gather(1, ordinals.clamp(0, rows.reference.shape[1] - 1))
         difficulty = self.ema.lookup(ema_slots(rows.starts, ordinals, candidates), targets)
         scores = self.score(difficulty, reference, candidates)
-        return select_kept_positions(self.unit_scores(scores, candidates), candidates, keep)
+        last = repeated_targets(targets, targets != IGNORE_INDEX) if self.cfg.repeats == "last" else None
+        return self.choose(scores, candidates, keep, last)
 
     def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, result: TokenLoss) -> None:
         """The kept candidates' losses, in row-major order of the compact batch: folded now in one process, or

@@ -87,6 +87,7 @@ class TokenElisionCallback(TrainerCallback):
         self._saved_step: int | None = None  # the step whose state file this run last wrote
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.elision.cfg = self.elision.cfg.scaled_to(state.max_steps)  # schedule='auto': from the run's length
         if state.global_step > 0:
             checkpoint = self.resume_from_checkpoint or Path(args.output_dir) / f"checkpoint-{state.global_step}"
             self.load(checkpoint, state.global_step)
