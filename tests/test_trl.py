@@ -79,8 +79,14 @@ def test_keep_one_sft_trainer_logs_trls_own_loss_accuracy_and_entropy(tmp_path, 
     elided = _run(tmp_path / "el", tokenizer, _elision(tmp_path, tokenizer, rows, regate_keep_ratio=1.0), rows)
     elided.train()
     assert logged(elided, "regate/kept") == logged(elided, "regate/candidates")
+    # The first step's values agree to float32 rounding; later steps carry the rounding of differently shaped
+    # reductions through the optimizer (2.8e-5 relative with two threads), far below what a dropped or
+    # mis-normalised target would change.
     for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
-        assert logged(elided, key) == pytest.approx(logged(own, key), rel=1e-5, abs=1e-6), key
+        first, *later = logged(elided, key)
+        own_first, *own_later = logged(own, key)
+        assert first == pytest.approx(own_first, rel=1e-5, abs=1e-6), key
+        assert later == pytest.approx(own_later, rel=2e-4, abs=1e-6), key
 
 
 def test_sparse_sft_trainer_on_the_recipes_dataset_trains_on_kept_targets_and_feeds_the_ema(tmp_path):
