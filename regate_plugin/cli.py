@@ -24,7 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from .demo import DemoConfig, run_demo
-    from .demo.report import format_results, plot_curves, takeaways
+    from .demo.report import clock_line, format_results, plot_curves, takeaways
 
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="regate-demo-"))
@@ -33,6 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(format_results(results, cfg.task))
     print("\n" + "\n".join(takeaways(results, cfg.task)))
+    print(f"\n{clock_line(results)}")
     print(f"\ndata (train.json, test.json, the test split in its benchmark's layout): {out / 'data'}")
     print(f"reference cache: {out / 'reference_cache'}")
     print(f"checkpoints: {out / 'checkpoints'}")

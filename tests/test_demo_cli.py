@@ -10,7 +10,7 @@ from regate_plugin.eval.runners import HFRunner
 
 from regate_plugin.core import batch_sample_keys
 from regate_plugin.data import expand_placeholders, get_template, iter_conversations
-from regate_plugin.demo import DemoConfig, SavedActivations, run_demo
+from regate_plugin.demo import DemoConfig, DemoResult, SavedActivations, run_demo
 from regate_plugin.demo import data as demo_data
 from regate_plugin.demo.models import processor_for, train_tokenizer
 from regate_plugin.demo.report import plot_curves
@@ -76,6 +76,24 @@ def test_shortened_demo_runs_all_three_modes(short_demo):
         metrics = json.loads((tmp_path / "eval" / r.mode / "step-00012" / "metrics.json").read_text())
         assert metrics["exact_match"] == r.final.exact_match and metrics["visual_accuracy"] == r.final.visual_accuracy
     assert plot_curves(results, tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_every_run_saves_both_clocks_and_the_table_reports_one(short_demo):
+    """Each mode's steps are timed on the wall clock and in CPU time; the three results report one clock (SHORT's
+    `auto`, decided on all three), and results.json and each checkpoint's demo_result.json hold what was returned."""
+    tmp_path, results = short_demo
+    assert SHORT.clock == "auto" and len({(r.clock, r.clock_reason) for r in results}) == 1
+    saved = [DemoResult.from_dict(values) for values in json.loads((tmp_path / "results.json").read_text())]
+    assert saved == results
+    for r in results:
+        assert r.usage is not None and r.usage.wall_seconds > 0 and r.usage.cpu_seconds > 0
+        last = r.curve[-1]
+        assert (last.wall_seconds, last.cpu_seconds) == (r.usage.wall_seconds, r.usage.cpu_seconds)
+        assert r.seconds == {"wall": last.wall_seconds, "cpu": last.cpu_seconds}[r.clock]
+        assert all(p.train_seconds == {"wall": p.wall_seconds, "cpu": p.cpu_seconds}[r.clock] for p in r.curve)
+        recorded = json.loads((tmp_path / "checkpoints" / r.mode / "demo_result.json").read_text())
+        assert DemoResult.from_dict(recorded) == r
+        assert r.clock_reason.endswith(f"reporting {'CPU time' if r.clock == 'cpu' else 'wall-clock time'}")
 
 
 def test_saved_checkpoint_reproduces_its_recorded_accuracy(short_demo):

@@ -10,8 +10,9 @@
    plot accuracy against answer tokens processed, and save the final checkpoints (HF format, with their results).
 """
 
+from .clock import CLOCKS
 from .collate import TrainSample, collate, encode_split, visual_targets
-from .config import CLOCKS, MODES, TEMPLATE, DemoConfig
+from .config import MODES, TEMPLATE, DemoConfig
 from .evaluate import answer_token_metrics, evaluate
 from .memory import SavedActivations
 from .results import CurvePoint, DemoResult, Evaluation

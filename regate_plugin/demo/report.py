@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .clock import CLOCK_NAMES
 from .results import DemoResult
 from .tasks import TASKS
 
@@ -63,7 +64,8 @@ def takeaways(results: list[DemoResult], task: str = "squares") -> list[str]:
                 lines.append(
                     f"ReGATE reached none's best {metric} ({best['accuracy']:.1f}, step {best['step']}) at step "
                     f"{hit['step']}, with {hit['answer_tokens'] / best['answer_tokens']:.0%} of the answer tokens and "
-                    f"{hit['train_seconds'] / best['train_seconds']:.0%} of the training seconds none needed for it."
+                    f"{hit['train_seconds'] / best['train_seconds']:.0%} of the training seconds "
+                    f"({CLOCK_NAMES[none.clock]}) none needed for it."
                 )
         lines.append(
             f"At ReGATE's {regate.answer_tokens:,} answer tokens none stood at "
@@ -109,6 +111,11 @@ def plot_curves(results: list[DemoResult], path: Path, task: str = "squares") ->
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def clock_line(results: list[DemoResult]) -> str:
+    """Which clock the table's seconds count, and why (the same for every run of one demo)."""
+    return f"training seconds: {results[0].clock_reason}" if results else ""
 
 
 def format_results(results: list[DemoResult], task: str = "squares") -> str:

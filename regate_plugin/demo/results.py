@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from .clock import ClockChoice, Usage
 
 
 @dataclass
@@ -17,10 +19,12 @@ class Evaluation:
 class CurvePoint:
     step: int
     answer_tokens: int  # loss terms trained on so far
-    train_seconds: float  # training steps so far (forward, backward, optimizer)
+    train_seconds: float  # training steps so far (forward, backward, optimizer) on the result's `clock`
     accuracy: float
     visual_accuracy: float
     exact_match: float
+    wall_seconds: float = 0.0  # train_seconds on each clock (both measured every run)
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -30,12 +34,24 @@ class DemoResult:
     keep_ratio: float  # on sparse steps (1.0 for `none`)
     answer_tokens: int  # loss terms trained on
     kept_fraction: float  # kept / elidable answer tokens over the run
-    seconds: float  # training steps only (forward, backward, optimizer)
+    seconds: float  # training steps only (forward, backward, optimizer) on `clock`
     activation_mib: float  # mean per-step memory autograd saved for backward (parameters excluded)
     peak_activation_mib: float  # the largest step's (a dense step's, under elision)
     final_loss: float
     curve: list[CurvePoint] = field(default_factory=list)  # from step 0
     checkpoint: str = ""
+    clock: str = "wall"  # what `seconds` and the curve's `train_seconds` count: "wall" or "cpu"
+    clock_reason: str = ""  # why (`clock.choose_clock`): the measurements that decided it
+    usage: Usage | None = None  # both clocks over the training steps, threads, load and cores
+
+    def timed_by(self, choice: ClockChoice) -> DemoResult:
+        """This result with its seconds, and its curve's, on `choice`'s clock (from the seconds measured on both)."""
+        if self.usage is None:
+            raise ValueError("timed_by needs the result's measured usage")
+        cpu = choice.clock == "cpu"
+        curve = [replace(p, train_seconds=p.cpu_seconds if cpu else p.wall_seconds) for p in self.curve]
+        seconds = self.usage.cpu_seconds if cpu else self.usage.wall_seconds
+        return replace(self, seconds=seconds, curve=curve, clock=choice.clock, clock_reason=choice.reason)
 
     @property
     def final(self) -> CurvePoint:
@@ -51,4 +67,11 @@ class DemoResult:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DemoResult:
-        return cls(**{**values, "curve": [CurvePoint(**point) for point in values["curve"]]})
+        usage = values.get("usage")
+        return cls(
+            **{
+                **values,
+                "curve": [CurvePoint(**point) for point in values["curve"]],
+                "usage": None if usage is None else Usage.from_dict(usage),
+            }
+        )

@@ -19,8 +19,9 @@ from ..core.reference import build_reference_input
 from ..reference import ReferenceScorer
 from ..reference.precompute import PrecomputeConfig, run_precompute
 from ..strategies import build_token_elision
+from .clock import Stopwatch, Usage, choose_clock, machine_load
 from .collate import TrainSample, collate, encode_split
-from .config import CLOCKS, MODES, TEMPLATE, DemoConfig
+from .config import MODES, TEMPLATE, DemoConfig
 from .data import DemoSplits
 from .evaluate import evaluate
 from .memory import SavedActivations
@@ -118,15 +119,27 @@ def run_demo(out_dir: Path, cfg: DemoConfig | None = None) -> list[DemoResult]:
     cfg = cfg or DemoConfig()
     setup = prepare(out_dir, cfg)
     results = [train_mode(setup, mode) for mode in MODES]
+    # One clock for the whole table, decided on all three modes' steps (each mode's own decision may differ).
+    choice = choose_clock(cfg.clock, Usage.combined(r.usage for r in results if r.usage is not None))
+    results = [r.timed_by(choice) for r in results]
+    for result in results:
+        if result.checkpoint:
+            save_result(result)
     (setup.out_dir / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     return results
+
+
+def save_result(result: DemoResult) -> None:
+    """Write `result` beside its checkpoint, as `demo_result.json`."""
+    (Path(result.checkpoint) / "demo_result.json").write_text(json.dumps(asdict(result), indent=2))
 
 
 def train_mode(
     setup: DemoSetup, mode: str, schedule: ReGATEConfig | None = None, variant: str = "", save: bool = True
 ) -> DemoResult:
     """Train the student's start with elision `mode` (config `schedule`, default the demo's) on the seed's batches,
-    evaluating every `eval_every` steps; saves the checkpoint under `checkpoints/<mode>[-<variant>]` when `save`."""
+    evaluating every `eval_every` steps; saves the checkpoint under `checkpoints/<mode>[-<variant>]` when `save`.
+    The steps are timed on both clocks; the result's seconds count the one `cfg.clock` chooses on this mode's steps."""
     cfg = setup.cfg
     schedule = schedule or cfg.schedule()
     name = f"{mode}-{variant}" if variant else mode
@@ -137,44 +150,46 @@ def train_mode(
     enable_token_elision(model, elision)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     meter = SavedActivations(model)
-    answer_tokens, seconds, saved, peak, loss = 0, 0.0, 0, 0, torch.tensor(0.0)
+    answer_tokens, saved, peak, loss = 0, 0, 0, torch.tensor(0.0)
     assert setup.start_evaluation is not None
     curve = [CurvePoint(0, 0, 0.0, **asdict(setup.start_evaluation))]
-    clock = CLOCKS[cfg.clock]
+    watch, (load, cores) = Stopwatch(), machine_load()
     for step in tqdm(range(cfg.steps), desc=f"train student ({name})", disable=not cfg.progress):
         rows = [setup.samples[(step * cfg.batch_size + j) % len(setup.samples)] for j in range(cfg.batch_size)]
         batch = collate(rows, tokenizer.pad_token_id)
-        began = clock()
-        elision.set_step(step)
-        with meter:
-            out = model(**batch)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        seconds += clock() - began
+        with watch:
+            elision.set_step(step)
+            with meter:
+                out = model(**batch)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
         saved, peak = saved + meter.bytes, max(peak, meter.bytes)
         answer_tokens += out.token_elision["targets"]
         loss = out.loss.detach()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             where = setup.out_dir / "eval" / name / f"step-{step + 1:05d}"
             evaluation = evaluate(model, setup, where, False)
-            curve.append(CurvePoint(step + 1, answer_tokens, seconds, **asdict(evaluation)))
+            seconds = {"wall_seconds": watch.wall_seconds, "cpu_seconds": watch.cpu_seconds}
+            curve.append(CurvePoint(step + 1, answer_tokens, watch.wall_seconds, **asdict(evaluation), **seconds))
+    usage = Usage(watch.wall_seconds, watch.cpu_seconds, torch.get_num_threads(), load, cores)
     result = DemoResult(
         mode,
         variant,
         1.0 if mode == "none" else schedule.keep_ratio,
         answer_tokens,
         elision.stats.kept_fraction,
-        seconds,
+        watch.wall_seconds,
         saved / cfg.steps / 2**20,
         peak / 2**20,
         float(loss),
         curve,
-    )
+        usage=usage,
+    ).timed_by(choose_clock(cfg.clock, usage))
     if save:
         checkpoint = setup.out_dir / "checkpoints" / name
         model.save_pretrained(checkpoint)
         setup.processor.save_pretrained(checkpoint)
         result.checkpoint = str(checkpoint)
-        (checkpoint / "demo_result.json").write_text(json.dumps(asdict(result), indent=2))
+        save_result(result)
     return result
