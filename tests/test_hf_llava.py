@@ -12,66 +12,22 @@ import torch.nn.functional as F
 import regate_plugin as rg
 from regate_plugin.core import IGNORE_INDEX
 
+from .own_forward import assert_keep_one_is_own_forward, assert_same_grads, grads
 from .tiny import (
     IMAGE_TOKEN,
+    MODELS,
     difficulty,
     make_batch,
-    make_qwen2_vl_batch,
-    make_video_batch,
     tiny_llava,
-    tiny_llava_next_video,
-    tiny_qwen2_vl,
     write_cache_for,
 )
-
-
-def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
-    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
-
-
-def _assert_same_grads(actual: dict, expected: dict, atol: float = 1e-5) -> None:
-    assert actual.keys() == expected.keys()
-    checked = 0
-    for name, grad in expected.items():
-        if grad is None:
-            assert actual[name] is None or actual[name].abs().max() == 0, name
-            continue
-        assert actual[name] is not None, f"{name} got no gradient"
-        torch.testing.assert_close(actual[name], grad, atol=atol, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-        checked += 1
-    assert checked > 10
-
-
-MODELS = {  # every HF-native class the adapter supports: builder, batch maker
-    "llava": (tiny_llava, make_batch),
-    "llava_next_video": (tiny_llava_next_video, make_video_batch),
-    "qwen2_vl": (tiny_qwen2_vl, make_qwen2_vl_batch),
-}
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("mode", ["none", "regate"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_keep_ratio_one_equals_the_models_own_forward(tmp_path, name, padding_side, mode):
-    build, make = MODELS[name]
-    batch = make(batch=3, padding_side=padding_side)
-    reference_model = build()
-    reference_model.train()
-    expected = reference_model(**batch)
-    expected.loss.backward()
-
-    model = copy.deepcopy(reference_model)
-    model.zero_grad(set_to_none=True)
-    cfg = rg.ReGATEConfig(keep_ratio=1.0, warmup_steps=0, dense_steps=0)
-    kwargs = {"reference": write_cache_for(tmp_path / "cache", [batch])} if mode == "regate" else {}
-    elision = rg.build_token_elision(mode, cfg, **kwargs)
-    rg.enable_token_elision(model, elision)
-    out = model(**batch)
-    out.loss.backward()
-
-    torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
-    _assert_same_grads(_grads(model), _grads(reference_model))
-    assert out.token_elision["kept"] == out.token_elision["candidates"] > 0
+    assert_keep_one_is_own_forward(*MODELS[name], padding_side, mode, tmp_path / "cache")
 
 
 def _merged_embeddings(model, batch) -> torch.Tensor:
@@ -149,7 +105,7 @@ def test_keep_ratio_half_equals_the_kept_tokens_alone(tmp_path, attn, layout):
     if differentiable:
         out.loss.backward()
         expected.backward()
-        _assert_same_grads(_grads(model), _grads(reference_model))
+        assert_same_grads(grads(model), grads(reference_model))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -236,10 +192,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
         rg.enable_token_elision(model, rg.build_token_elision("regate", cfg, reference=cache))
         out = model(**batch)
         out.loss.backward()
-        results.append((out.loss.detach(), _grads(model), out.token_elision["kept_mask"]))
+        results.append((out.loss.detach(), grads(model), out.token_elision["kept_mask"]))
     assert torch.equal(results[0][2], results[1][2])
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
-    _assert_same_grads(results[1][1], results[0][1], atol=1e-6)
+    assert_same_grads(results[1][1], results[0][1], atol=1e-6)
 
 
 def test_ema_learns_from_the_students_losses(tmp_path):
@@ -303,7 +259,7 @@ def test_keep_ratio_one_equals_the_models_own_forward_for_each_unit(tmp_path, un
     out.loss.backward()
     assert not out.token_elision["dense"] and out.token_elision["kept"] == out.token_elision["candidates"] > 0
     torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
-    _assert_same_grads(_grads(model), _grads(reference_model))
+    assert_same_grads(grads(model), grads(reference_model))
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -337,7 +293,7 @@ def test_loss_only_equals_the_models_own_forward_with_the_elided_targets_unsuper
     expected.loss.backward()
     assert report["targets"] == int((labels[:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
-    _assert_same_grads(_grads(model), _grads(reference_model))
+    assert_same_grads(grads(model), grads(reference_model))
 
 
 def test_pair_keeps_each_kept_target_token_as_an_input_too(tmp_path):

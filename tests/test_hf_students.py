@@ -18,46 +18,19 @@ import torch.nn.functional as F
 import regate_plugin as rg
 from regate_plugin.core import IGNORE_INDEX
 
-from .test_hf_llava import _assert_same_grads, _grads
-from .tiny import IMAGE_TOKEN, write_cache_for
-from .tiny_students import (
-    make_internvl_batch,
-    make_qwen3_vl_batch,
-    make_qwen_vl_batch,
-    tiny_internvl,
-    tiny_qwen2_5_vl,
-    tiny_qwen3_vl,
+from .own_forward import assert_keep_one_is_own_forward, assert_same_grads, grads
+from .tiny import (
+    IMAGE_TOKEN,
+    STUDENTS,
+    write_cache_for,
 )
-
-STUDENTS = {  # builder, batch maker
-    "qwen2_5_vl": (tiny_qwen2_5_vl, make_qwen_vl_batch),
-    "internvl": (tiny_internvl, make_internvl_batch),
-    "qwen3_vl": (tiny_qwen3_vl, make_qwen3_vl_batch),
-}
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("mode", ["none", "regate"])
 @pytest.mark.parametrize("name", sorted(STUDENTS))
 def test_keep_ratio_one_equals_the_models_own_forward(tmp_path, name, mode, padding_side):
-    build, make = STUDENTS[name]
-    batch = make(batch=3, padding_side=padding_side)
-    reference_model = build()
-    reference_model.train()
-    expected = reference_model(**batch)
-    expected.loss.backward()
-
-    model = copy.deepcopy(reference_model)
-    model.zero_grad(set_to_none=True)
-    cfg = rg.ReGATEConfig(keep_ratio=1.0, warmup_steps=0, dense_steps=0)
-    kwargs = {"reference": write_cache_for(tmp_path / "cache", [batch])} if mode == "regate" else {}
-    rg.enable_token_elision(model, rg.build_token_elision(mode, cfg, **kwargs))
-    out = model(**batch)
-    out.loss.backward()
-
-    torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
-    _assert_same_grads(_grads(model), _grads(reference_model))
-    assert out.token_elision["kept"] == out.token_elision["candidates"] > 0
+    assert_keep_one_is_own_forward(*STUDENTS[name], padding_side, mode, tmp_path / "cache")
 
 
 def _decoder_inputs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -169,4 +142,4 @@ def test_keep_ratio_half_equals_the_kept_tokens_alone(tmp_path, name, visual_lab
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
     out.loss.backward()
     expected.backward()
-    _assert_same_grads(_grads(model), _grads(reference_model))
+    assert_same_grads(grads(model), grads(reference_model))

@@ -6,11 +6,11 @@ import torch
 
 import regate_plugin as rg
 
-from .tiny import make_qwen2_vl_batch, tiny_qwen2_vl, write_cache_for
+from .tiny import make_qwen_vl_batch, tiny_qwen2_vl, write_cache_for
 
 
 def test_qwen2_vl_decoder_gets_the_models_own_mrope_ids_at_kept_positions(tmp_path):
-    batch = make_qwen2_vl_batch(batch=3)
+    batch = make_qwen_vl_batch(batch=3)
     model = tiny_qwen2_vl()
     model.train()
     # Independent reference: the 3-row ids the model itself computes for the full merged batch.

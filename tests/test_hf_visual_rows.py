@@ -23,8 +23,7 @@ from regate_plugin.reference.precompute import PrecomputeConfig, run_precompute
 from regate_plugin.store import ReferenceLossCache
 
 from .llava_data import caption_samples, write_json, write_tiny_reference
-from .tiny import tiny_llava
-from .tiny_students import tiny_internvl, tiny_qwen2_5_vl, tiny_qwen3_vl
+from .tiny import tiny_internvl, tiny_llava, tiny_qwen2_5_vl, tiny_qwen3_vl
 from .tokenizers_fixture import write_bpe_chat_tokenizer, write_sentencepiece_llama
 
 SIZES = [(333, 200), (200, 333), (448, 448), (1000, 400), (40, 30), (3000, 2000), (25, 1500), (900, 901)]

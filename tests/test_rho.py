@@ -4,43 +4,26 @@ brute-force numpy ranking of the hand-seeded values says; built from the trainin
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-import regate_plugin as rg
 from regate_plugin.core import IGNORE_INDEX, ReferenceScoredConfig, batch_sample_keys
 from regate_plugin.store import ReferenceLossCacheWriter
 from regate_plugin.strategies import RhoElision, build_token_elision
 
-from .test_hf_llava import MODELS, _assert_same_grads, _grads
-from .tiny import make_batch, write_cache_for
+from .own_forward import assert_keep_one_is_own_forward
+from .tiny import MODELS, make_batch, write_cache_for
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_keep_ratio_one_equals_the_models_own_forward(tmp_path, name, padding_side):
-    build, make = MODELS[name]
-    batch = make(batch=3, padding_side=padding_side)
-    reference_model = build()
-    reference_model.train()
-    expected = reference_model(**batch)
-    expected.loss.backward()
-
-    model = copy.deepcopy(reference_model)
-    model.zero_grad(set_to_none=True)
-    cfg = ReferenceScoredConfig(keep_ratio=1.0, warmup_steps=0, dense_steps=0)
-    elision = build_token_elision("rho", cfg, reference=write_cache_for(tmp_path / "cache", [batch]))
-    rg.enable_token_elision(model, elision)
-    out = model(**batch)
-    out.loss.backward()
-
-    assert not out.token_elision["dense"] and out.token_elision["kept"] == out.token_elision["candidates"] > 0
-    torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
-    _assert_same_grads(_grads(model), _grads(reference_model))
+    config = ReferenceScoredConfig(keep_ratio=1.0, warmup_steps=0, dense_steps=0)
+    report = assert_keep_one_is_own_forward(*MODELS[name], padding_side, "rho", tmp_path / "cache", config)
+    assert not report["dense"]
 
 
 def _brute_force_kept(labels: np.ndarray, valid: np.ndarray, ema: dict[int, float], reference: np.ndarray, ratio):
