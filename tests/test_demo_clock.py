@@ -84,8 +84,9 @@ def test_auto_chooses_cpu_time_beside_busy_processes_on_the_same_core():
     a fair scheduler), far under 0.9, whatever else the machine runs: `auto` must report CPU time."""
     allowed = os.sched_getaffinity(0)
     core = min(allowed)
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY, str(core)]) for _ in range(2)]
+    busy: list[subprocess.Popen] = []
     try:
+        busy += [subprocess.Popen([sys.executable, "-c", BUSY, str(core)]) for _ in range(2)]
         os.sched_setaffinity(0, {core})
         time.sleep(0.3)  # the competitors are spinning
         load, cores = machine_load()
