@@ -12,6 +12,7 @@ import pytest
 from regate_plugin.core.errors import UserError
 from regate_plugin.demo import DemoConfig
 from regate_plugin.demo.clock import Stopwatch, Usage, choose_clock, machine_load
+from regate_plugin.demo.report import clock_line, takeaways
 from regate_plugin.demo.results import CurvePoint, DemoResult
 
 
@@ -59,7 +60,7 @@ def test_the_demos_modes_are_decided_together():
 
 
 def test_a_result_reports_the_seconds_of_the_chosen_clock():
-    points = [CurvePoint(0, 0, 0.0, 0.0, 0.0, 0.0), CurvePoint(5, 40, 0.0, 1.0, 2.0, 3.0, 8.0, 3.0)]
+    points = [CurvePoint(0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), CurvePoint(5, 40, 0.0, 1.0, 2.0, 3.0, 8.0, 3.0)]
     result = DemoResult("none", "", 1.0, 40, 1.0, 0.0, 1.0, 1.0, 0.5, points, usage=usage(8.0, 3.0))
     on_cpu = result.timed_by(choose_clock("cpu", result.usage))
     assert (on_cpu.seconds, [p.train_seconds for p in on_cpu.curve]) == (3.0, [0.0, 3.0])
@@ -67,6 +68,20 @@ def test_a_result_reports_the_seconds_of_the_chosen_clock():
     assert (on_wall.seconds, [p.train_seconds for p in on_wall.curve]) == (8.0, [0.0, 8.0])
     assert on_cpu.clock == "cpu" and on_cpu.clock_reason.startswith("--clock cpu")
     assert DemoResult.from_dict(asdict(on_cpu)) == on_cpu
+    one_clock = DemoResult("none", "", 1.0, 40, 1.0, 3.0, 1.0, 1.0, 0.5, [CurvePoint(5, 40, 3.0, 1.0, 2.0, 3.0)])
+    with pytest.raises(ValueError, match="both clocks"):  # a run timed on one clock cannot be reported on another
+        one_clock.timed_by(choose_clock("wall", usage(8.0, 3.0)))
+
+
+def test_the_printout_says_which_clock_and_why():
+    def run(mode: str) -> DemoResult:
+        curve = [CurvePoint(0, 0, 0.0, 25.0, 0.0, 0.0, 0.0, 0.0), CurvePoint(100, 900, 0.0, 50.0, 0.0, 0.0, 30.0, 10.0)]
+        return DemoResult(mode, "", 1.0, 900, 1.0, 0.0, 0, 0, 0, curve, usage=usage(30.0, 10.0, load=3.1))
+
+    choice = choose_clock("auto", usage(30.0, 10.0, load=3.1))
+    results = [run("none").timed_by(choice), run("regate").timed_by(choice)]
+    assert "100% of the training seconds (CPU time) none needed for it" in takeaways(results)[0]
+    assert clock_line(results).startswith("training seconds: wall clock shared with other jobs (the process ran 33%")
 
 
 def test_an_unknown_clock_is_a_one_line_user_error_naming_the_flag():

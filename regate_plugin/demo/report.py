@@ -61,11 +61,12 @@ def takeaways(results: list[DemoResult], task: str = "squares") -> list[str]:
                     f"{regate.answer_tokens / none.answer_tokens:.0%} of none's answer tokens."
                 )
             else:
+                clock = f" ({CLOCK_NAMES[none.clock]})" if none.clock in CLOCK_NAMES else ""  # "": not recorded
                 lines.append(
                     f"ReGATE reached none's best {metric} ({best['accuracy']:.1f}, step {best['step']}) at step "
                     f"{hit['step']}, with {hit['answer_tokens'] / best['answer_tokens']:.0%} of the answer tokens and "
-                    f"{hit['train_seconds'] / best['train_seconds']:.0%} of the training seconds "
-                    f"({CLOCK_NAMES[none.clock]}) none needed for it."
+                    f"{hit['train_seconds'] / best['train_seconds']:.0%} of the training seconds{clock} none needed "
+                    "for it."
                 )
         lines.append(
             f"At ReGATE's {regate.answer_tokens:,} answer tokens none stood at "

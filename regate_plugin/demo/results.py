@@ -23,8 +23,8 @@ class CurvePoint:
     accuracy: float
     visual_accuracy: float
     exact_match: float
-    wall_seconds: float = 0.0  # train_seconds on each clock (both measured every run)
-    cpu_seconds: float = 0.0
+    wall_seconds: float | None = None  # train_seconds on each clock (both measured by every demo run; None where a
+    cpu_seconds: float | None = None  # run was timed on one clock only)
 
 
 @dataclass
@@ -40,17 +40,22 @@ class DemoResult:
     final_loss: float
     curve: list[CurvePoint] = field(default_factory=list)  # from step 0
     checkpoint: str = ""
-    clock: str = "wall"  # what `seconds` and the curve's `train_seconds` count: "wall" or "cpu"
+    clock: str = ""  # what `seconds` and the curve's `train_seconds` count: "wall" or "cpu" ("" if not recorded)
     clock_reason: str = ""  # why (`clock.choose_clock`): the measurements that decided it
     usage: Usage | None = None  # both clocks over the training steps, threads, load and cores
 
     def timed_by(self, choice: ClockChoice) -> DemoResult:
         """This result with its seconds, and its curve's, on `choice`'s clock (from the seconds measured on both)."""
-        if self.usage is None:
-            raise ValueError("timed_by needs the result's measured usage")
-        cpu = choice.clock == "cpu"
-        curve = [replace(p, train_seconds=p.cpu_seconds if cpu else p.wall_seconds) for p in self.curve]
-        seconds = self.usage.cpu_seconds if cpu else self.usage.wall_seconds
+
+        def on_clock(wall: float | None, cpu: float | None) -> float:
+            seconds = cpu if choice.clock == "cpu" else wall
+            if seconds is None:
+                raise ValueError("timed_by needs the seconds measured on both clocks")
+            return seconds
+
+        curve = [replace(p, train_seconds=on_clock(p.wall_seconds, p.cpu_seconds)) for p in self.curve]
+        usage = self.usage
+        seconds = on_clock(*((usage.wall_seconds, usage.cpu_seconds) if usage else (None, None)))
         return replace(self, seconds=seconds, curve=curve, clock=choice.clock, clock_reason=choice.reason)
 
     @property

@@ -152,7 +152,7 @@ def train_mode(
     meter = SavedActivations(model)
     answer_tokens, saved, peak, loss = 0, 0, 0, torch.tensor(0.0)
     assert setup.start_evaluation is not None
-    curve = [CurvePoint(0, 0, 0.0, **asdict(setup.start_evaluation))]
+    curve = [CurvePoint(0, 0, 0.0, **asdict(setup.start_evaluation), wall_seconds=0.0, cpu_seconds=0.0)]
     watch, (load, cores) = Stopwatch(), machine_load()
     for step in tqdm(range(cfg.steps), desc=f"train student ({name})", disable=not cfg.progress):
         rows = [setup.samples[(step * cfg.batch_size + j) % len(setup.samples)] for j in range(cfg.batch_size)]
