@@ -33,25 +33,19 @@ from transformers import (
     ProcessorMixin,
 )
 
+from regate_plugin.cli import main as regate
 from regate_plugin.core import IGNORE_INDEX, batch_sample_keys
 from regate_plugin.data import DataError, HFVisionCollator, LlavaHFDataset
 from regate_plugin.data.hf_visual import LlavaNextVideoRows, hf_video_rows, video_rows_of
-from regate_plugin.reference.precompute import PrecomputeConfig, run_precompute
 from regate_plugin.store import ReferenceLossCache
 
 from .llava_data import conversation_samples, write_json
-from .tokenizers_fixture import write_sentencepiece_llama
+from .tokenizers_fixture import write_bpe_chat_tokenizer
 from .trainer_helpers import logged, make_trainer
 
 SIDE = 56  # the tower's input: 4x4 patches of 14, which the model pools 2x2 -> 4 rows per frame
 FRAMES = 4
 MAX_LENGTH = 512
-# A Vicuna-style chat template, for the `videollama2` template (which renders with the tokenizer's).
-CHAT = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
-    "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:"
-    "{% endif %}"
-)
 
 
 class FrameVideoProcessor:
@@ -76,11 +70,14 @@ def without_video_processor_class_check(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    tok = AutoTokenizer.from_pretrained(write_sentencepiece_llama(tmp_path_factory.mktemp("tok")))
+    """A Mistral-style BPE tokenizer with its chat template (VideoLLaMA2's LLM family; the `videollama2` template
+    renders with it), loaded back from its saved directory as training and precompute load it."""
+    tok = AutoTokenizer.from_pretrained(write_bpe_chat_tokenizer(tmp_path_factory.mktemp("tok"), "mistral"))
     tok.add_tokens(["<image>", "<video>"], special_tokens=True)
     tok.add_special_tokens({"pad_token": "<pad>"})
-    tok.chat_template = CHAT
-    return tok
+    saved = tmp_path_factory.mktemp("student_tok")
+    tok.save_pretrained(saved)
+    return AutoTokenizer.from_pretrained(saved)
 
 
 def _processor(tokenizer, crop: bool = True) -> LlavaNextVideoProcessor:
@@ -196,23 +193,29 @@ def test_video_sample_ids_are_the_processors_own(tmp_path, tokenizer, crop, size
         assert all(answer in supervised for answer in answers)
 
 
-def test_video_rows_from_the_student_directory_are_the_processors(tmp_path, tokenizer):
-    """`hf_video_rows` (precompute's `--student-config`) reads the rule the loaded processor gives."""
-    processor = _processor(tokenizer)
-    student = tmp_path / "student"
-    _student(tokenizer).config.save_pretrained(student)
-    (student / "processor_config.json").write_text(json.dumps({"patch_size": 14}))
+def _student_directory(directory: Path, student, processor) -> Path:
+    """What `regate precompute --student-config` reads of a LLaVA-NeXT-Video student: its config, the processor's
+    patch size and the video processor's settings."""
+    student.config.save_pretrained(directory)
+    (directory / "processor_config.json").write_text(json.dumps({"patch_size": processor.patch_size}))
     video = processor.video_processor
-    settings = {"size": video.size, "crop_size": video.crop_size, "do_center_crop": True, "do_resize": True}
-    (student / "video_preprocessor_config.json").write_text(json.dumps(settings))
+    settings = {"size": video.size, "crop_size": video.crop_size, "do_center_crop": video.do_center_crop}
+    (directory / "video_preprocessor_config.json").write_text(json.dumps({**settings, "do_resize": video.do_resize}))
+    return directory
+
+
+@pytest.mark.parametrize("crop", [True, False], ids=["centre-crop", "resize-only"])
+def test_video_rows_from_the_student_directory_are_the_loaded_processors(tmp_path, tokenizer, crop):
+    processor = _processor(tokenizer, crop)
+    student = _student_directory(tmp_path / "student", _student(tokenizer), processor)
     assert hf_video_rows(student, FRAMES) == video_rows_of(processor, FRAMES)
-    assert video_rows_of(processor, FRAMES).rows((640, 480)) == FRAMES * 4
+    assert hf_video_rows(student, FRAMES).rows((640, 480)) == FRAMES * (4 * 5 // 4 if not crop else 4)
 
 
 def test_training_keys_are_in_the_cache_and_keep_one_trains_on_the_models_own_loss(tmp_path, tokenizer):
-    """precompute (the student's own LLM as the reference) over the file, then the dataset over the same file and
-    videos: every key is in the cache with one loss per answer token, and a Trainer step at keep 1.0 logs the loss
-    the model itself computes on the collated batch."""
+    """`regate precompute --student-config --video-token-id --num-frames` (the student's own LLM as the reference)
+    over the file, then the dataset over the same file and videos: every key is in the cache with one loss per
+    answer token, and a Trainer step at keep 1.0 logs the loss the model itself computes on the collated batch."""
     processor = _processor(tokenizer)
     student = _student(tokenizer)
     records = conversation_samples(8, seed=3, modality="video")
@@ -221,20 +224,14 @@ def test_training_keys_are_in_the_cache_and_keep_one_trains_on_the_models_own_lo
     reference = LlamaForCausalLM(student.config.text_config)
     reference.model.load_state_dict(student.model.language_model.state_dict())
     reference.lm_head.load_state_dict(student.lm_head.state_dict())
-    cfg = PrecomputeConfig(
-        data=[data],
-        reference="student-llm",
-        template="videollama2",
-        out=tmp_path / "cache",
-        image_token_id=student.config.image_token_id,
-        video_token_id=student.config.video_token_id,
-        video_rows=video_rows_of(processor, FRAMES),
-        image_folder=videos,
-        max_length=MAX_LENGTH,
-        progress=False,
-    )
-    summary = run_precompute(cfg, model=reference, tokenizer=tokenizer)
-    assert summary.scored == len(records) and not summary.truncated
+    reference.save_pretrained(tmp_path / "reference")
+    tokenizer.save_pretrained(tmp_path / "reference")
+    command = ["precompute", "--data", str(data), "--reference", str(tmp_path / "reference"), "--template"]
+    command += ["videollama2", "--image-token-id", str(student.config.image_token_id), "--video-token-id"]
+    command += [str(student.config.video_token_id), "--num-frames", str(FRAMES), "--image-folder", str(videos)]
+    command += ["--student-config", str(_student_directory(tmp_path / "student", student, processor))]
+    command += ["--max-length", str(MAX_LENGTH), "--out", str(tmp_path / "cache"), "--no-progress"]
+    assert regate(command) == 0
 
     dataset = LlavaHFDataset(
         data, videos, processor, "videollama2", student.config.image_token_id, 1, MAX_LENGTH, num_frames=FRAMES
