@@ -229,8 +229,9 @@ def video_rows_of(processor: Any, num_frames: int) -> HFVideoRows:
 
 
 def hf_video_rows(directory: str | Path, num_frames: int) -> HFVideoRows | None:
-    """The per-video rule of an HF-native LLaVA-NeXT-Video checkpoint directory (`config.json`,
-    `processor_config.json`, `video_preprocessor_config.json`); None for other models."""
+    """The per-video rule of an HF-native LLaVA-NeXT-Video checkpoint directory; None for other models. The video
+    processor's settings are looked up where transformers 5 loads them from: `processor_config.json`'s nested
+    `video_processor`, else `video_preprocessor_config.json`, else `preprocessor_config.json`."""
     directory = Path(directory)
     config = _read_json(directory / "config.json", required=True)
     if config.get("model_type") != "llava_next_video":
@@ -238,7 +239,11 @@ def hf_video_rows(directory: str | Path, num_frames: int) -> HFVideoRows | None:
     processor = _read_json(directory / "processor_config.json", required=False)
     vision = config.get("vision_config") or {}
     patch = int(processor.get("patch_size") or vision.get("patch_size", 14))
-    video = _read_json(directory / "video_preprocessor_config.json", required=False)
+    video = processor.get("video_processor")
+    if not isinstance(video, dict):
+        video = _read_json(directory / "video_preprocessor_config.json", required=False) or _read_json(
+            directory / "preprocessor_config.json", required=False
+        )
     return LlavaNextVideoRows(num_frames, patch, **_video_resize(video))
 
 
