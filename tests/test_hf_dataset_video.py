@@ -193,21 +193,28 @@ def test_video_sample_ids_are_the_processors_own(tmp_path, tokenizer, crop, size
         assert all(answer in supervised for answer in answers)
 
 
-def _student_directory(directory: Path, student, processor) -> Path:
+def _student_directory(directory: Path, student, processor, layout: str = "video_preprocessor_config.json") -> Path:
     """What `regate precompute --student-config` reads of a LLaVA-NeXT-Video student: its config, the processor's
-    patch size and the video processor's settings."""
+    patch size and the video processor's settings, in `layout`: the file named so, or nested in
+    `processor_config.json` (transformers 5's `save_pretrained`)."""
     student.config.save_pretrained(directory)
-    (directory / "processor_config.json").write_text(json.dumps({"patch_size": processor.patch_size}))
     video = processor.video_processor
     settings = {"size": video.size, "crop_size": video.crop_size, "do_center_crop": video.do_center_crop}
-    (directory / "video_preprocessor_config.json").write_text(json.dumps({**settings, "do_resize": video.do_resize}))
+    settings["do_resize"] = video.do_resize
+    processor_config: dict[str, Any] = {"patch_size": processor.patch_size}
+    if layout == "nested":
+        processor_config["video_processor"] = settings
+    else:
+        (directory / layout).write_text(json.dumps(settings))
+    (directory / "processor_config.json").write_text(json.dumps(processor_config))
     return directory
 
 
+@pytest.mark.parametrize("layout", ["nested", "video_preprocessor_config.json", "preprocessor_config.json"])
 @pytest.mark.parametrize("crop", [True, False], ids=["centre-crop", "resize-only"])
-def test_video_rows_from_the_student_directory_are_the_loaded_processors(tmp_path, tokenizer, crop):
+def test_video_rows_from_the_student_directory_are_the_loaded_processors(tmp_path, tokenizer, crop, layout):
     processor = _processor(tokenizer, crop)
-    student = _student_directory(tmp_path / "student", _student(tokenizer), processor)
+    student = _student_directory(tmp_path / "student", _student(tokenizer), processor, layout)
     assert hf_video_rows(student, FRAMES) == video_rows_of(processor, FRAMES)
     assert hf_video_rows(student, FRAMES).rows((640, 480)) == FRAMES * (4 * 5 // 4 if not crop else 4)
 
@@ -303,3 +310,12 @@ def test_rows_need_a_processor_with_a_known_video_rule(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"train\.json has video samples: .*LlavaNextVideoProcessor"):
         LlavaHFDataset(data, tmp_path / "videos", tokenizer, "videollama2", 0, 1)
     assert LlavaNextVideoRows(FRAMES, 14, crop=(SIDE, SIDE)).describe()["crop"] == [SIDE, SIDE]
+
+
+def test_a_cut_inside_a_video_is_refused(tmp_path, tokenizer):
+    data = _one_video(tmp_path, None)
+    write_video(tmp_path / "videos" / "0000.mp4", 32, 32)
+    processor = _processor(tokenizer)
+    dataset = LlavaHFDataset(data, tmp_path / "videos", processor, "videollama2", 0, 1, 12, num_frames=FRAMES)
+    with pytest.raises(DataError, match=r"sample id 'bad7'.*cut at 12 tokens leaves \d+ of its videos' 16 rows"):
+        dataset[0]
