@@ -231,7 +231,8 @@ def visual_paths(cfg: PrecomputeConfig, sample: Conversation) -> list[Path]:
 def placeholder_rows(cfg: PrecomputeConfig, sample: Conversation) -> int | list[int] | None:
     """The rows the student splices in per placeholder of `sample`: `--visual-tokens`, or for an anyres or Qwen-VL /
     InternVL student one count per image, from its size (read from the file's header) or, in an anyres sample with
-    several images, of one padded crop each."""
+    several images, of one padded crop each; for an HF-native video student (`video_rows`) one count per video, from
+    its frame size, as `LlavaHFDataset` counts them."""
     if sample.modality == "video" and cfg.video_rows is not None:
         try:
             return [cfg.video_rows.rows(video_frame_size(path)) for path in visual_paths(cfg, sample)]
