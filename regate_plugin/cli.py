@@ -71,11 +71,11 @@ def _precompute(args: argparse.Namespace) -> int:
     from .core import distributed
     from .data import DataError
     from .data.anyres import AnyresLayout
-    from .data.hf_visual import hf_visual_rows
+    from .data.hf_visual import hf_video_rows, hf_visual_rows
     from .data.visual import visual_rows_from_path
     from .reference.precompute import PrecomputeConfig, run_precompute
 
-    visual_tokens, anyres, processor_rows = args.visual_tokens, None, None
+    visual_tokens, anyres, processor_rows, video_rows = args.visual_tokens, None, None, None
     if args.student:
         from .model_zoo import get_entry, reference_for
 
@@ -100,9 +100,22 @@ def _precompute(args: argparse.Namespace) -> int:
         else:
             visual_tokens = rows
             print(f"visual rows per placeholder, from {args.student_config}: {visual_tokens}")
+    if args.video_token_id is not None:  # an HF-native video student: its rows per video, from its directory
+        video_rows = hf_video_rows(args.student_config, args.num_frames) if args.student_config else None
+        if video_rows is None:
+            raise DataError(
+                "--video-token-id needs --student-config DIR, the directory of an HF-native LLaVA-NeXT-Video student "
+                "(its config.json, processor_config.json and video_preprocessor_config.json)"
+            )
+        print(f"visual rows per video, from {args.student_config}: {args.num_frames} frames, from each video's size")
     summary = run_precompute(
         config_from_args(
-            PrecomputeConfig, args, visual_tokens=visual_tokens, anyres=anyres, processor_rows=processor_rows
+            PrecomputeConfig,
+            args,
+            visual_tokens=visual_tokens,
+            anyres=anyres,
+            processor_rows=processor_rows,
+            video_rows=video_rows,
         )
     )
     if distributed.rank() == 0:
@@ -439,6 +452,7 @@ def _precompute_options(pre: argparse.ArgumentParser) -> None:
     from .core.dtypes import DTYPE_NAMES
     from .core.reference import REFERENCE_MODES
     from .data.templates import ALIASES, TEMPLATES
+    from .data.visual import DEFAULT_FRAMES
     from .reference.precompute import PrecomputeConfig
 
     # What PrecomputeConfig's fields do not say themselves: --reference and --template may come from --student.
@@ -459,6 +473,13 @@ def _precompute_options(pre: argparse.ArgumentParser) -> None:
         "--student-config",
         help="read the visual rows off the student's config.json (LLaVA-NeXT anyres: counted per image from its size); "
         "instead of --visual-tokens",
+    )
+    pre.add_argument(
+        "--num-frames",
+        type=_at_least(1),
+        default=DEFAULT_FRAMES,
+        help="frames sampled per video, as the training dataset samples them (LlavaHFDataset's num_frames; "
+        f"HF-native video students, with --video-token-id; default: {DEFAULT_FRAMES})",
     )
     pre.set_defaults(run=_precompute)
 

@@ -235,7 +235,8 @@ def test_precompute_options_are_the_config_fields(tmp_path):
         image_token_id=7,
     )
     assert cfg == expected
-    derived = {"anyres", "processor_rows"}  # read off the student by --student-config, not options of their own
+    # read off the student by --student-config, not options of their own
+    derived = {"anyres", "processor_rows", "video_rows"}
     assert {f.name for f in config_options(PrecomputeConfig)} == {f.name for f in fields(PrecomputeConfig)} - derived
 
 

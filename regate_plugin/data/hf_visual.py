@@ -8,20 +8,31 @@
   aspect ratio is closest to the image's (`min_patches..max_patches` tiles), plus one thumbnail tile when there is
   more than one; the processor expands `<IMG_CONTEXT>` into `<img>`, `image_seq_length` rows per tile, `</img>`.
 
-The arithmetic follows transformers 5.25's `Qwen2VLImageProcessor` / `GotOcr2ImageProcessor` and is checked
-against the processors themselves on generated images (`tests/test_hf_visual_rows.py`).
+Visual rows per video (`num_frames` frames sampled from the file, `eval/frames.py`'s VideoLLaMA2 rule):
+
+- LLaVA-NeXT-Video: the video processor resizes (and centre-crops) every frame, and the processor expands `<video>`
+  into `(H / patch) * (W / patch) // 4` rows per processed H x W frame (the model pools each frame's grid 2x2).
+
+The arithmetic follows transformers 5.25's `Qwen2VLImageProcessor` / `GotOcr2ImageProcessor` /
+`LlavaNextVideoProcessor` and is checked against the processors themselves on generated images and videos
+(`tests/test_hf_visual_rows.py`, `tests/test_hf_dataset_video.py`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+from PIL import Image
 
 from .anyres import Size
 from .conversations import DataError
+
+_T = TypeVar("_T")
 
 QWEN_VL_TYPES = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}  # model_type -> the image processor's patch size
 MAX_ASPECT = 200  # smart_resize refuses a longer side over 200 times the shorter
@@ -147,3 +158,117 @@ def hf_visual_rows(directory: str | Path) -> HFVisualRows | None:
         max_patches=int(pre.get("max_patches", 12)),
         wrap=(str(tokens.get("start_image_token", "<img>")), str(tokens.get("end_image_token", "</img>"))),
     )
+
+
+@dataclass(frozen=True)
+class LlavaNextVideoRows:
+    """Rows per video of a LLaVA-NeXT-Video processor: `num_frames` frames, each resized (to `height` x `width`, or
+    its shorter side to `shortest_edge`) and centre-cropped to `crop` (height, width) where the processor crops, then
+    `(H / patch) * (W / patch) // 4` rows per frame."""
+
+    num_frames: int
+    patch_size: int
+    shortest_edge: int | None = None
+    height: int | None = None
+    width: int | None = None
+    crop: tuple[int, int] | None = None
+
+    def frame_size(self, size: Size) -> tuple[int, int]:
+        """(height, width) of a processed frame of a `size` = (width, height) video."""
+        width, height = size
+        if width <= 0 or height <= 0:
+            raise DataError(f"video frame size {size} is not a positive (width, height)")
+        if self.crop is not None:
+            return self.crop
+        if self.height is not None and self.width is not None:
+            return self.height, self.width
+        if self.shortest_edge is not None:  # transformers' get_resize_output_image_size(default_to_square=False)
+            short, long = min(width, height), max(width, height)
+            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+            return (new_long, new_short) if height > width else (new_short, new_long)
+        return height, width
+
+    def rows(self, size: Size) -> int:
+        height, width = self.frame_size(size)
+        return self.num_frames * ((height // self.patch_size) * (width // self.patch_size) // 4)
+
+    def describe(self) -> dict[str, Any]:
+        crop = list(self.crop) if self.crop is not None else None  # as JSON reads it back
+        return {"processor": "llava_next_video", **asdict(self), "crop": crop}
+
+
+HFVideoRows = LlavaNextVideoRows
+
+
+def _video_resize(settings: dict[str, Any]) -> dict[str, Any]:
+    """The resize and crop keywords of `LlavaNextVideoRows` from a video processor's settings (its attributes or its
+    saved json), with `LlavaNextVideoVideoProcessor`'s defaults where one is absent."""
+    size = dict(settings.get("size") or {"shortest_edge": 224})
+    crop = dict(settings.get("crop_size") or {"height": 224, "width": 224})
+    resized = settings.get("do_resize", True)
+    return {
+        "shortest_edge": size.get("shortest_edge") if resized else None,
+        "height": size.get("height") if resized else None,
+        "width": size.get("width") if resized else None,
+        "crop": (int(crop["height"]), int(crop["width"])) if settings.get("do_center_crop", True) else None,
+    }
+
+
+def video_rows_of(processor: Any, num_frames: int) -> HFVideoRows:
+    """The per-video rule of a loaded HF processor (its `video_processor`'s settings and its patch size)."""
+    name = type(processor).__name__
+    video = getattr(processor, "video_processor", None)
+    if name != "LlavaNextVideoProcessor" or video is None or not getattr(processor, "patch_size", None):
+        raise DataError(
+            f"video samples need a processor whose video rows are known (LlavaNextVideoProcessor with its "
+            f"video_processor and patch_size); got {name}"
+        )
+    settings = {key: getattr(video, key, None) for key in ("size", "crop_size", "do_resize", "do_center_crop")}
+    settings = {key: value for key, value in settings.items() if value is not None}
+    return LlavaNextVideoRows(num_frames, int(processor.patch_size), **_video_resize(settings))
+
+
+def hf_video_rows(directory: str | Path, num_frames: int) -> HFVideoRows | None:
+    """The per-video rule of an HF-native LLaVA-NeXT-Video checkpoint directory; None for other models. The video
+    processor's settings are looked up where transformers 5 loads them from: `processor_config.json`'s nested
+    `video_processor`, else `video_preprocessor_config.json`, else `preprocessor_config.json`."""
+    directory = Path(directory)
+    config = _read_json(directory / "config.json", required=True)
+    if config.get("model_type") != "llava_next_video":
+        return None
+    processor = _read_json(directory / "processor_config.json", required=False)
+    vision = config.get("vision_config") or {}
+    patch = int(processor.get("patch_size") or vision.get("patch_size", 14))
+    video = processor.get("video_processor")
+    if not isinstance(video, dict):
+        video = _read_json(directory / "video_preprocessor_config.json", required=False) or _read_json(
+            directory / "preprocessor_config.json", required=False
+        )
+    return LlavaNextVideoRows(num_frames, patch, **_video_resize(video))
+
+
+def video_frames(path: Path, num_frames: int) -> list[Image.Image]:
+    """`num_frames` RGB frames of a video file, read with PyAV and sampled by VideoLLaMA2's uniform rule
+    (`eval/frames.py`; a shorter video is padded with black frames), so every video gives exactly `num_frames`."""
+    from ..eval.frames import VisualSource, sample_videollama2
+
+    return _reading(path, lambda: sample_videollama2(VisualSource(path), num_frames, None, max_frames=num_frames))
+
+
+def video_frame_size(path: Path) -> Size:
+    """(width, height) of a video file's frames: what a video's rows depend on, read off its first frame."""
+    from ..eval.frames import VisualSource
+
+    return _reading(path, lambda: VisualSource(path).read([0])[0].size)
+
+
+def _reading(path: Path, read: Callable[[], _T]) -> _T:
+    """`read()`, with an empty, damaged or unreadable video reported as a DataError naming the file."""
+    from ..eval.base import BenchmarkError
+
+    try:
+        return read()
+    except BenchmarkError as err:  # it names the file and says what to do
+        raise DataError(str(err)) from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the video: {err}") from None

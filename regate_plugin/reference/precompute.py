@@ -34,7 +34,7 @@ from ..core.keys import SampleKey, sample_key, tokenizer_fingerprint
 from ..core.reference import REFERENCE_MODES, ReferenceInput, build_reference_input
 from ..data import PLACEHOLDER_IDS, Conversation, DataError, expand_placeholders, get_template, iter_conversations
 from ..data.anyres import AnyresLayout, read_image_size
-from ..data.hf_visual import HFVisualRows
+from ..data.hf_visual import HFVideoRows, HFVisualRows, video_frame_size
 from ..data.templates import ConversationTemplate, tokenizer_limit
 from ..store import CacheManifest, Provenance, ReferenceLossCacheWriter, read_manifest
 from ..store.lifecycle import PARTS_DIR, known_keys, locked, merge_parts, prepare_output
@@ -60,6 +60,7 @@ class PrecomputeConfig:
     )
     anyres: AnyresLayout | None = None  # instead: LLaVA-NeXT anyres, rows counted per image from its size
     processor_rows: HFVisualRows | None = None  # HF-native Qwen-VL / InternVL: its processor's rows per image size
+    video_rows: HFVideoRows | None = None  # HF-native video student (LLaVA-NeXT-Video): its processor's rows per video
     image_folder: str | os.PathLike[str] | None = field(
         default=None,
         metadata={
@@ -73,6 +74,13 @@ class PrecomputeConfig:
         metadata={
             "help": "HF-native student: its processor expands each placeholder into this token id, --visual-tokens "
             "times (LlavaForConditionalGeneration: config.image_token_id)"
+        },
+    )
+    video_token_id: int | None = field(
+        default=None,
+        metadata={
+            "help": "HF-native video student: its processor expands each <video> into this token id "
+            "(LlavaNextVideoForConditionalGeneration: config.video_token_id)"
         },
     )
     mode: str = field(default="gap", metadata={"help": "gap: skip visual rows, keep positions; pad: pad tokens"})
@@ -106,6 +114,11 @@ class PrecomputeConfig:
             raise ConfigError(
                 "a Qwen-VL / InternVL student counts its visual rows per image: pass --image-token-id (its "
                 "config.image_token_id) and not --visual-tokens"
+            )
+        if (self.video_rows is None) != (self.video_token_id is None):
+            raise ConfigError(
+                "an HF-native video student needs both its rows per video (--student-config with --num-frames, or "
+                "PrecomputeConfig(video_rows=video_rows_of(processor, num_frames))) and --video-token-id"
             )
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues a cache and --overwrite replaces it: pass one of them")
@@ -218,7 +231,13 @@ def visual_paths(cfg: PrecomputeConfig, sample: Conversation) -> list[Path]:
 def placeholder_rows(cfg: PrecomputeConfig, sample: Conversation) -> int | list[int] | None:
     """The rows the student splices in per placeholder of `sample`: `--visual-tokens`, or for an anyres or Qwen-VL /
     InternVL student one count per image, from its size (read from the file's header) or, in an anyres sample with
-    several images, of one padded crop each."""
+    several images, of one padded crop each; for an HF-native video student (`video_rows`) one count per video, from
+    its frame size, as `LlavaHFDataset` counts them."""
+    if sample.modality == "video" and cfg.video_rows is not None:
+        try:
+            return [cfg.video_rows.rows(video_frame_size(path)) for path in visual_paths(cfg, sample)]
+        except DataError as err:
+            raise DataError(f"{sample.where()}: {err}") from None
     layout = cfg.anyres or cfg.processor_rows
     if layout is None:
         return cfg.visual_tokens
@@ -234,6 +253,14 @@ def placeholder_rows(cfg: PrecomputeConfig, sample: Conversation) -> int | list[
         return [layout.rows(read_image_size(path)) for path in paths]
     except DataError as err:
         raise DataError(f"{sample.where()}: {err}") from None
+
+
+def expansion_token(cfg: PrecomputeConfig, sample: Conversation) -> int | None:
+    """The token an HF-native student's processor expands `sample`'s placeholders into: its video token in a video
+    sample (where precompute was given one), else its image token; None for students that splice placeholders."""
+    if sample.modality == "video" and cfg.video_token_id is not None:
+        return cfg.video_token_id
+    return cfg.image_token_id
 
 
 def wrap_ids(cfg: PrecomputeConfig, tokenizer: Any) -> tuple[int, int] | None:
@@ -295,7 +322,7 @@ def load_data(cfg: PrecomputeConfig, summary: PrecomputeSummary) -> list[Convers
     samples: list[Conversation] = []
     for path in cfg.data:
         samples.extend(iter_conversations(path, skip_bad=cfg.skip_bad, bad=summary.bad))
-    if cfg.image_folder is None and cfg.anyres is None and cfg.processor_rows is None:
+    if cfg.image_folder is None and cfg.anyres is None and cfg.processor_rows is None and cfg.video_rows is None:
         return samples
     present = []
     for sample in samples:
@@ -441,9 +468,18 @@ def _wanted_manifest(cfg: PrecomputeConfig, encoding: _Encoding) -> CacheManifes
         reference_mode=cfg.mode,
         dtype=cfg.cache_dtype,
         visual_tokens=cfg.visual_tokens,
-        visual_layout=layout.describe() if (layout := cfg.anyres or cfg.processor_rows) is not None else None,
+        visual_layout=visual_layout(cfg),
         provenance=provenance,
     )
+
+
+def visual_layout(cfg: PrecomputeConfig) -> dict[str, Any] | None:
+    """What the manifest records of rows counted per sample: the image rule, and the video rule with its token."""
+    layout = cfg.anyres or cfg.processor_rows
+    described = layout.describe() if layout is not None else None
+    if cfg.video_rows is None:
+        return described
+    return {**(described or {}), "video": {**cfg.video_rows.describe(), "token_id": cfg.video_token_id}}
 
 
 def _load_reference_model(cfg: PrecomputeConfig) -> Any:
@@ -510,7 +546,7 @@ def _prepare_window(
                 placeholder_rows(cfg, sample),
                 cfg.mode,
                 encoding.pad_id,
-                cfg.image_token_id,
+                expansion_token(cfg, sample),
                 wrap_ids(cfg, encoding.tokenizer),
             )
         except DataError as err:
