@@ -8,6 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from regate_plugin.data import get_template, parse_sample
@@ -69,6 +70,23 @@ def test_upstream_image_samples_need_from_value_turns(next_train, tmp_path):
     }
     with pytest.raises(KeyError, match="value"):
         _upstream(next_train, raw, None)
+
+
+def test_image_tags_and_left_padding_as_upstream(next_train):
+    """Upstream train.py: under `mm_use_im_start_end` each `<image>` is wrapped in `<im_start>`/`<im_end>` (the
+    plugin's tokenizer check refuses such a run: the two tokens are added to the tokenizer), and the collator pads on
+    the tokenizer's side, flipping for left padding."""
+    turns = [{"from": "human", "value": "what? <image>"}, {"from": "gpt", "value": "a cat"}]
+    (out,) = next_train.preprocess_multimodal([turns], SimpleNamespace(is_multimodal=True, mm_use_im_start_end=True))
+    assert out[0]["value"] == "<im_start><image><im_end>\nwhat?"
+    tokenizer = SimpleNamespace(model_max_length=8, pad_token_id=0, padding_side="left")
+    batch = next_train.DataCollatorForSupervisedDataset(tokenizer)(
+        [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
+         {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])}]
+    )  # fmt: skip
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert batch["attention_mask"].tolist() == [[True, True, True], [False, False, True]]
 
 
 def _tiny_qwen2(directory):

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import transformers
 from torch.utils.data import Dataset
@@ -21,9 +20,7 @@ from videollama2.model import VLLMConfigs, VLLMs  # noqa: E402
 from videollama2.videollama2_trainer import VideoLLaMA2Trainer, safe_save_model_for_hf_trainer  # noqa: E402
 
 
-def set_seed(seed=42):
-    random.seed(seed)
-    np.random.seed(seed)
+def set_seed(seed=42):  # upstream seeds torch only (and CUDA); the Trainer seeds random / numpy later
     torch.manual_seed(seed)
 
 
@@ -59,8 +56,15 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = field(default=False)
     group_by_modality_length: bool = field(default=False)
     model_max_length: int = field(default=512)
+    double_quant: bool = field(default=True)
+    quant_type: str = field(default="nf4")
     bits: int = field(default=16)
     lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_weight_path: str = ""
+    lora_bias: str = "none"
 
 
 ROLES = {"human": "user", "gpt": "assistant"}
@@ -69,6 +73,8 @@ ROLES = {"human": "user", "gpt": "assistant"}
 def preprocess_plain(sources, tokenizer, modal_token=None):
     input_ids, targets = [], []
     for source in sources:
+        assert len(source) == 2  # upstream: one caption turn after the modal prompt, nothing else
+        assert modal_token in source[0]["value"]
         conversation = " ".join(sentence["value"] for sentence in source)
         ids = tokenizer_multimodal_token(conversation, tokenizer, modal_token, return_tensors="pt")
         target = copy.deepcopy(ids)
@@ -87,6 +93,7 @@ def preprocess(sources, tokenizer, modal_token=None):
         conversation = tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=False)
         input_ids.append(tokenizer_multimodal_token(conversation, tokenizer, modal_token, return_tensors="pt"))
         targets.append(copy.deepcopy(input_ids[-1]))
+        assert len(source) % 2 == 0, f"Invalid conversation length {len(source)}."
         cur, history = 0, []
         for idx in range(1, len(source), 2):  # mask each turn's instruction, measured on the cumulative chat
             turn = [
@@ -105,6 +112,7 @@ def preprocess(sources, tokenizer, modal_token=None):
 def preprocess_multimodal(sources, data_args, modal_token=None):
     if not data_args.is_multimodal:
         return sources
+    assert modal_token in MODAL_INDEX_MAP, f"Unsupported modal token {modal_token}."
     for source in sources:
         for sentence in source:
             if modal_token in sentence["value"]:
@@ -184,8 +192,12 @@ def train(attn_implementation=None):
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     config = VLLMConfigs[model_args.model_type].from_pretrained(model_args.model_path)
     config._attn_implementation = attn_implementation
-    model = VLLMs[model_args.model_type].from_pretrained(model_args.model_path, config=config, torch_dtype=None)
+    model = VLLMs[model_args.model_type].from_pretrained(
+        model_args.model_path, config=config, torch_dtype=(torch.bfloat16 if training_args.bf16 else None)
+    )
     model.config.use_cache = False
+    if model_args.freeze_backbone:
+        model.model.requires_grad_(False)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()
     tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -203,7 +215,16 @@ def train(attn_implementation=None):
     model.config.tokenizer_padding_side = tokenizer.padding_side
     model.config.tokenizer_model_max_length = tokenizer.model_max_length
     model.config.tune_mm_mlp_adapter = training_args.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+    if model_args.tune_mm_mlp_adapter:  # projector pretraining: only the projector trains
+        model.requires_grad_(False)
+        for p in model.get_model().mm_projector.parameters():
+            p.requires_grad = True
     data_args.is_pretraining = model_args.tune_mm_mlp_adapter
+    model.config.freeze_mm_mlp_adapter = training_args.freeze_mm_mlp_adapter
+    if training_args.freeze_mm_mlp_adapter:
+        for p in model.get_model().mm_projector.parameters():
+            p.requires_grad = False
+    model.config.mm_projector_lr = training_args.mm_projector_lr
     model.config.num_frames = NUM_FRAMES if data_args.num_frames is None else data_args.num_frames
     model.get_model().vision_tower.requires_grad_(False)
 

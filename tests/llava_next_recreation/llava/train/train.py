@@ -13,7 +13,13 @@ import transformers
 from torch.utils.data import Dataset
 
 from llava import conversation as conversation_lib
-from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+)
 from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from llava.train.llava_trainer import LLaVATrainer
 
@@ -41,8 +47,10 @@ class TrainingArguments(transformers.TrainingArguments):
 
 
 def preprocess_multimodal(sources, data_args):
-    """A lone `<image>` is moved to the front of its turn, then one dataset's noise marker is deleted; every turn is
-    read by its "value"."""
+    """A lone `<image>` is moved to the front of its turn (wrapped in `<Image>...</Image>` under an `mmtag`
+    conversation), every `<image>` becomes `<im_start><image><im_end>` under `mm_use_im_start_end` (which train() copies
+    onto data_args; read here with a False default), then one dataset's noise marker is deleted; every turn is read by
+    its "value"."""
     if not data_args.is_multimodal:
         return sources
     for source in sources:
@@ -52,6 +60,14 @@ def preprocess_multimodal(sources, data_args):
             ):
                 rest = sentence["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
                 sentence["value"] = (DEFAULT_IMAGE_TOKEN + "\n" + rest).strip()
+                if "mmtag" in conversation_lib.default_conversation.version:
+                    sentence["value"] = sentence["value"].replace(
+                        DEFAULT_IMAGE_TOKEN, "<Image>" + DEFAULT_IMAGE_TOKEN + "</Image>"
+                    )
+            if getattr(data_args, "mm_use_im_start_end", False):
+                sentence["value"] = sentence["value"].replace(
+                    DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+                )
             sentence["value"] = sentence["value"].replace("QA_GT_caption_based_noisy", "")
     return sources
 
@@ -123,9 +139,17 @@ class LazySupervisedDataset(Dataset):
 
 @dataclass
 class DataCollatorForSupervisedDataset:
-    """Right padding, truncation to model_max_length; with images, `image_sizes` and `modalities` per image."""
+    """Padding on the tokenizer's side (left by flipping, as upstream's `pad_sequence`), truncation to
+    model_max_length, pad id 0 when the tokenizer has none; with images, `image_sizes` and `modalities` per image."""
 
     tokenizer: transformers.PreTrainedTokenizer
+
+    def pad_sequence(self, sequences, padding_value):
+        left = self.tokenizer.padding_side == "left"
+        if left:
+            sequences = [torch.flip(x, [0]) for x in sequences]
+        padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=padding_value)
+        return torch.flip(padded, [1]) if left else padded
 
     def __call__(self, instances):
         limit = self.tokenizer.model_max_length
@@ -133,8 +157,9 @@ class DataCollatorForSupervisedDataset:
         labels = [x["labels"][:limit] for x in instances]
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token_id = 0
-        ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
-        labels = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
+        ids = self.pad_sequence(ids, self.tokenizer.pad_token_id)
+        labels = self.pad_sequence(labels, IGNORE_INDEX)
+        labels = labels.long() if labels.dtype == torch.int32 else labels
         batch = dict(input_ids=ids, labels=labels, attention_mask=ids.ne(self.tokenizer.pad_token_id))
         if "image" in instances[0]:
             images = [im for x in instances for im in x["image"]]  # (tensor, (width, height), "image"|"video")
@@ -158,13 +183,20 @@ def train(attn_implementation=None):
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     assert training_args.attn_implementation
+    # upstream: torch_dtype=(torch.bfloat16 if bf16 else None); transformers 5 names it `dtype` (default: the
+    # checkpoint's, which for the fp32 test checkpoints is 4.40's default too)
+    dtype = {"dtype": torch.bfloat16} if training_args.bf16 else {}
     model = LlavaQwenForCausalLM.from_pretrained(
-        model_args.model_name_or_path, attn_implementation=training_args.attn_implementation
+        model_args.model_name_or_path, attn_implementation=training_args.attn_implementation, **dtype
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, model_max_length=training_args.model_max_length, padding_side="right"
     )
-    if model_args.version not in ("v0", "v0.5"):  # upstream lines 1560-1568 (v0 keeps the default, vicuna_v0)
+    if model_args.version == "v0.5":  # upstream lines 1553-1568 (v0 keeps the default, vicuna_v0)
+        tokenizer.pad_token = tokenizer.unk_token
+    elif model_args.version != "v0":
+        if tokenizer.unk_token is not None:  # Qwen2's has none on transformers 4.40
+            tokenizer.pad_token = tokenizer.unk_token
         conversation_lib.default_conversation = conversation_lib.conv_templates.get(
             model_args.version, conversation_lib.conv_templates["vicuna_v1"]
         )

@@ -1,25 +1,33 @@
 import einops
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from ..constants import IGNORE_INDEX, MODAL_INDEX_MAP, NUM_FRAMES
 
 
 class CLIPVisionTower(nn.Module):
-    def __init__(self, vision_tower, args):
+    """Weights from the tower's path when `initialize_vision_modules` builds it (`load_pretrained=True`); built
+    from its config when the model is (re)loaded from a VideoLLaMA2 checkpoint, whose weights then fill it. Frozen
+    by train.py, not here."""
+
+    def __init__(self, vision_tower, args, load_pretrained=False):
         super().__init__()
         self.vision_tower_name = vision_tower
         self.select_layer = args.mm_vision_select_layer
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         self.image_processor = CLIPImageProcessor.from_pretrained(vision_tower)
-        self.vision_tower = CLIPVisionModel.from_pretrained(vision_tower)
-        self.vision_tower.requires_grad_(False)
+        if load_pretrained:
+            self.vision_tower = CLIPVisionModel.from_pretrained(vision_tower)
+        else:
+            self.vision_tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(vision_tower))
 
     @torch.no_grad()
     def forward(self, images):
         out = self.vision_tower(images, output_hidden_states=True)  # CLIP casts the pixels to its own dtype
         features = out.hidden_states[self.select_layer]
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"Unexpected select feature: {self.select_feature}")
         return (features[:, 1:] if self.select_feature == "patch" else features).to(images.dtype)
 
     @property
@@ -108,12 +116,16 @@ class Videollama2MetaModel:
         self.config.mm_vision_tower = model_args.vision_tower
         self.config.mm_vision_select_layer = model_args.mm_vision_select_layer
         self.config.mm_vision_select_feature = model_args.mm_vision_select_feature
-        self.vision_tower = CLIPVisionTower(model_args.vision_tower, model_args)
+        if self.get_vision_tower() is None:  # a checkpoint that has one keeps it
+            self.vision_tower = CLIPVisionTower(model_args.vision_tower, model_args, load_pretrained=True)
         self.config.use_mm_proj = True
-        self.config.mm_projector_type = model_args.mm_projector_type
+        self.config.mm_projector_type = getattr(model_args, "mm_projector_type", "linear")
         self.config.mm_hidden_size = self.vision_tower.hidden_size
         if getattr(self, "mm_projector", None) is None:
             self.mm_projector = build_vision_projector(self.config)
+        else:  # upstream: "in case it is frozen by LoRA"
+            for p in self.mm_projector.parameters():
+                p.requires_grad = True
         if model_args.pretrain_mm_mlp_adapter is not None:
             weights = torch.load(model_args.pretrain_mm_mlp_adapter, map_location="cpu")
             self.mm_projector.load_state_dict(
@@ -134,6 +146,7 @@ class Videollama2MetaForCausalLM:
     def encode_images_or_videos(self, images):
         frames = [data.expand(self.num_frames(), -1, -1, -1) if modal == "image" else data for data, modal in images]
         batch = torch.stack(frames, dim=0)
+        assert len(batch.size()) == 5
         features = self.get_model().get_vision_tower()(einops.rearrange(batch, "b t c h w -> (b t) c h w"))
         features = einops.rearrange(features, "(b t) n h -> b t n h", b=batch.shape[0])
         return self.temporal_aggregator(features)
@@ -157,15 +170,17 @@ class Videollama2MetaForCausalLM:
             if not is_modal.any():  # text only: two halves around a zero-length slice of one feature block
                 half = ids.shape[0] // 2
                 new_embeds.append(torch.cat([embed(ids[:half]), features[feature_idx][0:0], embed(ids[half:])]))
-                new_labels.append(labels[b])
+                new_labels.append(labels[b] if labels is not None else None)
                 feature_idx += 1
                 continue
-            pieces, piece_labels, cur_labels = [], [], labels[b]
+            # without labels (generation) the same splice runs on all-ignored placeholders, dropped at the end
+            cur_labels = labels[b] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
+            pieces, piece_labels = [], []
             while is_modal.any():
                 start = int(is_modal.nonzero()[0])
                 block = features[feature_idx]
                 pieces += [embed(ids[:start]), block]
-                piece_labels += [cur_labels[:start], torch.full((block.shape[0],), IGNORE_INDEX, dtype=labels.dtype)]
+                piece_labels += [cur_labels[:start], cur_labels.new_full((block.shape[0],), IGNORE_INDEX)]
                 feature_idx += 1
                 ids, cur_labels = ids[start + 1 :], cur_labels[start + 1 :]
                 is_modal = sum(ids == m for m in modal_ids).bool()
@@ -175,18 +190,21 @@ class Videollama2MetaForCausalLM:
             new_embeds.append(torch.cat(pieces))
             new_labels.append(torch.cat(piece_labels))
         length = max(x.shape[0] for x in new_embeds)
-        grown = [x.shape[0] - labels.shape[1] for x in new_labels]
+        grown = [x.shape[0] - input_ids.shape[1] for x in new_embeds]
         embeds = torch.stack([torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])]) for x in new_embeds])
-        merged_labels = torch.stack(
-            [torch.cat([x, x.new_full((length - x.shape[0],), IGNORE_INDEX)]) for x in new_labels]
-        )
-        # a True block as long as the growth goes in front of each row's mask; False pads the tail
-        attention_mask = torch.stack(
-            [
-                torch.cat([m.new_ones(g), m, m.new_zeros(length - labels.shape[1] - g)])
-                for m, g in zip(attention_mask, grown)
-            ]
-        )
+        merged_labels = None
+        if labels is not None:
+            merged_labels = torch.stack(
+                [torch.cat([x, x.new_full((length - x.shape[0],), IGNORE_INDEX)]) for x in new_labels]
+            )
+        if attention_mask is not None:
+            # a True block as long as the growth goes in front of each row's mask; False pads the tail
+            attention_mask = torch.stack(
+                [
+                    torch.cat([m.new_ones(g), m, m.new_zeros(length - input_ids.shape[1] - g)])
+                    for m, g in zip(attention_mask, grown)
+                ]
+            )
         return None, attention_mask, past_key_values, embeds, merged_labels
 
 
