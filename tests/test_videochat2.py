@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from .llava_data import write_tiny_reference
 from .test_templates import REPO, VIDEOLLAMA2_PYTHON
 from .tokenizers_fixture import write_sentencepiece_llama
 from .videochat2_recreation.fixtures import (
+    CONVERSATIONS,
     QUERIES,
     batch,
     brute_force_loss,
@@ -29,7 +32,7 @@ from .videochat2_recreation.fixtures import (
     reference_cache,
     tiny_student,
 )
-from .videochat2_recreation.videochat2 import IGNORE
+from .videochat2_recreation.videochat2 import IGNORE, process_qa
 
 RECREATION = REPO / "tests" / "videochat2_recreation"
 
@@ -120,3 +123,79 @@ def test_in_videochat2s_pinned_stack(tmp_path):
     assert result["grad_error"] < 1e-6
     assert result["sparse_loss"] == pytest.approx(result["brute_force_loss"], rel=1e-5)
     assert result["kept"] < result["candidates"]
+
+
+# The launcher, against the re-created tasks/train_it.py (run from the re-creation's folder, as VideoChat2 runs
+# from video_chat2/), in the main env.
+ANNOTATIONS = [{"video": f"clip{i}.mp4", "QA": qa} for i, qa in enumerate(CONVERSATIONS * 2)]
+LAUNCH = ["-m", "regate_plugin.launch", "videochat2", "tasks/train_it.py"]
+
+
+@pytest.fixture(scope="module")
+def run_setup(base, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("videochat2_run")
+    (root / "train.json").write_text(json.dumps(ANNOTATIONS))
+    config = f"""import torch
+model = dict(model_cls="VideoChat2_it_mistral", mistral_model_path={str(base)!r}, vision_width=16, num_query_token=3,
+             extra_num_query_token=2, use_lora=True, lora_dropout=0.0, torch_dtype=torch.float32, max_txt_len=128)
+optimizer = dict(lr=1e-3, max_grad_norm=-1)
+train_file = {str(root / "train.json")!r}
+num_frames = 4
+system = "you are helpful "
+batch_size = 2
+epochs = 1
+seed = 42
+fp16 = False
+auto_resume = True
+output_dir = "unset"
+"""
+    (root / "config.py").write_text(config)
+    prompts = [process_qa(qa, "you are helpful ")[0] for qa in CONVERSATIONS]
+    return {"root": root, "cache": reference_cache(tiny_student(base), prompts, 4, root / "cache")}
+
+
+def _train_it(run_setup: dict[str, Path], output: str, *args: str, launcher: bool = True) -> list[float]:
+    entry = LAUNCH if launcher else ["tasks/train_it.py"]
+    argv = [*entry, str(run_setup["root"] / "config.py"), "output_dir", str(run_setup["root"] / output), *args]
+    env = {**os.environ, "PYTHONPATH": f"{RECREATION}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=RECREATION, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = (run_setup["root"] / output / "log.jsonl").read_text().splitlines()
+    return [json.loads(line)["video-loss"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def plain(run_setup) -> list[float]:
+    """The re-created train_it.py's own losses, one per step."""
+    return _train_it(run_setup, "plain", launcher=False)
+
+
+def test_launcher_at_keep_one_trains_as_train_it_does(run_setup, plain):
+    flags = ["--regate_ref_cache", str(run_setup["cache"]), "--regate_keep_ratio", "1.0", "--regate_warmup_steps", "0"]
+    elided = _train_it(run_setup, "keep1", "--token_elision", "regate", *flags, "--regate_dense_steps", "0")
+    assert len(plain) == len(ANNOTATIONS) // 2
+    assert elided == pytest.approx(plain, rel=1e-5)
+
+
+def test_launcher_sets_the_step_of_each_batch(run_setup, plain):
+    """Warm-up 1, cycles of 3 with 1 dense step: steps 0 and 1 are dense, so the run matches train_it.py's own
+    until step 2, the first sparse one, computed on the same weights as train_it.py's step 2 and losing other
+    terms."""
+    common = ["--token_elision", "regate", "--regate_ref_cache", str(run_setup["cache"]), "--regate_keep_ratio"]
+    schedule = ["--regate_warmup_steps", "1", "--regate_cycle_steps", "3", "--regate_dense_steps", "1"]
+    sparse = _train_it(run_setup, "sparse", *common, "0.5", *schedule)
+    assert sparse[:2] == pytest.approx(plain[:2], rel=1e-5)
+    assert sparse[2] != pytest.approx(plain[2], rel=1e-4)
+
+
+def test_launcher_refuses_a_resume_without_the_ema(run_setup):
+    common = ["--token_elision", "regate", "--regate_ref_cache", str(run_setup["cache"])]
+    _train_it(run_setup, "resumed", *common)
+    argv = [*LAUNCH, str(run_setup["root"] / "config.py"), "output_dir", str(run_setup["root"] / "resumed"), "epochs"]
+    env = {**os.environ, "PYTHONPATH": f"{RECREATION}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, *argv, "2", *common], capture_output=True, text=True, cwd=RECREATION, env=env, timeout=600
+    )
+    assert done.returncode != 0
+    assert "ResumeStateError: VideoChat2 resumes at step 4" in done.stderr
+    assert "--regate_resume_without_state fresh" in done.stderr.splitlines()[-1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from regate_plugin.core import batch_sample_keys, shift_targets
+from regate_plugin.core import batch_sample_keys, shift_targets, tokenizer_fingerprint
 from regate_plugin.data.templates import IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from regate_plugin.store import ReferenceLossCacheWriter
 
@@ -85,7 +85,11 @@ def reference_cache(
     targets = (shift_targets(samples["labels"], samples["attention_mask"]) != IGNORE).sum(1).tolist()
     gen = torch.Generator().manual_seed(0)
     with ReferenceLossCacheWriter(
-        directory, reference="test", tokenizer_fingerprint="test", reference_mode="gap", visual_tokens=rows
+        directory,
+        reference="test",
+        tokenizer_fingerprint=tokenizer_fingerprint(model.mistral_tokenizer),
+        reference_mode="gap",
+        visual_tokens=rows,
     ) as writer:
         for key, n in zip(keys, targets):
             writer.add(key, torch.rand(n, generator=gen) * 5)
