@@ -188,7 +188,9 @@ def test_launcher_sets_the_step_of_each_batch(run_setup, plain):
     assert sparse[2] != pytest.approx(plain[2], rel=1e-4)
 
 
-def test_launcher_refuses_a_resume_without_the_ema(run_setup):
+def test_launcher_resumes_only_with_a_fresh_ema(run_setup):
+    """VideoChat2's checkpoints do not hold the EMA: its auto-resume stops, naming the flag, unless told to
+    continue with an empty one."""
     common = ["--token_elision", "regate", "--regate_ref_cache", str(run_setup["cache"])]
     _train_it(run_setup, "resumed", *common)
     argv = [*LAUNCH, str(run_setup["root"] / "config.py"), "output_dir", str(run_setup["root"] / "resumed"), "epochs"]
@@ -199,3 +201,6 @@ def test_launcher_refuses_a_resume_without_the_ema(run_setup):
     assert done.returncode != 0
     assert "ResumeStateError: VideoChat2 resumes at step 4" in done.stderr
     assert "--regate_resume_without_state fresh" in done.stderr.splitlines()[-1]
+    fresh = [*common, "--regate_resume_without_state", "fresh"]
+    losses = _train_it(run_setup, "resumed", "epochs", "2", *fresh)
+    assert len(losses) == 2 * len(ANNOTATIONS) // 2  # the first epoch's four steps, then the resumed epoch's

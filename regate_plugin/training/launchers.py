@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,12 @@ def videochat2_setup_model(setup_model: Any, elision_args: TokenElisionArguments
                 f"VideoChat2 resumes at step {global_step}, but its checkpoints do not hold the student EMA of token "
                 f"elision '{elision.name}': pass --regate_resume_without_state fresh to continue the schedule from "
                 "this step with an empty EMA, or start in a new output_dir"
+            )
+        if global_step and elision.capabilities.learns:
+            warnings.warn(
+                f"VideoChat2 resumes at step {global_step} with an empty student EMA (--regate_resume_without_state "
+                "fresh): its checkpoints do not hold it",
+                stacklevel=2,
             )
         enable_token_elision(model, elision)
         step = [global_step]
