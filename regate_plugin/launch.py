@@ -1,5 +1,5 @@
-"""`python -m regate_plugin.launch [--local_rank=N] {llava,videollama2} <upstream train.py arguments> --token_elision
-regate ...` (the deepspeed launcher puts `--local_rank=N` before the codebase)."""
+"""`python -m regate_plugin.launch [--local_rank=N] {llava,videollama2,videochat2} <upstream train script arguments>
+--token_elision regate ...` (the deepspeed launcher puts `--local_rank=N` before the codebase)."""
 
 from .training.launchers import main
 

@@ -20,7 +20,7 @@ class Adapter:
 
 def _load_builtin_adapters() -> None:
     """Import the adapter modules that ship with the plugin (they import transformers, so only on demand)."""
-    from . import hf, upstream  # noqa: F401
+    from . import hf, upstream, videochat2  # noqa: F401
 
 
 ADAPTERS: Registry[Adapter] = Registry("adapter", group="regate_plugin.adapters", builtins=_load_builtin_adapters)

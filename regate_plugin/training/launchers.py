@@ -1,9 +1,11 @@
-"""Zero-edit launchers: `python -m regate_plugin.launch {llava,videollama2} <upstream train args> --token_elision ...`.
+"""Zero-edit launchers: `python -m regate_plugin.launch {llava,videollama2,videochat2} <upstream train args>
+--token_elision ...`.
 
 Each one adds the flags and the Trainer integration to an unmodified upstream checkout (docs/ARCHITECTURE.md), then
 runs its `train()` exactly as its own entry point would. The model-side adapter is installed by the Trainer mixin
 on the built model, before any DeepSpeed wrapping. Each also tells the mixin's pre-flight check which plugin template
-its codebase's preprocessing equals, read from what upstream's own `preprocess` reads.
+its codebase's preprocessing equals, read from what upstream's own `preprocess` reads. VideoChat2 has no Trainer:
+its launcher wraps the `setup_model` its train script calls (docs/VIDEOCHAT2.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +147,72 @@ def launch_videollama2(argv: list[str]) -> None:
     _load_script(script).train(attn_implementation or VIDEOLLAMA2_ATTENTION)
 
 
-LAUNCHERS = {"llava": launch_llava, "videollama2": launch_videollama2}
+VIDEOCHAT2_SCRIPT = "tasks/train_it.py"  # run_7b_stage3.sh: torchrun tasks/train_it.py <config.py> output_dir X
+
+
+def videochat2_setup_model(setup_model: Any, elision_args: TokenElisionArguments) -> Any:
+    """Wrap VideoChat2's `setup_model(config, model_cls, find_unused_parameters)`: on the model it built (the
+    module DDP wraps, `model_without_ddp`), enable the elision its flags describe, and before every training
+    forward fold the previous step's student losses into the EMA and set the step (`train_it.train` takes one
+    optimizer step per batch, counted from the `global_step` it resumes at). Its checkpoints do not carry the EMA, so
+    a resumed run of a strategy that learns one stops unless --regate_resume_without_state fresh."""
+    from ..adapters import enable_token_elision
+    from .callback import ResumeStateError
+
+    def setup(config: Any, *args: Any, **kwargs: Any) -> tuple:
+        built = setup_model(config, *args, **kwargs)
+        model, global_step = built[1], built[-1]
+        elision = elision_args.build(tokenizer=getattr(model, "mistral_tokenizer", None))
+        if global_step and elision.capabilities.learns and elision.cfg.resume_without_state == "error":
+            raise ResumeStateError(
+                f"VideoChat2 resumes at step {global_step}, but its checkpoints do not hold the student EMA of token "
+                f"elision '{elision.name}': pass --regate_resume_without_state fresh to continue the schedule from "
+                "this step with an empty EMA, or start in a new output_dir"
+            )
+        if global_step and elision.capabilities.learns:
+            warnings.warn(
+                f"VideoChat2 resumes at step {global_step} with an empty student EMA (--regate_resume_without_state "
+                "fresh): its checkpoints do not hold it",
+                stacklevel=2,
+            )
+        enable_token_elision(model, elision)
+        step = [global_step]
+
+        def next_step(module: Any, args: tuple) -> None:
+            if module.training:
+                elision.sync()
+                elision.set_step(step[0])
+                step[0] += 1
+
+        model.register_forward_pre_hook(next_step)
+        return built
+
+    return setup
+
+
+def launch_videochat2(argv: list[str]) -> None:
+    """OpenGVLab/Ask-Anything's VideoChat2 (docs/VIDEOCHAT2.md): `[tasks/train_it.py] <config.py> [key value ...]`.
+    Its own loop, no Trainer; its `Config` takes only keys its config file defines, so our flags are stripped and
+    parsed first. Import the script (first argument, default `tasks/train_it.py`, run from `video_chat2/`), replace
+    `setup_model` in its namespace (`videochat2_setup_model`), then run what its `__main__` runs:
+    `main(setup_main())`."""
+    script = argv.pop(0) if argv and Path(argv[0]).name.startswith("train_it") else VIDEOCHAT2_SCRIPT
+    if not Path(script).is_file():
+        raise SystemExit(
+            f"regate launch videochat2: {script} not found (run from Ask-Anything's video_chat2/ directory, or "
+            "pass the path of tasks/train_it.py as the first argument)"
+        )
+    elision_args, argv = split_elision_flags(argv)
+    repo = str(Path(script).resolve().parents[1])
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    module = _load_script(script)
+    module.setup_model = videochat2_setup_model(module.setup_model, elision_args)
+    sys.argv = [script, *argv]
+    module.main(module.setup_main())
+
+
+LAUNCHERS = {"llava": launch_llava, "videollama2": launch_videollama2, "videochat2": launch_videochat2}
 
 
 def main(argv: list[str] | None = None) -> None:
