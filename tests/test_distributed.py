@@ -28,14 +28,14 @@ from .trainer_helpers import make_trainer, samples
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _torchrun(out: Path, mode: str, phase: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, mode: str, phase: str, timeout: float = 240, ranks: int = 2) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node",
-        "2",
+        str(ranks),
         "-m",
         "tests.distributed_worker",
         str(out),
@@ -131,7 +131,7 @@ def test_resuming_inside_the_sparse_phase_continues_identically(straight_runs, t
 
 
 def test_fsdp_that_accelerate_leaves_off_is_refused_before_any_step(tmp_path):
-    done = _torchrun(tmp_path, "fsdp2-as-is", "train")  # on CPU accelerate would train it with DDP
+    done = _torchrun(tmp_path, "fsdp2-as-is", "train", ranks=1)  # on CPU accelerate would train it with DDP
     assert done.returncode != 0
     assert "--fsdp is set, but accelerate did not shard this run" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "train-rank0.pt").exists()
