@@ -28,10 +28,11 @@ def unsupported_fsdp(asked: bool, plugin: Any | None) -> str | None:
         )
     if plugin is None:
         return None
-    if plugin.fsdp_version != 2:
+    version = getattr(plugin, "fsdp_version", 1)  # older accelerate has FSDP1 only
+    if version != 2:
         return (
-            f"FSDP{plugin.fsdp_version} (fsdp_config version {plugin.fsdp_version}, deprecated by transformers 5) is "
-            "not tested under token elision: use FSDP2, fsdp_config {'version': 2} (transformers 5's default)"
+            f"FSDP{version} (fsdp_config version {version}, deprecated by transformers 5) is not tested under token "
+            "elision: use FSDP2, fsdp_config {'version': 2} (transformers 5's default), or DeepSpeed ZeRO-2 / ZeRO-3"
         )
     from torch.distributed.fsdp import CPUOffloadPolicy  # torch 2.6+, which FSDP2 needs anyway
 
