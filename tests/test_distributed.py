@@ -131,9 +131,11 @@ def test_resuming_inside_the_sparse_phase_continues_identically(straight_runs, t
 
 
 def test_fsdp_that_accelerate_leaves_off_is_refused_before_any_step(tmp_path):
-    done = _torchrun(tmp_path, "fsdp2-as-is", "train", ranks=1)  # on CPU accelerate would train it with DDP
+    done = _torchrun(tmp_path, "fsdp2-as-is", "train", ranks=1)  # accelerate leaves FSDP off on CPU
     assert done.returncode != 0
-    assert "--fsdp is set, but accelerate did not shard this run" in done.stderr, done.stderr[-3000:]
+    assert "FSDP is asked for (--fsdp, or accelerate's use_fsdp), but accelerate did not shard" in done.stderr, (
+        done.stderr[-3000:]
+    )
     assert not (tmp_path / "train-rank0.pt").exists()
 
 

@@ -22,9 +22,9 @@ def unsupported_fsdp(asked: bool, plugin: Any | None) -> str | None:
     in effect (None: no FSDP)."""
     if plugin is None and asked:
         return (
-            "--fsdp is set, but accelerate did not shard this run: it shards with FSDP on GPUs and other "
-            "accelerators only, and on CPU trains the whole model with DDP instead; drop --fsdp to train with DDP "
-            "here, or run on GPUs"
+            "FSDP is asked for (--fsdp, or accelerate's use_fsdp), but accelerate did not shard this run: it "
+            "shards with FSDP on GPUs and other accelerators only, and on CPU trains the whole model with DDP "
+            "instead; drop --fsdp / use_fsdp to train with DDP here, or run on GPUs"
         )
     if plugin is None:
         return None
