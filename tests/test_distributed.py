@@ -1,4 +1,5 @@
-"""Two processes (torchrun, gloo, CPU) through the real HF Trainer: DDP, DeepSpeed ZeRO-2 and ZeRO-3.
+"""Two processes (torchrun, gloo, CPU) through the real HF Trainer: DDP, DeepSpeed ZeRO-2 and ZeRO-3, and FSDP2
+through accelerate (which shards on CPU only as the worker's `_fsdp_on_cpu` lets it; see docs/DISTRIBUTED.md).
 
 The reference is one process fed the same global batches: per-device batch 2 x 2 ranks against batch 4 in one
 process. The data order is the same because the Trainer's sampler is seeded by `args.seed` (the same permutation
@@ -17,22 +18,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import FullyShardedDataParallelPlugin
+
+from regate_plugin.training.fsdp import unsupported_fsdp
 
 from . import distributed_worker as worker
-from .tiny import tiny_llava
 from .trainer_helpers import make_trainer, samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _torchrun(out: Path, mode: str, phase: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, mode: str, phase: str, timeout: float = 240, ranks: int = 2) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node",
-        "2",
+        str(ranks),
         "-m",
         "tests.distributed_worker",
         str(out),
@@ -54,7 +57,9 @@ def one_process(tmp_path_factory) -> dict:
     torch.set_num_threads(1)  # as each rank runs: CPU sums depend on the thread count
     try:
         args = {**worker.training_args("ddp"), "per_device_train_batch_size": 2 * worker.PER_RANK_BATCH}
-        trainer = make_trainer(root, samples(worker.SAMPLES), worker.elision_flags(root), model=tiny_llava(), **args)
+        trainer = make_trainer(
+            root, samples(worker.SAMPLES), worker.elision_flags(root), model=worker.student(), **args
+        )
         trainer.train()
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -98,9 +103,11 @@ def _assert_one_process(ranks: list[dict], one: dict) -> None:
     assert len(sparse) >= 8 and all(e["regate/kept"] < e["regate/candidates"] for e in sparse)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_ranks_hold_the_one_process_ema_and_log_global_counts(straight_runs, one_process, mode):
-    _assert_one_process(_ranks(straight_runs(mode), "train"), one_process)
+    ranks = _ranks(straight_runs(mode), "train")
+    _assert_one_process(ranks, one_process)
+    assert [rank["fsdp"] for rank in ranks] == [mode == "fsdp2"] * 2  # FSDP2 sharded it, and only in that mode
 
 
 def test_only_rank_0_prints_the_startup_summary(straight_runs):
@@ -108,7 +115,7 @@ def test_only_rank_0_prints_the_startup_summary(straight_runs):
     assert printed.count("token elision 'regate', starting at optimizer step 0") == 1, printed[-2000:]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "fsdp2"])
 def test_resuming_inside_the_sparse_phase_continues_identically(straight_runs, tmp_path, mode):
     done = _torchrun(tmp_path, mode, "resume")
     assert done.returncode == 0, done.stderr[-4000:]
@@ -121,6 +128,30 @@ def test_resuming_inside_the_sparse_phase_continues_identically(straight_runs, t
         assert [e["regate/kept"] for e in after] == [e["regate/kept"] for e in want]
         assert [e["loss"] for e in after] == pytest.approx([e["loss"] for e in want], rel=1e-5)
     assert not any(e["regate/dense"] for e in straight[0]["logs"] if e["step"] > worker.SAVE_AT)
+
+
+def test_fsdp_that_accelerate_leaves_off_is_refused_before_any_step(tmp_path):
+    done = _torchrun(tmp_path, "fsdp2-as-is", "train", ranks=1)  # accelerate leaves FSDP off on CPU
+    assert done.returncode != 0
+    assert "FSDP is asked for (--fsdp, or accelerate's use_fsdp), but accelerate did not shard" in done.stderr, (
+        done.stderr[-3000:]
+    )
+    assert not (tmp_path / "train-rank0.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({"fsdp_version": 2}, None),
+        ({"fsdp_version": 2, "reshard_after_forward": False}, None),
+        ({"fsdp_version": 1, "sync_module_states": False}, "FSDP1 (fsdp_config version 1"),
+        ({"fsdp_version": 2, "cpu_offload": True}, "fsdp_config cpu_offload"),
+    ],
+)
+def test_fsdp_settings_token_elision_does_not_run_under_are_refused(settings, refused):
+    problem = unsupported_fsdp(True, FullyShardedDataParallelPlugin(**settings))  # accelerate's own plugin
+    assert problem is None if refused is None else problem.startswith(refused), problem
+    assert unsupported_fsdp(False, None) is None
 
 
 def test_a_non_finite_loss_on_one_rank_is_dropped_on_every_rank_and_logged_once(tmp_path):

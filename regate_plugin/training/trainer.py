@@ -13,6 +13,7 @@ from ..adapters import enable_token_elision
 from ..adapters.common import PLANNED_BATCH, plan_ahead
 from .arguments import TokenElisionArguments
 from .callback import TokenElisionCallback
+from .fsdp import check_fsdp
 from .preflight import PREFLIGHT_SAMPLES, RunFacts, check_cache_fits
 from .trl import check_trl_options
 
@@ -61,11 +62,12 @@ class TokenElisionTrainerMixin:
     """Put in front of a `transformers.Trainer` subclass: `class MyTrainer(TokenElisionTrainerMixin, Trainer)`.
 
     On construction it builds the strategy from `token_elision_args` (or from the `--token_elision` /
-    `--regate_*` fields of `args`), checks it against the tokenizer, installs it on the model (before any
-    DeepSpeed / DDP wrapping) and adds a `TokenElisionCallback` after the Trainer's flow callback and ahead of the
-    logging callbacks. `train` first runs the pre-flight check of the reference cache against the run and its first
-    training samples (`training/preflight.py`). Under gradient accumulation `num_items_in_batch` counts the loss
-    terms elision keeps, so the loss stays the mean over kept targets of the whole accumulated batch.
+    `--regate_*` fields of `args`), checks it against the tokenizer and the run's FSDP setting (`training/fsdp.py`),
+    installs it on the model (before any DeepSpeed / DDP / FSDP wrapping) and adds a `TokenElisionCallback` after the
+    Trainer's flow callback and ahead of the logging callbacks. `train` first runs the pre-flight check of the
+    reference cache against the run and its first training samples (`training/preflight.py`). Under gradient
+    accumulation `num_items_in_batch` counts the loss terms elision keeps, so the loss stays the mean over kept
+    targets of the whole accumulated batch.
     """
 
     token_elision_args: TokenElisionArguments | None = None
@@ -74,6 +76,7 @@ class TokenElisionTrainerMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_trl_options(self)
+        check_fsdp(self)
         elision_args = self.token_elision_args or TokenElisionArguments.from_object(self.args)
         tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
         self.token_elision = elision_args.build(tokenizer=_text_tokenizer(tokenizer))
