@@ -230,16 +230,15 @@ class ReferenceScoredElision(TokenElision):
         kept candidates' losses against their EMA before this update and their reference losses."""
         assert plan.rows is not None and plan.rows.reference is not None
         candidate = is_candidate.flatten()[result.positions]
-        losses = result.per_token.float()[candidate]
+        losses = torch.where(candidate, result.per_token.float(), float("nan"))  # NaN: counted nowhere (no sync)
         if plan.dense:
             keep = keep_counts(torch.from_numpy(plan.layout.candidates), self.sparse_keep_ratio())
             keep = keep.to(plan.targets.device, non_blocking=True)
             would_keep = self.select(plan.targets, plan.candidates, plan.ordinals, plan.rows, keep)
-            kept = plan.compaction.gather(would_keep, fill=False).flatten()[result.positions][candidate]
-            return dense_signals(losses, kept)
+            return dense_signals(losses, plan.compaction.gather(would_keep, fill=False).flatten()[result.positions])
         reference = plan.rows.reference.gather(1, plan.ordinals.clamp(0, plan.rows.reference.shape[1] - 1))
-        reference = plan.compaction.gather(reference, fill=float("nan")).flatten()[result.positions][candidate]
-        ema = self.ema.lookup(slots[candidate], token_ids[candidate])
+        reference = plan.compaction.gather(reference, fill=float("nan")).flatten()[result.positions]
+        ema = self.ema.lookup(slots, token_ids)  # before this step's update; NaN off the candidates (slot -1)
         return sparse_signals(losses, ema, reference, self.cfg.keep_control_low)
 
     def sync(self) -> None:
