@@ -55,10 +55,12 @@ def next_keep_ratio(ratio: float, signals: Signals, cfg: ReferenceScoredConfig) 
     candidates (dense steps), else higher by one step when the unlearnt kept candidates' EMA did not fall (sparse
     steps) or the elided ones' loss is above `keep_control_gap` x the kept ones' (dense steps); within the bounds
     (rounded to 1e-9, so that steps of 0.05 stay on their grid)."""
-    dense = signals.elided_loss is not None and signals.kept_loss is not None
-    learnt = dense and max(signals.elided_loss, signals.kept_loss) < cfg.keep_control_low  # type: ignore[type-var]
+    elided, kept = signals.elided_loss, signals.kept_loss
+    learnt = behind = False
+    if elided is not None and kept is not None:
+        learnt = max(elided, kept) < cfg.keep_control_low
+        behind = elided > cfg.keep_control_gap * kept
     stalled = signals.drift is not None and signals.drift >= 0.0
-    behind = dense and signals.elided_loss > cfg.keep_control_gap * signals.kept_loss  # type: ignore[operator]
     change = -cfg.keep_control_step if learnt else cfg.keep_control_step if stalled or behind else 0.0
     return round(min(max(ratio + change, cfg.keep_ratio_min), cfg.keep_ratio_max), 9)
 

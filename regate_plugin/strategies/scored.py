@@ -198,9 +198,13 @@ class ReferenceScoredElision(TokenElision):
         """The kept candidates' losses, in row-major order of the compact batch: folded now in one process, or
         held (one micro-batch at most) for `sync` to fold every rank's in rank order. With `ema_observe='dense'`,
         sparse steps' losses (gapped context) are not observed (the schedule is the same on every rank). With
-        `keep_control='adaptive'`, the controller's signals of this micro-batch likewise."""
+        `keep_control='adaptive'`, on every step, the controller's signals of the micro-batch (`_signals`), added
+        now or held for `sync` alike."""
         assert plan.rows is not None
         observed = self.cfg.ema_observe == "all" or plan.dense
+        if not observed and self.control is None:
+            self.sync()
+            return
         ordinals = plan.compaction.gather(plan.ordinals, fill=-1)
         is_candidate = plan.compaction.gather(plan.candidates, fill=False)
         slots = ema_slots(plan.rows.starts, ordinals, is_candidate).flatten()[result.positions]
@@ -208,8 +212,8 @@ class ReferenceScoredElision(TokenElision):
         signals = None if self.control is None else self._signals(plan, is_candidate, slots, token_ids, result)
         self.sync()
         if distributed.process_group_size() == 1:
-            if signals is not None:
-                self.control.add(signals)  # type: ignore[union-attr]
+            if self.control is not None and signals is not None:
+                self.control.add(signals)
             if observed:
                 self.ema.ensure_vocab(plan.layout.max_target_id + 1)  # a host bound on the observed ids
                 self.ema.update(slots, token_ids, result.per_token)
@@ -244,10 +248,10 @@ class ReferenceScoredElision(TokenElision):
     def sync(self) -> None:
         """Fold the held micro-batch of every rank into the EMA, in rank order (a collective on every rank)."""
         signals, self._pending_signals = self._pending_signals, None
-        if signals is not None:
+        if self.control is not None and signals is not None:
             signals = signals.clone()
             dist.all_reduce(signals)  # every rank adds the same sums
-            self.control.add(signals)  # type: ignore[union-attr]
+            self.control.add(signals)
         pending, self._pending = self._pending, None
         if pending is not None:
             slots, token_ids, losses = all_gather_observations(*pending)
