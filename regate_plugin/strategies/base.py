@@ -153,7 +153,7 @@ class TokenElision:
         """
         if self.is_dense():
             return n_candidates
-        return keep_counts(torch.from_numpy(n_candidates), self.keep_ratio()).numpy()
+        return keep_counts(torch.from_numpy(n_candidates), self.sparse_keep_ratio()).numpy()
 
     def kept_target_counts(self, layout: BatchLayout) -> torch.Tensor:
         """Int64 [B]: how many loss terms `plan` keeps per row at the current step, from the batch layout alone:

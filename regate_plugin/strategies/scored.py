@@ -246,7 +246,8 @@ class ReferenceScoredElision(TokenElision):
         return sparse_signals(losses, ema, reference, self.cfg.keep_control_low)
 
     def sync(self) -> None:
-        """Fold the held micro-batch of every rank into the EMA, in rank order (a collective on every rank)."""
+        """Fold the held micro-batch of every rank into the EMA, in rank order, and add every rank's controller
+        signals (a collective on every rank)."""
         signals, self._pending_signals = self._pending_signals, None
         if self.control is not None and signals is not None:
             signals = signals.clone()
