@@ -52,6 +52,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "repeats_last": {"elision_unit": "target", "repeats": "last"},
     "with_input_repeats": {"elision_unit": "with_input", "repeats": "last"},
     "auto": {"elision_unit": "target", "schedule": "auto"},
+    "adaptive": {"elision_unit": "target", "keep_control": "adaptive", "keep_control_interval": 64},  # one demo cycle
     "with_input_auto": {"elision_unit": "with_input", "repeats": "last", "schedule": "auto"},
     # the library's schedule (the paper's) instead of the demo's, which is scaled to its 400 steps
     "library_schedule": {

@@ -98,6 +98,13 @@ _NON_DEFAULT = {
     "repeats": ("last", "last"),
     "schedule": ("auto", "auto"),
     "total_steps": ("600", 600),
+    "keep_control": ("adaptive", "adaptive"),
+    "keep_ratio_min": ("0.2", 0.2),
+    "keep_ratio_max": ("0.9", 0.9),
+    "keep_control_step": ("0.1", 0.1),
+    "keep_control_interval": ("64", 64),
+    "keep_control_gap": ("0.7", 0.7),
+    "keep_control_low": ("0.1", 0.1),
 }
 _OLD_FLAG_NAMES = {"lam": "--regate_lambda"}  # the names users have been passing; they must keep working
 

@@ -19,6 +19,7 @@ Repeats = Literal["score", "last"]
 Schedule = Literal["fixed", "auto"]
 EMAObserve = Literal["all", "dense"]
 ResumeWithoutState = Literal["error", "fresh"]
+KeepControl = Literal["off", "adaptive"]
 
 SCORE_NORMS: tuple[str, ...] = get_args(ScoreNorm)
 MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
@@ -28,6 +29,7 @@ EMA_OBSERVE: tuple[str, ...] = get_args(EMAObserve)
 REPEATS: tuple[str, ...] = get_args(Repeats)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 RESUME_WITHOUT_STATE_POLICIES: tuple[str, ...] = get_args(ResumeWithoutState)
+KEEP_CONTROLS: tuple[str, ...] = get_args(KeepControl)
 
 C = TypeVar("C", bound="ScheduleConfig")
 
@@ -157,6 +159,32 @@ class ReferenceScoredConfig(ScheduleConfig):
         "counts it.",
         state_neutral=True,
     )
+    keep_control: KeepControl = _knob(
+        "off",
+        "'off' keeps keep_ratio on every sparse step; 'adaptive' raises or lowers it by keep_control_step every "
+        "keep_control_interval steps, within [keep_ratio_min, keep_ratio_max], from the student's losses "
+        '(docs/METHOD.md, "The adaptive keep ratio").',
+    )
+    keep_ratio_min: float = _knob(
+        0.1, "Lowest keep ratio keep_control='adaptive' may set, in (0, 1], at most keep_ratio under 'adaptive'."
+    )
+    keep_ratio_max: float = _knob(
+        1.0,
+        "Highest keep ratio keep_control='adaptive' may set, in [keep_ratio_min, 1], at least keep_ratio under "
+        "'adaptive'.",
+    )
+    keep_control_step: float = _knob(0.05, "Change of the adaptive keep ratio per update, in (0, 1].")
+    keep_control_interval: int = _knob(128, "Optimizer steps between the adaptive keep ratio's updates, >= 1.")
+    keep_control_gap: float = _knob(
+        0.5,
+        "Adaptive keep ratio: keep more when, on dense steps, the student's mean loss on the candidates sparse steps "
+        "would elide exceeds this multiple of its loss on those they would keep, > 0.",
+    )
+    keep_control_low: float = _knob(
+        0.05,
+        "Adaptive keep ratio: a loss (nats) below which the student knows a token: keep less when both means are "
+        "below it on dense steps; a kept candidate whose EMA is below it is never stalled. >= 0.",
+    )
     ema_dtype: EMADtype = _knob(
         "float32",
         "Storage of the per-(sample, answer token) EMA: 'float32' (4 B per answer token) or 'float16' (2 B).",
@@ -181,6 +209,22 @@ class ReferenceScoredConfig(ScheduleConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_range(self, "ema_beta", "[0, 1)", lambda v: 0.0 <= v < 1.0)
+        _check_choice(self, "keep_control", KEEP_CONTROLS)
+        _check_range(self, "keep_ratio_min", "(0, 1]", lambda v: 0.0 < v <= 1.0)
+        bounds = f"[keep_ratio_min={self.keep_ratio_min}, keep_ratio_max={self.keep_ratio_max}]"
+        _check_range(self, "keep_ratio_max", bounds, lambda v: self.keep_ratio_min <= v <= 1.0)
+        if self.keep_control == "adaptive":  # the bounds hold the ratio a run starts from
+            _check_range(
+                self,
+                "keep_ratio",
+                f"{bounds} under keep_control='adaptive'",
+                lambda v: self.keep_ratio_min <= v <= self.keep_ratio_max,
+            )
+        _check_range(self, "keep_control_step", "(0, 1]", lambda v: 0.0 < v <= 1.0)
+        _check_int(self, "keep_control_interval")
+        _check_range(self, "keep_control_interval", "integers >= 1", lambda v: v >= 1)
+        _check_range(self, "keep_control_gap", "(0, inf)", lambda v: 0.0 < v < math.inf)
+        _check_range(self, "keep_control_low", "[0, inf)", lambda v: 0.0 <= v < math.inf)
         _check_int(self, "ema_visual_slots")
         _check_range(self, "ema_visual_slots", "integers >= 1", lambda v: v >= 1)
         _check_choice(self, "missing_reference", MISSING_REFERENCE_POLICIES)

@@ -27,7 +27,7 @@ from ..core.compaction import (
 from ..core.config import ScheduleConfig
 from ..core.keys import SampleKey
 from ..core.loss import Head, TokenLoss, next_token_loss
-from ..core.schedule import is_dense_step, keep_ratio_at
+from ..core.schedule import is_dense_step
 from ..core.selection import keep_counts, pair_scores, select_kept_positions, select_with_inputs
 from ..store import ReferenceStore
 from .plan import BatchLayout, ElisionPlan
@@ -118,6 +118,15 @@ class TokenElision:
     def is_dense(self) -> bool:
         return self.capabilities.always_dense or is_dense_step(self.step, self.cfg)
 
+    def sparse_keep_ratio(self) -> float:
+        """The share of candidates a sparse step keeps now: `cfg.keep_ratio`, or where a strategy adapts it, its
+        current value (a host number: it sizes the compact batch)."""
+        return self.cfg.keep_ratio
+
+    def keep_ratio(self) -> float:
+        """The share of candidates the current step keeps: 1 on a dense step, else `sparse_keep_ratio`."""
+        return 1.0 if self.is_dense() else self.sparse_keep_ratio()
+
     def describe(self) -> str:
         """How sparse steps choose, in a few words for the startup summary ('' where the keep ratio says it)."""
         return ""
@@ -140,11 +149,11 @@ class TokenElision:
 
         The one place that says it: `select` receives these counts and must keep exactly them, the compact batch is
         sized from them, and `kept_target_counts` (the Trainer's `num_items_in_batch`) derives from them. All on a
-        dense step, else k = ceil(keep_ratio * n); a strategy that keeps another number overrides this method.
+        dense step, else k = ceil(sparse_keep_ratio() * n); a strategy that keeps another number overrides this method.
         """
         if self.is_dense():
             return n_candidates
-        return keep_counts(torch.from_numpy(n_candidates), keep_ratio_at(self.step, self.cfg)).numpy()
+        return keep_counts(torch.from_numpy(n_candidates), self.sparse_keep_ratio()).numpy()
 
     def kept_target_counts(self, layout: BatchLayout) -> torch.Tensor:
         """Int64 [B]: how many loss terms `plan` keeps per row at the current step, from the batch layout alone:
@@ -214,7 +223,7 @@ class TokenElision:
             kept_candidates=kept_candidates,
             sample_keys=sample_keys,
             dense=dense,
-            keep_ratio=1.0 if dense else keep_ratio_at(self.step, self.cfg),
+            keep_ratio=self.keep_ratio(),
             layout=layout,
             keep_counts=keep,
             decoder_tokens=kept_per_row,

@@ -11,15 +11,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..core import distributed
 from ..core.compaction import IGNORE_INDEX
 from ..core.config import ReferenceScoredConfig
+from ..core.controller import KeepController, dense_signals, sparse_signals
 from ..core.ema import DifficultyEMA, all_gather_observations
 from ..core.errors import UserError
 from ..core.keys import KEY_BYTES, SampleKey, format_key
 from ..core.loss import TokenLoss
-from ..core.selection import repeated_targets
+from ..core.selection import keep_counts, repeated_targets
 from ..store import CacheError, ReferenceStore, open_store
 from .base import Capabilities, TokenElision
 from .plan import BatchLayout, ElisionPlan
@@ -75,8 +77,21 @@ class ReferenceScoredElision(TokenElision):
             check_visual_rows=self.check_visual_rows,
             learns=True,
         )
+        self.control = KeepController(self.cfg) if self.cfg.keep_control == "adaptive" else None
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._pending_signals: torch.Tensor | None = None  # this rank's last micro-batch's controller signals
         self._located: tuple[list[SampleKey], np.ndarray] | None = None  # the last batch's keys and store rows
+
+    def set_step(self, step: int) -> None:
+        """Also, with `keep_control='adaptive'`, let the controller decide the keep ratio at the start of each of its
+        windows (after folding every rank's pending observations: a collective, as `sync`)."""
+        super().set_step(step)
+        if self.control is not None:
+            self.sync()
+            self.control.advance(self.step)
+
+    def sparse_keep_ratio(self) -> float:
+        return self.control.ratio if self.control is not None else self.cfg.keep_ratio
 
     def score(self, difficulty: torch.Tensor, reference: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Float [B, L]: the score each candidate ranks by (higher kept first, NaN last), from the student's EMA
@@ -158,7 +173,7 @@ class ReferenceScoredElision(TokenElision):
         if visual_fingerprints is not None and self.cfg.ema_visual_slots > 1:
             group = torch.remainder(visual_fingerprints, self.cfg.ema_visual_slots)
             ema_starts = torch.where(ema_starts >= 0, ema_starts + group * self.reference.tokens, ema_starts)
-        if self.is_dense():
+        if self.is_dense() and self.control is None:  # the controller ranks dense steps' candidates too
             return SampleRows(starts=ema_starts, reference=None)
         width = max(int(layout.targets.max(initial=0)), 1)
         reference = torch.from_numpy(self.reference.losses_block(rows, width)).to(device, non_blocking=True)
@@ -182,24 +197,62 @@ class ReferenceScoredElision(TokenElision):
     def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, result: TokenLoss) -> None:
         """The kept candidates' losses, in row-major order of the compact batch: folded now in one process, or
         held (one micro-batch at most) for `sync` to fold every rank's in rank order. With `ema_observe='dense'`,
-        sparse steps' losses (gapped context) are not observed (the schedule is the same on every rank)."""
+        sparse steps' losses (gapped context) are not observed (the schedule is the same on every rank). With
+        `keep_control='adaptive'`, on every step, the controller's signals of the micro-batch (`_signals`), added
+        now or held for `sync` alike."""
         assert plan.rows is not None
-        if self.cfg.ema_observe == "dense" and not plan.dense:
+        observed = self.cfg.ema_observe == "all" or plan.dense
+        if not observed and self.control is None:
             self.sync()
             return
         ordinals = plan.compaction.gather(plan.ordinals, fill=-1)
         is_candidate = plan.compaction.gather(plan.candidates, fill=False)
         slots = ema_slots(plan.rows.starts, ordinals, is_candidate).flatten()[result.positions]
         token_ids = torch.where(is_candidate, compact_targets, -1).flatten()[result.positions]
+        signals = None if self.control is None else self._signals(plan, is_candidate, slots, token_ids, result)
         self.sync()
         if distributed.process_group_size() == 1:
-            self.ema.ensure_vocab(plan.layout.max_target_id + 1)  # a host bound on the observed ids
-            self.ema.update(slots, token_ids, result.per_token)
+            if self.control is not None and signals is not None:
+                self.control.add(signals)
+            if observed:
+                self.ema.ensure_vocab(plan.layout.max_target_id + 1)  # a host bound on the observed ids
+                self.ema.update(slots, token_ids, result.per_token)
         else:
-            self._pending = (slots, token_ids, result.per_token.float())
+            self._pending = (slots, token_ids, result.per_token.float()) if observed else None
+            self._pending_signals = signals
+
+    def _signals(
+        self,
+        plan: ElisionPlan,
+        is_candidate: torch.Tensor,
+        slots: torch.Tensor,
+        token_ids: torch.Tensor,
+        result: TokenLoss,
+    ) -> torch.Tensor:
+        """The controller's signals of one micro-batch (`core.controller`), on the device: on a dense step, the
+        losses of the candidates the sparse rule would elide and keep at the current ratio; on a sparse step, the
+        kept candidates' losses against their EMA before this update and their reference losses."""
+        assert plan.rows is not None and plan.rows.reference is not None
+        candidate = is_candidate.flatten()[result.positions]
+        losses = torch.where(candidate, result.per_token.float(), float("nan"))  # NaN: counted nowhere (no sync)
+        if plan.dense:
+            keep = keep_counts(torch.from_numpy(plan.layout.candidates), self.sparse_keep_ratio())
+            keep = keep.to(plan.targets.device, non_blocking=True)
+            would_keep = self.select(plan.targets, plan.candidates, plan.ordinals, plan.rows, keep)
+            return dense_signals(losses, plan.compaction.gather(would_keep, fill=False).flatten()[result.positions])
+        reference = plan.rows.reference.gather(1, plan.ordinals.clamp(0, plan.rows.reference.shape[1] - 1))
+        reference = plan.compaction.gather(reference, fill=float("nan")).flatten()[result.positions]
+        ema = self.ema.lookup(slots, token_ids)  # before this step's update; NaN off the candidates (slot -1)
+        return sparse_signals(losses, ema, reference, self.cfg.keep_control_low)
 
     def sync(self) -> None:
-        """Fold the held micro-batch of every rank into the EMA, in rank order (a collective on every rank)."""
+        """Fold the held micro-batch of every rank into the EMA, in rank order, and add every rank's controller
+        signals (a collective on every rank)."""
+        signals, self._pending_signals = self._pending_signals, None
+        if self.control is not None and signals is not None:
+            signals = signals.clone()
+            dist.all_reduce(signals)  # every rank adds the same sums
+            self.control.add(signals)
         pending, self._pending = self._pending, None
         if pending is not None:
             slots, token_ids, losses = all_gather_observations(*pending)
@@ -210,12 +263,13 @@ class ReferenceScoredElision(TokenElision):
     def state_dict(self) -> dict[str, Any]:
         """The base state, the EMA, and the token-space layout it is aligned to: the digest, and each sample's key,
         start and length, by which `load_state_dict` re-places the EMA into a store laid out otherwise."""
-        if self._pending is not None:
+        if self._pending is not None or self._pending_signals is not None:
             raise RuntimeError("the EMA holds observations not yet exchanged: call sync() on every rank first")
         keys = list(self.reference.keys())
         starts, lengths = self.reference.spans(self.reference.locate(keys))
         return {
             **super().state_dict(),
+            **({} if self.control is None else {"keep_control": self.control.state_dict()}),
             "ema": self.ema.state_dict(),
             "reference_layout": self.reference.layout_digest,
             "reference_samples": {
@@ -235,7 +289,9 @@ class ReferenceScoredElision(TokenElision):
             ema = {**ema, "values": self._replaced(ema["values"], state)}
         super().load_state_dict(state)
         self.ema.load_state_dict(ema)
-        self._pending = None
+        if self.control is not None:
+            self.control.load_state_dict(state["keep_control"])
+        self._pending = self._pending_signals = None
 
     def _replaced(self, values: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """The saved EMA `values`, laid out over the saved samples, re-placed into this store's token space."""

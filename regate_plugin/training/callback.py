@@ -63,6 +63,7 @@ def elision_metrics(elision: TokenElision, since: ElisionStats) -> dict[str, flo
         "regate/kept_fraction": kept / candidates if candidates else 1.0,
         "regate/answer_tokens_processed": targets / answer_tokens if answer_tokens else 1.0,
         "regate/dense": float(elision.is_dense()),
+        "regate/keep_ratio": elision.sparse_keep_ratio(),  # what sparse steps keep now (keep_control='adaptive')
         "regate/missing_reference": missing,
         "regate/nonfinite": nonfinite,
     }
