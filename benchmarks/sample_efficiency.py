@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # to the run (`--steps`)
     "with_input": {"elision_unit": "with_input"},
     "repeats_last": {"elision_unit": "target", "repeats": "last"},
+    "repeats_ema": {"elision_unit": "target", "repeats": "ema"},
     "with_input_repeats": {"elision_unit": "with_input", "repeats": "last"},
     "auto": {"elision_unit": "target", "schedule": "auto"},
     "with_input_auto": {"elision_unit": "with_input", "repeats": "last", "schedule": "auto"},
