@@ -1,6 +1,7 @@
 """The demo's digits task against scikit-learn's own images and labels, and GQA's rule on the whole answer."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -128,3 +129,9 @@ def test_a_short_digits_demo_reports_the_rule_applied_to_its_answers(tmp_path):
             rec["text"].rstrip(".").lower() == gold[rec["question_id"]].rstrip(".").lower() for rec in records
         )
         assert 100 * correct / len(records) == pytest.approx(r.accuracy)
+
+
+def test_without_scikit_learn_the_error_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # what the import meets when it is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'regate-plugin\[digits\]'"):
+        generate(tmp_path, train_size=1, test_per_task=1, progress=False)
