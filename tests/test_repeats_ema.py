@@ -73,10 +73,10 @@ def case(tmp_path_factory):
             "emas": emas, "cache": cache}  # fmt: skip
 
 
-def _kept(case, rule: str) -> list[set[int]]:
-    """What `regate` keeps on a sparse step under `repeats=rule`, its EMA holding the hand-picked values."""
+def _kept(case, rule: str, strategy: str = "regate") -> list[set[int]]:
+    """What `strategy` keeps on a sparse step under `repeats=rule`, its EMA holding the hand-picked values."""
     cfg = ReGATEConfig(keep_ratio=KEEP_RATIO, lam=LAM, warmup_steps=0, dense_steps=0, repeats=rule)
-    elision = build_token_elision("regate", cfg, reference=case["cache"])
+    elision = build_token_elision(strategy, cfg, reference=case["cache"])
     elision.ema.ensure_vocab(64)
     for key, (targets, _, candidates), ema in zip(case["keys"], case["structure"], case["emas"]):
         (start,), _ = elision.reference.spans(elision.reference.locate([key]))
@@ -130,3 +130,19 @@ def test_a_restatement_is_kept_while_the_student_gets_it_wrong(case):
     assert p in _kept({**case, "emas": with_ema(row, p, 0.0)}, "score")[row]
     assert p not in _kept({**case, "emas": with_ema(row, p, 0.0)}, "ema")[row]
     assert p in _kept({**case, "emas": with_ema(row, p, 100.0)}, "ema")[row]
+
+
+def test_under_rho_a_restatement_s_score_is_unknown_and_ranks_after_the_known_ones(case):
+    """rho's excess loss EMA - reference needs both: with the reference left out, restated candidates rank after
+    every other candidate (by position among themselves), unlike rho's default ranking."""
+    expected, default = [], []
+    for (targets, _, candidates), reference, ema in zip(case["structure"], case["references"], case["emas"]):
+        restated = _restated(targets)
+        excess = {p: ema[p] - float(reference[o]) for p, o in candidates.items()}
+        k = math.ceil(KEEP_RATIO * len(candidates))
+        expected.append(
+            set(sorted(candidates, key=lambda p: (p in restated, 0 if p in restated else -excess[p], p))[:k])
+        )
+        default.append(set(sorted(candidates, key=lambda p: (-excess[p], p))[:k]))
+    assert expected != default
+    assert _kept(case, "ema", "rho") == expected
