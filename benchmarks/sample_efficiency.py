@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # to the run (`--steps`)
     "with_input": {"elision_unit": "with_input"},
     "repeats_last": {"elision_unit": "target", "repeats": "last"},
+    "repeats_ema": {"elision_unit": "target", "repeats": "ema"},
     "with_input_repeats": {"elision_unit": "with_input", "repeats": "last"},
     "auto": {"elision_unit": "target", "schedule": "auto"},
     "adaptive": {"elision_unit": "target", "keep_control": "adaptive", "keep_control_interval": 64},  # one demo cycle

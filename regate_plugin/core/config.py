@@ -15,7 +15,7 @@ ScoreNorm = Literal["none", "zscore"]
 MissingReference = Literal["error", "ema"]
 EMADtype = Literal["float32", "float16"]
 ElisionUnit = Literal["target", "pair", "with_input", "loss_only"]
-Repeats = Literal["score", "last"]
+Repeats = Literal["score", "last", "ema"]
 Schedule = Literal["fixed", "auto"]
 EMAObserve = Literal["all", "dense"]
 ResumeWithoutState = Literal["error", "fresh"]
@@ -203,7 +203,9 @@ class ReferenceScoredConfig(ScheduleConfig):
         "score",
         "Candidates whose target token already appeared earlier among the sample's supervised tokens: 'score' ranks "
         "them by their score like any other; 'last' ranks them after every other candidate (a restated fact is "
-        "predictable from the answer so far, whatever an under-trained reference scores it).",
+        "predictable from the answer so far, whatever an under-trained reference scores it); 'ema' scores them by "
+        "the student's EMA alone, their reference loss left out as for a sample missing from the cache (kept while "
+        "the student gets them wrong; under rho, whose excess loss needs both, they rank after the known scores).",
     )
 
     def __post_init__(self) -> None:

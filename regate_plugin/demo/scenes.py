@@ -133,45 +133,51 @@ def generate_scenes(
     """Write `train_size` training samples (facts drawn uniformly from `pool`) and `test_per_task` test samples per
     `group` of the pool's facts (the score's breakdown) under `root`, everything from `seed`."""
     rng = random.Random(seed)
+    train = [draw(rng, rng.choice(pool)) for _ in range(train_size)]
+    test = []
+    for name in sorted({group(facts) for facts in pool}):
+        members = [facts for facts in pool if group(facts) == name]
+        test += [(name, draw(rng, rng.choice(members))) for _ in range(test_per_task)]
+    return write_splits(root, train, test, progress)
+
+
+def write_splits(root: Path, train: list[Sample], test: list[tuple[str, Sample]], progress: bool) -> DemoSplits:
+    """Write drawn samples under `root`: the training split, and the test split (each sample with the name of its
+    group, the score's breakdown) in GQA's layout, scored by the whole answer."""
     root.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=train_size, desc="draw images", disable=not progress)
-    train: list[dict[str, Any]] = []
-    for n in range(train_size):
-        prompt, segments, image = draw(rng, rng.choice(pool))
+    bar = tqdm(total=len(train), desc="write images", disable=not progress)
+    train_rows: list[dict[str, Any]] = []
+    for n, (prompt, segments, image) in enumerate(train):
         record = {"id": f"train-{n:05d}", "image": _write(root, f"images/train-{n:05d}.jpg", image)}
-        train.append({**record, "conversations": _conversation(prompt, segments)})
+        train_rows.append({**record, "conversations": _conversation(prompt, segments)})
         bar.update(1)
     bar.close()
     gqa = root / "gqa"
     questions: dict[str, dict[str, Any]] = {}
-    test: list[dict[str, Any]] = []
-    groups = sorted({group(facts) for facts in pool})
-    for name in groups:
-        members = [facts for facts in pool if group(facts) == name]
-        for _ in range(test_per_task):
-            prompt, segments, image = draw(rng, rng.choice(members))
-            qid = f"test-{len(test):05d}"
-            _write(gqa, f"images/{qid}.jpg", image)
-            answer = joined(segments)
-            questions[qid] = {
-                "question": prompt,
-                "imageId": qid,
-                "answer": answer.rstrip(".").lower(),
-                "types": {"structural": name},
+    test_rows: list[dict[str, Any]] = []
+    for name, (prompt, segments, image) in test:
+        qid = f"test-{len(test_rows):05d}"
+        _write(gqa, f"images/{qid}.jpg", image)
+        answer = joined(segments)
+        questions[qid] = {
+            "question": prompt,
+            "imageId": qid,
+            "answer": answer.rstrip(".").lower(),
+            "types": {"structural": name},
+        }
+        test_rows.append(
+            {
+                "id": qid,
+                "image": f"gqa/images/{qid}.jpg",
+                "conversations": _conversation(prompt, segments),
+                "visual_spans": visual_spans(segments),
             }
-            test.append(
-                {
-                    "id": qid,
-                    "image": f"gqa/images/{qid}.jpg",
-                    "conversations": _conversation(prompt, segments),
-                    "visual_spans": visual_spans(segments),
-                }
-            )
+        )
     (gqa / "testdev_balanced_questions.json").write_text(json.dumps(questions, indent=1))
     train_json, test_json = root / "train.json", root / "test.json"
-    train_json.write_text(json.dumps(train, indent=1))
-    test_json.write_text(json.dumps(test, indent=1))
-    return DemoSplits(root, train_json, gqa, test_json, len(train), len(test))
+    train_json.write_text(json.dumps(train_rows, indent=1))
+    test_json.write_text(json.dumps(test_rows, indent=1))
+    return DemoSplits(root, train_json, gqa, test_json, len(train_rows), len(test_rows))
 
 
 REFER_BACK_POOL = list(itertools.product(COLOURS, SIZES))

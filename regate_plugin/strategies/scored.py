@@ -190,9 +190,13 @@ class ReferenceScoredElision(TokenElision):
         assert rows.reference is not None  # staged on every sparse step
         reference = rows.reference.gather(1, ordinals.clamp(0, rows.reference.shape[1] - 1))
         difficulty = self.ema.lookup(ema_slots(rows.starts, ordinals, candidates), targets)
+        restated = repeated_targets(targets, targets != IGNORE_INDEX) if self.cfg.repeats != "score" else None
+        if restated is not None and self.cfg.repeats == "ema":
+            # a restatement does not need the visual input: its reference loss is left out (NaN), so `score` ranks
+            # it by the student's EMA alone, as a sample missing from the store is scored
+            reference = reference.masked_fill(restated, float("nan"))
         scores = self.score(difficulty, reference, candidates)
-        last = repeated_targets(targets, targets != IGNORE_INDEX) if self.cfg.repeats == "last" else None
-        return self.choose(scores, candidates, keep, last)
+        return self.choose(scores, candidates, keep, restated if self.cfg.repeats == "last" else None)
 
     def observe(self, plan: ElisionPlan, compact_targets: torch.Tensor, result: TokenLoss) -> None:
         """The kept candidates' losses, in row-major order of the compact batch: folded now in one process, or
