@@ -6,10 +6,11 @@ batches from the same start (plain training, no elision).
     python benchmarks/student_dynamics.py --task refer-back --seed 1 --steps 300 --variants base scale plr10 \
         --out docs/benchmarks/student_dynamics.json
 
-Variants: `base` (the demo's student and optimizer), `scale` (the projector's output scaled at the start to the text
-embeddings' RMS), `plr10` / `plr30` (the projector's learning rate x10 / x30), `llr3` (every learning rate x3),
-`llm01` (the LLM's x0.1: the projector leads, as in LLaVA's alignment stage), `llm01_plr10` (both);
-`--patch` overrides the task's patch size (fewer, larger visual rows). Records are appended to `--out`.
+Variants: `base` (one learning rate for LLM and projector: the demo's first student), `scale` (the projector's
+output scaled at the start to the text embeddings' RMS), `plr10` / `plr30` (the projector's learning rate x10 /
+x30), `llr3` (every learning rate x3), `llm01` (the LLM's x0.1: the projector leads, as in LLaVA's alignment stage;
+the demo's student since issue 25), `llm01_plr10` (both). `--patch` overrides the task's patch size (fewer,
+larger visual rows). Records are appended to `--out`.
 """
 
 from __future__ import annotations
