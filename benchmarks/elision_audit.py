@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sample_efficiency import SETTINGS, VARIANTS, load_records, record_of, run_key, settings_of, write_records
+from sample_efficiency import (
+    VARIANTS,
+    current_settings,
+    load_records,
+    record_of,
+    run_key,
+    settings_of,
+    write_records,
+)
 
 from regate_plugin.adapters import enable_token_elision
 from regate_plugin.core import IGNORE_INDEX
@@ -42,6 +50,7 @@ from regate_plugin.demo import (
     scenes,
 )
 from regate_plugin.demo import data as squares
+from regate_plugin.demo.models import student_parameter_groups
 from regate_plugin.demo.tasks import TASKS
 from regate_plugin.strategies import build_token_elision
 from regate_plugin.strategies.scored import ReferenceScoredElision, ema_slots
@@ -133,7 +142,7 @@ def audit_run(setup: DemoSetup, run: str, keep: float) -> tuple[dict[str, Any], 
     model.train()
     elision = build_token_elision(mode, schedule, reference=setup.cache_dir, tokenizer=tokenizer)
     enable_token_elision(model, elision)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    optimizer = torch.optim.AdamW(student_parameter_groups(model, cfg.learning_rate))
     train_roles = [roles(s, tokenizer) for s in setup.samples]
     test_roles = [roles(s, tokenizer) for s in setup.test_samples]
     kept: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # role -> [seen, kept as target, kept as input]
@@ -238,7 +247,7 @@ def main() -> None:
             clock="cpu",
             progress=False,
         )
-        settings = {name: getattr(cfg, name) for name in SETTINGS}
+        settings = current_settings(cfg)
         done = {(a["seed"], a["run"]) for a in audits if a["task"] == args.task and a["settings"] == settings}
         pending = [run for run in args.runs if (seed, run) not in done]
         if not pending:

@@ -35,6 +35,7 @@ import torch
 
 from regate_plugin.core import ReGATEConfig
 from regate_plugin.demo import DemoConfig, DemoResult, prepare, train_mode
+from regate_plugin.demo.models import LLM_LR_FACTOR
 from regate_plugin.demo.report import accuracy_at, first_reaching, peak
 from regate_plugin.demo.tasks import TASKS
 
@@ -78,8 +79,14 @@ SETTINGS = (
 
 
 def settings_of(record: dict[str, Any]) -> dict[str, Any]:
-    """The settings a record was made with (records older than `clock` timed with the wall clock)."""
-    return {"clock": "wall", **record.get("settings", {})}
+    """The settings a record was made with (records older than `clock` timed with the wall clock; records older than
+    `llm_lr_factor` trained the LLM at the projector's learning rate)."""
+    return {"clock": "wall", "llm_lr_factor": 1.0, **record.get("settings", {})}
+
+
+def current_settings(values: Any) -> dict[str, Any]:
+    """The settings of runs made now: `values`' SETTINGS and the student's LLM learning-rate factor."""
+    return {**{name: getattr(values, name) for name in SETTINGS}, "llm_lr_factor": LLM_LR_FACTOR}
 
 
 def run_key(record: dict[str, Any]) -> tuple:
@@ -479,7 +486,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only summarize the records already in --out")
     parser.add_argument("--tag", default="", help="suffix of the summary's and the plots' file names")
     args = parser.parse_args()
-    settings = {name: getattr(args, name) for name in SETTINGS}
+    settings = current_settings(args)
     path = args.out / "evidence.json"
     if not args.report:
         run_grid(args, settings, path)

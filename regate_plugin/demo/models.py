@@ -29,6 +29,12 @@ from ..eval.mvbench import OFFICIAL_SYSTEM
 
 PRESETS = ("tiny", "smollm2")
 IMAGE_TOKEN = "<image>"
+# The student's LLM learns at this fraction of the demo's learning rate, its projector at the full rate (as LLaVA's
+# alignment stage trains the projector against an LLM that hardly moves). At one rate for both, `none` sat at the
+# text prior for 375 steps on refer-back seed 1 with ~1e-3 of gradient reaching the projector, and for 800 on
+# easy-VQA seed 7; with the LLM at 0.1 it leaves the prior at step 125 and 150 (docs/METHOD.md, "Why `none`
+# stalled on some seeds"; benchmarks/student_dynamics.py).
+LLM_LR_FACTOR = 0.1
 
 # A Vicuna-style chat template whose default system prompt is MVBench's (the demo model is a video MCQ model, as
 # Qwen2's template defaults to its own system prompt). String contents are rendered as they are (training data,
@@ -129,6 +135,15 @@ def processor_for(tokenizer: Any, image_size: int, patch: int) -> LlavaProcessor
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+def student_parameter_groups(student: LlavaForConditionalGeneration, learning_rate: float) -> list[dict[str, Any]]:
+    """The student's trainable parameters as optimizer groups: the projector at `learning_rate`, the LLM (and
+    anything else trainable) at `learning_rate * LLM_LR_FACTOR`."""
+    projector = [p for p in student.model.multi_modal_projector.parameters() if p.requires_grad]
+    chosen = {id(p) for p in projector}
+    others = [p for p in student.parameters() if p.requires_grad and id(p) not in chosen]
+    return [{"params": projector, "lr": learning_rate}, {"params": others, "lr": learning_rate * LLM_LR_FACTOR}]
 
 
 def build_student(

@@ -25,7 +25,7 @@ from .config import MODES, TEMPLATE, DemoConfig
 from .data import DemoSplits
 from .evaluate import evaluate
 from .memory import SavedActivations
-from .models import build_student, processor_for, smollm2_base, tiny_base, train_tokenizer
+from .models import build_student, processor_for, smollm2_base, student_parameter_groups, tiny_base, train_tokenizer
 from .results import CurvePoint, DemoResult, Evaluation
 from .tasks import TASKS, DemoTask
 
@@ -148,7 +148,7 @@ def train_mode(
     tokenizer = setup.processor.tokenizer
     elision = build_token_elision(mode, schedule, reference=setup.cache_dir, tokenizer=tokenizer)
     enable_token_elision(model, elision)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    optimizer = torch.optim.AdamW(student_parameter_groups(model, cfg.learning_rate))
     meter = SavedActivations(model)
     answer_tokens, saved, peak, loss = 0, 0, 0, torch.tensor(0.0)
     assert setup.start_evaluation is not None
