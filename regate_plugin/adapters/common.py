@@ -121,6 +121,17 @@ def elided_output(
     )
 
 
+def undo_install(handles: list[Any], restore_forward: Callable[[], None]) -> Callable[[], None]:
+    """The remover an adapter's `install` returns: removes its hooks, then puts the model's own forward back."""
+
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
+        restore_forward()
+
+    return remove
+
+
 def replace_forward(model: Any, elided: ElidedForward) -> Callable[[], None]:
     """Route training calls with labels on this instance to `elided`; returns the function that undoes it."""
     original = model.forward  # the class's forward, bound

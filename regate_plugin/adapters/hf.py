@@ -25,6 +25,7 @@ from .common import (
     elided_output,
     replace_forward,
     sample_keys,
+    undo_install,
 )
 
 # Outer-forward arguments that the inner `self.model` does not take.
@@ -115,12 +116,7 @@ def install_hf(model: Any, elision: TokenElision) -> Callable[[], None]:
     hook = functools.partial(_compact_decoder_inputs, pending)
     handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
     restore_forward = replace_forward(model, functools.partial(_elided_forward, elision, pending))
-
-    def remove() -> None:
-        handle.remove()
-        restore_forward()
-
-    return remove
+    return undo_install([handle], restore_forward)
 
 
 register_adapter(

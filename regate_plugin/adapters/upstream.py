@@ -27,6 +27,7 @@ from .common import (
     elided_output,
     replace_forward,
     sample_keys,
+    undo_install,
 )
 
 
@@ -127,13 +128,7 @@ def _installer(merge: Merge) -> Callable[[Any, TokenElision], Callable[[], None]
     def install(model: Any, elision: TokenElision) -> Callable[[], None]:
         handles = hook_sliced_rotary(model)
         restore_forward = replace_forward(model, functools.partial(_elided_forward, merge, elision))
-
-        def remove() -> None:
-            for handle in handles:
-                handle.remove()
-            restore_forward()
-
-        return remove
+        return undo_install(handles, restore_forward)
 
     return install
 

@@ -29,7 +29,14 @@ from ..core.rotary import hook_sliced_rotary
 from ..data.templates import IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from ..strategies import TokenElision
 from .base import Adapter, register_adapter
-from .common import ElidedCausalLMOutput, batch_fingerprints, elided_output, replace_forward, sample_keys
+from .common import (
+    ElidedCausalLMOutput,
+    batch_fingerprints,
+    elided_output,
+    replace_forward,
+    sample_keys,
+    undo_install,
+)
 from .registry import _unwrap
 
 
@@ -159,13 +166,7 @@ def _installer(parts: Parts) -> Callable[[Any, TokenElision], Callable[[], None]
         # LoraModel keeps the HF model's forward as it was when LoRA was applied, so a forward put on the HF model
         # afterwards would not be reached.
         restore_forward = replace_forward(called, functools.partial(_elided_forward, elision, parts, call, model, llm))
-
-        def remove() -> None:
-            for handle in handles:
-                handle.remove()
-            restore_forward()
-
-        return remove
+        return undo_install(handles, restore_forward)
 
     return install
 
