@@ -10,6 +10,8 @@ with a paired t-test and a sign test, and the answer tokens and seconds each run
     python benchmarks/sample_efficiency.py --report --seeds 0 1 2 3 4 5 6 7 8 9 --tag _10seeds   # more seeds
     python benchmarks/sample_efficiency.py --task easy-vqa --keep-ratios 0.35 --tag _easy_vqa   # the second task
     python benchmarks/sample_efficiency.py --modes none regate random rho      # Rho-1's excess loss as a baseline
+    python benchmarks/sample_efficiency.py --task refer-back --steps 2000 --test-per-task 32 --keep-ratios 0.35 \
+        --window 3                  # judged against `none`'s plateau: means of its last 3 evaluations
 
 Each seed regenerates the data, the reference LLM and the student start (`regate_plugin.demo.prepare`); every run
 of a seed starts from that start and sees the same batches. One record per completed run is appended to
@@ -254,6 +256,75 @@ def sign_test(differences: list[float]) -> float:
 # --- summary ---------------------------------------------------------------------------------------------------
 
 
+METRICS = ("accuracy", "exact_match")
+
+
+def window_means(curve: list[dict[str, Any]], window: int) -> list[dict[str, float]]:
+    """At each evaluation, the mean accuracy and exact match over it and the `window` - 1 before it (fewer at the
+    start): a single evaluation on a small test split moves by several points between steps."""
+    means = []
+    for i in range(len(curve)):
+        span = curve[max(0, i - window + 1) : i + 1]
+        means.append({m: statistics.fmean(point[m] for point in span) for m in METRICS})
+    return means
+
+
+def first_within(curve: list[dict[str, Any]], level: dict[str, float], window: int, margin: float) -> int | None:
+    """Index of the first evaluation whose window means of accuracy and exact match are both within `margin`
+    points of `level` (or above it), or None."""
+    for i, means in enumerate(window_means(curve, window)):
+        if all(means[m] >= level[m] - margin for m in METRICS):
+            return i
+    return None
+
+
+def plateau_targets(
+    runs: dict[int, dict[str, Any]],
+    none: dict[int, dict[str, Any]],
+    control: dict[int, dict[str, Any]],
+    window: int,
+    margin: float = 1.0,
+) -> dict[str, Any]:
+    """Issue 25's three targets per seed, against `none`'s plateau (the mean of its last `window` evaluations):
+    the share of the answer tokens `none` needed to come within `margin` of its plateau that the run needed for the
+    same (both judged on window means); the run's plateau exact match minus `none`'s; and the run's plateau
+    accuracy minus `random`'s at equal tokens, with the paired tests."""
+    seeds = sorted(set(runs) & set(none))
+    per_seed = {}
+    for seed in seeds:
+        reference, curve = none[seed]["curve"], runs[seed]["curve"]
+        level = window_means(reference, window)[-1]
+        own = first_within(reference, level, window, margin)
+        reached = first_within(curve, level, window, margin)
+        tokens = None if reached is None else curve[reached]["answer_tokens"]
+        final = window_means(curve, window)[-1]
+        earlier = window_means(reference, window)[-1 - window] if len(reference) > window else None
+        per_seed[seed] = {
+            "none_plateau": level,
+            "none_drift": None if earlier is None else {m: level[m] - earlier[m] for m in METRICS},
+            "none_tokens": reference[own]["answer_tokens"],
+            "tokens": tokens,
+            "share": None if tokens is None else _share(tokens, reference[own]["answer_tokens"]),
+            "plateau": final,
+            "exact_match_vs_none": final["exact_match"] - level["exact_match"],
+        }
+    out: dict[str, Any] = {"window": window, "margin": margin, "per_seed": per_seed}
+    paired = sorted(set(per_seed) & set(control))
+    differences = [
+        per_seed[s]["plateau"]["accuracy"] - window_means(control[s]["curve"], window)[-1]["accuracy"] for s in paired
+    ]
+    t, p = paired_t_test(differences)
+    out["vs_random"] = {
+        "seeds": paired,
+        "differences": differences,
+        "wins": sum(d > 0 for d in differences),
+        "t": t,
+        "p": p,
+        "sign_p": sign_test(differences),
+    }
+    return out
+
+
 def _share(value: float, of: float) -> float:
     """value / of, where a peak at the start (of = 0) is reached at once (0.0)."""
     return value / of if of else 0.0
@@ -271,10 +342,11 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], window: int = 3) -> dict[str, Any]:
     """Per run: mean ± sd of final / best accuracy, final exact match and visual accuracy; the share of `none`'s
     answer tokens and seconds (at its peak) needed to reach `none`'s peak, per seed; paired differences against
-    `random` at the same keep ratio (equal tokens) and against `none`."""
+    `random` at the same keep ratio (equal tokens) and against `none`; the targets against `none`'s plateau
+    (`plateau_targets`, means over `window` evaluations)."""
     by_run: dict[tuple, dict[int, dict[str, Any]]] = {}
     for r in records:
         by_run.setdefault((r["mode"], r["variant"], r["keep_ratio"]), {})[r["seed"]] = r
@@ -314,6 +386,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         if run[0] != "none" and none:
             row["vs_none"] = _paired(seeds, none)
             row["vs_none_equal_tokens"] = _vs_none_equal_tokens(seeds, none)
+            row["plateau_targets"] = plateau_targets(seeds, none, control if run[0] != "random" else {}, window)
         rows[label(run)] = row
     return rows
 
@@ -419,7 +492,51 @@ def table(rows: dict[str, Any]) -> str:
                 f"| {name} | {len(m['seeds'])} | {mean:+.1f} ({m['wins']}/{len(m['seeds'])}, p {p}, "
                 f"sign p {m['sign_p']:.3f}) |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + plateau_table(rows))
+
+
+def plateau_table(rows: dict[str, Any]) -> list[str]:
+    """The targets against `none`'s plateau, per seed: `none`'s plateau (accuracy / exact match) and its drift over
+    the window before; the run's share of `none`'s tokens to come within the margin of it; the run's plateau exact
+    match against `none`'s; then the paired test against `random`."""
+    lines = []
+    for name, row in rows.items():
+        if "plateau_targets" not in row:
+            continue
+        targets = row["plateau_targets"]
+        if not lines:
+            lines += [
+                "",
+                f"Against `none`'s plateau (means of the last {targets['window']} evaluations; reached = both "
+                f"window means within {targets['margin']:g} point of it):",
+                "",
+                "| run | seed | none's plateau acc / exact | its drift | tokens to it / none's | plateau acc / exact "
+                "| exact − none's |",
+                "|---|---:|---|---|---:|---|---:|",
+            ]
+        for seed, t in targets["per_seed"].items():
+            level, drift, final = t["none_plateau"], t["none_drift"], t["plateau"]
+            drift_text = "n/a" if drift is None else f"{drift['accuracy']:+.1f} / {drift['exact_match']:+.1f}"
+            share = "never" if t["share"] is None else f"{t['share']:.2f}"
+            lines.append(
+                f"| {name} | {seed} | {level['accuracy']:.1f} / {level['exact_match']:.1f} | {drift_text} | {share} "
+                f"| {final['accuracy']:.1f} / {final['exact_match']:.1f} | {t['exact_match_vs_none']:+.1f} |"
+            )
+        shares = [t["share"] for t in targets["per_seed"].values()]
+        hits = sum(share is not None and share <= 0.6 + 1e-9 for share in shares)
+        under = sum(t["exact_match_vs_none"] < -2.0 for t in targets["per_seed"].values())
+        versus = targets["vs_random"]
+        against = (
+            ""
+            if not versus["seeds"]
+            else f"; plateau acc − random's {statistics.fmean(versus['differences']):+.1f} "
+            f"({versus['wins']}/{len(versus['seeds'])}, t-test p {versus['p']:.3f}, sign p {versus['sign_p']:.3f})"
+        )
+        lines.append(
+            f"| {name} | all | ≤ 60% of none's tokens: {hits}/{len(shares)}; exact match > 2 points under none's: "
+            f"{under}/{len(shares)}{against} | | | | |"
+        )
+    return lines
 
 
 def plot(records: list[dict[str, Any]], task: str, keep: float, variants: list[str], path: Path) -> Path:
@@ -485,6 +602,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="where each seed's data and cache go (default: tmp)")
     parser.add_argument("--report", action="store_true", help="only summarize the records already in --out")
     parser.add_argument("--tag", default="", help="suffix of the summary's and the plots' file names")
+    parser.add_argument(
+        "--window", type=int, default=3, help="evaluations averaged into a plateau and a reached level (default 3)"
+    )
     args = parser.parse_args()
     settings = current_settings(args)
     path = args.out / "evidence.json"
@@ -495,7 +615,7 @@ def main() -> None:
         for r in load_records(path)
         if r["task"] == args.task and settings_of(r) == settings and r["seed"] in args.seeds
     ]
-    rows = summarize(records)
+    rows = summarize(records, args.window)
     (args.out / f"evidence_summary{args.tag}.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
     keeps = sorted({r["keep_ratio"] for r in records if r["mode"] != "none"})

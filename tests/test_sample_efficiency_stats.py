@@ -64,3 +64,38 @@ def test_takeaways_say_when_and_at_what_share_regate_reached_nones_best() -> Non
     assert "none stood at 54.0 MVBench; ReGATE ended at 58.0" in lines[1]
     short = _result("regate", [(0, 0, 0.0, 25.0), (300, 1400, 24, 59.9)])
     assert takeaways([none, short])[0].startswith("ReGATE did not reach none's best MVBench (60.0, step 200)")
+
+
+def _scored(tokens: list[int], accuracy: list[float], exact: list[float]) -> list[dict[str, float]]:
+    return [{"answer_tokens": t, "accuracy": a, "exact_match": e} for t, a, e in zip(tokens, accuracy, exact)]
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5])
+def test_window_means_are_numpys_trailing_means(window: int) -> None:
+    rng = np.random.default_rng(window)
+    accuracy, exact = rng.uniform(0, 100, 9), rng.uniform(0, 100, 9)
+    curve = _scored(list(range(9)), list(accuracy), list(exact))
+    for i, means in enumerate(se.window_means(curve, window)):
+        start = max(0, i - window + 1)
+        assert means["accuracy"] == pytest.approx(accuracy[start : i + 1].mean())
+        assert means["exact_match"] == pytest.approx(exact[start : i + 1].mean())
+
+
+def test_plateau_targets_judge_both_runs_by_the_same_window_rule() -> None:
+    # none: window-2 means 10, 30, 60, 85, 90, 90 (accuracy = exact match); its plateau 90, first within 1 at
+    # index 4 (400 tokens). The run's means 10, 45, 89.5 (index 2, 120 tokens): 0.3 of none's tokens.
+    none = _scored([0, 100, 200, 300, 400, 500], *[[10.0, 50.0, 70.0, 100.0, 80.0, 100.0]] * 2)
+    run = _scored([0, 60, 120], *[[10.0, 80.0, 99.0]] * 2)
+    slow = _scored([0, 60, 120], *[[10.0, 80.0, 97.0]] * 2)  # window mean 88.5: more than a point under
+    targets = se.plateau_targets(
+        {0: {"curve": run}, 1: {"curve": slow}},
+        {0: {"curve": none}, 1: {"curve": none}},
+        {0: {"curve": slow}, 1: {"curve": run}},
+        window=2,
+    )
+    first, second = targets["per_seed"][0], targets["per_seed"][1]
+    assert first["none_plateau"] == {"accuracy": 90.0, "exact_match": 90.0}
+    assert first["none_tokens"] == 400 and first["share"] == pytest.approx(120 / 400)
+    assert second["share"] is None
+    assert first["exact_match_vs_none"] == pytest.approx(-0.5) and second["exact_match_vs_none"] == pytest.approx(-1.5)
+    assert targets["vs_random"]["differences"] == pytest.approx([1.0, -1.0])
