@@ -313,16 +313,20 @@ def plateau_targets(
     differences = [
         per_seed[s]["plateau"]["accuracy"] - window_means(control[s]["curve"], window)[-1]["accuracy"] for s in paired
     ]
+    out["vs_random"] = {"seeds": paired, **tested(differences)}
+    return out
+
+
+def tested(differences: list[float]) -> dict[str, Any]:
+    """Paired differences with their wins, paired t-test (t, p) and sign test p."""
     t, p = paired_t_test(differences)
-    out["vs_random"] = {
-        "seeds": paired,
+    return {
         "differences": differences,
         "wins": sum(d > 0 for d in differences),
         "t": t,
         "p": p,
         "sign_p": sign_test(differences),
     }
-    return out
 
 
 def _share(value: float, of: float) -> float:
@@ -397,15 +401,7 @@ def _paired(runs: dict[int, dict[str, Any]], others: dict[int, dict[str, Any]]) 
     seeds = sorted(set(runs) & set(others))
     out: dict[str, Any] = {"seeds": seeds}
     for metric in ("accuracy", "exact_match", "visual_accuracy"):
-        differences = [runs[s]["final"][metric] - others[s]["final"][metric] for s in seeds]
-        t, p = paired_t_test(differences)
-        out[metric] = {
-            "differences": differences,
-            "wins": sum(d > 0 for d in differences),
-            "t": t,
-            "p": p,
-            "sign_p": sign_test(differences),
-        }
+        out[metric] = tested([runs[s]["final"][metric] - others[s]["final"][metric] for s in seeds])
     return out
 
 
@@ -415,15 +411,7 @@ def _vs_none_equal_tokens(runs: dict[int, dict[str, Any]], none: dict[int, dict[
     differences = [
         runs[s]["final"]["accuracy"] - accuracy_at(none[s]["curve"], runs[s]["final"]["answer_tokens"]) for s in seeds
     ]
-    t, p = paired_t_test(differences)
-    return {
-        "seeds": seeds,
-        "differences": differences,
-        "wins": sum(d > 0 for d in differences),
-        "t": t,
-        "p": p,
-        "sign_p": sign_test(differences),
-    }
+    return {"seeds": seeds, **tested(differences)}
 
 
 def _reached(row: dict[str, Any], at_most: float) -> str:
