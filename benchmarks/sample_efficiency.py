@@ -73,6 +73,7 @@ SETTINGS = (
     "train_size",
     "test_per_task",
     "learning_rate",
+    "lr_schedule",
     "warmup_steps",
     "cycle_steps",
     "dense_steps",
@@ -82,8 +83,9 @@ SETTINGS = (
 
 def settings_of(record: dict[str, Any]) -> dict[str, Any]:
     """The settings a record was made with (records older than `clock` timed with the wall clock; records older than
-    `llm_lr_factor` trained the LLM at the projector's learning rate)."""
-    return {"clock": "wall", "llm_lr_factor": 1.0, **record.get("settings", {})}
+    `llm_lr_factor` trained the LLM at the projector's learning rate; records older than `lr_schedule` at a constant
+    one)."""
+    return {"clock": "wall", "llm_lr_factor": 1.0, "lr_schedule": "constant", **record.get("settings", {})}
 
 
 def current_settings(values: Any) -> dict[str, Any]:
@@ -164,6 +166,8 @@ def planned_runs(modes: Iterable[str], keep_ratios: Iterable[float], variants: I
 
 def run_grid(args: argparse.Namespace, settings: dict[str, Any], path: Path) -> None:
     torch.set_num_threads(args.threads)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     records = load_records(path)
     done = {run_key(r) for r in records if settings_of(r) == settings}
     for seed in args.seeds:

@@ -1,12 +1,20 @@
 """The demo student's optimizer groups: the projector at the demo's learning rate, the LLM at `LLM_LR_FACTOR` of
-it, the frozen vision tower in neither, every trainable parameter in exactly one."""
+it, the frozen vision tower in neither, every trainable parameter in exactly one; its learning-rate schedules."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from regate_plugin.demo.models import LLM_LR_FACTOR, build_student, student_parameter_groups
+from regate_plugin.demo.models import (
+    LLM_LR_FACTOR,
+    build_student,
+    student_lr_scheduler,
+    student_parameter_groups,
+)
 
 
 class _Tokenizer:
@@ -57,3 +65,25 @@ def test_one_adamw_step_moves_the_projector_ten_times_the_llm() -> None:
     assert abs(moved["model.multi_modal_projector.linear_2.weight"] - 1e-3) < 1e-6
     assert abs(moved["model.language_model.layers.0.mlp.down_proj.weight"] - 1e-3 * LLM_LR_FACTOR) < 1e-7
     assert moved["model.vision_tower.embeddings.patch_embedding.weight"] == 0.0
+
+
+@pytest.mark.parametrize("steps", [200, 2000])
+def test_cosine_schedule_warms_up_over_3_percent_then_decays_to_zero(steps: int) -> None:
+    # both groups follow the closed form, each at its own peak: linear to the peak over ceil(0.03 * steps), then
+    # half a cosine down to zero at the last step; `constant` keeps the peak
+    student = _student()
+    for schedule in ("cosine", "constant"):
+        optimizer = torch.optim.AdamW(student_parameter_groups(student, 1e-3))
+        scheduler = student_lr_scheduler(optimizer, schedule, steps)
+        warmup = math.ceil(0.03 * steps)
+        for step in range(steps + 1):
+            if schedule == "constant":
+                factor = 1.0
+            elif step < warmup:
+                factor = step / warmup
+            else:
+                factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+            lrs = [group["lr"] for group in optimizer.param_groups]
+            assert lrs == pytest.approx([1e-3 * factor, 1e-3 * LLM_LR_FACTOR * factor], abs=1e-12), (schedule, step)
+            optimizer.step()
+            scheduler.step()

@@ -12,6 +12,7 @@ from .tasks import TASKS
 
 MODES = ("none", "regate", "random")
 TEMPLATE = "videollama2"  # VideoLLaMA2's preprocessing on the tokenizer's chat template
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _option(default: Any, help: str, **metadata: Any) -> Any:
@@ -25,14 +26,19 @@ class DemoConfig:
         "squares",
         "squares: video clips drawn here, scored as MVBench; easy-vqa: the easy-vqa package's images and colour "
         "questions, scored by GQA's rule; refer-back, describe: drawn images whose answers restate their facts or "
-        "state four, scored by the whole answer",
+        "state four, scored by the whole answer; digits: scikit-learn's handwritten digits, named and then called "
+        "odd or even, scored by the whole answer",
         choices=tuple(TASKS),
     )
-    steps: int | None = _option(None, "optimizer steps per mode (default: 400 squares, 800 easy-vqa)")
+    steps: int | None = _option(
+        None, "optimizer steps per mode (default: " + ", ".join(f"{t.name} {t.steps}" for t in TASKS.values()) + ")"
+    )
     batch_size: int = _option(8, "samples per step")
     train_size: int = _option(2400, "training samples (clips drawn, easy-VQA questions); the steps cycle through them")
     test_per_task: int | None = _option(
-        None, "test questions per MVBench task (squares, default 30) or per colour (easy-vqa, default 15)"
+        None,
+        "test questions per MVBench task (squares), per colour (easy-vqa), per group of facts (refer-back, "
+        "describe) or per digit (digits); default: " + ", ".join(f"{t.name} {t.test_per_task}" for t in TASKS.values()),
     )
     num_frames: int = 4  # frames per clip, sampled as the official MVBench protocol does
     keep_ratio: float = _option(0.35, "kept fraction on sparse steps")
@@ -44,6 +50,12 @@ class DemoConfig:
     eval_every: int = _option(100, "steps between evaluations")
     reference_steps: int = 150  # text-only training of the tiny base LLM
     learning_rate: float = 1e-3
+    lr_schedule: str = _option(
+        "constant",
+        "the student's learning rate over the run: constant, or cosine (LLaVA's and VideoLLaMA2's recipe: linear "
+        "warm-up over the first 3 percent of steps, then a cosine decay to zero)",
+        choices=LR_SCHEDULES,
+    )
     seed: int = _option(0, "seed of the data, the models and the batches")
     preset: str = _option(
         "tiny",
@@ -62,6 +74,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.clock not in CLOCK_CHOICES:
             raise ConfigError(f"--clock must be one of {', '.join(CLOCK_CHOICES)}, got {self.clock!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.task not in TASKS:
             raise ConfigError(f"--task must be one of {sorted(TASKS)}, got {self.task!r}")
         task = TASKS[self.task]

@@ -10,6 +10,7 @@ Presets:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +24,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    get_constant_schedule,
+    get_cosine_schedule_with_warmup,
 )
 
 from ..eval.mvbench import OFFICIAL_SYSTEM
@@ -144,6 +147,17 @@ def student_parameter_groups(student: LlavaForConditionalGeneration, learning_ra
     chosen = {id(p) for p in projector}
     others = [p for p in student.parameters() if p.requires_grad and id(p) not in chosen]
     return [{"params": projector, "lr": learning_rate}, {"params": others, "lr": learning_rate * LLM_LR_FACTOR}]
+
+
+def student_lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate over a `steps`-step run: `constant`, or `cosine` as LLaVA's and VideoLLaMA2's scripts train
+    (`--lr_scheduler_type cosine --warmup_ratio 0.03`: the HF Trainer's warm-up of ceil(3% of the steps), then a
+    cosine decay to zero)."""
+    if schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
+    return get_constant_schedule(optimizer)
 
 
 def build_student(

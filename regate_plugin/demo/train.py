@@ -25,7 +25,15 @@ from .config import MODES, TEMPLATE, DemoConfig
 from .data import DemoSplits
 from .evaluate import evaluate
 from .memory import SavedActivations
-from .models import build_student, processor_for, smollm2_base, student_parameter_groups, tiny_base, train_tokenizer
+from .models import (
+    build_student,
+    processor_for,
+    smollm2_base,
+    student_lr_scheduler,
+    student_parameter_groups,
+    tiny_base,
+    train_tokenizer,
+)
 from .results import CurvePoint, DemoResult, Evaluation
 from .tasks import TASKS, DemoTask
 
@@ -149,6 +157,7 @@ def train_mode(
     elision = build_token_elision(mode, schedule, reference=setup.cache_dir, tokenizer=tokenizer)
     enable_token_elision(model, elision)
     optimizer = torch.optim.AdamW(student_parameter_groups(model, cfg.learning_rate))
+    lr_scheduler = student_lr_scheduler(optimizer, cfg.lr_schedule, cfg.steps)
     meter = SavedActivations(model)
     answer_tokens, saved, peak, loss = 0, 0, 0, torch.tensor(0.0)
     assert setup.start_evaluation is not None
@@ -163,6 +172,7 @@ def train_mode(
                 out = model(**batch)
             out.loss.backward()
             optimizer.step()
+            lr_scheduler.step()
             optimizer.zero_grad()
         saved, peak = saved + meter.bytes, max(peak, meter.bytes)
         answer_tokens += out.token_elision["targets"]
