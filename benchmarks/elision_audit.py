@@ -2,12 +2,13 @@
 (its loss term) and as an input (context for the tokens after it); at each evaluation, each token's teacher-forced
 accuracy on the test split, and its reference loss and student EMA on a fixed set of training samples.
 
-    python benchmarks/elision_audit.py --task refer-back --seed 0 --runs none regate:target regate:with_input
+    python benchmarks/elision_audit.py --task refer-back --seeds 0 --runs none regate:target regate:with_input
 
-Tokens are grouped by role: the word (colour words as `colour`, big/small as `size`, ...) and which mention of it
-in the answer it is (`colour#1` states the colour, `colour#2` refers back to it). Every run starts from the seed's
-student and sees the same batches, as in `benchmarks/sample_efficiency.py`, whose variants (`--runs
-regate:<variant>`) it shares. Writes `--out` (JSON) and prints a table per run.
+Tokens are grouped by role: the word (colour words as `colour`, big/small as `size`, digit words as `numeral`,
+even/odd as `parity`, ...) and which mention of it in the answer it is (`colour#1` states the colour, `colour#2`
+refers back to it). Every run starts from the seed's student and sees the same batches, as in
+`benchmarks/sample_efficiency.py`, whose variants (`--runs regate:<variant>`) it shares. Writes `--out` (JSON) and
+prints a table per run.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from regate_plugin.demo import (
     DemoSetup,
     TrainSample,
     collate,
+    digits,
     easy_vqa,
     evaluate,
     prepare,
@@ -64,6 +66,9 @@ WORDS = {
     **{s: "size" for s in scenes.SIZES},
     **{b: "background" for b in scenes.BACKGROUNDS},
     **{letter: "letter" for letter in "ABCD"},
+    **{word: "numeral" for word in digits.WORDS},
+    "even": "parity",
+    "odd": "parity",
 }
 AUDITED = 64  # training samples whose reference loss and EMA are read at each evaluation
 
@@ -227,6 +232,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--test-per-task", type=int, default=None, help="default: the task's")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--reference-steps",
+        type=int,
+        default=DemoConfig.reference_steps,
+        help="text-only training steps of the tiny base LLM (the reference and the student's start)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="elision_audit.json goes here")
     parser.add_argument(
         "--evidence", type=Path, default=None, help="also append each run to this sample-efficiency record file"
@@ -244,11 +255,12 @@ def main() -> None:
             eval_every=args.eval_every,
             test_per_task=args.test_per_task,
             keep_ratio=args.keep_ratio,
+            reference_steps=args.reference_steps,
             clock="cpu",
             progress=False,
         )
         settings = current_settings(cfg)
-        done = {(a["seed"], a["run"]) for a in audits if a["task"] == args.task and a["settings"] == settings}
+        done = {(a["seed"], a["run"]) for a in audits if a["task"] == args.task and settings_of(a) == settings}
         pending = [run for run in args.runs if (seed, run) not in done]
         if not pending:
             continue

@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "with_input_repeats": {"elision_unit": "with_input", "repeats": "last"},
     "auto": {"elision_unit": "target", "schedule": "auto"},
     "adaptive": {"elision_unit": "target", "keep_control": "adaptive", "keep_control_interval": 64},  # one demo cycle
+    "pair_adaptive": {"elision_unit": "pair", "keep_control": "adaptive", "keep_control_interval": 64},
     "with_input_auto": {"elision_unit": "with_input", "repeats": "last", "schedule": "auto"},
     # the library's schedule (the paper's) instead of the demo's, which is scaled to its 400 steps
     "library_schedule": {
@@ -78,14 +79,16 @@ SETTINGS = (
     "cycle_steps",
     "dense_steps",
     "clock",
+    "reference_steps",
 )
 
 
 def settings_of(record: dict[str, Any]) -> dict[str, Any]:
     """The settings a record was made with (records older than `clock` timed with the wall clock; records older than
     `llm_lr_factor` trained the LLM at the projector's learning rate; records older than `lr_schedule` at a constant
-    one)."""
-    return {"clock": "wall", "llm_lr_factor": 1.0, "lr_schedule": "constant", **record.get("settings", {})}
+    one; records older than `reference_steps` trained the tiny base LLM for 150 steps)."""
+    defaults = {"clock": "wall", "llm_lr_factor": 1.0, "lr_schedule": "constant", "reference_steps": 150}
+    return {**defaults, **record.get("settings", {})}
 
 
 def current_settings(values: Any) -> dict[str, Any]:

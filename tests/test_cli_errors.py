@@ -93,6 +93,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     ("args", "message"),
     [
         (["demo", "--steps", "0"], "--steps, --batch-size"),
+        (["demo", "--reference-steps", "-1"], "--reference-steps must be >= 0, got -1"),
         (
             ["precompute", "--data", "train.json", "--reference", "r", "--template", "v1", "--out", "c"],
             "--batch-tokens and --window must be >= 1",

@@ -48,7 +48,9 @@ class DemoConfig:
     cycle_steps: int = 64
     dense_steps: int = 8
     eval_every: int = _option(100, "steps between evaluations")
-    reference_steps: int = 150  # text-only training of the tiny base LLM
+    reference_steps: int = _option(
+        150, "text-only training steps of the tiny preset's base LLM (the reference and the student's start)"
+    )
     learning_rate: float = 1e-3
     lr_schedule: str = _option(
         "constant",
@@ -87,6 +89,8 @@ class DemoConfig:
             raise ConfigError(
                 "--steps, --batch-size, --train-size, --test-per-task, --num-frames and --eval-every must be >= 1"
             )
+        if self.reference_steps < 0:
+            raise ConfigError(f"--reference-steps must be >= 0, got {self.reference_steps}")
 
     def schedule(self, **changes: Any) -> ReGATEConfig:
         """The elision config of a run: the demo's keep ratio and schedule, the library's other defaults, `changes`."""
