@@ -12,6 +12,7 @@ with a paired t-test and a sign test, and the answer tokens and seconds each run
     python benchmarks/sample_efficiency.py --modes none regate random rho      # Rho-1's excess loss as a baseline
     python benchmarks/sample_efficiency.py --task refer-back --steps 2000 --test-per-task 32 --keep-ratios 0.35 \
         --window 3                  # judged against `none`'s plateau: means of its last 3 evaluations
+    python benchmarks/sample_efficiency.py --suite   # issue 25's targets, every run on every task at its plateau
 
 Each seed regenerates the data, the reference LLM and the student start (`regate_plugin.demo.prepare`); every run
 of a seed starts from that start and sees the same batches. One record per completed run is appended to
@@ -66,6 +67,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "cycle_steps": ReGATEConfig.cycle_steps,
         "dense_steps": ReGATEConfig.dense_steps,
     },
+}
+# Each suite task's run length and test split at which `none`'s last evaluations agree within noise (measured in
+# docs/BENCHMARKS.md, "To `none`'s plateau" and "Digits"): `--suite` judges issue 25's targets on these runs.
+PLATEAU_RUNS: dict[str, dict[str, int]] = {
+    "refer-back": {"steps": 2000, "test_per_task": 32},
+    "squares": {"steps": 2400, "test_per_task": 60},
+    "easy-vqa": {"steps": 1600, "test_per_task": 40},
+    "digits": {"steps": 3200, "test_per_task": 16},
 }
 SETTINGS = (
     "steps",
@@ -517,21 +526,63 @@ def plateau_table(rows: dict[str, Any]) -> list[str]:
                 f"| {name} | {seed} | {level['accuracy']:.1f} / {level['exact_match']:.1f} | {drift_text} | {share} "
                 f"| {final['accuracy']:.1f} / {final['exact_match']:.1f} | {t['exact_match_vs_none']:+.1f} |"
             )
-        shares = [t["share"] for t in targets["per_seed"].values()]
-        hits = sum(share is not None and share <= 0.6 + 1e-9 for share in shares)
-        under = sum(t["exact_match_vs_none"] < -2.0 for t in targets["per_seed"].values())
-        versus = targets["vs_random"]
-        against = (
-            ""
-            if not versus["seeds"]
-            else f"; plateau acc − random's {statistics.fmean(versus['differences']):+.1f} "
-            f"({versus['wins']}/{len(versus['seeds'])}, t-test p {versus['p']:.3f}, sign p {versus['sign_p']:.3f})"
-        )
+        counts = target_counts(targets)
+        against = "" if counts["vs_random"] is None else f"; plateau acc − random's {counts['vs_random']}"
         lines.append(
-            f"| {name} | all | ≤ 60% of none's tokens: {hits}/{len(shares)}; exact match > 2 points under none's: "
-            f"{under}/{len(shares)}{against} | | | | |"
+            f"| {name} | all | ≤ 60% of none's tokens: {counts['reached']}; exact match > 2 points under none's: "
+            f"{counts['under']}{against} | | | | |"
         )
     return lines
+
+
+def target_counts(targets: dict[str, Any]) -> dict[str, Any]:
+    """`plateau_targets` in three cells: seeds that reached `none`'s plateau on at most 60% of its tokens, seeds whose
+    plateau exact match is more than 2 points under `none`'s, and the paired test against `random` (None if no
+    `random` runs)."""
+    per_seed = targets["per_seed"].values()
+    hits = sum(t["share"] is not None and t["share"] <= 0.6 + 1e-9 for t in per_seed)
+    under = sum(t["exact_match_vs_none"] < -2.0 for t in per_seed)
+    versus = targets["vs_random"]
+    return {
+        "reached": f"{hits}/{len(per_seed)}",
+        "under": f"{under}/{len(per_seed)}",
+        "vs_random": None
+        if not versus["seeds"]
+        else f"{statistics.fmean(versus['differences']):+.1f} ({versus['wins']}/{len(versus['seeds'])}, "
+        f"t-test p {versus['p']:.3f}, sign p {versus['sign_p']:.3f})",
+    }
+
+
+def suite_targets(records: list[dict[str, Any]], settings: dict[str, Any], seeds: list[int], window: int) -> dict:
+    """Issue 25's targets for every run on every suite task, each at its `PLATEAU_RUNS` length and split with
+    `settings` otherwise: {run: {task: target_counts}}."""
+    board: dict[str, dict[str, Any]] = {}
+    for task, length in PLATEAU_RUNS.items():
+        wanted = {**settings, **length}
+        chosen = [r for r in records if r["task"] == task and settings_of(r) == wanted and r["seed"] in seeds]
+        for name, row in summarize(chosen, window).items():
+            if "plateau_targets" in row:
+                board.setdefault(name, {})[task] = target_counts(row["plateau_targets"])
+    return board
+
+
+def suite_table(board: dict[str, dict[str, Any]]) -> str:
+    """`suite_targets` as one markdown table, a row per run and a column per task (– where it was not run)."""
+    lines = [
+        "| run | " + " | ".join(PLATEAU_RUNS) + " |",
+        "|---|" + "---|" * len(PLATEAU_RUNS),
+    ]
+    for name, tasks in board.items():
+        cells = []
+        for task in PLATEAU_RUNS:
+            counts = tasks.get(task)
+            if counts is None:
+                cells.append("–")
+                continue
+            versus = "" if counts["vs_random"] is None else f"; vs random {counts['vs_random']}"
+            cells.append(f"≤ 60%: {counts['reached']}; > 2 under: {counts['under']}{versus}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(records: list[dict[str, Any]], task: str, keep: float, variants: list[str], path: Path) -> Path:
@@ -598,11 +649,21 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only summarize the records already in --out")
     parser.add_argument("--tag", default="", help="suffix of the summary's and the plots' file names")
     parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="only judge issue 25's targets on every suite task at its plateau length, from the records in --out",
+    )
+    parser.add_argument(
         "--window", type=int, default=3, help="evaluations averaged into a plateau and a reached level (default 3)"
     )
     args = parser.parse_args()
     settings = current_settings(args)
     path = args.out / "evidence.json"
+    if args.suite:
+        board = suite_targets(load_records(path), settings, args.seeds, args.window)
+        (args.out / f"evidence_suite{args.tag}.json").write_text(json.dumps(board, indent=1))
+        print(suite_table(board))
+        return
     if not args.report:
         run_grid(args, settings, path)
     records = [

@@ -99,3 +99,54 @@ def test_plateau_targets_judge_both_runs_by_the_same_window_rule() -> None:
     assert second["share"] is None
     assert first["exact_match_vs_none"] == pytest.approx(-0.5) and second["exact_match_vs_none"] == pytest.approx(-1.5)
     assert targets["vs_random"]["differences"] == pytest.approx([1.0, -1.0])
+
+
+METRICS = ("accuracy", "exact_match", "visual_accuracy")
+
+
+def _record(task: str, mode: str, seed: int, steps: int, tokens: list[int], accuracy: list[float]) -> dict:
+    curve = [
+        {"step": i, "answer_tokens": t, "train_seconds": float(i), **dict.fromkeys(METRICS, a)}
+        for i, (t, a) in enumerate(zip(tokens, accuracy))
+    ]
+    settings = {"steps": steps, "test_per_task": se.PLATEAU_RUNS[task]["test_per_task"], "eval_every": 100}
+    return {
+        "task": task,
+        "mode": mode,
+        "variant": "" if mode == "none" else "target",
+        "keep_ratio": 1.0 if mode == "none" else 0.35,
+        "seed": seed,
+        "curve": curve,
+        "final": curve[-1],
+        "best": max(curve, key=lambda point: point["accuracy"]),
+        "settings": settings,
+    }
+
+
+def test_suite_judges_each_task_on_its_plateau_runs_only() -> None:
+    # refer-back, window 1: none reaches its plateau (100) at 400 tokens on both seeds. regate seed 0 reaches it at
+    # 200 (0.5 of none's tokens: a hit) and ends on 100; seed 1 never comes within a point (ends on 97.5: 2.5 under).
+    # random ends on 90 and 95, so regate's plateau is ahead by 10 and 2.5 on the two seeds.
+    rb, sq = se.PLATEAU_RUNS["refer-back"]["steps"], se.PLATEAU_RUNS["squares"]["steps"]
+    records = [
+        _record("refer-back", "none", seed, rb, [0, 200, 400, 600], [10.0, 50.0, 100.0, 100.0]) for seed in (0, 1)
+    ] + [
+        _record("refer-back", "regate", 0, rb, [0, 100, 200, 300], [10.0, 60.0, 100.0, 100.0]),
+        _record("refer-back", "regate", 1, rb, [0, 100, 200, 300], [10.0, 60.0, 90.0, 97.5]),
+        _record("refer-back", "random", 0, rb, [0, 100, 200, 300], [10.0, 50.0, 80.0, 90.0]),
+        _record("refer-back", "random", 1, rb, [0, 100, 200, 300], [10.0, 50.0, 80.0, 95.0]),
+        # squares: regate at the plateau length reaches none's 80 only on its last evaluation (1.5 times none's
+        # tokens); a shorter run of another length that looks better must not count
+        _record("squares", "none", 0, sq, [0, 200, 400], [10.0, 80.0, 80.0]),
+        _record("squares", "regate", 0, sq, [0, 100, 300], [10.0, 40.0, 80.0]),
+        _record("squares", "regate", 0, 800, [0, 100, 150], [10.0, 80.0, 80.0]),
+    ]
+    settings = {"steps": 400, "test_per_task": 1, "eval_every": 100}  # steps and split are the plateau runs'
+    defaults = {"clock": "wall", "llm_lr_factor": 1.0, "lr_schedule": "constant", "reference_steps": 150}
+    board = se.suite_targets(records, {**defaults, **settings}, seeds=[0, 1], window=1)
+    regate = board["regate target 0.35"]
+    assert regate["refer-back"]["reached"] == "1/2" and regate["refer-back"]["under"] == "1/2"
+    assert regate["refer-back"]["vs_random"].startswith("+6.2 (2/2,")
+    assert regate["squares"] == {"reached": "0/1", "under": "0/1", "vs_random": None}
+    assert set(regate) == {"refer-back", "squares"}
+    assert "| regate target 0.35 | ≤ 60%: 1/2; > 2 under: 1/2; vs random +6.2" in se.suite_table(board)
