@@ -661,6 +661,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = current_settings(args)
     path = args.out / "evidence.json"
+    if (args.suite or args.report) and not path.exists():
+        raise SystemExit(f"{path} does not exist: --report and --suite read the records a run wrote to --out")
     if args.suite:
         board = suite_targets(load_records(path), settings, args.seeds, args.window)
         (args.out / f"evidence_suite{args.tag}.json").write_text(json.dumps(board, indent=1))
