@@ -537,6 +537,11 @@ def plateau_table(rows: dict[str, Any]) -> list[str]:
     return lines
 
 
+def runs_of(records: list[dict[str, Any]], task: str, settings: dict[str, Any], seeds: list[int]) -> list[dict]:
+    """The records of `task` made with exactly `settings` (older records read with `settings_of`), on `seeds`."""
+    return [r for r in records if r["task"] == task and settings_of(r) == settings and r["seed"] in seeds]
+
+
 def target_counts(targets: dict[str, Any]) -> dict[str, Any]:
     """`plateau_targets` in three cells: seeds that reached `none`'s plateau on at most 60% of its tokens, seeds whose
     plateau exact match is more than 2 points under `none`'s, and the paired test against `random` (None if no
@@ -560,9 +565,7 @@ def suite_targets(records: list[dict[str, Any]], settings: dict[str, Any], seeds
     `settings` otherwise: {run: {task: target_counts}}."""
     board: dict[str, dict[str, Any]] = {}
     for task, length in PLATEAU_RUNS.items():
-        wanted = {**settings, **length}
-        chosen = [r for r in records if r["task"] == task and settings_of(r) == wanted and r["seed"] in seeds]
-        for name, row in summarize(chosen, window).items():
+        for name, row in summarize(runs_of(records, task, {**settings, **length}, seeds), window).items():
             if "plateau_targets" in row:
                 board.setdefault(name, {})[task] = target_counts(row["plateau_targets"])
     return board
@@ -670,11 +673,7 @@ def main() -> None:
         return
     if not args.report:
         run_grid(args, settings, path)
-    records = [
-        r
-        for r in load_records(path)
-        if r["task"] == args.task and settings_of(r) == settings and r["seed"] in args.seeds
-    ]
+    records = runs_of(load_records(path), args.task, settings, args.seeds)
     rows = summarize(records, args.window)
     (args.out / f"evidence_summary{args.tag}.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))

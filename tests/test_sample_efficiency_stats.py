@@ -142,8 +142,7 @@ def test_suite_judges_each_task_on_its_plateau_runs_only() -> None:
         _record("squares", "regate", 0, 800, [0, 100, 150], [10.0, 80.0, 80.0]),
     ]
     settings = {"steps": 400, "test_per_task": 1, "eval_every": 100}  # steps and split are the plateau runs'
-    defaults = {"clock": "wall", "llm_lr_factor": 1.0, "lr_schedule": "constant", "reference_steps": 150}
-    board = se.suite_targets(records, {**defaults, **settings}, seeds=[0, 1], window=1)
+    board = se.suite_targets(records, se.settings_of({"settings": settings}), seeds=[0, 1], window=1)
     regate = board["regate target 0.35"]
     assert regate["refer-back"]["reached"] == "1/2" and regate["refer-back"]["under"] == "1/2"
     assert regate["refer-back"]["vs_random"].startswith("+6.2 (2/2,")
