@@ -15,20 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from regate_plugin.core.selection import reference_budget
 from regate_plugin.store import open_store
 
 
 def budget_shares(losses: np.ndarray, lengths: np.ndarray, threshold: float) -> tuple[float, float]:
     """(high, with inputs): shares of the candidates (answer ordinals 1 to n - 1 of each row: ordinal 0 is predicted
     from the prompt, so it is never elided) whose reference loss is above `threshold`, and of those plus each one's
-    successor candidate. `losses` float [rows, width] by answer ordinal (NaN past a row's `lengths`)."""
-    ordinal = np.arange(losses.shape[1])
-    candidate = (ordinal >= 1) & (ordinal < lengths[:, None])
-    high = candidate & (np.nan_to_num(losses, nan=-math.inf) > threshold)
-    with_inputs = high.copy()
-    with_inputs[:, 1:] |= high[:, :-1] & candidate[:, 1:]
-    total = max(int(candidate.sum()), 1)
-    return int(high.sum()) / total, int(with_inputs.sum()) / total
+    successor candidate: what `keep_budget='reference'` keeps under the `target` and the `with_input` units
+    (`selection.reference_budget`). `losses` float [rows, width] by answer ordinal (NaN past a row's `lengths`)."""
+    total = max(int(np.maximum(lengths - 1, 0).sum()), 1)
+    high, paired = (int(reference_budget(losses, lengths, threshold, inputs).sum()) for inputs in (False, True))
+    return high / total, paired / total
 
 
 def main() -> None:

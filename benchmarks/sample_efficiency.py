@@ -60,6 +60,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adaptive": {"elision_unit": "target", "keep_control": "adaptive", "keep_control_interval": 64},  # one demo cycle
     "pair_adaptive": {"elision_unit": "pair", "keep_control": "adaptive", "keep_control_interval": 64},
     "with_input_auto": {"elision_unit": "with_input", "repeats": "last", "schedule": "auto"},
+    # a row keeps every high-reference candidate with its input (the keep ratio is only the floor): run it at a low
+    # keep ratio; its `random` control is the run at the keep ratio whose tokens match (`equal_token_control`)
+    "budget": {"elision_unit": "with_input", "keep_budget": "reference"},
     # the library's schedule (the paper's) instead of the demo's, which is scaled to its 400 steps
     "library_schedule": {
         "elision_unit": "target",
@@ -402,8 +405,10 @@ def summarize(records: list[dict[str, Any]], window: int = 3) -> dict[str, Any]:
             "reach_none_peak": reach,
             "last_change": [plateau(seeds[s]["curve"])["change"] for s in sorted(seeds)],
         }
-        control = by_run.get(("random", "target", run[2]), {})
-        if run[0] != "random" and run[0] != "none" and control:
+        control_run = equal_token_control(by_run, run) if run[0] not in ("random", "none") else None
+        control = by_run[control_run] if control_run is not None else {}
+        if control:
+            row["random_control"] = list(control_run)
             row["vs_random"] = _paired(seeds, control)
         if run[0] != "none" and none:
             row["vs_none"] = _paired(seeds, none)
@@ -411,6 +416,26 @@ def summarize(records: list[dict[str, Any]], window: int = 3) -> dict[str, Any]:
             row["plateau_targets"] = plateau_targets(seeds, none, control if run[0] != "random" else {}, window)
         rows[label(run)] = row
     return rows
+
+
+def equal_token_control(
+    by_run: dict[tuple, dict[int, dict[str, Any]]], run: tuple, fewer: float = 0.01, more: float = 0.1
+) -> tuple | None:
+    """The `random` run to pair `run` with: of those whose mean final answer tokens (over their common seeds) are at
+    most `fewer` under `run`'s and at most `more` over them, the closest. At the same keep ratio that is `random` at
+    that ratio (the same tokens); a run whose count per row follows its data (`keep_budget='reference'`) gets the
+    `random` run that spent what it spent, or a little more (a per-row ceil(ratio * n) cannot match every mean)."""
+    own = by_run[run]
+    best, distance = None, math.inf
+    for other, seeds in by_run.items():
+        common = sorted(set(own) & set(seeds))
+        if other[0] != "random" or not common:
+            continue
+        tokens = statistics.fmean(own[s]["final"]["answer_tokens"] for s in common)
+        gap = statistics.fmean(seeds[s]["final"]["answer_tokens"] for s in common) / tokens - 1.0
+        if -fewer <= gap <= more and abs(gap) < distance:
+            best, distance = other, abs(gap)
+    return best
 
 
 def _paired(runs: dict[int, dict[str, Any]], others: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -567,7 +592,8 @@ def suite_targets(records: list[dict[str, Any]], settings: dict[str, Any], seeds
     for task, length in PLATEAU_RUNS.items():
         for name, row in summarize(runs_of(records, task, {**settings, **length}, seeds), window).items():
             if "plateau_targets" in row:
-                board.setdefault(name, {})[task] = target_counts(row["plateau_targets"])
+                counts = target_counts(row["plateau_targets"])
+                board.setdefault(name, {})[task] = {**counts, "random_control": row.get("random_control")}
     return board
 
 
@@ -584,14 +610,23 @@ def suite_table(board: dict[str, dict[str, Any]]) -> str:
             if counts is None:
                 cells.append("–")
                 continue
-            versus = "" if counts["vs_random"] is None else f"; vs random {counts['vs_random']}"
+            versus = counts["vs_random"]
+            versus = "" if versus is None else f"; vs {label(tuple(counts['random_control']))} {versus}"
             cells.append(f"≤ 60%: {counts['reached']}; > 2 under: {counts['under']}{versus}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(records: list[dict[str, Any]], task: str, keep: float, variants: list[str], path: Path) -> Path:
-    """Accuracy against answer tokens and against training seconds: mean over seeds, band ± one sd."""
+def plot(
+    records: list[dict[str, Any]],
+    task: str,
+    keep: float,
+    variants: list[str],
+    path: Path,
+    random_keeps: Iterable[float] = (),
+) -> Path:
+    """Accuracy against answer tokens and against training seconds: mean over seeds, band ± one sd; `none`, the
+    `variants` and `random` at `keep`, and `random` at `random_keeps` (the controls of runs matched by tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -599,7 +634,8 @@ def plot(records: list[dict[str, Any]], task: str, keep: float, variants: list[s
 
     runs: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        if r["mode"] == "none" or (r["keep_ratio"] == keep and (r["mode"] == "random" or r["variant"] in variants)):
+        control = r["mode"] == "random" and (r["keep_ratio"] == keep or r["keep_ratio"] in random_keeps)
+        if r["mode"] == "none" or control or (r["keep_ratio"] == keep and r["variant"] in [*variants, "target"]):
             runs.setdefault((r["mode"], r["variant"], r["keep_ratio"]), []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for run, seeds in sorted(runs.items()):
@@ -623,7 +659,8 @@ def plot(records: list[dict[str, Any]], task: str, keep: float, variants: list[s
     for ax in axes:
         ax.set_ylabel(f"{TASKS[task].metric} accuracy (%), mean ± sd over seeds")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{task}, keep ratio {keep:g} on sparse steps")
+    budget = any(VARIANTS.get(variant, {}).get("keep_budget") == "reference" for variant in variants)
+    fig.suptitle(f"{task}, keep ratio {keep:g} on sparse steps" + (" (the budget's floor)" if budget else ""))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -683,8 +720,9 @@ def main() -> None:
     variants = {(r["variant"], r["keep_ratio"]) for r in records if r["mode"] == "regate" and r["variant"] != "target"}
     for keep in sorted({keep for _, keep in variants}):
         names = sorted(name for name, at in variants if at == keep)
+        controls = [rows[label(("regate", name, keep))].get("random_control") for name in names]
         path = args.out / f"evidence_variants_keep{keep:g}{args.tag}.png"
-        print(plot(records, args.task, keep, ["target", *names], path))
+        print(plot(records, args.task, keep, names, path, {c[2] for c in controls if c is not None}))
 
 
 if __name__ == "__main__":

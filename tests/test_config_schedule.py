@@ -105,6 +105,8 @@ _NON_DEFAULT = {
     "keep_control_interval": ("64", 64),
     "keep_control_gap": ("0.7", 0.7),
     "keep_control_low": ("0.1", 0.1),
+    "keep_budget": ("reference", "reference"),
+    "keep_budget_threshold": ("0.5", 0.5),
 }
 _OLD_FLAG_NAMES = {"lam": "--regate_lambda"}  # the names users have been passing; they must keep working
 

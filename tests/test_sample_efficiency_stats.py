@@ -146,6 +146,29 @@ def test_suite_judges_each_task_on_its_plateau_runs_only() -> None:
     regate = board["regate target 0.35"]
     assert regate["refer-back"]["reached"] == "1/2" and regate["refer-back"]["under"] == "1/2"
     assert regate["refer-back"]["vs_random"].startswith("+6.2 (2/2,")
-    assert regate["squares"] == {"reached": "0/1", "under": "0/1", "vs_random": None}
+    assert regate["refer-back"]["random_control"] == ["random", "target", 0.35]
+    assert regate["squares"] == {"reached": "0/1", "under": "0/1", "vs_random": None, "random_control": None}
     assert set(regate) == {"refer-back", "squares"}
-    assert "| regate target 0.35 | ≤ 60%: 1/2; > 2 under: 1/2; vs random +6.2" in se.suite_table(board)
+    assert "| regate target 0.35 | ≤ 60%: 1/2; > 2 under: 1/2; vs random target 0.35 +6.2" in se.suite_table(board)
+
+
+def test_a_budget_run_is_paired_with_random_at_its_tokens() -> None:
+    """A run whose per-row count follows its data is compared with the `random` run that spent its tokens or up to
+    10% more (at most 1% fewer), the closest, whatever its keep ratio; with none when no `random` run did."""
+
+    def run(final_tokens: list[int]) -> dict:
+        return {seed: {"final": {"answer_tokens": tokens}} for seed, tokens in enumerate(final_tokens)}
+
+    budget = ("regate", "budget", 0.1)
+    by_run = {
+        budget: run([1000, 1100]),
+        ("random", "target", 0.35): run([700, 770]),  # 30% fewer
+        ("random", "target", 0.5): run([1050, 1160]),  # 5.2% more
+        ("random", "target", 0.45): run([992, 1092]),  # 0.76% fewer
+        ("random", "target", 0.6): run([1200, 1300]),  # 19% more
+    }
+    assert se.equal_token_control(by_run, budget) == ("random", "target", 0.45)
+    del by_run[("random", "target", 0.45)]
+    assert se.equal_token_control(by_run, budget) == ("random", "target", 0.5)
+    del by_run[("random", "target", 0.5)]
+    assert se.equal_token_control(by_run, budget) is None

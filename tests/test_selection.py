@@ -141,8 +141,8 @@ class _FirstCandidateOnly(TokenElision):
 
 
 class _FirstCandidateOnlyCounted(_FirstCandidateOnly):
-    def keep_counts(self, n_candidates):
-        return n_candidates if self.is_dense() else np.minimum(n_candidates, 1)
+    def sparse_keep_counts(self, layout, sample_keys=None):
+        return np.minimum(layout.candidates, 1)
 
 
 def _sparse_loss(elision, batch):
@@ -159,7 +159,7 @@ def test_a_strategy_that_keeps_another_count_fails_loudly_or_is_counted_right():
 
     batch = make_batch(batch=3, seed=5, turns=3)
     cfg = ReGATEConfig(keep_ratio=0.5, warmup_steps=0, dense_steps=0)
-    with pytest.raises(RuntimeError, match=r"first-only.*keep_counts\(\) says in 3 row"):
+    with pytest.raises(RuntimeError, match=r"first-only.*keep_counts\(\) says in 3 row.*sparse_keep_counts"):
         _sparse_loss(_FirstCandidateOnly(cfg), batch)
     counted = _FirstCandidateOnlyCounted(cfg)
     plan, _ = _sparse_loss(counted, batch)

@@ -81,16 +81,29 @@ def test_checkpoint_holds_the_state_and_resume_continues_schedule_and_ema(tmp_pa
     assert after_resume(resumed, "regate/kept") == after_resume(straight, "regate/kept")
 
 
-def _one_sparse_step(tmp_path, rows, **training):
-    trainer = make_trainer(tmp_path, rows, _regate(tmp_path, rows, **SPARSE), max_steps=1, **training)
+def _one_sparse_step(tmp_path, rows, elision=(), **training):
+    trainer = make_trainer(tmp_path, rows, _regate(tmp_path, rows, **SPARSE, **dict(elision)), max_steps=1, **training)
     trainer.train()
     return trainer
 
 
-def test_gradient_accumulation_gives_the_full_batch_step_and_the_mean_over_kept_targets(tmp_path):
+# keep_budget='reference' keeps another count per row than the keep ratio (every reference loss above 3 nats with its
+# input, at least 0.2 of the candidates), so the Trainer's count of the loss terms must come from the budget too
+BUDGET = {
+    "regate_keep_budget": "reference",
+    "regate_keep_budget_threshold": 3.0,
+    "regate_elision_unit": "with_input",
+    "regate_keep_ratio": 0.2,
+}
+
+
+@pytest.mark.parametrize("elision", [{}, BUDGET], ids=["ratio", "reference_budget"])
+def test_gradient_accumulation_gives_the_full_batch_step_and_the_mean_over_kept_targets(tmp_path, elision):
     rows = samples(2)
-    full = _one_sparse_step(tmp_path / "full", rows, per_device_train_batch_size=2)
-    accumulated = _one_sparse_step(tmp_path / "ga", rows, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    full = _one_sparse_step(tmp_path / "full", rows, elision.items(), per_device_train_batch_size=2)
+    accumulated = _one_sparse_step(
+        tmp_path / "ga", rows, elision.items(), per_device_train_batch_size=1, gradient_accumulation_steps=2
+    )
     for (name, a), (_, b) in zip(full.model.named_parameters(), accumulated.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -98,10 +111,14 @@ def test_gradient_accumulation_gives_the_full_batch_step_and_the_mean_over_kept_
     # loss is the plain mean over the kept targets (num_items_in_batch=None).
     model = tiny_llava()
     model.train()
-    cfg = rg.ReGATEConfig(keep_ratio=0.5, warmup_steps=0, dense_steps=0)
+    settings = {name.removeprefix("regate_"): value for name, value in elision.items()}
+    cfg = rg.ReGATEConfig(**{"keep_ratio": 0.5, "warmup_steps": 0, "dense_steps": 0, **settings})
     rg.enable_token_elision(model, rg.build_token_elision("regate", cfg, reference=tmp_path / "full/cache"))
     out = model(**collate(rows))
     assert out.token_elision["kept"] < out.token_elision["candidates"]
+    if elision:  # the budget, not the ratio, decided the count
+        assert out.token_elision["kept"] > 0.2 * out.token_elision["candidates"] + 2
+        assert logged(full, "regate/kept")[0] == out.token_elision["kept"]
     assert logged(full, "loss")[0] == pytest.approx(out.loss.item(), rel=1e-4)
     assert logged(accumulated, "loss")[0] == pytest.approx(out.loss.item(), rel=1e-4)
 

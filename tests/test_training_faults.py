@@ -151,7 +151,7 @@ def test_rank_0_prints_the_startup_summary_once_before_step_0(tmp_path, capsys):
     assert summary.count("token elision 'regate', starting at optimizer step 0") == 1
     assert printed.count("token elision 'regate'") == 1
     assert f"{tmp_path / 'cache'}: 4 samples" in summary and "reference LLM 'test'" in summary
-    assert "keep ratio         0.5 of the elidable answer tokens" in summary
+    assert "keep               0.5 of the elidable answer tokens" in summary
     assert "3 dense warm-up steps, then cycles of 4: 2 dense, 2 sparse" in summary
     assert "first sparse step  optimizer step 5 (logged as step 6)" in summary
     first_sparse = next(e["step"] for e in trainer.state.log_history if e.get("regate/dense") == 0.0)

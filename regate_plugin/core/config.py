@@ -20,6 +20,7 @@ Schedule = Literal["fixed", "auto"]
 EMAObserve = Literal["all", "dense"]
 ResumeWithoutState = Literal["error", "fresh"]
 KeepControl = Literal["off", "adaptive"]
+KeepBudget = Literal["ratio", "reference"]
 
 SCORE_NORMS: tuple[str, ...] = get_args(ScoreNorm)
 MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
@@ -30,6 +31,7 @@ REPEATS: tuple[str, ...] = get_args(Repeats)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 RESUME_WITHOUT_STATE_POLICIES: tuple[str, ...] = get_args(ResumeWithoutState)
 KEEP_CONTROLS: tuple[str, ...] = get_args(KeepControl)
+KEEP_BUDGETS: tuple[str, ...] = get_args(KeepBudget)
 
 C = TypeVar("C", bound="ScheduleConfig")
 
@@ -165,6 +167,15 @@ class ReferenceScoredConfig(ScheduleConfig):
         "keep_control_interval steps, within [keep_ratio_min, keep_ratio_max], from the student's losses "
         '(docs/METHOD.md, "The adaptive keep ratio").',
     )
+    keep_budget: KeepBudget = _knob(
+        "ratio",
+        "How many candidates a sparse step keeps per row: 'ratio' ceil(keep_ratio * n); 'reference' every candidate "
+        "whose reference loss is above keep_budget_threshold, each with the candidate after it under the 'pair' and "
+        "'with_input' units, and never fewer than 'ratio' would (docs/METHOD.md, \"A budget from the reference\").",
+    )
+    keep_budget_threshold: float = _knob(
+        0.35, "Reference loss (nats) above which keep_budget='reference' counts a candidate as needing the input, >= 0."
+    )
     keep_ratio_min: float = _knob(
         0.1, "Lowest keep ratio keep_control='adaptive' may set, in (0, 1], at most keep_ratio under 'adaptive'."
     )
@@ -222,6 +233,8 @@ class ReferenceScoredConfig(ScheduleConfig):
                 f"{bounds} under keep_control='adaptive'",
                 lambda v: self.keep_ratio_min <= v <= self.keep_ratio_max,
             )
+        _check_choice(self, "keep_budget", KEEP_BUDGETS)
+        _check_range(self, "keep_budget_threshold", "[0, inf)", lambda v: 0.0 <= v < math.inf)
         _check_range(self, "keep_control_step", "(0, 1]", lambda v: 0.0 < v <= 1.0)
         _check_int(self, "keep_control_interval")
         _check_range(self, "keep_control_interval", "integers >= 1", lambda v: v >= 1)

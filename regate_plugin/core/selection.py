@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -55,6 +56,20 @@ def keep_counts(n_candidates: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     # Subtract a hair before ceil so that e.g. 0.35 * 20 = 7.000000000000001 gives 7, not 8.
     k = torch.ceil(n_candidates.to(torch.float64) * keep_ratio - 1e-9).to(torch.int64)
     return torch.where(n_candidates > 0, k.clamp(min=1), torch.zeros_like(k)).clamp(max=n_candidates)
+
+
+def reference_budget(reference: np.ndarray, targets: np.ndarray, threshold: float, with_inputs: bool) -> np.ndarray:
+    """Int64 [B]: per row, the candidates a reference asks for: answer ordinals 1 to `targets[b]` - 1 (ordinal 0 is
+    predicted from the prompt, never elided) whose reference loss is above `threshold` (the text alone cannot predict
+    them), with `with_inputs` also the ordinal after each (whose input token is the high-reference one). `reference`
+    float [B, W] by answer ordinal, NaN where unknown (never above). Host arrays: it sizes the compact batch. A
+    multi-turn row's later turns start with a token the prompt predicts, counted here like a candidate."""
+    ordinal = np.arange(reference.shape[1])
+    candidate = (ordinal >= 1) & (ordinal < targets[:, None])
+    high = candidate & (np.nan_to_num(reference, nan=-math.inf) > threshold)
+    if with_inputs:
+        high[:, 1:] |= high[:, :-1] & candidate[:, 1:]
+    return high.sum(axis=1).astype(np.int64)
 
 
 def candidate_ranks(scores: torch.Tensor, candidates: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:

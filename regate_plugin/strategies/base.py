@@ -131,6 +131,10 @@ class TokenElision:
         """How sparse steps choose, in a few words for the startup summary ('' where the keep ratio says it)."""
         return ""
 
+    def describe_keep(self) -> str:
+        """How many candidates sparse steps keep, in a few words for the startup summary."""
+        return f"{self.cfg.keep_ratio} of the elidable answer tokens on sparse steps"
+
     def unit_scores(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """The scores a built-in `select` ranks by, under `cfg.elision_unit` (`pair`: `selection.pair_scores`)."""
         return pair_scores(scores, candidates) if self.cfg.elision_unit == "pair" else scores
@@ -144,22 +148,25 @@ class TokenElision:
             return select_with_inputs(scores, candidates, keep, last)
         return select_kept_positions(self.unit_scores(scores, candidates), candidates, keep, last)
 
-    def keep_counts(self, n_candidates: np.ndarray) -> np.ndarray:
-        """Int64 [B]: how many of each row's `n_candidates` the current step keeps, on the host.
+    def sparse_keep_counts(self, layout: BatchLayout, sample_keys: list[SampleKey] | None = None) -> np.ndarray:
+        """Int64 [B]: how many of each row's candidates a sparse step keeps now, on the host: k = ceil(
+        sparse_keep_ratio() * n). A strategy that keeps another number overrides this method (and only this one)."""
+        return keep_counts(torch.from_numpy(layout.candidates), self.sparse_keep_ratio()).numpy()
+
+    def keep_counts(self, layout: BatchLayout, sample_keys: list[SampleKey] | None = None) -> np.ndarray:
+        """Int64 [B]: how many of each row's candidates the current step keeps, on the host: all on a dense step,
+        else `sparse_keep_counts`.
 
         The one place that says it: `select` receives these counts and must keep exactly them, the compact batch is
-        sized from them, and `kept_target_counts` (the Trainer's `num_items_in_batch`) derives from them. All on a
-        dense step, else k = ceil(sparse_keep_ratio() * n); a strategy that keeps another number overrides this method.
+        sized from them, and `kept_target_counts` (the Trainer's `num_items_in_batch`) derives from them.
         """
-        if self.is_dense():
-            return n_candidates
-        return keep_counts(torch.from_numpy(n_candidates), self.sparse_keep_ratio()).numpy()
+        return layout.candidates if self.is_dense() else self.sparse_keep_counts(layout, sample_keys)
 
-    def kept_target_counts(self, layout: BatchLayout) -> torch.Tensor:
-        """Int64 [B]: how many loss terms `plan` keeps per row at the current step, from the batch layout alone:
-        every target that is not a candidate, plus `keep_counts` of the candidates. The Trainer integration uses
-        it as `num_items_in_batch` under gradient accumulation."""
-        return torch.from_numpy(layout.targets - layout.candidates + self.keep_counts(layout.candidates))
+    def kept_target_counts(self, layout: BatchLayout, sample_keys: list[SampleKey] | None = None) -> torch.Tensor:
+        """Int64 [B]: how many loss terms `plan` keeps per row at the current step, from the batch layout and sample
+        keys alone: every target that is not a candidate, plus `keep_counts` of the candidates. The Trainer
+        integration uses it as `num_items_in_batch` under gradient accumulation."""
+        return torch.from_numpy(layout.targets - layout.candidates + self.keep_counts(layout, sample_keys))
 
     def plan(
         self,
@@ -193,7 +200,7 @@ class TokenElision:
         ordinals = target_ordinals(targets)
         dense = self.is_dense()
         rows = self.locate(sample_keys, layout, labels.device, visual_fingerprints)
-        keep = self.keep_counts(layout.candidates)
+        keep = self.keep_counts(layout, sample_keys)
         if dense:
             kept_candidates = candidates
         else:
@@ -235,8 +242,9 @@ class TokenElision:
         if miscounted:
             raise RuntimeError(
                 f"token elision '{self.name}': select() kept another number of candidates than keep_counts() says "
-                f"in {miscounted} row(s) of this batch; make {type(self).__name__}.keep_counts return what select "
-                "keeps (the compact batch and the loss normalisation under gradient accumulation are sized by it)"
+                f"in {miscounted} row(s) of this batch; make {type(self).__name__}.sparse_keep_counts return what "
+                "select keeps (the compact batch and the loss normalisation under gradient accumulation are sized by "
+                "it)"
             )
 
     def locate(

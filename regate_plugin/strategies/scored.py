@@ -21,7 +21,7 @@ from ..core.ema import DifficultyEMA, all_gather_observations
 from ..core.errors import UserError
 from ..core.keys import KEY_BYTES, SampleKey, format_key
 from ..core.loss import TokenLoss
-from ..core.selection import keep_counts, repeated_targets
+from ..core.selection import reference_budget, repeated_targets
 from ..store import CacheError, ReferenceStore, open_store
 from .base import Capabilities, TokenElision
 from .plan import BatchLayout, ElisionPlan
@@ -92,6 +92,33 @@ class ReferenceScoredElision(TokenElision):
 
     def sparse_keep_ratio(self) -> float:
         return self.control.ratio if self.control is not None else self.cfg.keep_ratio
+
+    @property
+    def budget_keeps_inputs(self) -> bool:
+        """Under `keep_budget='reference'`, each high-reference candidate's successor counts too: the units that keep
+        an important token as an input as well (`pair`, `with_input`)."""
+        return self.cfg.elision_unit in ("pair", "with_input")
+
+    def describe_keep(self) -> str:
+        if self.cfg.keep_budget == "ratio":
+            return super().describe_keep()
+        inputs = " with its input" if self.budget_keeps_inputs else ""
+        return (
+            f"every elidable answer token whose reference loss is above {self.cfg.keep_budget_threshold} nats{inputs}, "
+            f"and at least {self.cfg.keep_ratio} of them, on sparse steps"
+        )
+
+    def sparse_keep_counts(self, layout: BatchLayout, sample_keys: list[SampleKey] | None = None) -> np.ndarray:
+        """Under `keep_budget='reference'`, each row's `selection.reference_budget` (read from the store on the host),
+        at least the keep ratio's count and at most the row's candidates; else the keep ratio's count."""
+        by_ratio = super().sparse_keep_counts(layout, sample_keys)
+        if self.cfg.keep_budget == "ratio":
+            return by_ratio
+        if sample_keys is None:
+            raise ValueError(f"token elision '{self.name}' with keep_budget='reference' needs the batch's sample keys")
+        reference = self.reference.losses_block(self._locate(sample_keys), max(int(layout.targets.max(initial=0)), 1))
+        budget = reference_budget(reference, layout.targets, self.cfg.keep_budget_threshold, self.budget_keeps_inputs)
+        return np.minimum(np.maximum(budget, by_ratio), layout.candidates)
 
     def score(self, difficulty: torch.Tensor, reference: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Float [B, L]: the score each candidate ranks by (higher kept first, NaN last), from the student's EMA
@@ -240,7 +267,7 @@ class ReferenceScoredElision(TokenElision):
         candidate = is_candidate.flatten()[result.positions]
         losses = torch.where(candidate, result.per_token.float(), float("nan"))  # NaN: counted nowhere (no sync)
         if plan.dense:
-            keep = keep_counts(torch.from_numpy(plan.layout.candidates), self.sparse_keep_ratio())
+            keep = torch.from_numpy(self.sparse_keep_counts(plan.layout, plan.sample_keys))
             keep = keep.to(plan.targets.device, non_blocking=True)
             would_keep = self.select(plan.targets, plan.candidates, plan.ordinals, plan.rows, keep)
             return dense_signals(losses, plan.compaction.gather(would_keep, fill=False).flatten()[result.positions])

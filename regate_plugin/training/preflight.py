@@ -198,7 +198,7 @@ def startup_summary(elision: TokenElision, step: int, max_steps: int) -> str:
         return "\n".join(lines)
     how = elision.describe()
     how = f"; {how}" if how else ""
-    lines.append(f"  keep ratio         {cfg.keep_ratio} of the elidable answer tokens on sparse steps{how}")
+    lines.append(f"  keep               {elision.describe_keep()}{how}")
     lines.append(
         f"  schedule           {cfg.warmup_steps} dense warm-up steps, then cycles of {cfg.cycle_steps}: "
         f"{cfg.dense_steps} dense, {cfg.cycle_steps - cfg.dense_steps} sparse"

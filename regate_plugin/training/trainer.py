@@ -180,7 +180,10 @@ class TokenElisionTrainerMixin:
         if label_count is None:  # this Trainer does not normalise by a count
             return batch_samples, label_count
         self.token_elision.set_step(self.state.global_step)
-        kept = sum(int(self.token_elision.kept_target_counts(batch[PLANNED_BATCH].layout).sum()) for batch in labelled)
+        kept = sum(
+            int(self.token_elision.kept_target_counts(planned.layout, planned.keys).sum())
+            for planned in (batch[PLANNED_BATCH] for batch in labelled)
+        )
         return batch_samples, self._spread_like_label_count(torch.tensor(kept, device=device))
 
     def _spread_like_label_count(self, kept: torch.Tensor) -> torch.Tensor:
