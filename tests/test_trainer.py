@@ -81,8 +81,10 @@ def test_checkpoint_holds_the_state_and_resume_continues_schedule_and_ema(tmp_pa
     assert after_resume(resumed, "regate/kept") == after_resume(straight, "regate/kept")
 
 
-def _one_sparse_step(tmp_path, rows, elision=(), **training):
-    trainer = make_trainer(tmp_path, rows, _regate(tmp_path, rows, **SPARSE, **dict(elision)), max_steps=1, **training)
+def _one_sparse_step(tmp_path, rows, elision=None, **training):
+    trainer = make_trainer(
+        tmp_path, rows, _regate(tmp_path, rows, **SPARSE, **(elision or {})), max_steps=1, **training
+    )
     trainer.train()
     return trainer
 
@@ -100,9 +102,9 @@ BUDGET = {
 @pytest.mark.parametrize("elision", [{}, BUDGET], ids=["ratio", "reference_budget"])
 def test_gradient_accumulation_gives_the_full_batch_step_and_the_mean_over_kept_targets(tmp_path, elision):
     rows = samples(2)
-    full = _one_sparse_step(tmp_path / "full", rows, elision.items(), per_device_train_batch_size=2)
+    full = _one_sparse_step(tmp_path / "full", rows, elision, per_device_train_batch_size=2)
     accumulated = _one_sparse_step(
-        tmp_path / "ga", rows, elision.items(), per_device_train_batch_size=1, gradient_accumulation_steps=2
+        tmp_path / "ga", rows, elision, per_device_train_batch_size=1, gradient_accumulation_steps=2
     )
     for (name, a), (_, b) in zip(full.model.named_parameters(), accumulated.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
