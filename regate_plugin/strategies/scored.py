@@ -81,6 +81,7 @@ class ReferenceScoredElision(TokenElision):
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._pending_signals: torch.Tensor | None = None  # this rank's last micro-batch's controller signals
         self._located: tuple[list[SampleKey], np.ndarray] | None = None  # the last batch's keys and store rows
+        self._block: tuple[list[SampleKey], np.ndarray] | None = None  # the last batch's keys and reference losses
 
     def set_step(self, step: int) -> None:
         """Also, with `keep_control='adaptive'`, let the controller decide the keep ratio at the start of each of its
@@ -116,7 +117,7 @@ class ReferenceScoredElision(TokenElision):
             return by_ratio
         if sample_keys is None:
             raise ValueError(f"token elision '{self.name}' with keep_budget='reference' needs the batch's sample keys")
-        reference = self.reference.losses_block(self._locate(sample_keys), max(int(layout.targets.max(initial=0)), 1))
+        reference = self._reference_block(sample_keys, max(int(layout.targets.max(initial=0)), 1))
         budget = reference_budget(reference, layout.targets, self.cfg.keep_budget_threshold, self.budget_keeps_inputs)
         return np.minimum(np.maximum(budget, by_ratio), layout.candidates)
 
@@ -158,6 +159,13 @@ class ReferenceScoredElision(TokenElision):
         if self._located is None or self._located[0] is not sample_keys:
             self._located = (sample_keys, self.reference.locate(sample_keys))
         return self._located[1]
+
+    def _reference_block(self, sample_keys: list[SampleKey], width: int) -> np.ndarray:
+        """Float32 [B, width]: the batch's reference losses by answer ordinal (`ReferenceStore.losses_block`), read
+        once for the budget's counts and the plan of the same batch (the same key list)."""
+        if self._block is None or self._block[0] is not sample_keys or self._block[1].shape[1] != width:
+            self._block = (sample_keys, self.reference.losses_block(self._locate(sample_keys), width))
+        return self._block[1]
 
     def locate(
         self,
@@ -203,7 +211,7 @@ class ReferenceScoredElision(TokenElision):
         if self.is_dense() and self.control is None:  # the controller ranks dense steps' candidates too
             return SampleRows(starts=ema_starts, reference=None)
         width = max(int(layout.targets.max(initial=0)), 1)
-        reference = torch.from_numpy(self.reference.losses_block(rows, width)).to(device, non_blocking=True)
+        reference = torch.from_numpy(self._reference_block(sample_keys, width)).to(device, non_blocking=True)
         return SampleRows(starts=ema_starts, reference=reference)
 
     def select(
