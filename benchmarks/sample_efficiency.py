@@ -71,15 +71,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "dense_steps": ReGATEConfig.dense_steps,
     },
 }
-# Each suite task's run length and test split of the plateau grid (docs/BENCHMARKS.md, "To `none`'s plateau"),
-# which `--suite` judges issue 25's targets on. `none`'s window means still drift on some seeds there (squares'
-# exact match, easy-VQA seeds 0, 2, 3, digits by 2-3 points): `--report` prints the drift per seed. `describe` has
-# no plateau run yet (still rising at 2,400 steps).
+# Each suite task's run length, test split and evaluation interval of the plateau grid (docs/BENCHMARKS.md, "To
+# `none`'s plateau"; `describe`: "describe at 4,800 steps"), which `--suite` judges issue 25's targets on. `none`'s
+# window means still drift on some seeds there (squares' exact match, easy-VQA seeds 0, 2, 3, digits by 2-3 points,
+# describe seed 2): `--report` prints the drift per seed.
 PLATEAU_RUNS: dict[str, dict[str, int]] = {
-    "refer-back": {"steps": 2000, "test_per_task": 32},
-    "squares": {"steps": 2400, "test_per_task": 60},
-    "easy-vqa": {"steps": 1600, "test_per_task": 40},
-    "digits": {"steps": 3200, "test_per_task": 16},
+    "refer-back": {"steps": 2000, "test_per_task": 32, "eval_every": 100},
+    "squares": {"steps": 2400, "test_per_task": 60, "eval_every": 100},
+    "easy-vqa": {"steps": 1600, "test_per_task": 40, "eval_every": 100},
+    "digits": {"steps": 3200, "test_per_task": 16, "eval_every": 100},
+    "describe": {"steps": 4800, "test_per_task": 1, "eval_every": 200},
 }
 SETTINGS = (
     "steps",
@@ -586,11 +587,11 @@ def target_counts(targets: dict[str, Any]) -> dict[str, Any]:
 
 
 def suite_targets(records: list[dict[str, Any]], settings: dict[str, Any], seeds: list[int], window: int) -> dict:
-    """Issue 25's targets for every run on every suite task, each at its `PLATEAU_RUNS` length and split with
+    """Issue 25's targets for every run on every suite task, each at its `PLATEAU_RUNS` length, split and interval with
     `settings` otherwise: {run: {task: target_counts}}."""
     board: dict[str, dict[str, Any]] = {}
-    for task, length in PLATEAU_RUNS.items():
-        for name, row in summarize(runs_of(records, task, {**settings, **length}, seeds), window).items():
+    for task, grid in PLATEAU_RUNS.items():
+        for name, row in summarize(runs_of(records, task, {**settings, **grid}, seeds), window).items():
             if "plateau_targets" in row:
                 counts = target_counts(row["plateau_targets"])
                 board.setdefault(name, {})[task] = {**counts, "random_control": row.get("random_control")}

@@ -104,12 +104,15 @@ def test_plateau_targets_judge_both_runs_by_the_same_window_rule() -> None:
 METRICS = ("accuracy", "exact_match", "visual_accuracy")
 
 
-def _record(task: str, mode: str, seed: int, steps: int, tokens: list[int], accuracy: list[float]) -> dict:
+def _record(
+    task: str, mode: str, seed: int, steps: int, tokens: list[int], accuracy: list[float], eval_every: int = 0
+) -> dict:
+    """A run record at `steps`, with the task's plateau split and evaluation interval (or `eval_every`)."""
     curve = [
         {"step": i, "answer_tokens": t, "train_seconds": float(i), **dict.fromkeys(METRICS, a)}
         for i, (t, a) in enumerate(zip(tokens, accuracy))
     ]
-    settings = {"steps": steps, "test_per_task": se.PLATEAU_RUNS[task]["test_per_task"], "eval_every": 100}
+    settings = {**se.PLATEAU_RUNS[task], "steps": steps, **({"eval_every": eval_every} if eval_every else {})}
     return {
         "task": task,
         "mode": mode,
@@ -127,7 +130,7 @@ def test_suite_judges_each_task_on_its_plateau_runs_only() -> None:
     # refer-back, window 1: none reaches its plateau (100) at 400 tokens on both seeds. regate seed 0 reaches it at
     # 200 (0.5 of none's tokens: a hit) and ends on 100; seed 1 never comes within a point (ends on 97.5: 2.5 under).
     # random ends on 90 and 95, so regate's plateau is ahead by 10 and 2.5 on the two seeds.
-    rb, sq = se.PLATEAU_RUNS["refer-back"]["steps"], se.PLATEAU_RUNS["squares"]["steps"]
+    rb, sq, ds = (se.PLATEAU_RUNS[task]["steps"] for task in ("refer-back", "squares", "describe"))
     records = [
         _record("refer-back", "none", seed, rb, [0, 200, 400, 600], [10.0, 50.0, 100.0, 100.0]) for seed in (0, 1)
     ] + [
@@ -140,6 +143,10 @@ def test_suite_judges_each_task_on_its_plateau_runs_only() -> None:
         _record("squares", "none", 0, sq, [0, 200, 400], [10.0, 80.0, 80.0]),
         _record("squares", "regate", 0, sq, [0, 100, 300], [10.0, 40.0, 80.0]),
         _record("squares", "regate", 0, 800, [0, 100, 150], [10.0, 80.0, 80.0]),
+        # describe is evaluated every 200 steps at its plateau length: a run evaluated every 100 is another grid
+        *(_record("describe", "none", seed, ds, [0, 200, 400], [10.0, 80.0, 80.0]) for seed in (0, 1)),
+        _record("describe", "regate", 0, ds, [0, 100, 200], [10.0, 79.5, 80.0]),
+        _record("describe", "regate", 1, ds, [0, 100, 200], [10.0, 80.0, 80.0], eval_every=100),
     ]
     settings = {"steps": 400, "test_per_task": 1, "eval_every": 100}  # steps and split are the plateau runs'
     board = se.suite_targets(records, se.settings_of({"settings": settings}), seeds=[0, 1], window=1)
@@ -148,7 +155,8 @@ def test_suite_judges_each_task_on_its_plateau_runs_only() -> None:
     assert regate["refer-back"]["vs_random"].startswith("+6.2 (2/2,")
     assert regate["refer-back"]["random_control"] == ["random", "target", 0.35]
     assert regate["squares"] == {"reached": "0/1", "under": "0/1", "vs_random": None, "random_control": None}
-    assert set(regate) == {"refer-back", "squares"}
+    assert regate["describe"] == {"reached": "1/1", "under": "0/1", "vs_random": None, "random_control": None}
+    assert set(regate) == {"refer-back", "squares", "describe"}
     assert "| regate target 0.35 | ≤ 60%: 1/2; > 2 under: 1/2; vs random target 0.35 +6.2" in se.suite_table(board)
 
 
