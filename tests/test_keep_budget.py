@@ -17,7 +17,7 @@ from regate_plugin.core.selection import reference_budget
 from regate_plugin.store import ReferenceLossCacheWriter
 from regate_plugin.strategies import BatchLayout, build_token_elision
 
-from .test_selection_wiring import IGNORE, _positions
+from .test_selection_wiring import IGNORE, _positions, right_padded
 
 THRESHOLD = 0.35
 PROMPT_IDS = range(10, 20)
@@ -54,13 +54,7 @@ def _rows(rng: np.random.Generator, lengths: tuple[int, ...]) -> tuple[torch.Ten
         prompt = [int(t) for t in rng.choice(PROMPT_IDS, 3)]
         answer = [int(t) for t in rng.choice(ANSWER_IDS, answer_len)]
         rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.zeros((len(rows), length), dtype=torch.int64)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.int64)
-    mask = torch.zeros((len(rows), length), dtype=torch.int64)
-    for b, (ids, lab) in enumerate(rows):
-        input_ids[b, : len(ids)], labels[b, : len(ids)], mask[b, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
-    return input_ids, labels, mask
+    return right_padded(rows)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from regate_plugin.core import ReGATEConfig, batch_sample_keys
 from regate_plugin.store import ReferenceLossCacheWriter
 from regate_plugin.strategies import build_token_elision
 
-from .test_selection_wiring import IGNORE, _positions
+from .test_selection_wiring import IGNORE, _positions, right_padded
 
 LAM = 0.5
 KEEP_RATIO = 0.4
@@ -52,12 +52,7 @@ def case(tmp_path_factory):
         prompt = [int(t) for t in rng.choice(PROMPT_IDS, 3)]
         answer = [int(t) for t in rng.choice(ANSWER_IDS, answer_len)]
         rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.zeros((len(rows), length), dtype=torch.int64)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.int64)
-    mask = torch.zeros((len(rows), length), dtype=torch.int64)
-    for b, (ids, lab) in enumerate(rows):
-        input_ids[b, : len(ids)], labels[b, : len(ids)], mask[b, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
+    input_ids, labels, mask = right_padded(rows)
     keys = batch_sample_keys(input_ids, labels, mask)
     structure = [_positions(lab) for _, lab in rows]
     # the reference spread wider than the EMA one: a restatement can be kept for its reference loss alone

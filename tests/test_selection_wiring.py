@@ -73,16 +73,22 @@ def _expected(ema: dict[int, float], reference: np.ndarray, candidates: dict[int
     return _top_k({p: (1 - lam) * ema[p] + lam * float(reference[o]) for p, o in candidates.items()})
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    rng = np.random.default_rng(7)
-    rows = _rows(rng)
+def right_padded(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask) [B, L] of unpadded (ids, labels) rows, padded on the right."""
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.zeros((len(rows), length), dtype=torch.int64)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.int64)
     mask = torch.zeros((len(rows), length), dtype=torch.int64)
     for b, (ids, lab) in enumerate(rows):
         input_ids[b, : len(ids)], labels[b, : len(ids)], mask[b, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
+    return input_ids, labels, mask
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    rows = _rows(rng)
+    input_ids, labels, mask = right_padded(rows)
     keys = batch_sample_keys(input_ids, labels, mask)
 
     structure = [_positions(lab) for _, lab in rows]
