@@ -63,6 +63,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # a row keeps every high-reference candidate with its input (the keep ratio is only the floor): run it at a low
     # keep ratio; its `random` control is the run at the keep ratio whose tokens match (`equal_token_control`)
     "budget": {"elision_unit": "with_input", "keep_budget": "reference"},
+    # the sparse step's summed loss divided by every target of the batch, not by the kept ones
+    "all_loss": {"elision_unit": "target", "loss_normalization": "all"},
     # the library's schedule (the paper's) instead of the demo's, which is scaled to its 400 steps
     "library_schedule": {
         "elision_unit": "target",

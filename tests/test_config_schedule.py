@@ -107,6 +107,7 @@ _NON_DEFAULT = {
     "keep_control_low": ("0.1", 0.1),
     "keep_budget": ("reference", "reference"),
     "keep_budget_threshold": ("0.5", 0.5),
+    "loss_normalization": ("all", "all"),
 }
 _OLD_FLAG_NAMES = {"lam": "--regate_lambda"}  # the names users have been passing; they must keep working
 

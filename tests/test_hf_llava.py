@@ -262,13 +262,19 @@ def test_keep_ratio_one_equals_the_models_own_forward_for_each_unit(tmp_path, un
     assert_same_grads(grads(model), grads(reference_model))
 
 
+@pytest.mark.parametrize("normalization", ["kept", "all"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("mode", ["regate", "random"])
-def test_loss_only_equals_the_models_own_forward_with_the_elided_targets_unsupervised(tmp_path, mode, padding_side):
+def test_loss_only_equals_the_models_own_forward_with_the_elided_targets_unsupervised(
+    tmp_path, mode, padding_side, normalization
+):
     """`loss_only` at keep 0.5: every token runs through the decoder, and the loss and gradients are the model's own
-    forward with the label of each elided candidate's target set to IGNORE_INDEX."""
+    forward with the label of each elided candidate's target set to IGNORE_INDEX (its mean over the kept targets),
+    times kept / all targets under `loss_normalization='all'`."""
     batch = make_batch(batch=3, seed=3, padding_side=padding_side)
-    cfg = rg.ReGATEConfig(keep_ratio=0.5, warmup_steps=0, dense_steps=0, elision_unit="loss_only")
+    cfg = rg.ReGATEConfig(
+        keep_ratio=0.5, warmup_steps=0, dense_steps=0, elision_unit="loss_only", loss_normalization=normalization
+    )
     kwargs = {"reference": write_cache_for(tmp_path / "cache", [batch])} if mode == "regate" else {}
     model = tiny_llava(seed=3)
     model.train()
@@ -289,10 +295,13 @@ def test_loss_only_equals_the_models_own_forward_with_the_elided_targets_unsuper
     labels = batch["labels"].clone()
     elided = (candidates & ~kept).nonzero()
     labels[elided[:, 0], elided[:, 1] + 1] = IGNORE_INDEX
-    expected = reference_model(**{**batch, "labels": labels})
-    expected.loss.backward()
-    assert report["targets"] == int((labels[:, 1:] != IGNORE_INDEX).sum())
-    torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
+    expected = reference_model(**{**batch, "labels": labels}).loss
+    kept_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if normalization == "all":
+        expected = expected * kept_targets / int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    expected.backward()
+    assert report["targets"] == kept_targets
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
     assert_same_grads(grads(model), grads(reference_model))
 
 

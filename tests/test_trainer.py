@@ -99,7 +99,11 @@ BUDGET = {
 }
 
 
-@pytest.mark.parametrize("elision", [{}, BUDGET], ids=["ratio", "reference_budget"])
+@pytest.mark.parametrize(
+    "elision",
+    [{}, BUDGET, {"regate_loss_normalization": "all"}],
+    ids=["ratio", "reference_budget", "loss_over_all_targets"],
+)
 def test_gradient_accumulation_gives_the_full_batch_step_and_the_mean_over_kept_targets(tmp_path, elision):
     rows = samples(2)
     full = _one_sparse_step(tmp_path / "full", rows, elision, per_device_train_batch_size=2)
@@ -110,7 +114,8 @@ def test_gradient_accumulation_gives_the_full_batch_step_and_the_mean_over_kept_
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
     # Independent reference for the loss value: the elided forward on the same batch, without the Trainer, whose
-    # loss is the plain mean over the kept targets (num_items_in_batch=None).
+    # loss is the plain mean over the kept targets (num_items_in_batch=None), or their sum over every target under
+    # loss_normalization='all'.
     model = tiny_llava()
     model.train()
     settings = {name.removeprefix("regate_"): value for name, value in elision.items()}
@@ -118,7 +123,7 @@ def test_gradient_accumulation_gives_the_full_batch_step_and_the_mean_over_kept_
     rg.enable_token_elision(model, rg.build_token_elision("regate", cfg, reference=tmp_path / "full/cache"))
     out = model(**collate(rows))
     assert out.token_elision["kept"] < out.token_elision["candidates"]
-    if elision:  # the budget, not the ratio, decided the count
+    if elision is BUDGET:  # the budget, not the ratio, decided the count
         assert out.token_elision["kept"] > 0.2 * out.token_elision["candidates"] + 2
         assert logged(full, "regate/kept")[0] == out.token_elision["kept"]
     assert logged(full, "loss")[0] == pytest.approx(out.loss.item(), rel=1e-4)

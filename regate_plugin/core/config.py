@@ -21,6 +21,7 @@ EMAObserve = Literal["all", "dense"]
 ResumeWithoutState = Literal["error", "fresh"]
 KeepControl = Literal["off", "adaptive"]
 KeepBudget = Literal["ratio", "reference"]
+LossNormalization = Literal["kept", "all"]
 
 SCORE_NORMS: tuple[str, ...] = get_args(ScoreNorm)
 MISSING_REFERENCE_POLICIES: tuple[str, ...] = get_args(MissingReference)
@@ -32,6 +33,7 @@ SCHEDULES: tuple[str, ...] = get_args(Schedule)
 RESUME_WITHOUT_STATE_POLICIES: tuple[str, ...] = get_args(ResumeWithoutState)
 KEEP_CONTROLS: tuple[str, ...] = get_args(KeepControl)
 KEEP_BUDGETS: tuple[str, ...] = get_args(KeepBudget)
+LOSS_NORMALIZATIONS: tuple[str, ...] = get_args(LossNormalization)
 
 C = TypeVar("C", bound="ScheduleConfig")
 
@@ -90,6 +92,13 @@ class ScheduleConfig:
         "as fit in k; 'loss_only' keeps every token in the forward and drops only the unselected loss terms (a control "
         "that saves no compute).",
     )
+    loss_normalization: LossNormalization = _knob(
+        "kept",
+        "What a step's summed loss is divided by: 'kept' by the loss terms it keeps (a sparse step is the mean over "
+        "its kept targets), 'all' by every target of the batch, elided or not (a kept target weighs what it weighs on "
+        "a dense step, and a sparse step's gradient shrinks with what it elides).",
+        state_neutral=True,
+    )
     schedule: Schedule = _knob(
         "fixed",
         "'fixed' uses warmup_steps, cycle_steps and dense_steps as given (the paper's by default); 'auto' sets them "
@@ -115,6 +124,7 @@ class ScheduleConfig:
         _check_choice(self, "resume_without_state", RESUME_WITHOUT_STATE_POLICIES)
         _check_choice(self, "elision_unit", ELISION_UNITS)
         _check_choice(self, "schedule", SCHEDULES)
+        _check_choice(self, "loss_normalization", LOSS_NORMALIZATIONS)
 
     @classmethod
     def of(cls: type[C], other: ScheduleConfig) -> C:

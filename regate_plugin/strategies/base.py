@@ -168,6 +168,14 @@ class TokenElision:
         integration uses it as `num_items_in_batch` under gradient accumulation."""
         return torch.from_numpy(layout.targets - layout.candidates + self.keep_counts(layout, sample_keys))
 
+    def loss_denominators(self, layout: BatchLayout, sample_keys: list[SampleKey] | None = None) -> torch.Tensor:
+        """Int64 [B]: what each row adds to the count the summed loss is divided by (`loss_normalization`): its kept
+        loss terms (`kept_target_counts`) or all its targets. The Trainer integration sums it into
+        `num_items_in_batch`; without one, `loss` divides by the batch's sum."""
+        if self.cfg.loss_normalization == "all":
+            return torch.from_numpy(layout.targets)
+        return self.kept_target_counts(layout, sample_keys)
+
     def plan(
         self,
         labels: torch.Tensor,
@@ -282,6 +290,8 @@ class TokenElision:
         """Loss over the kept targets of a compact batch (with `statistics`, also their log-probabilities, entropy
         and top-1 hits); observed per-token losses update the strategy."""
         compact_targets = plan.compact_targets()
+        if num_items_in_batch is None and self.cfg.loss_normalization == "all":
+            num_items_in_batch = int(plan.layout.targets.sum())
         result = next_token_loss(
             hidden_states,
             compact_targets,

@@ -181,7 +181,7 @@ class TokenElisionTrainerMixin:
             return batch_samples, label_count
         self.token_elision.set_step(self.state.global_step)
         kept = sum(
-            int(self.token_elision.kept_target_counts(planned.layout, planned.keys).sum())
+            int(self.token_elision.loss_denominators(planned.layout, planned.keys).sum())
             for planned in (batch[PLANNED_BATCH] for batch in labelled)
         )
         return batch_samples, self._spread_like_label_count(torch.tensor(kept, device=device))
