@@ -160,6 +160,21 @@ def test_suite_judges_each_task_on_its_plateau_runs_only() -> None:
     assert "| regate target 0.35 | ≤ 60%: 1/2; > 2 under: 1/2; vs random target 0.35 +6.2" in se.suite_table(board)
 
 
+def test_suite_judges_a_task_at_the_length_asked_instead() -> None:
+    # squares at 800 steps: regate comes within a point of none's 80 on half of none's tokens (100 against 200)
+    records = [
+        _record("squares", "none", 0, 800, [0, 200, 400], [10.0, 80.0, 80.0]),
+        _record("squares", "regate", 0, 800, [0, 100, 150], [10.0, 80.0, 80.0]),
+    ]
+    settings = se.settings_of({"settings": {"steps": 400, "test_per_task": 1, "eval_every": 100}})
+    assert se.suite_targets(records, settings, seeds=[0], window=1) == {}
+    board = se.suite_targets(records, settings, seeds=[0], window=1, lengths=se.plateau_steps(["squares=800"]))
+    assert board["regate target 0.35"]["squares"]["reached"] == "1/1"
+    for bad in ("square=800", "squares=", "squares=8e2"):
+        with pytest.raises(SystemExit, match=f"--plateau-steps '{bad}'"):
+            se.plateau_steps([bad])
+
+
 def test_a_budget_run_is_paired_with_random_at_its_tokens() -> None:
     """A run whose per-row count follows its data is compared with the `random` run that spent its tokens or up to
     10% more (at most 1% fewer), the closest, whatever its keep ratio; with none when no `random` run did."""

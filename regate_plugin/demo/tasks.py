@@ -83,7 +83,9 @@ TASKS: dict[str, DemoTask] = {
         generate=squares.generate,
         score=_score_mvbench,
     ),
-    # 8-pixel patches (64 visual rows): the student learns colour from them in about 500 steps
+    # 8-pixel patches (64 visual rows): the student learns colour from them in about 500 steps. With the student of
+    # issue 25 `none`'s accuracy plateaus by 1,600 steps, its whole-answer exact match by 3,200 (95.5-98.9 over the
+    # last 3 evaluations of 320 questions on seeds 0, 1, 3, 4; seed 2 still rising at 59.8) (docs/BENCHMARKS.md)
     "easy-vqa": DemoTask(
         "easy-vqa",
         "easy-VQA",
@@ -125,9 +127,9 @@ TASKS: dict[str, DemoTask] = {
         score=partial(_score_image, scenes.SceneBenchmark),
     ),
     # scikit-learn's handwritten digits upscaled to 32 pixels, 8-pixel patches: 16 visual rows. With the student of
-    # issue 25 `none` learns it on seeds 0-4 and is near its plateau by 3,200 steps (80.0-90.4 exact match over the
-    # last 3 evaluations of 160 test images, still +1.7 to +2.7 over the last 300 steps); 1,600 is the demo's quick
-    # run (docs/BENCHMARKS.md)
+    # issue 25 `none` learns it on seeds 0-4 and is at its plateau by 4,800 steps (87.3-92.9 exact match over the
+    # last 3 evaluations of 160 test images, -1.9 to +2.9 over the 300 steps before); 1,600 is the demo's quick run
+    # (docs/BENCHMARKS.md)
     "digits": DemoTask(
         "digits",
         "whole answer",
