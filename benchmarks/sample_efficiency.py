@@ -65,6 +65,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "budget": {"elision_unit": "with_input", "keep_budget": "reference"},
     # the sparse step's summed loss divided by every target of the batch, not by the kept ones
     "all_loss": {"elision_unit": "target", "loss_normalization": "all"},
+    # the run's last eighth dense (InfoBatch's annealing share): the student ends on whole contexts
+    "tail": {"elision_unit": "target", "dense_tail": 0.125},
     # the library's schedule (the paper's) instead of the demo's, which is scaled to its 400 steps
     "library_schedule": {
         "elision_unit": "target",
@@ -170,16 +172,22 @@ def record_of(result: DemoResult, task: str, seed: int, settings: dict[str, Any]
     }
 
 
+# The variants the baselines run too: the default unit under another schedule, so that each has its control at
+# equal tokens; the baselines run every other variant as `target`.
+BASELINE_VARIANTS = ("target", "tail")
+
+
 def planned_runs(modes: Iterable[str], keep_ratios: Iterable[float], variants: Iterable[str]) -> list[tuple]:
-    """(mode, variant, keep ratio) of every run per seed: `none` once, each elided mode per keep ratio; the
-    baselines (`random`, `rho`) only with the default unit, `regate` with each variant."""
+    """(mode, variant, keep ratio) of every run per seed: `none` once, each elided mode per keep ratio; `regate` with
+    each variant, the baselines (`random`, `rho`) with those of `BASELINE_VARIANTS` (`target` if none is)."""
     runs = []
     for mode in modes:
         if mode == "none":
             runs.append(("none", "", 1.0))
             continue
+        own = variants if mode == "regate" else [v for v in variants if v in BASELINE_VARIANTS] or ["target"]
         for keep in keep_ratios:
-            for variant in variants if mode == "regate" else ["target"]:
+            for variant in own:
                 runs.append((mode, variant, keep))
     return runs
 

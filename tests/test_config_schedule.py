@@ -28,6 +28,8 @@ from regate_plugin.core import (
         ("dense_steps", -1, "[0, cycle_steps=128]"),
         ("score_norm", "minmax", "['none', 'zscore']"),
         ("missing_reference", "skip", "['error', 'ema']"),
+        ("dense_tail", 1.0, "[0, 1)"),
+        ("dense_tail", -0.1, "[0, 1)"),
     ],
 )
 def test_bad_values_name_the_field_and_range(field, value, allowed):
@@ -67,6 +69,27 @@ def test_schedule_matches_a_walk_through_the_cycles(cfg, step):
     assert keep_ratio_at(step, cfg) == (1.0 if _dense_brute_force(step, cfg) else cfg.keep_ratio)
 
 
+@given(configs, st.integers(1, 400), st.floats(0.01, 0.99), st.integers(0, 500))
+def test_the_dense_tail_makes_the_runs_last_steps_dense_and_leaves_the_rest(cfg, total, tail, step):
+    cfg = cfg.replace(dense_tail=tail).scaled_to(total)
+    in_tail = step >= total - round(tail * total)  # the run's last round(tail * total) steps, and any after it
+    assert is_dense_step(step, cfg) == (in_tail or _dense_brute_force(step, cfg))
+
+
+def test_the_dense_tail_needs_the_runs_length_and_keeps_a_fixed_schedule():
+    cfg = ReGATEConfig(warmup_steps=25, cycle_steps=64, dense_steps=8, keep_ratio=0.35, dense_tail=0.125)
+    with pytest.raises(ConfigError, match=r"ReGATEConfig.dense_tail=0.125 needs the run's length: use cfg.scaled_to"):
+        is_dense_step(0, cfg)
+    run = cfg.scaled_to(4800)
+    assert (run.warmup_steps, run.cycle_steps, run.dense_steps, run.total_steps) == (25, 64, 8, 4800)
+    assert [is_dense_step(s, run) for s in (4199, 4200, 4799)] == [False, True, True]  # the last 600 steps
+    assert (first_sparse_step(4185, run), first_sparse_step(4199, run), first_sparse_step(4200, run)) == (
+        4193,
+        4199,
+        None,
+    )
+
+
 def test_paper_defaults_give_the_papers_kept_fraction():
     cfg = ReGATEConfig()
     # One cycle after warm-up: 16 dense + 112 at 0.5 = 0.5625 (docs/METHOD.md, "The dual-cycle schedule").
@@ -97,6 +120,7 @@ _NON_DEFAULT = {
     "resume_without_state": ("fresh", "fresh"),
     "repeats": ("last", "last"),
     "schedule": ("auto", "auto"),
+    "dense_tail": ("0.125", 0.125),
     "total_steps": ("600", 600),
     "keep_control": ("adaptive", "adaptive"),
     "keep_ratio_min": ("0.2", 0.2),
@@ -139,3 +163,12 @@ def test_first_sparse_step_is_the_first_step_the_walk_makes_sparse(cfg, start):
     horizon = start + cfg.warmup_steps + cfg.cycle_steps + 1  # one whole cycle past the warm-up holds a sparse step
     want = next((s for s in range(start, horizon) if not _dense_brute_force(s, cfg)), None)
     assert first_sparse_step(start, cfg) == want
+
+
+@given(configs, st.integers(0, 400), st.integers(1, 400), st.floats(0.01, 0.99))
+def test_first_sparse_step_stops_at_the_dense_tail(cfg, start, total, tail):
+    run = cfg.replace(dense_tail=tail).scaled_to(total)
+    horizon = start + cfg.warmup_steps + cfg.cycle_steps + 1
+    tail_start = total - round(tail * total)
+    want = next((s for s in range(start, horizon) if s < tail_start and not _dense_brute_force(s, cfg)), None)
+    assert first_sparse_step(start, run) == want

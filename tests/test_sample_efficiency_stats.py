@@ -195,3 +195,18 @@ def test_a_budget_run_is_paired_with_random_at_its_tokens() -> None:
     assert se.equal_token_control(by_run, budget) == ("random", "target", 0.5)
     del by_run[("random", "target", 0.5)]
     assert se.equal_token_control(by_run, budget) is None
+
+
+def test_the_baselines_run_the_schedule_variants_and_the_default_unit_only() -> None:
+    """`random` gets its own run of each variant that only changes the schedule (its control at equal tokens), and
+    runs any other variant as `target`; `none` runs once."""
+    got = se.planned_runs(["none", "regate", "random"], [0.35], ["target", "tail", "pair"])
+    assert got == [
+        ("none", "", 1.0),
+        ("regate", "target", 0.35),
+        ("regate", "tail", 0.35),
+        ("regate", "pair", 0.35),
+        ("random", "target", 0.35),
+        ("random", "tail", 0.35),
+    ]
+    assert se.planned_runs(["random"], [0.35, 0.5], ["pair"]) == [("random", "target", 0.35), ("random", "target", 0.5)]

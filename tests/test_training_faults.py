@@ -161,6 +161,16 @@ def test_rank_0_prints_the_startup_summary_once_before_step_0(tmp_path, capsys):
     assert "every step dense" in startup_summary(rg.build_token_elision("none"), 0, 50)
 
 
+def test_the_trainer_ends_on_the_dense_tail_it_counts_from_max_steps(tmp_path, capsys):
+    rows = samples(4)
+    schedule = {"regate_warmup_steps": 1, "regate_cycle_steps": 3, "regate_dense_steps": 1, "regate_dense_tail": 0.25}
+    trainer = make_trainer(tmp_path, rows, _regate(cache_for(tmp_path / "cache", rows), **schedule), max_steps=8)
+    trainer.train()
+    assert "; from step 6 dense to the run's end (8 steps)" in capsys.readouterr().out
+    # the walk: 1 warm-up step, then cycles [dense, sparse, sparse]; the last 2 of the 8 steps dense
+    assert logged(trainer, "regate/dense") == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+
+
 # --- the pre-flight check --------------------------------------------------------------------------------------
 
 

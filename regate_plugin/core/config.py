@@ -104,8 +104,15 @@ class ScheduleConfig:
         "'fixed' uses warmup_steps, cycle_steps and dense_steps as given (the paper's by default); 'auto' sets them "
         "from the run's total optimizer steps (`ScheduleConfig.scaled_to`).",
     )
+    dense_tail: float = _knob(
+        0.0,
+        "Share of the run's last optimizer steps that are all dense, in [0, 1): the student ends on whole contexts, "
+        "as InfoBatch anneals to the full data (docs/METHOD.md, 'A dense tail'); > 0 needs the run's length "
+        "(`ScheduleConfig.scaled_to`, which the Trainer integration calls).",
+    )
     total_steps: int = _knob(
-        0, "The run's optimizer steps under schedule='auto', set by `scaled_to` (0: not yet known)."
+        0,
+        "The run's optimizer steps under schedule='auto' or dense_tail > 0, set by `scaled_to` (0: not yet known).",
     )
 
     def __post_init__(self) -> None:
@@ -121,6 +128,7 @@ class ScheduleConfig:
             lambda v: 0 <= v <= self.cycle_steps,
         )
         _check_range(self, "loss_chunk_size", "integers >= 0", lambda v: v >= 0)
+        _check_range(self, "dense_tail", "[0, 1)", lambda v: 0.0 <= v < 1.0)
         _check_choice(self, "resume_without_state", RESUME_WITHOUT_STATE_POLICIES)
         _check_choice(self, "elision_unit", ELISION_UNITS)
         _check_choice(self, "schedule", SCHEDULES)
@@ -139,13 +147,15 @@ class ScheduleConfig:
         return dataclasses.replace(self, **changes)
 
     def scaled_to(self: C, total_steps: int) -> C:
-        """Under `schedule='auto'`, a copy whose warm-up, cycle and dense steps scale with a run of `total_steps`
-        optimizer steps (`schedule.auto_schedule`); under 'fixed', this config as it is."""
-        if self.schedule == "fixed":
+        """This config for a run of `total_steps` optimizer steps: under `schedule='auto'` its warm-up, cycle and dense
+        steps scale with it (`schedule.auto_schedule`), and the dense tail is counted from its end; a config that
+        needs neither is returned as it is."""
+        if self.schedule == "fixed" and self.dense_tail == 0.0:
             return self
         from .schedule import auto_schedule
 
-        return self.replace(total_steps=total_steps, **auto_schedule(total_steps))
+        scaled = auto_schedule(total_steps) if self.schedule == "auto" else {}
+        return self.replace(total_steps=total_steps, **scaled)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

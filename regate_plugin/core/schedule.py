@@ -9,14 +9,28 @@ def is_dense_step(step: int, cfg: ScheduleConfig) -> bool:
     """True when optimizer step `step` (0-based) trains on every answer token."""
     if step < 0:
         raise ValueError(f"optimizer step must be >= 0, got {step}")
-    if cfg.schedule == "auto" and cfg.total_steps == 0:
-        raise ConfigError(
-            f"{type(cfg).__name__}.schedule='auto' needs the run's length: use cfg.scaled_to(<total optimizer steps>)",
-            "schedule",
-        )
-    if step < cfg.warmup_steps:
+    tail = dense_tail_start(cfg)
+    if step < cfg.warmup_steps or (tail is not None and step >= tail):
         return True
     return (step - cfg.warmup_steps) % cfg.cycle_steps < cfg.dense_steps
+
+
+def dense_tail_start(cfg: ScheduleConfig) -> int | None:
+    """The first step of the run's dense tail, its last round(dense_tail * total_steps) steps; None without a tail."""
+    needs = []
+    if cfg.schedule == "auto":
+        needs.append("schedule='auto'")
+    if cfg.dense_tail > 0:
+        needs.append(f"dense_tail={cfg.dense_tail}")
+    if needs and cfg.total_steps == 0:
+        raise ConfigError(
+            f"{type(cfg).__name__}.{' and '.join(needs)} needs the run's length: use cfg.scaled_to(<total optimizer "
+            "steps>)",
+            "schedule" if cfg.schedule == "auto" else "dense_tail",
+        )
+    if cfg.dense_tail == 0.0:
+        return None
+    return cfg.total_steps - round(cfg.dense_tail * cfg.total_steps)
 
 
 def keep_ratio_at(step: int, cfg: ScheduleConfig) -> float:
@@ -31,7 +45,9 @@ def first_sparse_step(start: int, cfg: ScheduleConfig) -> int | None:
     if cfg.dense_steps >= cfg.cycle_steps:
         return None
     step = max(start, cfg.warmup_steps)
-    return step + max(cfg.dense_steps - (step - cfg.warmup_steps) % cfg.cycle_steps, 0)
+    step += max(cfg.dense_steps - (step - cfg.warmup_steps) % cfg.cycle_steps, 0)
+    tail = dense_tail_start(cfg)
+    return None if tail is not None and step >= tail else step
 
 
 def expected_keep_fraction(total_steps: int, cfg: ScheduleConfig) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..core.keys import batch_sample_keys, format_key
-from ..core.schedule import first_sparse_step
+from ..core.schedule import dense_tail_start, first_sparse_step
 from ..data import PLACEHOLDER_IDS, DataError, get_template
 from ..store import CacheError, CacheManifest, ReferenceStore
 from ..store.manifest import tokenization_versions
@@ -199,13 +199,15 @@ def startup_summary(elision: TokenElision, step: int, max_steps: int) -> str:
     how = elision.describe()
     how = f"; {how}" if how else ""
     lines.append(f"  keep               {elision.describe_keep()}{how}")
+    tail = dense_tail_start(cfg)
+    tail = "" if tail is None else f"; from step {tail} dense to the run's end ({cfg.total_steps} steps)"
     lines.append(
         f"  schedule           {cfg.warmup_steps} dense warm-up steps, then cycles of {cfg.cycle_steps}: "
-        f"{cfg.dense_steps} dense, {cfg.cycle_steps - cfg.dense_steps} sparse"
+        f"{cfg.dense_steps} dense, {cfg.cycle_steps - cfg.dense_steps} sparse{tail}"
     )
     first = first_sparse_step(step, cfg)
     if first is None:
-        lines.append("  first sparse step  none: every cycle is dense (dense_steps == cycle_steps)")
+        lines.append("  first sparse step  none: every step from here on is dense")
     elif max_steps > 0 and first >= max_steps:
         lines.append(f"  first sparse step  {first}, after this run's last step ({max_steps - 1}): every step dense")
     else:
