@@ -9,6 +9,7 @@ def is_dense_step(step: int, cfg: ScheduleConfig) -> bool:
     """True when optimizer step `step` (0-based) trains on every answer token."""
     if step < 0:
         raise ValueError(f"optimizer step must be >= 0, got {step}")
+    _require_run_length(cfg)
     tail = dense_tail_start(cfg)
     if step < cfg.warmup_steps or (tail is not None and step >= tail):
         return True
@@ -17,6 +18,14 @@ def is_dense_step(step: int, cfg: ScheduleConfig) -> bool:
 
 def dense_tail_start(cfg: ScheduleConfig) -> int | None:
     """The first step of the run's dense tail, its last round(dense_tail * total_steps) steps; None without a tail."""
+    if cfg.dense_tail == 0.0:
+        return None
+    _require_run_length(cfg)
+    return cfg.total_steps - round(cfg.dense_tail * cfg.total_steps)
+
+
+def _require_run_length(cfg: ScheduleConfig) -> None:
+    """A `ConfigError` naming `scaled_to` when the schedule depends on the run's length and it was never given."""
     needs = []
     if cfg.schedule == "auto":
         needs.append("schedule='auto'")
@@ -28,9 +37,6 @@ def dense_tail_start(cfg: ScheduleConfig) -> int | None:
             "steps>)",
             "schedule" if cfg.schedule == "auto" else "dense_tail",
         )
-    if cfg.dense_tail == 0.0:
-        return None
-    return cfg.total_steps - round(cfg.dense_tail * cfg.total_steps)
 
 
 def keep_ratio_at(step: int, cfg: ScheduleConfig) -> float:
